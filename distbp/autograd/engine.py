@@ -1,0 +1,266 @@
+"""The reverse-mode engine: runs the graph's VJPs from the outputs back to the leaves.
+
+Order: every node gets a creation number, and a node is always created after the nodes it reads, so
+visiting the reachable nodes in decreasing creation number is a topological order, found without
+recursion (a chain of any depth works). A leaf's gradient is final once its last consumer has run: the
+engine counts each leaf's incoming edges, and when the count reaches zero it stores `.grad` and fires the
+leaf's post-accumulate hooks at once, while the rest of backward is still running (data parallelism
+starts communicating there).
+
+The engine, not the ops, owns three rules:
+  - contributions to a node used several times are summed, never overwritten;
+  - a gradient is reduced to its input's broadcast shape and cast to its input's dtype (`sum_to` below);
+  - saved values and intermediate gradients are dropped as soon as a node has run (unless retain_graph).
+"""
+
+import numpy as np
+
+from .grad_mode import state
+from .tensor import Tensor
+
+_ndarray = np.ndarray
+
+
+def sum_to(g, shape):
+    """Sum a broadcast gradient back down to `shape` (works on ndarrays and on Tensors)."""
+    if g.shape == shape:
+        return g
+    lead = g.ndim - len(shape)
+    if lead < 0:
+        raise RuntimeError(f"gradient of shape {g.shape} cannot be reduced to the input's shape {shape}")
+    if lead:
+        g = g.sum(axis=tuple(range(lead)))
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
+    if axes:
+        g = g.sum(axis=axes, keepdims=True)
+    if g.shape != shape:
+        raise RuntimeError(f"gradient of shape {g.shape} does not fit the input's shape {shape}")
+    return g
+
+
+def _seed(root, grad, create_graph):
+    if not root.requires_grad:
+        raise RuntimeError(
+            "backward on a tensor that does not require grad: none of the tensors it was computed "
+            "from has requires_grad=True (or it was computed under no_grad())"
+        )
+    if grad is None:
+        if root.data.size != 1:
+            raise RuntimeError(
+                f"backward on a tensor of shape {root.data.shape} needs a gradient of that shape: "
+                "only a one-element output gets 1 as its gradient by default"
+            )
+        seed = np.ones(root.data.shape, root.data.dtype)
+    else:
+        arr = grad.data if isinstance(grad, Tensor) else np.asarray(grad)
+        if arr.shape != root.data.shape:
+            raise ValueError(
+                f"backward: the gradient has shape {arr.shape} but the output has shape {root.data.shape}"
+            )
+        if arr.dtype != root.data.dtype:
+            raise TypeError(
+                f"backward: the gradient has dtype {arr.dtype} but the output has dtype {root.data.dtype}"
+            )
+        if create_graph and isinstance(grad, Tensor):
+            return grad
+        seed = arr
+    return Tensor(seed, dtype=seed.dtype) if create_graph else seed
+
+
+def _run_hooks(hooks, g):
+    for hook in hooks:
+        replaced = hook(g)
+        if replaced is not None:
+            g = replaced
+    return g
+
+
+def backward(roots, grads=None, retain_graph=None, create_graph=False, inputs=None, allow_unused=False):
+    """Backpropagate from `roots`.
+
+    Without `inputs`: accumulate into every reachable leaf's `.grad` (Tensor.backward).
+    With `inputs`: return their gradients instead and leave every `.grad` untouched (autograd.grad);
+    an input not reached gets None if allow_unused, else an error.
+    """
+    if retain_graph is None:
+        retain_graph = create_graph
+    if grads is None:
+        grads = [None] * len(roots)
+    if len(grads) != len(roots):
+        raise ValueError(f"backward: {len(roots)} outputs but {len(grads)} gradients")
+
+    # Which node or leaf each requested input's gradient is read at.
+    targets = None
+    if inputs is not None:
+        targets = {}
+        for i, t in enumerate(inputs):
+            if not isinstance(t, Tensor) or not t.requires_grad:
+                raise RuntimeError(f"grad: input {i} is not a tensor that requires grad")
+            targets[t if t._node is None else t._node] = i
+        captured = [None] * len(inputs)
+
+    # Seeds and discovery of the reachable graph (iterative, no recursion).
+    nodes = []
+    seen = set()
+    leaf_edges = {}
+    leaf_grads = {}
+    for root, grad in zip(roots, grads):
+        seed = _seed(root, grad, create_graph)
+        node = root._node
+        if node is None:  # the output is itself a leaf
+            leaf_edges[root] = leaf_edges.get(root, 0) + 1
+            prev = leaf_grads.get(root)
+            leaf_grads[root] = seed if prev is None else prev + seed
+            continue
+        if node.parents is None:
+            raise RuntimeError(_FREED)
+        node.grad_acc = seed if node.grad_acc is None else node.grad_acc + seed
+        if node not in seen:
+            seen.add(node)
+            nodes.append(node)
+    stack = list(nodes)
+    while stack:
+        node = stack.pop()
+        for p in node.parents:
+            if p is None:
+                continue
+            if p._is_node:
+                if p not in seen:
+                    if p.parents is None:
+                        raise RuntimeError(_FREED)
+                    seen.add(p)
+                    nodes.append(p)
+                    stack.append(p)
+            else:
+                leaf_edges[p] = leaf_edges.get(p, 0) + 1
+    nodes.sort(key=_creation_order, reverse=True)
+
+    # ids of arrays that may be referenced elsewhere (a seed, a gradient passed through an op unchanged,
+    # one already stored as a leaf's .grad): such an array is copied before it becomes a .grad.
+    shared = {id(g) for g in leaf_grads.values()}
+    shared.update(id(node.grad_acc) for node in nodes)
+
+    def finish_leaf(leaf, g):
+        if leaf._hooks:
+            g = _run_hooks(leaf._hooks, g)
+        if targets is not None:
+            i = targets.get(leaf)
+            if i is not None:
+                captured[i] = g
+            return
+        if create_graph:
+            leaf.grad = g if leaf.grad is None else leaf.grad + g
+        else:
+            if g.__class__ is not _ndarray:
+                g = np.asarray(g)
+            if leaf.grad is None:
+                # .grad must own its memory: users, optimizers and all-reduce write into it in place.
+                if g.base is not None or not g.flags.writeable or id(g) in shared:
+                    g = g.copy()
+                shared.add(id(g))
+                leaf.grad = Tensor._from_op(g, None)
+            elif leaf.grad.requires_grad or not leaf.grad.data.flags.writeable:
+                leaf.grad = Tensor._from_op(leaf.grad.data + g, None)
+            else:
+                leaf.grad.data += g
+        if leaf._post_hooks:
+            for hook in leaf._post_hooks:
+                hook(leaf)
+
+    saved_graph, saved_enabled = state.graph, state.enabled
+    state.graph = create_graph
+    state.enabled = create_graph
+    try:
+        # An output that is itself a leaf has delivered its one contribution already.
+        for leaf in list(leaf_grads):
+            leaf_edges[leaf] -= 1
+            if leaf_edges[leaf] == 0:
+                finish_leaf(leaf, leaf_grads.pop(leaf))
+        for node in nodes:
+            g = node.grad_acc
+            node.grad_acc = None
+            parents = node.parents
+            if g is None:  # nothing flowed here; the leaves below still count this edge as done
+                results = (None,) * len(parents)
+            else:
+                if node.hooks:
+                    g = _run_hooks(node.hooks, g)
+                if targets is not None:
+                    i = targets.get(node)
+                    if i is not None:
+                        captured[i] = g if captured[i] is None else captured[i] + g
+                results = node.backward(node, g)
+                if len(results) != len(parents):
+                    raise RuntimeError(
+                        f"{node.name}.backward returned {len(results)} gradients for {len(parents)} inputs"
+                    )
+            for p, gi in zip(parents, results):
+                if p is None:
+                    continue
+                if gi is not None:
+                    if p._is_node:
+                        shape, dtype = p.shape, p.dtype
+                    else:
+                        shape, dtype = p.data.shape, p.data.dtype
+                    if gi.shape != shape:
+                        gi = sum_to(gi, shape)
+                    if gi.dtype != dtype:
+                        gi = gi.astype(dtype)
+                    if gi is g:
+                        shared.add(id(g))
+                if p._is_node:
+                    if gi is not None:
+                        acc = p.grad_acc
+                        p.grad_acc = gi if acc is None else acc + gi
+                else:
+                    if gi is not None:
+                        acc = leaf_grads.get(p)
+                        leaf_grads[p] = gi if acc is None else acc + gi
+                    left = leaf_edges[p] - 1
+                    leaf_edges[p] = left
+                    if left == 0 and p in leaf_grads:
+                        finish_leaf(p, leaf_grads.pop(p))
+            if not retain_graph:
+                node.release()
+    except BaseException:
+        for node in nodes:
+            node.grad_acc = None
+        raise
+    finally:
+        state.graph, state.enabled = saved_graph, saved_enabled
+
+    if targets is not None:
+        for t, i in targets.items():
+            if captured[i] is None and not allow_unused:
+                raise RuntimeError(
+                    f"grad: input {i} was not used to compute the outputs (pass allow_unused=True)"
+                )
+        if not create_graph:
+            return [None if c is None else Tensor._from_op(np.asarray(c), None) for c in captured]
+        return captured
+    return None
+
+
+_FREED = (
+    "backward through a graph that has already been freed: its saved values were released by an earlier "
+    "backward; pass retain_graph=True to that backward to run through the graph again"
+)
+
+
+def _creation_order(node):
+    return node.seq
+
+
+def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=False, allow_unused=False):
+    """The gradients of `outputs` with respect to `inputs`, returned rather than stored in `.grad`.
+
+    With create_graph=True the returned gradients are themselves differentiable (gradients of gradients).
+    """
+    single_out = isinstance(outputs, Tensor)
+    outputs = [outputs] if single_out else list(outputs)
+    single_in = isinstance(inputs, Tensor)
+    inputs = [inputs] if single_in else list(inputs)
+    if grad_outputs is not None:
+        grad_outputs = [grad_outputs] if isinstance(grad_outputs, (Tensor, np.ndarray)) else list(grad_outputs)
+    result = backward(outputs, grad_outputs, retain_graph, create_graph, inputs, allow_unused)
+    return result[0] if single_in else tuple(result)

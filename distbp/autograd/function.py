@@ -1,0 +1,116 @@
+"""`Function`: the base of every primitive op, and the graph node it leaves behind.
+
+An op subclasses Function with two static methods, in the style of PyTorch's autograd.Function:
+
+    forward(ctx, *arrays, **options) -> ndarray    computes on numpy arrays
+    backward(ctx, grad) -> tuple of input grads    the vector-Jacobian product (VJP)
+
+`Op.apply(*tensors, **options)` runs forward and, when some input requires a gradient and grad mode is
+on, keeps the ctx as the output's graph node. The ctx *is* the node: it holds the parents (one per
+input: the producing node, the leaf tensor itself, or None where no gradient is needed), whatever
+forward saved, and a creation number used by the engine to order work.
+
+Each backward is written once, against `ctx.inputs`, `ctx.out` and the namespace `xp()`, and runs in two
+modes chosen by the engine:
+  - plain backward: inputs/out are ndarrays and `xp()` is numpy: no graph, no Tensor wrappers;
+  - create_graph backward: inputs/out are Tensors and `xp()` is distbp's own differentiable ops, so the
+    gradient is itself a graph and can be differentiated again.
+"""
+
+import itertools
+
+import numpy as np
+
+from .grad_mode import state
+
+_creation = itertools.count()
+_ndarray = np.ndarray
+
+
+class Function:
+    __slots__ = ("parents", "seq", "shape", "dtype", "saved", "hooks", "grad_acc", "_inputs", "_out")
+
+    _is_node = True
+    save_inputs = False  # forward's input Tensors are kept for backward (as ctx.inputs)
+    save_output = False  # forward's output is kept for backward (as ctx.out)
+
+    @staticmethod
+    def forward(ctx, *arrays, **options):
+        raise NotImplementedError
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError
+
+    @classmethod
+    def apply(cls, *inputs, **options):
+        ctx = cls.__new__(cls)
+        out = cls.forward(ctx, *[t.data for t in inputs], **options)
+        if out.__class__ is not _ndarray:
+            out = np.asarray(out)  # numpy reductions hand back scalars; a Tensor always holds an array
+        if state.enabled:
+            record = False
+            parents = []
+            for t in inputs:
+                if t.requires_grad:
+                    record = True
+                    parents.append(t if t._node is None else t._node)
+                else:
+                    parents.append(None)
+            if record:
+                ctx.parents = parents
+                ctx.seq = next(_creation)
+                ctx.shape = out.shape
+                ctx.dtype = out.dtype
+                ctx.hooks = None
+                ctx.grad_acc = None
+                ctx._inputs = inputs if cls.save_inputs else None
+                ctx._out = out if cls.save_output else None
+                return _Tensor._from_op(out, ctx)
+        return _Tensor._from_op(out, None)
+
+    # --- what backward reads -----------------------------------------------------------------------
+
+    def needs(self, i):
+        """Whether input i needs a gradient (backward may skip computing the others)."""
+        return self.parents[i] is not None
+
+    @property
+    def inputs(self):
+        if state.graph:
+            return self._inputs
+        return [t.data for t in self._inputs]
+
+    @property
+    def out(self):
+        if state.graph:
+            # A new Tensor over the same array whose node is this one: gradients flowing into it in a
+            # later backward reach this node, exactly as through the original output.
+            return _Tensor._from_op(self._out, self)
+        return self._out
+
+    @property
+    def freed(self):
+        return self.parents is None
+
+    def release(self):
+        """Drop saved values once backward has used them (and mark the node as spent)."""
+        self.parents = None
+        self._inputs = None
+        self._out = None
+        self.saved = None
+
+    @property
+    def name(self):
+        return type(self).__name__
+
+    def __repr__(self):
+        return f"<{self.name} node #{getattr(self, 'seq', '?')}>"
+
+
+_Tensor = None  # set by tensor.py, which imports this module
+
+
+def _bind_tensor(cls):
+    global _Tensor
+    _Tensor = cls

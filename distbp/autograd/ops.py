@@ -1,0 +1,1451 @@
+"""The primitive ops and their derivatives, side by side.
+
+Each op is a `Function` whose `forward` computes on ndarrays and whose `backward` is the VJP. Backward
+formulas use only operators, methods that ndarrays and Tensors share (`sum`, `mean`, `reshape`,
+`transpose`, `swapaxes`, `astype`, indexing) and the namespace `xp()`, so the same line runs on arrays in
+a plain backward and on Tensors in a create_graph backward (which makes gradients of gradients free).
+Broadcast reduction and dtype casting of the results are the engine's job, not the ops'.
+
+Further down, composite ops (conv2d, pooling, gather, stack, embedding, dropout, ...) are built from these
+primitives in a few lines each.
+"""
+
+import builtins
+import math
+
+import numpy as np
+from scipy import special as _special
+
+from .engine import sum_to
+from .function import Function
+from .grad_mode import state
+from .random import default_rng
+from .tensor import FLOAT_DTYPES, Tensor
+
+_ndarray = np.ndarray
+
+
+# ================================================================================================
+# Elementwise
+# ================================================================================================
+
+
+class Add(Function):
+    __slots__ = ()
+
+    @staticmethod
+    def forward(ctx, a, b):
+        return a + b
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, g
+
+
+class Sub(Function):
+    __slots__ = ()
+
+    @staticmethod
+    def forward(ctx, a, b):
+        return a - b
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, (-g if ctx.needs(1) else None)
+
+
+class Neg(Function):
+    __slots__ = ()
+
+    @staticmethod
+    def forward(ctx, a):
+        return -a
+
+    @staticmethod
+    def backward(ctx, g):
+        return (-g,)
+
+
+class Mul(Function):
+    __slots__ = ()
+    save_inputs = True
+
+    @staticmethod
+    def forward(ctx, a, b):
+        return a * b
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.inputs
+        return (g * b if ctx.needs(0) else None), (g * a if ctx.needs(1) else None)
+
+
+class Div(Function):
+    __slots__ = ()
+    save_inputs = True
+
+    @staticmethod
+    def forward(ctx, a, b):
+        return a / b
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.inputs
+        ga = g / b
+        return (ga if ctx.needs(0) else None), (-ga * a / b if ctx.needs(1) else None)
+
+
+class PowScalar(Function):
+    """x ** p for a constant exponent p."""
+
+    __slots__ = ()
+    save_inputs = True
+
+    @staticmethod
+    def forward(ctx, x, p):
+        ctx.saved = p
+        return x**p
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.inputs
+        p = ctx.saved
+        if p == 2:
+            return (g * x * 2,)
+        return (g * p * x ** (p - 1),)
+
+
+class Pow(Function):
+    """a ** b for tensors a and b."""
+
+    __slots__ = ()
+    save_inputs = True
+    save_output = True
+
+    @staticmethod
+    def forward(ctx, a, b):
+        return a**b
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.inputs
+        ga = g * b * a ** (b - 1) if ctx.needs(0) else None
+        # d/db a**b = a**b log a; where a == 0 the limit is 0 (for b > 0), not nan
+        gb = g * xp().where(a > 0, ctx.out * xp().log(xp().where(a > 0, a, 1)), 0) if ctx.needs(1) else None
+        return ga, gb
+
+
+class Exp(Function):
+    __slots__ = ()
+    save_output = True
+
+    @staticmethod
+    def forward(ctx, x):
+        return np.exp(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return (g * ctx.out,)
+
+
+class Log(Function):
+    __slots__ = ()
+    save_inputs = True
+
+    @staticmethod
+    def forward(ctx, x):
+        return np.log(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.inputs
+        return (g / x,)
+
+
+class Sqrt(Function):
+    __slots__ = ()
+    save_output = True
+
+    @staticmethod
+    def forward(ctx, x):
+        return np.sqrt(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return (g / (ctx.out * 2),)
+
+
+class Tanh(Function):
+    __slots__ = ()
+    save_output = True
+
+    @staticmethod
+    def forward(ctx, x):
+        return np.tanh(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        y = ctx.out
+        return (g * (1 - y * y),)
+
+
+class Sigmoid(Function):
+    __slots__ = ()
+    save_output = True
+
+    @staticmethod
+    def forward(ctx, x):
+        # exp of a non-positive number only: finite for any input, even +-1000
+        e = np.exp(-np.abs(x))
+        return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+
+    @staticmethod
+    def backward(ctx, g):
+        y = ctx.out
+        return (g * y * (1 - y),)
+
+
+class Relu(Function):
+    __slots__ = ()
+    save_output = True
+
+    @staticmethod
+    def forward(ctx, x):
+        return np.maximum(x, 0)
+
+    @staticmethod
+    def backward(ctx, g):
+        return (g * (ctx.out > 0),)
+
+
+class Erf(Function):
+    __slots__ = ()
+    save_inputs = True
+
+    @staticmethod
+    def forward(ctx, x):
+        return _special.erf(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.inputs
+        return (g * xp().exp(-(x * x)) * _TWO_OVER_SQRT_PI,)
+
+
+_TWO_OVER_SQRT_PI = 2 / math.sqrt(math.pi)
+_INV_SQRT2 = 1 / math.sqrt(2)
+_INV_SQRT_2PI = 1 / math.sqrt(2 * math.pi)
+_SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
+
+
+class Gelu(Function):
+    """x * Phi(x), exactly (erf) or with the tanh approximation."""
+
+    __slots__ = ()
+    save_inputs = True
+
+    @staticmethod
+    def forward(ctx, x, approximate):
+        ctx.saved = approximate
+        if approximate == "tanh":
+            return 0.5 * x * (1 + np.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)))
+        return 0.5 * x * (1 + _special.erf(x * _INV_SQRT2))
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.inputs
+        X = xp()
+        if ctx.saved == "tanh":
+            t = X.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
+            dt = (1 - t * t) * _SQRT_2_OVER_PI * (1 + 0.134145 * x * x)
+            return (g * (0.5 * (1 + t) + 0.5 * x * dt),)
+        cdf = 0.5 * (1 + X.erf(x * _INV_SQRT2))
+        pdf = X.exp(-0.5 * x * x) * _INV_SQRT_2PI
+        return (g * (cdf + x * pdf),)
+
+
+class Abs(Function):
+    __slots__ = ()
+    save_inputs = True
+
+    @staticmethod
+    def forward(ctx, x):
+        return np.abs(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.inputs
+        return (g * xp().sign(x),)
+
+
+class Maximum(Function):
+    """Elementwise max; at ties each side gets half the gradient (as in PyTorch)."""
+
+    __slots__ = ()
+    save_inputs = True
+
+    @staticmethod
+    def forward(ctx, a, b):
+        return np.maximum(a, b)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.inputs
+        X = xp()
+        wa = X.cast(a > b, ctx.dtype) + X.cast(a == b, ctx.dtype) * 0.5
+        return (g * wa if ctx.needs(0) else None), (g * (1 - wa) if ctx.needs(1) else None)
+
+
+class Clip(Function):
+    __slots__ = ()
+    save_inputs = True
+
+    @staticmethod
+    def forward(ctx, x, lo, hi):
+        ctx.saved = (lo, hi)
+        return np.clip(x, lo, hi)
+
+    @staticmethod
+    def backward(ctx, g):
+        x = ctx._inputs[0].data  # the mask is a constant, in either mode
+        lo, hi = ctx.saved
+        inside = np.ones(x.shape, bool)
+        if lo is not None:
+            inside &= x >= lo
+        if hi is not None:
+            inside &= x <= hi
+        return (g * inside,)
+
+
+class Where(Function):
+    """where(cond, a, b) with a constant boolean condition."""
+
+    __slots__ = ()
+
+    @staticmethod
+    def forward(ctx, a, b, cond):
+        ctx.saved = cond
+        return np.where(cond, a, b)
+
+    @staticmethod
+    def backward(ctx, g):
+        cond = ctx.saved
+        X = xp()
+        return (X.where(cond, g, 0) if ctx.needs(0) else None), (X.where(cond, 0, g) if ctx.needs(1) else None)
+
+
+class Cast(Function):
+    __slots__ = ()
+
+    @staticmethod
+    def forward(ctx, x, dtype):
+        return x.astype(dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        return (g,)  # the engine casts the gradient back to the input's dtype
+
+
+# ================================================================================================
+# Reductions
+# ================================================================================================
+
+
+def _axes(axis, ndim):
+    if axis is None:
+        return tuple(range(ndim))
+    if isinstance(axis, int):
+        axis = (axis,)
+    out = []
+    for a in axis:
+        if not -ndim <= a < builtins.max(ndim, 1):
+            raise ValueError(f"axis {a} is out of range for a tensor with {ndim} dimensions")
+        out.append(a % ndim if ndim else 0)
+    return tuple(out)
+
+
+def _kept_shape(shape, axes):
+    return tuple(1 if i in axes else n for i, n in enumerate(shape))
+
+
+class Sum(Function):
+    __slots__ = ()
+
+    @staticmethod
+    def forward(ctx, x, axes, keepdims):
+        ctx.saved = (x.shape, _kept_shape(x.shape, axes))
+        return x.sum(axis=axes, keepdims=keepdims)
+
+    @staticmethod
+    def backward(ctx, g):
+        shape, kept = ctx.saved
+        return (xp().broadcast_to(g.reshape(kept), shape),)
+
+
+class Mean(Function):
+    __slots__ = ()
+
+    @staticmethod
+    def forward(ctx, x, axes, keepdims):
+        ctx.saved = (x.shape, _kept_shape(x.shape, axes))
+        return x.mean(axis=axes, keepdims=keepdims)
+
+    @staticmethod
+    def backward(ctx, g):
+        shape, kept = ctx.saved
+        count = math.prod(shape) // builtins.max(math.prod(kept), 1) if shape else 1
+        return (xp().broadcast_to(g.reshape(kept) / count, shape),)
+
+
+class Max(Function):
+    """max (or min) over axes; tied maxima share the gradient equally."""
+
+    __slots__ = ()
+    save_inputs = True
+    save_output = True
+
+    @staticmethod
+    def forward(ctx, x, axes, keepdims, minimum):
+        ctx.saved = _kept_shape(x.shape, axes), axes
+        return x.min(axis=axes, keepdims=keepdims) if minimum else x.max(axis=axes, keepdims=keepdims)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.inputs
+        kept, axes = ctx.saved
+        X = xp()
+        hit = X.cast(x == ctx.out.reshape(kept), ctx.dtype)
+        return (hit * (g.reshape(kept) / hit.sum(axis=axes, keepdims=True)),)
+
+
+class Var(Function):
+    __slots__ = ()
+    save_inputs = True
+
+    @staticmethod
+    def forward(ctx, x, axes, keepdims, correction):
+        n = math.prod(x.shape[a] for a in axes)
+        if n - correction <= 0:
+            raise ValueError(f"var: {n} elements are too few for correction={correction}")
+        ctx.saved = (_kept_shape(x.shape, axes), axes, n - correction)
+        return x.var(axis=axes, keepdims=keepdims, ddof=correction)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.inputs
+        kept, axes, dof = ctx.saved
+        centered = x - x.mean(axis=axes, keepdims=True)
+        return (g.reshape(kept) * centered * (2 / dof),)
+
+
+# ================================================================================================
+# Shapes, indexing, joining
+# ================================================================================================
+
+
+class Reshape(Function):
+    __slots__ = ()
+
+    @staticmethod
+    def forward(ctx, x, shape):
+        ctx.saved = x.shape
+        return x.reshape(shape)
+
+    @staticmethod
+    def backward(ctx, g):
+        return (g.reshape(ctx.saved),)
+
+
+class Transpose(Function):
+    __slots__ = ()
+
+    @staticmethod
+    def forward(ctx, x, axes):
+        ctx.saved = tuple(np.argsort(axes))
+        return x.transpose(axes)
+
+    @staticmethod
+    def backward(ctx, g):
+        return (g.transpose(ctx.saved),)
+
+
+class BroadcastTo(Function):
+    __slots__ = ()
+
+    @staticmethod
+    def forward(ctx, x, shape):
+        return np.broadcast_to(x, shape)
+
+    @staticmethod
+    def backward(ctx, g):
+        return (g,)  # the engine sums it back to the input's shape
+
+
+class GetItem(Function):
+    """x[index]: basic slicing and integer-array (advanced) indexing."""
+
+    __slots__ = ()
+
+    @staticmethod
+    def forward(ctx, x, index):
+        ctx.saved = (x.shape, index)
+        return x[index]
+
+    @staticmethod
+    def backward(ctx, g):
+        shape, index = ctx.saved
+        return (xp().index_add(shape, index, g),)
+
+
+class IndexAdd(Function):
+    """zeros(shape) with g added at index (repeated indices accumulate): the adjoint of x[index]."""
+
+    __slots__ = ()
+
+    @staticmethod
+    def forward(ctx, g, shape, index):
+        ctx.saved = index
+        return _index_add_array(shape, index, g)
+
+    @staticmethod
+    def backward(ctx, gg):
+        return (gg[ctx.saved],)
+
+
+def _index_add_array(shape, index, g):
+    out = np.zeros(shape, g.dtype)
+    if _is_basic_index(index):
+        out[index] = g  # a basic index names each element at most once
+    else:
+        np.add.at(out, index, g)
+    return out
+
+
+class Concat(Function):
+    __slots__ = ()
+
+    @staticmethod
+    def forward(ctx, *arrays, axis):
+        ctx.saved = (axis, np.cumsum([a.shape[axis] for a in arrays])[:-1].tolist(), arrays[0].ndim)
+        return np.concatenate(arrays, axis=axis)
+
+    @staticmethod
+    def backward(ctx, g):
+        axis, cuts, ndim = ctx.saved
+        edges = [0] + cuts + [g.shape[axis]]
+        lead = (slice(None),) * (axis % ndim)
+        return tuple(
+            g[lead + (slice(lo, hi),)] if ctx.needs(i) else None
+            for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:]))
+        )
+
+
+class Pad(Function):
+    """Constant padding; pad_width as in numpy: one (before, after) pair per axis."""
+
+    __slots__ = ()
+
+    @staticmethod
+    def forward(ctx, x, pad_width, value):
+        ctx.saved = tuple(slice(lo, lo + n) for (lo, _), n in zip(pad_width, x.shape))
+        return np.pad(x, pad_width, constant_values=value)
+
+    @staticmethod
+    def backward(ctx, g):
+        return (g[ctx.saved],)
+
+
+# ================================================================================================
+# Linear algebra
+# ================================================================================================
+
+
+class MatMul(Function):
+    """a @ b for a, b of two or more dimensions (batch dimensions broadcast)."""
+
+    __slots__ = ()
+    save_inputs = True
+
+    @staticmethod
+    def forward(ctx, a, b):
+        return a @ b
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.inputs
+        ga = g @ b.swapaxes(-1, -2) if ctx.needs(0) else None
+        gb = a.swapaxes(-1, -2) @ g if ctx.needs(1) else None
+        return ga, gb
+
+
+class Linear(Function):
+    """x @ w.T + b, with x (..., in), w (out, in), b (out,): one node, no broadcast temporary."""
+
+    __slots__ = ()
+    save_inputs = True
+
+    @staticmethod
+    def forward(ctx, x, w, b=None):
+        out = x @ w.T
+        if b is not None:
+            out += b
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.inputs[:2]
+        gx = g @ w if ctx.needs(0) else None
+        gw = gb = None
+        if ctx.needs(1) or len(ctx.parents) == 3 and ctx.needs(2):
+            g2 = g.reshape(-1, g.shape[-1]) if g.ndim != 2 else g
+            if ctx.needs(1):
+                x2 = x.reshape(-1, x.shape[-1]) if x.ndim != 2 else x
+                gw = g2.T @ x2
+            if len(ctx.parents) == 3 and ctx.needs(2):
+                gb = g2.sum(axis=0)
+        return (gx, gw) if len(ctx.parents) == 2 else (gx, gw, gb)
+
+
+# ================================================================================================
+# Losses and normalisation (fused for stability and speed)
+# ================================================================================================
+
+
+def _softmax_array(x, axis):
+    z = x - x.max(axis=axis, keepdims=True)
+    e = np.exp(z)
+    e /= e.sum(axis=axis, keepdims=True)
+    return e
+
+
+def _log_softmax_array(x, axis):
+    z = x - x.max(axis=axis, keepdims=True)
+    z -= np.log(np.exp(z).sum(axis=axis, keepdims=True))
+    return z
+
+
+class Softmax(Function):
+    __slots__ = ()
+    save_output = True
+
+    @staticmethod
+    def forward(ctx, x, axis):
+        ctx.saved = axis
+        return _softmax_array(x, axis)
+
+    @staticmethod
+    def backward(ctx, g):
+        p = ctx.out
+        return (p * (g - (g * p).sum(axis=ctx.saved, keepdims=True)),)
+
+
+class LogSoftmax(Function):
+    __slots__ = ()
+    save_output = True
+
+    @staticmethod
+    def forward(ctx, x, axis):
+        ctx.saved = axis
+        return _log_softmax_array(x, axis)
+
+    @staticmethod
+    def backward(ctx, g):
+        return (g - xp().exp(ctx.out) * g.sum(axis=ctx.saved, keepdims=True),)
+
+
+class CrossEntropy(Function):
+    """Cross-entropy of logits (..., C) against integer classes (...), from a stable log-softmax.
+
+    Backward is fused: (softmax - onehot) * weight, never through log(softmax).
+    """
+
+    __slots__ = ()
+    save_inputs = True
+
+    @staticmethod
+    def forward(ctx, logits, target, reduction, ignore_index):
+        classes = logits.shape[-1]
+        flat = logits.reshape(-1, classes)
+        t = target.reshape(-1)
+        valid = t != ignore_index
+        safe_t = np.where(valid, t, 0)
+        if safe_t.size and (safe_t.min() < 0 or safe_t.max() >= classes):
+            bad = safe_t[(safe_t < 0) | (safe_t >= classes)][0]
+            raise IndexError(f"cross_entropy: target class {bad} is out of range for {classes} classes")
+        logp = _log_softmax_array(flat, -1)
+        rows = np.arange(flat.shape[0])
+        losses = -logp[rows, safe_t] * valid
+        count = int(valid.sum())
+        ctx.saved = (np.exp(logp), rows, safe_t, valid, reduction, count)
+        if reduction == "none":
+            return losses.reshape(target.shape)
+        if reduction == "sum":
+            return losses.sum()
+        return losses.sum() / builtins.max(count, 1)
+
+    @staticmethod
+    def backward(ctx, g):
+        p, rows, t, valid, reduction, count = ctx.saved
+        (logits,) = ctx.inputs[:1]
+        shape = logits.shape
+        if state.graph:  # softmax as a differentiable function of the logits
+            p = softmax(logits.reshape(-1, shape[-1]), -1)
+            onehot = np.zeros(p.shape, p.dtype)
+            onehot[rows, t] = 1
+            diff = p - onehot
+        else:
+            diff = p.copy()  # p stays intact for a retained graph's next backward
+            diff[rows, t] -= 1
+        if reduction == "none":
+            weight = g.reshape(-1, 1)
+        else:
+            weight = g * (1 if reduction == "sum" else 1 / builtins.max(count, 1))
+        if not valid.all():
+            weight = weight * valid[:, None]
+        return ((diff * weight).reshape(shape),)
+
+
+class MSE(Function):
+    __slots__ = ()
+    save_inputs = True
+
+    @staticmethod
+    def forward(ctx, x, y, reduction):
+        d = x - y
+        ctx.saved = reduction
+        sq = d * d
+        if reduction == "none":
+            return sq
+        return sq.sum() if reduction == "sum" else sq.mean()
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y = ctx.inputs
+        reduction = ctx.saved
+        d = x - y
+        scale = 2 if reduction != "mean" else 2 / d.size
+        gx = d * (g * scale)
+        return (gx if ctx.needs(0) else None), (-gx if ctx.needs(1) else None)
+
+
+class LayerNorm(Function):
+    """(x - mean) / sqrt(var + eps) * weight + bias over the trailing axes that weight covers."""
+
+    __slots__ = ()
+    save_inputs = True
+
+    @staticmethod
+    def forward(ctx, x, w=None, b=None, *, axes, eps):
+        mu = x.mean(axis=axes, keepdims=True)
+        xc = x - mu
+        var = (xc * xc).mean(axis=axes, keepdims=True)
+        rstd = 1 / np.sqrt(var + eps)
+        xhat = xc * rstd
+        ctx.saved = (xhat, rstd, axes, eps)
+        out = xhat * w if w is not None else xhat.copy()
+        if b is not None:
+            out += b
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        xhat, rstd, axes, eps = ctx.saved
+        inputs = ctx.inputs
+        x = inputs[0]
+        w = inputs[1] if len(inputs) > 1 else None
+        if state.graph:  # recompute the statistics as differentiable functions of x
+            xc = x - x.mean(axis=axes, keepdims=True)
+            rstd = 1 / ((xc * xc).mean(axis=axes, keepdims=True) + eps).sqrt()
+            xhat = xc * rstd
+        gx = gw = gb = None
+        if ctx.needs(0):
+            dxhat = g * w if w is not None else g
+            gx = rstd * (
+                dxhat
+                - dxhat.mean(axis=axes, keepdims=True)
+                - xhat * (dxhat * xhat).mean(axis=axes, keepdims=True)
+            )
+        if len(inputs) > 1 and ctx.needs(1):
+            gw = g * xhat
+        if len(inputs) > 2 and ctx.needs(2):
+            gb = g
+        return (gx, gw, gb)[: len(inputs)]
+
+
+# ================================================================================================
+# Windows: the one primitive behind convolution and pooling
+# ================================================================================================
+
+
+def _unfold_array(x, kernel, stride, padding, pad_value=0.0):
+    n, c, h, w = x.shape
+    kh, kw = kernel
+    if padding[0] or padding[1]:
+        x = np.pad(x, ((0, 0), (0, 0), (padding[0],) * 2, (padding[1],) * 2), constant_values=pad_value)
+    windows = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(2, 3))
+    windows = windows[:, :, :: stride[0], :: stride[1]]  # (n, c, oh, ow, kh, kw)
+    oh, ow = windows.shape[2], windows.shape[3]
+    cols = np.ascontiguousarray(windows.transpose(0, 1, 4, 5, 2, 3))
+    return cols.reshape(n, c * kh * kw, oh * ow)
+
+
+def _fold_array(cols, shape, kernel, stride, padding):
+    n, c, h, w = shape
+    kh, kw = kernel
+    sh, sw = stride
+    ph, pw = padding
+    oh = (h + 2 * ph - kh) // sh + 1
+    ow = (w + 2 * pw - kw) // sw + 1
+    cols = cols.reshape(n, c, kh, kw, oh, ow)
+    out = np.zeros((n, c, h + 2 * ph, w + 2 * pw), cols.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            out[:, :, i : i + sh * oh : sh, j : j + sw * ow : sw] += cols[:, :, i, j]
+    return out[:, :, ph : ph + h, pw : pw + w]
+
+
+class Unfold(Function):
+    """Image (N, C, H, W) to columns (N, C*kh*kw, OH*OW): every kernel window as a column."""
+
+    __slots__ = ()
+
+    @staticmethod
+    def forward(ctx, x, kernel, stride, padding, pad_value):
+        ctx.saved = (x.shape, kernel, stride, padding)
+        return _unfold_array(x, kernel, stride, padding, pad_value)
+
+    @staticmethod
+    def backward(ctx, g):
+        return (xp().fold(g, *ctx.saved),)
+
+
+class Fold(Function):
+    """Columns back to an image, summing where windows overlap: the adjoint of Unfold."""
+
+    __slots__ = ()
+
+    @staticmethod
+    def forward(ctx, cols, shape, kernel, stride, padding):
+        ctx.saved = (kernel, stride, padding)
+        return _fold_array(cols, shape, kernel, stride, padding)
+
+    @staticmethod
+    def backward(ctx, g):
+        kernel, stride, padding = ctx.saved
+        return (xp().unfold(g, kernel, stride, padding),)
+
+
+# ================================================================================================
+# The two namespaces that backward formulas call through xp()
+# ================================================================================================
+
+
+class _ArrayNamespace:
+    """Backward on ndarrays (the plain, fast path)."""
+
+    exp = staticmethod(np.exp)
+    log = staticmethod(np.log)
+    tanh = staticmethod(np.tanh)
+    erf = staticmethod(_special.erf)
+    sign = staticmethod(np.sign)
+    where = staticmethod(np.where)
+    broadcast_to = staticmethod(np.broadcast_to)
+    index_add = staticmethod(_index_add_array)
+
+    @staticmethod
+    def cast(x, dtype):
+        return x.astype(dtype)
+
+    @staticmethod
+    def fold(cols, shape, kernel, stride, padding):
+        return _fold_array(cols, shape, kernel, stride, padding)
+
+    @staticmethod
+    def unfold(x, kernel, stride, padding):
+        return _unfold_array(x, kernel, stride, padding)
+
+
+class _TensorNamespace:
+    """Backward on Tensors, recording a graph (create_graph=True)."""
+
+    @staticmethod
+    def exp(x):
+        return exp(x)
+
+    @staticmethod
+    def log(x):
+        return log(x)
+
+    @staticmethod
+    def tanh(x):
+        return tanh(x)
+
+    @staticmethod
+    def erf(x):
+        return erf(x)
+
+    @staticmethod
+    def sign(x):
+        return Tensor._from_op(np.sign(x.data), None)
+
+    @staticmethod
+    def where(cond, a, b):
+        return where(cond, a, b)
+
+    @staticmethod
+    def broadcast_to(x, shape):
+        return broadcast_to(x, shape)
+
+    @staticmethod
+    def index_add(shape, index, g):
+        return IndexAdd.apply(g, shape=shape, index=index)
+
+    @staticmethod
+    def cast(x, dtype):
+        return cast(x, dtype)
+
+    @staticmethod
+    def fold(cols, shape, kernel, stride, padding):
+        return Fold.apply(cols, shape=shape, kernel=kernel, stride=stride, padding=padding)
+
+    @staticmethod
+    def unfold(x, kernel, stride, padding):
+        return Unfold.apply(x, kernel=kernel, stride=stride, padding=padding, pad_value=0.0)
+
+
+_ARRAYS = _ArrayNamespace()
+_TENSORS = _TensorNamespace()
+
+
+def xp():
+    """The namespace for backward formulas: numpy in a plain backward, Tensor ops under create_graph."""
+    return _TENSORS if state.graph else _ARRAYS
+
+
+# ================================================================================================
+# The user-facing functions: argument checking, then one primitive or a few
+# ================================================================================================
+
+
+def _const(x, dtype):
+    arr = x if isinstance(x, _ndarray) else np.asarray(x)
+    if arr.dtype != dtype and (dtype.kind == "f" or arr.dtype.kind == "f"):
+        if arr.dtype.kind == "f" and dtype.kind != "f":
+            dtype = np.dtype(np.float32)
+        arr = arr.astype(dtype)
+    return Tensor._from_op(arr, None)
+
+
+def _pair(a, b, name):
+    """Both operands as Tensors of one dtype; constants take the tensor's dtype."""
+    ta = isinstance(a, Tensor)
+    tb = isinstance(b, Tensor)
+    if ta and tb:
+        da = a.data.dtype
+        db = b.data.dtype
+        if da is not db and da != db:
+            fa = da.kind == "f"
+            fb = db.kind == "f"
+            if fa and fb:
+                raise TypeError(
+                    f"{name}: dtypes {da} and {db} differ; cast one with .float() or .double() first"
+                )
+            if fa:
+                b = _const(b.data, da)
+            elif fb:
+                a = _const(a.data, db)
+        return a, b
+    if ta:
+        return a, _const(b, a.data.dtype)
+    if tb:
+        return _const(a, b.data.dtype), b
+    return Tensor(a), Tensor(b)
+
+
+def _tensor(x):
+    return x if isinstance(x, Tensor) else Tensor(x)
+
+
+def _broadcast_error(name, a, b):
+    return ValueError(f"{name}: shapes {a.data.shape} and {b.data.shape} do not broadcast together")
+
+
+def _binary(op, name, a, b):
+    a, b = _pair(a, b, name)
+    try:
+        return op.apply(a, b)
+    except ValueError as e:
+        if "broadcast" in str(e):
+            raise _broadcast_error(name, a, b) from None
+        raise
+
+
+def add(a, b):
+    return _binary(Add, "add", a, b)
+
+
+def sub(a, b):
+    return _binary(Sub, "sub", a, b)
+
+
+def mul(a, b):
+    return _binary(Mul, "mul", a, b)
+
+
+def div(a, b):
+    return _binary(Div, "div", a, b)
+
+
+def neg(x):
+    return Neg.apply(_tensor(x))
+
+
+def pow(x, p):
+    if isinstance(p, (int, float)) and not isinstance(p, bool) and isinstance(x, Tensor):
+        return PowScalar.apply(x, p=p)
+    return _binary(Pow, "pow", x, p)
+
+
+def exp(x):
+    return Exp.apply(_tensor(x))
+
+
+def log(x):
+    return Log.apply(_tensor(x))
+
+
+def sqrt(x):
+    return Sqrt.apply(_tensor(x))
+
+
+def tanh(x):
+    return Tanh.apply(_tensor(x))
+
+
+def sigmoid(x):
+    return Sigmoid.apply(_tensor(x))
+
+
+def relu(x):
+    return Relu.apply(_tensor(x))
+
+
+def erf(x):
+    return Erf.apply(_tensor(x))
+
+
+def gelu(x, approximate="none"):
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', not {approximate!r}")
+    return Gelu.apply(_tensor(x), approximate=approximate)
+
+
+def abs(x):
+    return Abs.apply(_tensor(x))
+
+
+def maximum(a, b):
+    return _binary(Maximum, "maximum", a, b)
+
+
+def minimum(a, b):
+    a, b = _pair(a, b, "minimum")
+    return neg(maximum(neg(a), neg(b)))
+
+
+def clip(x, lo=None, hi=None):
+    if lo is not None and hi is not None and lo > hi:
+        raise ValueError(f"clip: lower bound {lo} is above upper bound {hi}")
+    return Clip.apply(_tensor(x), lo=lo, hi=hi)
+
+
+def where(cond, a, b):
+    """Elements of a where cond holds, else of b; cond is constant (no gradient flows to it)."""
+    cond = cond.data if isinstance(cond, Tensor) else np.asarray(cond)
+    if cond.dtype != np.bool_:
+        raise TypeError(f"where: the condition must be boolean, not {cond.dtype}")
+    a, b = _pair(a, b, "where")
+    try:
+        return Where.apply(a, b, cond=cond)
+    except ValueError as e:
+        raise ValueError(
+            f"where: shapes {cond.shape}, {a.data.shape} and {b.data.shape} do not broadcast together"
+        ) from e
+
+
+def cast(x, dtype):
+    dtype = np.dtype(dtype)
+    x = _tensor(x)
+    if x.data.dtype == dtype:
+        return x
+    if x.requires_grad and dtype not in FLOAT_DTYPES:
+        raise TypeError(f"cast: a tensor that requires grad can only be cast to a float dtype, not {dtype}")
+    return Cast.apply(x, dtype=dtype)
+
+
+def sum(x, axis=None, keepdims=False):
+    x = _tensor(x)
+    return Sum.apply(x, axes=_axes(axis, x.data.ndim), keepdims=keepdims)
+
+
+def mean(x, axis=None, keepdims=False):
+    x = _tensor(x)
+    axes = _axes(axis, x.data.ndim)
+    if x.data.size == 0:
+        raise ValueError("mean of an empty tensor")
+    return Mean.apply(x, axes=axes, keepdims=keepdims)
+
+
+def max(x, axis=None, keepdims=False):
+    x = _tensor(x)
+    if x.data.size == 0:
+        raise ValueError("max of an empty tensor")
+    return Max.apply(x, axes=_axes(axis, x.data.ndim), keepdims=keepdims, minimum=False)
+
+
+def min(x, axis=None, keepdims=False):
+    x = _tensor(x)
+    if x.data.size == 0:
+        raise ValueError("min of an empty tensor")
+    return Max.apply(x, axes=_axes(axis, x.data.ndim), keepdims=keepdims, minimum=True)
+
+
+def var(x, axis=None, keepdims=False, correction=0):
+    """Variance over axes; correction=1 gives the unbiased estimate (numpy's ddof)."""
+    x = _tensor(x)
+    return Var.apply(x, axes=_axes(axis, x.data.ndim), keepdims=keepdims, correction=correction)
+
+
+def reshape(x, shape):
+    x = _tensor(x)
+    if isinstance(shape, int):
+        shape = (shape,)
+    try:
+        return Reshape.apply(x, shape=tuple(shape))
+    except ValueError:
+        raise ValueError(f"reshape: cannot reshape a tensor of shape {x.data.shape} into {tuple(shape)}") from None
+
+
+def transpose(x, axes=None):
+    x = _tensor(x)
+    ndim = x.data.ndim
+    axes = tuple(reversed(range(ndim))) if axes is None else tuple(a % ndim for a in axes)
+    if sorted(axes) != list(range(ndim)):
+        raise ValueError(f"transpose: axes {axes} are not a permutation of a {ndim}-d tensor's axes")
+    return Transpose.apply(x, axes=axes)
+
+
+def swapaxes(x, a, b):
+    x = _tensor(x)
+    axes = list(range(x.data.ndim))
+    axes[a], axes[b] = axes[b], axes[a]
+    return transpose(x, axes)
+
+
+def squeeze(x, axis=None):
+    x = _tensor(x)
+    shape = x.data.shape
+    if axis is None:
+        return reshape(x, tuple(n for n in shape if n != 1))
+    axes = _axes(axis, len(shape))
+    for a in axes:
+        if shape[a] != 1:
+            raise ValueError(f"squeeze: axis {a} has length {shape[a]}, not 1")
+    return reshape(x, tuple(n for i, n in enumerate(shape) if i not in axes))
+
+
+def unsqueeze(x, axis):
+    x = _tensor(x)
+    shape = list(x.data.shape)
+    axis = axis % (len(shape) + 1)
+    shape.insert(axis, 1)
+    return reshape(x, tuple(shape))
+
+
+def broadcast_to(x, shape):
+    x = _tensor(x)
+    try:
+        return BroadcastTo.apply(x, shape=tuple(shape))
+    except ValueError:
+        raise ValueError(f"broadcast_to: a tensor of shape {x.data.shape} cannot broadcast to {tuple(shape)}") from None
+
+
+def _is_basic_index(index):
+    parts = index if isinstance(index, tuple) else (index,)
+    for p in parts:
+        if not (p is None or p is Ellipsis or isinstance(p, (slice, int, np.integer))):
+            return False
+    return True
+
+
+def _normalize_index(index):
+    def one(p):
+        if isinstance(p, Tensor):
+            p = p.data
+        if isinstance(p, list):
+            p = np.asarray(p)
+        if isinstance(p, _ndarray):
+            if p.dtype == np.bool_:
+                return np.nonzero(p)
+            if p.dtype.kind not in "iu":
+                raise IndexError(f"index arrays must be integer or boolean, not {p.dtype}")
+            return (p,)
+        return (p,)
+
+    parts = index if isinstance(index, tuple) else (index,)
+    flat = []
+    for p in parts:
+        flat.extend(one(p))
+    return tuple(flat) if len(flat) != 1 or isinstance(index, tuple) else flat[0]
+
+
+def getitem(x, index):
+    x = _tensor(x)
+    index = _normalize_index(index)
+    try:
+        return GetItem.apply(x, index=index)
+    except IndexError as e:
+        raise IndexError(f"index into a tensor of shape {x.data.shape}: {e}") from None
+
+
+def gather(x, axis, index):
+    """out[..., i, ...] = x[..., index[..., i, ...], ...] along `axis` (numpy's take_along_axis)."""
+    x = _tensor(x)
+    idx = index.data if isinstance(index, Tensor) else np.asarray(index)
+    if idx.ndim != x.data.ndim:
+        raise ValueError(f"gather: index has {idx.ndim} dimensions but the tensor has {x.data.ndim}")
+    axis = axis % x.data.ndim
+    grids = np.ogrid[tuple(slice(n) for n in idx.shape)]
+    grids[axis] = idx
+    return getitem(x, tuple(grids))
+
+
+def concatenate(tensors, axis=0):
+    tensors = [_tensor(t) for t in tensors]
+    if not tensors:
+        raise ValueError("concatenate needs at least one tensor")
+    dtypes = {t.data.dtype for t in tensors}
+    if len(dtypes) > 1:
+        raise TypeError(f"concatenate: dtypes differ: {sorted(str(d) for d in dtypes)}")
+    try:
+        return Concat.apply(*tensors, axis=axis)
+    except (ValueError, np.exceptions.AxisError) as e:
+        shapes = [t.data.shape for t in tensors]
+        raise ValueError(f"concatenate along axis {axis}: shapes {shapes} do not fit ({e})") from None
+
+
+def stack(tensors, axis=0):
+    tensors = [_tensor(t) for t in tensors]
+    if len({t.data.shape for t in tensors}) > 1:
+        raise ValueError(f"stack: shapes differ: {[t.data.shape for t in tensors]}")
+    return concatenate([unsqueeze(t, axis) for t in tensors], axis=axis)
+
+
+def pad(x, pad_width, value=0.0):
+    x = _tensor(x)
+    try:
+        widths = np.broadcast_to(np.asarray(pad_width, dtype=np.int64), (x.data.ndim, 2))
+    except ValueError:
+        raise ValueError(f"pad: widths {pad_width} do not fit a {x.data.ndim}-d tensor") from None
+    if (widths < 0).any():
+        raise ValueError(f"pad: widths must be non-negative, got {pad_width}")
+    pad_width = tuple((int(lo), int(hi)) for lo, hi in widths)
+    return Pad.apply(x, pad_width=pad_width, value=value)
+
+
+def matmul(a, b):
+    a, b = _pair(a, b, "matmul")
+    sa, sb = a.data.shape, b.data.shape
+    if not sa or not sb:
+        raise ValueError("matmul: operands must have at least one dimension (use * for scalars)")
+    if len(sa) == 1:
+        return squeeze(matmul(reshape(a, (1, sa[0])), b), -2)
+    if len(sb) == 1:
+        return squeeze(matmul(a, reshape(b, (sb[0], 1))), -1)
+    if sa[-1] != sb[-2]:
+        raise ValueError(f"matmul: shapes {sa} and {sb} do not line up: {sa[-1]} != {sb[-2]}")
+    try:
+        return MatMul.apply(a, b)
+    except ValueError:
+        raise ValueError(f"matmul: batch dimensions of {sa} and {sb} do not broadcast") from None
+
+
+def linear(x, weight, bias=None):
+    """x @ weight.T + bias, with weight (out_features, in_features) as in PyTorch."""
+    x = _tensor(x)
+    wshape = weight.data.shape
+    if len(wshape) != 2:
+        raise ValueError(f"linear: weight must be 2-d (out_features, in_features), got {wshape}")
+    if x.data.ndim == 0 or x.data.shape[-1] != wshape[1]:
+        raise ValueError(f"linear: input of shape {x.data.shape} does not end in in_features={wshape[1]}")
+    if x.data.dtype != weight.data.dtype:
+        raise TypeError(f"linear: input dtype {x.data.dtype} differs from weight dtype {weight.data.dtype}")
+    if bias is None:
+        return Linear.apply(x, weight)
+    if bias.data.shape != (wshape[0],):
+        raise ValueError(f"linear: bias of shape {bias.data.shape} does not match out_features={wshape[0]}")
+    return Linear.apply(x, weight, bias)
+
+
+def softmax(x, axis=-1):
+    x = _tensor(x)
+    _axes(axis, x.data.ndim)
+    return Softmax.apply(x, axis=axis)
+
+
+def log_softmax(x, axis=-1):
+    x = _tensor(x)
+    _axes(axis, x.data.ndim)
+    return LogSoftmax.apply(x, axis=axis)
+
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def cross_entropy(logits, target, reduction="mean", ignore_index=-100):
+    """Mean (or sum, or per-item) negative log-likelihood of integer `target` under softmax(logits).
+
+    logits: (..., C) float; target: (...) integer classes. Targets equal to ignore_index count for
+    nothing (the mean is over the others). Classes are the last axis (PyTorch puts them second).
+    """
+    logits = _tensor(logits)
+    t = target.data if isinstance(target, Tensor) else np.asarray(target)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"cross_entropy: reduction must be one of {_REDUCTIONS}, not {reduction!r}")
+    if logits.data.dtype.kind != "f":
+        raise TypeError(f"cross_entropy: logits must be floating point, not {logits.data.dtype}")
+    if t.dtype.kind not in "iu":
+        raise TypeError(f"cross_entropy: targets must be integer class indices, not {t.dtype}")
+    if logits.data.ndim == 0 or logits.data.shape[:-1] != t.shape:
+        raise ValueError(
+            f"cross_entropy: logits of shape {logits.data.shape} need targets of shape "
+            f"{logits.data.shape[:-1]}, got {t.shape}"
+        )
+    return CrossEntropy.apply(logits, target=t, reduction=reduction, ignore_index=ignore_index)
+
+
+def mse_loss(x, y, reduction="mean"):
+    x, y = _pair(x, y, "mse_loss")
+    if x.data.shape != y.data.shape:
+        raise ValueError(f"mse_loss: input shape {x.data.shape} differs from target shape {y.data.shape}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"mse_loss: reduction must be one of {_REDUCTIONS}, not {reduction!r}")
+    return MSE.apply(x, y, reduction=reduction)
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    x = _tensor(x)
+    normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    k = len(normalized_shape)
+    if x.data.shape[x.data.ndim - k :] != normalized_shape:
+        raise ValueError(f"layer_norm: input of shape {x.data.shape} does not end in {normalized_shape}")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and p.data.shape != normalized_shape:
+            raise ValueError(f"layer_norm: {name} of shape {p.data.shape} is not {normalized_shape}")
+    axes = tuple(range(x.data.ndim - k, x.data.ndim))
+    if bias is not None and weight is None:
+        raise ValueError("layer_norm: a bias needs a weight")
+    params = [p for p in (weight, bias) if p is not None]
+    return LayerNorm.apply(x, *params, axes=axes, eps=eps)
+
+
+def _pair2(v, name):
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(int(a) for a in v)
+    if len(v) != 2:
+        raise ValueError(f"{name} must be an int or a pair, got {v}")
+    return v
+
+
+def unfold(x, kernel_size, stride=1, padding=0, pad_value=0.0):
+    """(N, C, H, W) -> (N, C*kh*kw, OH*OW): each column one kernel window, channel-major."""
+    x = _tensor(x)
+    kernel, stride, padding = _pair2(kernel_size, "kernel_size"), _pair2(stride, "stride"), _pair2(padding, "padding")
+    if x.data.ndim != 4:
+        raise ValueError(f"expected a 4-d input (N, C, H, W), got shape {x.data.shape}")
+    if builtins.min(stride) < 1 or builtins.min(kernel) < 1 or builtins.min(padding) < 0:
+        raise ValueError(f"kernel {kernel} and stride {stride} must be positive, padding {padding} non-negative")
+    h, w = x.data.shape[2] + 2 * padding[0], x.data.shape[3] + 2 * padding[1]
+    if kernel[0] > h or kernel[1] > w:
+        raise ValueError(f"kernel {kernel} is larger than the padded input ({h}, {w})")
+    return Unfold.apply(x, kernel=kernel, stride=stride, padding=padding, pad_value=pad_value)
+
+
+def _out_size(n, k, s, p):
+    return (n + 2 * p - k) // s + 1
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0):
+    """2-d cross-correlation, NCHW input, (out_channels, in_channels, kh, kw) weight, as in PyTorch."""
+    x = _tensor(x)
+    if weight.data.ndim != 4:
+        raise ValueError(f"conv2d: weight must be 4-d (out, in, kh, kw), got {weight.data.shape}")
+    if x.data.ndim != 4:
+        raise ValueError(f"conv2d: expected input (N, C, H, W), got shape {x.data.shape}")
+    n, c, h, w = x.data.shape
+    o, ci, kh, kw = weight.data.shape
+    if c != ci:
+        raise ValueError(f"conv2d: input has {c} channels but the weight expects {ci}")
+    if x.data.dtype != weight.data.dtype:
+        raise TypeError(f"conv2d: input dtype {x.data.dtype} differs from weight dtype {weight.data.dtype}")
+    stride, padding = _pair2(stride, "stride"), _pair2(padding, "padding")
+    cols = unfold(x, (kh, kw), stride, padding)  # (N, C*kh*kw, L)
+    out = matmul(reshape(weight, (o, c * kh * kw)), cols)  # (N, O, L)
+    out = reshape(out, (n, o, _out_size(h, kh, stride[0], padding[0]), _out_size(w, kw, stride[1], padding[1])))
+    if bias is not None:
+        if bias.data.shape != (o,):
+            raise ValueError(f"conv2d: bias of shape {bias.data.shape} does not match {o} output channels")
+        out = out + reshape(bias, (1, o, 1, 1))
+    return out
+
+
+def _pool(x, kernel_size, stride, padding, reduce, pad_value):
+    x = _tensor(x)
+    if x.data.ndim != 4:
+        raise ValueError(f"pooling expects input (N, C, H, W), got shape {x.data.shape}")
+    kernel = _pair2(kernel_size, "kernel_size")
+    stride = kernel if stride is None else _pair2(stride, "stride")
+    padding = _pair2(padding, "padding")
+    n, c, h, w = x.data.shape
+    oh, ow = _out_size(h, kernel[0], stride[0], padding[0]), _out_size(w, kernel[1], stride[1], padding[1])
+    if kernel == stride and padding == (0, 0) and h % kernel[0] == 0 and w % kernel[1] == 0:
+        # non-overlapping windows tile the image: a reshape, no copy
+        tiles = reshape(x, (n, c, oh, kernel[0], ow, kernel[1]))
+        return reduce(tiles, (3, 5))
+    cols = unfold(x, kernel, stride, padding, pad_value)
+    cols = reshape(cols, (n, c, kernel[0] * kernel[1], oh, ow))
+    return reduce(cols, 2)
+
+
+def max_pool2d(x, kernel_size, stride=None, padding=0):
+    return _pool(x, kernel_size, stride, padding, max, -np.inf)
+
+
+def avg_pool2d(x, kernel_size, stride=None, padding=0):
+    """Average pooling; padded zeros count in the average (PyTorch's count_include_pad=True)."""
+    return _pool(x, kernel_size, stride, padding, mean, 0.0)
+
+
+def embedding(indices, weight):
+    """Rows of weight (num_embeddings, dim) picked by integer indices of any shape."""
+    idx = indices.data if isinstance(indices, Tensor) else np.asarray(indices)
+    if idx.dtype.kind not in "iu":
+        raise TypeError(f"embedding: indices must be integers, not {idx.dtype}")
+    num = weight.data.shape[0]
+    if idx.size and (idx.min() < 0 or idx.max() >= num):
+        bad = idx.min() if idx.min() < 0 else idx.max()
+        raise IndexError(f"embedding: index {bad} is out of range for a table of {num} rows")
+    return getitem(weight, idx)
+
+
+def dropout(x, p=0.5, training=True, rng=None):
+    """Zero each element with probability p and scale the rest by 1/(1-p); identity when not training."""
+    x = _tensor(x)
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout: p must be in [0, 1), got {p}")
+    if not training or p == 0:
+        return x
+    rng = rng or default_rng()
+    keep = rng.random(x.data.shape, dtype=np.float32) >= p
+    return mul(x, Tensor._from_op(keep * x.data.dtype.type(1 / (1 - p)), None))

@@ -1,0 +1,32 @@
+"""The one random source behind initialisation and dropout, seeded by `manual_seed`.
+
+Per thread, so that ranks simulated by threads draw independent, reproducible streams.
+"""
+
+import threading
+
+import numpy as np
+
+_local = threading.local()
+
+
+def manual_seed(seed):
+    """Seed this thread's generator (initialisation, dropout); returns it."""
+    _local.rng = np.random.default_rng(seed)
+    return _local.rng
+
+
+def default_rng():
+    rng = getattr(_local, "rng", None)
+    if rng is None:
+        rng = _local.rng = np.random.default_rng()
+    return rng
+
+
+def get_rng_state():
+    """The generator's state as a JSON-friendly dict (for checkpoints)."""
+    return default_rng().bit_generator.state
+
+
+def set_rng_state(state):
+    default_rng().bit_generator.state = state

@@ -1,0 +1,224 @@
+"""Module and Parameter: the PyTorch-shaped containers for layers and their weights."""
+
+from collections import OrderedDict
+
+import numpy as np
+
+from ..autograd.tensor import Tensor
+
+
+class Parameter(Tensor):
+    """A leaf Tensor that a Module registers as trainable: requires_grad by default."""
+
+    __slots__ = ()
+
+    def __init__(self, data, requires_grad=True, dtype=None):
+        super().__init__(data, requires_grad=requires_grad, dtype=dtype)
+
+    def __repr__(self):
+        return "Parameter containing:\n" + super().__repr__()
+
+
+class Module:
+    """Base of every layer: holds parameters, buffers and child modules registered by attribute.
+
+    Subclasses set attributes in __init__ and define forward(); calling the module runs forward.
+    """
+
+    def __init__(self):
+        object.__setattr__(self, "_parameters", OrderedDict())
+        object.__setattr__(self, "_buffers", OrderedDict())
+        object.__setattr__(self, "_persistent", set())
+        object.__setattr__(self, "_modules", OrderedDict())
+        object.__setattr__(self, "training", True)
+
+    # --- registration --------------------------------------------------------------------------------
+
+    def __setattr__(self, name, value):
+        if "_parameters" not in self.__dict__:
+            raise RuntimeError(f"{type(self).__name__}.__init__ must call super().__init__() before setting attributes")
+        for table in (self._parameters, self._modules, self._buffers):
+            table.pop(name, None)
+        if isinstance(value, Parameter):
+            self._parameters[name] = value
+        elif isinstance(value, Module):
+            self._modules[name] = value
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name):
+        for table in (self._parameters, self._modules, self._buffers):
+            table.pop(name, None)
+        object.__delattr__(self, name)
+
+    def register_buffer(self, name, value, persistent=True):
+        """A non-trainable array that belongs to the module's state (e.g. an attention mask)."""
+        self._buffers[name] = value
+        if persistent:
+            self._persistent.add(name)
+        else:
+            self._persistent.discard(name)
+        object.__setattr__(self, name, value)
+
+    def register_parameter(self, name, param):
+        if param is not None and not isinstance(param, Parameter):
+            raise TypeError(f"register_parameter: {name} must be a Parameter, not {type(param).__name__}")
+        if param is None:
+            object.__setattr__(self, name, None)
+            self._parameters.pop(name, None)
+        else:
+            self.__setattr__(name, param)
+
+    def add_module(self, name, module):
+        self.__setattr__(name, module)
+
+    # --- traversal -------------------------------------------------------------------------------------
+
+    def named_modules(self, prefix=""):
+        stack = [(prefix, self)]
+        seen = set()
+        while stack:
+            name, mod = stack.pop(0)
+            if id(mod) in seen:
+                continue
+            seen.add(id(mod))
+            yield name, mod
+            for child_name, child in mod._modules.items():
+                if child is not None:
+                    stack.append((f"{name}.{child_name}" if name else child_name, child))
+
+    def modules(self):
+        for _, m in self.named_modules():
+            yield m
+
+    def named_children(self):
+        return iter(self._modules.items())
+
+    def children(self):
+        return iter(self._modules.values())
+
+    def named_parameters(self, prefix=""):
+        """(dotted name, Parameter) for every parameter, each shared parameter once, in registration order."""
+        seen = set()
+        for mod_name, mod in self.named_modules(prefix):
+            for name, p in mod._parameters.items():
+                if p is None or id(p) in seen:
+                    continue
+                seen.add(id(p))
+                yield (f"{mod_name}.{name}" if mod_name else name), p
+
+    def parameters(self):
+        for _, p in self.named_parameters():
+            yield p
+
+    def named_buffers(self, persistent_only=False):
+        for mod_name, mod in self.named_modules():
+            for name, b in mod._buffers.items():
+                if persistent_only and name not in mod._persistent:
+                    continue
+                yield (f"{mod_name}.{name}" if mod_name else name), b
+
+    def num_parameters(self):
+        return sum(p.data.size for p in self.parameters())
+
+    # --- modes and gradients ---------------------------------------------------------------------------
+
+    def train(self, mode=True):
+        for m in self.modules():
+            object.__setattr__(m, "training", bool(mode))
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.parameters():
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.data[...] = 0
+
+    def apply(self, fn):
+        for m in self.modules():
+            fn(m)
+        return self
+
+    def to(self, dtype):
+        """Cast every parameter and floating buffer to dtype (float32 or float64), in place."""
+        dtype = np.dtype(dtype)
+        for p in self.parameters():
+            p.data = p.data.astype(dtype)
+            p.grad = None
+        for m in self.modules():
+            for name, b in list(m._buffers.items()):
+                if isinstance(b, np.ndarray) and b.dtype.kind == "f":
+                    m.register_buffer(name, b.astype(dtype), name in m._persistent)
+        return self
+
+    # --- state -----------------------------------------------------------------------------------------
+
+    def state_dict(self):
+        """Name -> array copy, for every parameter and persistent buffer."""
+        out = OrderedDict()
+        for name, p in self.named_parameters():
+            out[name] = p.data.copy()
+        for name, b in self.named_buffers(persistent_only=True):
+            out[name] = np.array(b.data if isinstance(b, Tensor) else b, copy=True)
+        return out
+
+    def load_state_dict(self, state, strict=True):
+        """Copy arrays into the parameters and buffers; every problem is named before anything changes.
+
+        With strict=False, missing and unexpected names are skipped (and returned); shape and dtype
+        mismatches are always errors.
+        """
+        own = OrderedDict(self.named_parameters())
+        buffers = OrderedDict(self.named_buffers(persistent_only=True))
+        targets = {**own, **buffers}
+        missing = [k for k in targets if k not in state]
+        unexpected = [k for k in state if k not in targets]
+        if strict and (missing or unexpected):
+            parts = []
+            if missing:
+                parts.append(f"missing {missing}")
+            if unexpected:
+                parts.append(f"unexpected {unexpected}")
+            raise KeyError(f"load_state_dict for {type(self).__name__}: " + "; ".join(parts))
+        staged = {}
+        for name, value in state.items():
+            if name not in targets:
+                continue
+            arr = np.asarray(value.data if isinstance(value, Tensor) else value)
+            current = targets[name]
+            cur = current.data if isinstance(current, Tensor) else np.asarray(current)
+            if arr.shape != cur.shape:
+                raise ValueError(f"load_state_dict: {name} has shape {arr.shape}, the model expects {cur.shape}")
+            if arr.dtype != cur.dtype:
+                raise TypeError(f"load_state_dict: {name} has dtype {arr.dtype}, the model expects {cur.dtype}")
+            staged[name] = arr
+        for name, arr in staged.items():
+            current = targets[name]
+            if isinstance(current, Tensor):
+                current.data[...] = arr
+            else:
+                current[...] = arr
+        return missing, unexpected
+
+    # --- calling ---------------------------------------------------------------------------------------
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError(f"{type(self).__name__} has no forward()")
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def extra_repr(self):
+        return ""
+
+    def __repr__(self):
+        lines = [f"{type(self).__name__}({self.extra_repr()}"]
+        if self._modules:
+            for name, m in self._modules.items():
+                child = repr(m).replace("\n", "\n  ")
+                lines.append(f"  ({name}): {child}")
+            return lines[0] + "\n" + "\n".join(lines[1:]) + "\n)"
+        return lines[0] + ")"

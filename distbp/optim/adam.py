@@ -1,0 +1,52 @@
+"""Adam (L2 weight decay in the gradient) and AdamW (decoupled weight decay), as PyTorch defines them."""
+
+import math
+
+import numpy as np
+
+from .optimizer import Optimizer
+
+
+class Adam(Optimizer):
+    decoupled = False
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        b1, b2 = betas
+        if not (0 <= b1 < 1 and 0 <= b2 < 1):
+            raise ValueError(f"{type(self).__name__}: betas must be in [0, 1), got {betas}")
+        if eps < 0:
+            raise ValueError(f"{type(self).__name__}: invalid eps {eps}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    def step(self):
+        for group in self.param_groups:
+            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p, g, state in self._grads(group):
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = np.zeros_like(p)
+                    state["exp_avg_sq"] = np.zeros_like(p)
+                state["step"] += 1
+                t = state["step"]
+                if wd:
+                    if self.decoupled:
+                        p *= 1 - lr * wd
+                    else:
+                        g = g + wd * p
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m *= b1
+                m += (1 - b1) * g
+                v *= b2
+                v += (1 - b2) * (g * g)
+                step_size = lr / (1 - b1**t)
+                denom = np.sqrt(v)
+                denom /= math.sqrt(1 - b2**t)
+                denom += eps
+                p -= step_size * (m / denom)
+
+
+class AdamW(Adam):
+    decoupled = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)

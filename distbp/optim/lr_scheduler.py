@@ -1,0 +1,92 @@
+"""Learning-rate schedules in closed form: the rate at step t depends on t alone, so resuming is exact."""
+
+import math
+
+
+class LRScheduler:
+    """Sets every group's lr to lr_at(base_lr, t); call step() once per optimizer step."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
+        self.last_step = 0
+        self._apply()
+
+    def lr_at(self, base_lr, t):
+        raise NotImplementedError
+
+    def _apply(self):
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = self.lr_at(base, self.last_step)
+
+    def step(self):
+        self.last_step += 1
+        self._apply()
+
+    def get_last_lr(self):
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def state_dict(self):
+        return {"last_step": self.last_step, "base_lrs": list(self.base_lrs)}
+
+    def load_state_dict(self, state):
+        self.last_step = int(state["last_step"])
+        self.base_lrs = list(state["base_lrs"])
+        self._apply()
+
+
+class StepLR(LRScheduler):
+    """lr * gamma ** (t // step_size)."""
+
+    def __init__(self, optimizer, step_size, gamma=0.1):
+        if step_size < 1:
+            raise ValueError(f"StepLR: step_size must be at least 1, got {step_size}")
+        self.step_size, self.gamma = step_size, gamma
+        super().__init__(optimizer)
+
+    def lr_at(self, base_lr, t):
+        return base_lr * self.gamma ** (t // self.step_size)
+
+
+class CosineAnnealingLR(LRScheduler):
+    """From lr down to eta_min along half a cosine over t_max steps, then eta_min."""
+
+    def __init__(self, optimizer, t_max, eta_min=0.0):
+        if t_max < 1:
+            raise ValueError(f"CosineAnnealingLR: t_max must be at least 1, got {t_max}")
+        self.t_max, self.eta_min = t_max, eta_min
+        super().__init__(optimizer)
+
+    def lr_at(self, base_lr, t):
+        t = min(t, self.t_max)
+        return self.eta_min + (base_lr - self.eta_min) * (1 + math.cos(math.pi * t / self.t_max)) / 2
+
+
+class LinearWarmupLR(LRScheduler):
+    """Linear warm-up from lr/warmup_steps to lr over warmup_steps steps, then `after` (or constant lr).
+
+    `after` is another schedule's lr_at, applied to the steps after the warm-up, e.g.
+    LinearWarmupLR(opt, 100, after=CosineAnnealingLR(opt, 900).lr_at).
+    """
+
+    def __init__(self, optimizer, warmup_steps, after=None):
+        if warmup_steps < 1:
+            raise ValueError(f"LinearWarmupLR: warmup_steps must be at least 1, got {warmup_steps}")
+        self.warmup_steps, self.after = warmup_steps, after
+        super().__init__(optimizer)
+
+    def lr_at(self, base_lr, t):
+        if t < self.warmup_steps:
+            return base_lr * (t + 1) / self.warmup_steps
+        return self.after(base_lr, t - self.warmup_steps) if self.after else base_lr
+
+
+class LambdaLR(LRScheduler):
+    """lr * fn(t)."""
+
+    def __init__(self, optimizer, fn):
+        self.fn = fn
+        super().__init__(optimizer)
+
+    def lr_at(self, base_lr, t):
+        return base_lr * self.fn(t)

@@ -1,0 +1,368 @@
+"""The backward engine: ordering, accumulation, broadcasting, freeing, hooks, higher order, errors."""
+
+import gc
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import distbp
+from distbp import Tensor, no_grad
+from distbp import nn, optim
+from distbp.autograd import grad, ops
+
+
+def leaf(shape, rng, dtype=np.float32):
+    return Tensor(rng.standard_normal(shape), requires_grad=True, dtype=dtype)
+
+
+# --- graph shape -----------------------------------------------------------------------------------
+
+
+def test_chain_of_10000_ops_needs_no_recursion(rng):
+    x = leaf((3,), rng)
+    y = x
+    for _ in range(10_000):
+        y = y * 1.0001
+    y.sum().backward()
+    expected = np.full(3, 1.0001**10_000, np.float32)
+    np.testing.assert_allclose(x.grad.data, expected, rtol=1e-3)
+
+
+def test_node_reused_many_times_accumulates(rng):
+    x = leaf((4,), rng)
+    h = x * 2.0  # one interior node feeding 500 consumers
+    total = h
+    for _ in range(499):
+        total = total + h
+    total.sum().backward()
+    np.testing.assert_allclose(x.grad.data, np.full(4, 1000.0), rtol=1e-6)
+
+
+def test_leaf_used_twice_in_one_op_accumulates(rng):
+    x = leaf((5,), rng)
+    (x * x).sum().backward()
+    np.testing.assert_allclose(x.grad.data, 2 * x.data, rtol=1e-6)
+
+
+def test_diamond_graph(rng):
+    x = leaf((3,), rng)
+    a = x.exp()
+    b = a * 3.0
+    c = a * a
+    (b + c).sum().backward()
+    ex = np.exp(x.data)
+    np.testing.assert_allclose(x.grad.data, 3 * ex + 2 * ex * ex, rtol=1e-5)
+
+
+def test_gradients_accumulate_across_backward_calls(rng):
+    x = leaf((3,), rng)
+    (x * 2.0).sum().backward()
+    (x * 3.0).sum().backward()
+    np.testing.assert_allclose(x.grad.data, np.full(3, 5.0))
+
+
+def test_broadcast_gradient_is_reduced_to_input_shape(rng):
+    a = leaf((3, 1, 4), rng)
+    b = leaf((2, 4), rng)
+    c = leaf((), rng)
+    (a * b + c).sum().backward()
+    assert a.grad.shape == (3, 1, 4) and b.grad.shape == (2, 4) and c.grad.shape == ()
+    np.testing.assert_allclose(a.grad.data, np.broadcast_to(b.data.sum(0), (3, 1, 4)), rtol=1e-5)
+    np.testing.assert_allclose(b.grad.data, np.broadcast_to(a.data.sum(0), (2, 4)), rtol=1e-5)
+    assert c.grad.data == pytest.approx(24.0)
+
+
+def test_float64_graph_keeps_float64(rng):
+    x = leaf((3, 2), rng, np.float64)
+    w = leaf((2, 2), rng, np.float64)
+    (x @ w).tanh().sum().backward()
+    assert x.grad.dtype == np.float64 and w.grad.dtype == np.float64
+
+
+def test_grads_of_two_leaves_never_share_memory(rng):
+    # add passes its incoming gradient through unchanged to both inputs: .grad must still own its memory
+    a, b = leaf((3,), rng), leaf((3,), rng)
+    (a + b).sum().backward()
+    a.grad.data *= 10
+    np.testing.assert_array_equal(b.grad.data, np.ones(3, np.float32))
+    assert a.grad.data.flags.writeable and a.grad.data.base is None
+
+
+def test_unused_branch_gets_no_gradient(rng):
+    x, y = leaf((2,), rng), leaf((2,), rng)
+    (x * 2.0).sum().backward()
+    assert y.grad is None
+
+
+def test_integer_index_tensor_does_not_need_grad(rng):
+    w = leaf((5, 3), rng)
+    idx = Tensor(np.array([0, 4, 4]))
+    w[idx].sum().backward()
+    np.testing.assert_array_equal(w.grad.data[:, 0], [1, 0, 0, 0, 2])
+
+
+# --- freeing ---------------------------------------------------------------------------------------
+
+
+def test_backward_frees_the_graph_and_a_second_backward_says_so(rng):
+    x = leaf((3,), rng)
+    y = x.exp()
+    z = y.sum()
+    z.backward()
+    assert y.grad_fn.freed and y.grad_fn._out is None
+    with pytest.raises(RuntimeError, match="retain_graph=True"):
+        z.backward()
+
+
+def test_retain_graph_allows_a_second_backward(rng):
+    x = leaf((3,), rng)
+    z = (x.exp() * x).sum()
+    z.backward(retain_graph=True)
+    first = x.grad.data.copy()
+    z.backward()
+    np.testing.assert_allclose(x.grad.data, 2 * first, rtol=1e-6)
+
+
+def test_cross_entropy_retained_graph_gives_same_gradient_twice(rng):
+    logits = leaf((4, 5), rng)
+    loss = ops.cross_entropy(logits, np.array([0, 1, 2, 3]))
+    loss.backward(retain_graph=True)
+    first = logits.grad.data.copy()
+    logits.grad = None
+    loss.backward()
+    np.testing.assert_array_equal(logits.grad.data, first)
+
+
+def test_memory_stays_flat_over_1000_training_steps():
+    distbp.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    rng = np.random.default_rng(0)
+    x = Tensor(rng.standard_normal((64, 32)))
+    t = rng.integers(0, 10, 64)
+
+    def step():
+        opt.zero_grad()
+        loss = ops.cross_entropy(model(x), t)
+        loss.backward()
+        opt.step()
+
+    gc.collect()
+    gc.disable()  # the graph must be freed by reference counting alone: no cycles
+    try:
+        tracemalloc.start()
+        for _ in range(50):
+            step()
+        base = tracemalloc.get_traced_memory()[0]
+        for _ in range(1000):
+            step()
+        grown = tracemalloc.get_traced_memory()[0] - base
+        tracemalloc.stop()
+    finally:
+        gc.enable()
+    assert grown < 64 * 1024, f"memory grew by {grown} bytes over 1000 steps"
+
+
+# --- hooks ------------------------------------------------------------------------------------------
+
+
+def test_tensor_hook_sees_and_replaces_gradient(rng):
+    x = leaf((3,), rng)
+    y = x * 2.0
+    seen = []
+    y.register_hook(lambda g: seen.append(np.array(g)) or g * 10)
+    y.sum().backward()
+    np.testing.assert_array_equal(seen[0], np.ones(3))
+    np.testing.assert_allclose(x.grad.data, np.full(3, 20.0))
+
+
+def test_leaf_hook_and_handle_remove(rng):
+    x = leaf((3,), rng)
+    h = x.register_hook(lambda g: g * 0)
+    (x * 1.0).sum().backward()
+    np.testing.assert_array_equal(x.grad.data, np.zeros(3))
+    h.remove()
+    x.grad = None
+    (x * 1.0).sum().backward()
+    np.testing.assert_array_equal(x.grad.data, np.ones(3))
+
+
+def test_post_accumulate_hook_fires_as_soon_as_the_leaf_is_final(rng):
+    """The last layer's weight is final before the first layer's gradient is even computed."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    order = []
+    for name, p in model.named_parameters():
+        p.register_post_accumulate_grad_hook(lambda t, name=name: order.append((name, t.grad is not None)))
+    model(Tensor(rng.standard_normal((3, 4)))).sum().backward()
+    names = [n for n, _ in order]
+    assert all(ok for _, ok in order)
+    assert sorted(names) == sorted(n for n, _ in model.named_parameters())
+    assert names.index("4.weight") < names.index("2.weight") < names.index("0.weight")
+
+
+def test_post_accumulate_hook_fires_once_for_a_reused_parameter(rng):
+    w = leaf((3, 3), rng)
+    calls = []
+    w.register_post_accumulate_grad_hook(lambda t: calls.append(t.grad.data.copy()))
+    x = Tensor(rng.standard_normal((2, 3)))
+    ((x @ w) @ w).sum().backward()
+    assert len(calls) == 1
+    np.testing.assert_array_equal(calls[0], w.grad.data)
+
+
+def test_retain_grad_on_interior_tensor(rng):
+    x = leaf((3,), rng)
+    y = x * 3.0
+    y.retain_grad()
+    (y * y).sum().backward()
+    np.testing.assert_allclose(y.grad.data, 2 * y.data, rtol=1e-6)
+
+
+# --- higher order and functional grad -------------------------------------------------------------
+
+
+def test_grad_returns_without_touching_dot_grad(rng):
+    x = leaf((3,), rng)
+    (gx,) = grad((x * x).sum(), [x])
+    np.testing.assert_allclose(gx.data, 2 * x.data, rtol=1e-6)
+    assert x.grad is None
+
+
+def test_second_derivative_through_create_graph(rng):
+    x = leaf((4,), rng, np.float64)
+    y = (x**3).sum()
+    (g,) = grad(y, [x], create_graph=True)
+    np.testing.assert_allclose(g.data, 3 * x.data**2)
+    g.sum().backward()
+    np.testing.assert_allclose(x.grad.data, 6 * x.data)
+
+
+def test_third_derivative(rng):
+    x = leaf((3,), rng, np.float64)
+    (g1,) = grad(x.exp().sum(), [x], create_graph=True)
+    (g2,) = grad(g1.sum(), [x], create_graph=True)
+    (g3,) = grad(g2.sum(), [x])
+    np.testing.assert_allclose(g3.data, np.exp(x.data))
+
+
+def test_grad_of_unused_input(rng):
+    x, y = leaf((2,), rng), leaf((2,), rng)
+    with pytest.raises(RuntimeError, match="not used"):
+        grad((x * 2.0).sum(), [x, y])
+    gx, gy = grad((x * 2.0).sum(), [x, y], allow_unused=True)
+    assert gy is None and np.allclose(gx.data, 2.0)
+
+
+def test_grad_with_respect_to_an_interior_tensor(rng):
+    x = leaf((3,), rng)
+    h = x * 2.0
+    (gh,) = grad((h * h).sum(), [h])
+    np.testing.assert_allclose(gh.data, 2 * h.data, rtol=1e-6)
+
+
+# --- grad mode ------------------------------------------------------------------------------------
+
+
+def test_no_grad_records_nothing(rng):
+    x = leaf((3,), rng)
+    with no_grad():
+        y = x * 2.0
+    assert y.grad_fn is None and not y.requires_grad
+    assert (x * 2.0).requires_grad
+
+
+def test_no_grad_as_decorator(rng):
+    @no_grad()
+    def f(t):
+        return t * 2.0
+
+    assert not f(leaf((2,), rng)).requires_grad
+
+
+def test_detach_cuts_the_graph(rng):
+    x = leaf((3,), rng)
+    y = (x * 2.0).detach()
+    assert not y.requires_grad and y.is_leaf
+    z = (x * y).sum()
+    z.backward()
+    np.testing.assert_allclose(x.grad.data, y.data)
+
+
+def test_backward_with_explicit_gradient(rng):
+    x = leaf((2, 3), rng)
+    y = x * 2.0
+    g = rng.standard_normal((2, 3)).astype(np.float32)
+    y.backward(g)
+    np.testing.assert_allclose(x.grad.data, 2 * g, rtol=1e-6)
+
+
+def test_backward_on_a_leaf(rng):
+    x = leaf((), rng)
+    x.backward()
+    assert x.grad.data == 1.0
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+
+def test_backward_on_non_scalar_without_gradient_is_an_error(rng):
+    y = leaf((2, 3), rng) * 2.0
+    with pytest.raises(RuntimeError, match=r"shape \(2, 3\) needs a gradient"):
+        y.backward()
+
+
+def test_backward_gradient_of_wrong_shape(rng):
+    y = leaf((2, 3), rng) * 2.0
+    with pytest.raises(ValueError, match=r"gradient has shape \(3, 2\)"):
+        y.backward(np.ones((3, 2), np.float32))
+
+
+def test_backward_gradient_of_wrong_dtype(rng):
+    y = leaf((2,), rng) * 2.0
+    with pytest.raises(TypeError, match="float64"):
+        y.backward(np.ones(2))
+
+
+def test_backward_on_tensor_without_graph(rng):
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        Tensor([1.0, 2.0]).sum().backward()
+
+
+def test_mismatched_shapes_name_both(rng):
+    with pytest.raises(ValueError, match=r"add: shapes \(2, 3\) and \(4,\)"):
+        leaf((2, 3), rng) + leaf((4,), rng)
+    with pytest.raises(ValueError, match=r"matmul: shapes \(2, 3\) and \(4, 5\)"):
+        leaf((2, 3), rng) @ leaf((4, 5), rng)
+
+
+def test_mixed_float_dtypes_are_an_error(rng):
+    with pytest.raises(TypeError, match="float32 and float64"):
+        leaf((2,), rng) * leaf((2,), rng, np.float64)
+
+
+def test_numpy_float64_scalars_and_arrays_do_not_promote(rng):
+    x = leaf((3,), rng)
+    for y in (x * np.float64(0.5), x / np.sqrt(np.float64(64)), x + np.zeros(3), np.ones(3) * x):
+        assert y.dtype == np.float32
+
+
+def test_tensor_construction_defaults_to_float32():
+    assert Tensor([1.0, 2.0]).dtype == np.float32
+    assert Tensor(np.zeros(3)).dtype == np.float32
+    assert Tensor(np.zeros(3), dtype=np.float64).dtype == np.float64
+    assert Tensor([1, 2]).dtype == np.int64
+
+
+def test_integer_tensor_cannot_require_grad():
+    with pytest.raises(TypeError, match="floating-point"):
+        Tensor([1, 2], requires_grad=True)
+
+
+def test_in_place_assignment_into_graph_tensor_is_refused(rng):
+    x = leaf((3,), rng)
+    with pytest.raises(RuntimeError, match="in-place"):
+        x[0] = 1.0
+    with no_grad():
+        x[0] = 1.0
+    assert x.data[0] == 1.0
