@@ -665,44 +665,68 @@ class CrossEntropy(Function):
     @staticmethod
     def forward(ctx, logits, target, reduction, ignore_index):
         classes = logits.shape[-1]
-        flat = logits.reshape(-1, classes)
-        t = target.reshape(-1)
-        valid = t != ignore_index
-        safe_t = np.where(valid, t, 0)
-        if safe_t.size and (safe_t.min() < 0 or safe_t.max() >= classes):
-            bad = safe_t[(safe_t < 0) | (safe_t >= classes)][0]
-            raise IndexError(f"cross_entropy: target class {bad} is out of range for {classes} classes")
-        logp = _log_softmax_array(flat, -1)
-        rows = np.arange(flat.shape[0])
-        losses = -logp[rows, safe_t] * valid
-        count = int(valid.sum())
-        ctx.saved = (np.exp(logp), rows, safe_t, valid, reduction, count)
+        flat = logits if logits.ndim == 2 else logits.reshape(-1, classes)
+        t = target if target.ndim == 1 else target.reshape(-1)
+        n = t.shape[0]
+        valid = None  # None: every target counts
+        if n:
+            lo, hi = t.min(), t.max()
+            if lo <= ignore_index <= hi:
+                valid = t != ignore_index
+                t = np.where(valid, t, 0)
+                lo, hi = t.min(), t.max()
+            if lo < 0 or hi >= classes:
+                raise IndexError(
+                    f"cross_entropy: target class {lo if lo < 0 else hi} is out of range for {classes} classes"
+                )
+        z = flat - flat.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        s = e.sum(axis=1, keepdims=True)
+        rows = _rows(n)
+        losses = np.log(s[:, 0]) - z[rows, t]
+        count = n
+        if valid is not None:
+            losses *= valid
+            count = int(valid.sum())
+        ctx.saved = (e, s, t, valid, reduction, count, logits.shape)
         if reduction == "none":
             return losses.reshape(target.shape)
-        if reduction == "sum":
-            return losses.sum()
-        return losses.sum() / builtins.max(count, 1)
+        total = losses.sum()
+        return total if reduction == "sum" else total / builtins.max(count, 1)
 
     @staticmethod
     def backward(ctx, g):
-        p, rows, t, valid, reduction, count = ctx.saved
-        (logits,) = ctx.inputs[:1]
-        shape = logits.shape
+        e, s, t, valid, reduction, count, shape = ctx.saved
+        rows = _rows(t.shape[0])
         if state.graph:  # softmax as a differentiable function of the logits
-            p = softmax(logits.reshape(-1, shape[-1]), -1)
-            onehot = np.zeros(p.shape, p.dtype)
+            onehot = np.zeros(e.shape, e.dtype)
             onehot[rows, t] = 1
-            diff = p - onehot
+            diff = softmax(ctx.inputs[0].reshape(-1, shape[-1]), -1) - onehot
         else:
-            diff = p.copy()  # p stays intact for a retained graph's next backward
+            diff = e / s  # a fresh array: the saved values stay intact for a retained graph
             diff[rows, t] -= 1
         if reduction == "none":
             weight = g.reshape(-1, 1)
         else:
             weight = g * (1 if reduction == "sum" else 1 / builtins.max(count, 1))
-        if not valid.all():
+        if valid is not None:
             weight = weight * valid[:, None]
-        return ((diff * weight).reshape(shape),)
+        if state.graph:
+            diff = diff * weight
+        else:
+            diff *= weight
+        return (diff.reshape(shape),)
+
+
+_rows_cache = [np.arange(0)]
+
+
+def _rows(n):
+    """np.arange(n), kept: every cross-entropy step of a run asks for the same one."""
+    rows = _rows_cache[0]
+    if rows.shape[0] != n:
+        rows = _rows_cache[0] = np.arange(n)
+    return rows
 
 
 class MSE(Function):

@@ -74,17 +74,17 @@ class Module:
     # --- traversal -------------------------------------------------------------------------------------
 
     def named_modules(self, prefix=""):
+        """(dotted name, module) depth first in registration order (PyTorch's order), each module once."""
         stack = [(prefix, self)]
         seen = set()
         while stack:
-            name, mod = stack.pop(0)
+            name, mod = stack.pop()
             if id(mod) in seen:
                 continue
             seen.add(id(mod))
             yield name, mod
-            for child_name, child in mod._modules.items():
-                if child is not None:
-                    stack.append((f"{name}.{child_name}" if name else child_name, child))
+            children = [(f"{name}.{n}" if name else n, c) for n, c in mod._modules.items() if c is not None]
+            stack.extend(reversed(children))
 
     def modules(self):
         for _, m in self.named_modules():

@@ -11,12 +11,16 @@ class Adam(Optimizer):
     decoupled = False
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-        b1, b2 = betas
-        if not (0 <= b1 < 1 and 0 <= b2 < 1):
-            raise ValueError(f"{type(self).__name__}: betas must be in [0, 1), got {betas}")
-        if eps < 0:
-            raise ValueError(f"{type(self).__name__}: invalid eps {eps}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    def _validate(self, group):
+        super()._validate(group)
+        betas = tuple(group["betas"])
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"{type(self).__name__}: betas must be two numbers in [0, 1), got {group['betas']}")
+        group["betas"] = betas
+        if group["eps"] < 0:
+            raise ValueError(f"{type(self).__name__}: invalid eps {group['eps']}")
 
     def step(self):
         for group in self.param_groups:

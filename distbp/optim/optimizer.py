@@ -43,16 +43,20 @@ class Optimizer:
             raise KeyError(f"{type(self).__name__}: unknown hyper-parameters {sorted(unknown)}")
         for key, value in self.defaults.items():
             group.setdefault(key, value)
+        for key in list(group):
+            if key != "params":
+                group[key] = _plain(group[key])
         self._validate(group)
         group["params"] = params
         self.param_groups.append(group)
 
     def _validate(self, group):
+        """Check one group's hyper-parameters (after defaults are filled in); subclasses add their own."""
         lr = group.get("lr")
-        if not isinstance(lr, numbers.Real) or lr < 0:
+        if not isinstance(lr, numbers.Real) or isinstance(lr, bool) or lr < 0:
             raise ValueError(f"{type(self).__name__}: invalid learning rate {lr!r}")
         wd = group.get("weight_decay", 0)
-        if wd < 0:
+        if not isinstance(wd, numbers.Real) or wd < 0:
             raise ValueError(f"{type(self).__name__}: invalid weight_decay {wd!r}")
 
     def zero_grad(self, set_to_none=True):
@@ -152,3 +156,12 @@ class Optimizer:
             hp = ", ".join(f"{k}={v}" for k, v in g.items() if k != "params")
             lines.append(f"  group {i}: {len(g['params'])} parameters, {hp}")
         return "\n".join(lines) + "\n)"
+
+
+def _plain(value):
+    """numpy scalars as Python numbers: a np.float64 learning rate would turn float32 updates into float64."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    return value
