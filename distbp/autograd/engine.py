@@ -50,7 +50,7 @@ def _seed(root, grad, create_graph):
                 f"backward on a tensor of shape {root.data.shape} needs a gradient of that shape: "
                 "only a one-element output gets 1 as its gradient by default"
             )
-        seed = np.ones(root.data.shape, root.data.dtype)
+        seed = np.ones(root.data.shape, root.data.dtype) if root.data.ndim else np.array(1, root.data.dtype)
     else:
         arr = grad.data if isinstance(grad, Tensor) else np.asarray(grad)
         if arr.shape != root.data.shape:
@@ -138,7 +138,9 @@ def backward(roots, grads=None, retain_graph=None, create_graph=False, inputs=No
     # ids of arrays that may be referenced elsewhere (a seed, a gradient passed through an op unchanged,
     # one already stored as a leaf's .grad): such an array is copied before it becomes a .grad.
     shared = {id(g) for g in leaf_grads.values()}
-    shared.update(id(node.grad_acc) for node in nodes)
+    for node in nodes:
+        if node.grad_acc is not None:
+            shared.add(id(node.grad_acc))
 
     def finish_leaf(leaf, g):
         if leaf._hooks:
@@ -155,7 +157,7 @@ def backward(roots, grads=None, retain_graph=None, create_graph=False, inputs=No
                 g = np.asarray(g)
             if leaf.grad is None:
                 # .grad must own its memory: users, optimizers and all-reduce write into it in place.
-                if g.base is not None or not g.flags.writeable or id(g) in shared:
+                if g.base is not None or id(g) in shared or not g.flags.writeable:
                     g = g.copy()
                 shared.add(id(g))
                 leaf.grad = Tensor._from_op(g, None)
@@ -197,29 +199,32 @@ def backward(roots, grads=None, retain_graph=None, create_graph=False, inputs=No
             for p, gi in zip(parents, results):
                 if p is None:
                     continue
-                if gi is not None:
-                    if p._is_node:
-                        shape, dtype = p.shape, p.dtype
-                    else:
-                        shape, dtype = p.data.shape, p.data.dtype
-                    if gi.shape != shape:
-                        gi = sum_to(gi, shape)
-                    if gi.dtype != dtype:
-                        gi = gi.astype(dtype)
+                if p._is_node:
+                    if gi is None:
+                        continue
+                    if gi.shape != p.shape:
+                        gi = sum_to(gi, p.shape)
+                    if gi.dtype is not p.dtype and gi.dtype != p.dtype:
+                        gi = gi.astype(p.dtype)
                     if gi is g:
                         shared.add(id(g))
-                if p._is_node:
-                    if gi is not None:
-                        acc = p.grad_acc
-                        p.grad_acc = gi if acc is None else acc + gi
-                else:
-                    if gi is not None:
-                        acc = leaf_grads.get(p)
-                        leaf_grads[p] = gi if acc is None else acc + gi
-                    left = leaf_edges[p] - 1
-                    leaf_edges[p] = left
-                    if left == 0 and p in leaf_grads:
-                        finish_leaf(p, leaf_grads.pop(p))
+                    acc = p.grad_acc
+                    p.grad_acc = gi if acc is None else acc + gi
+                    continue
+                if gi is not None:
+                    data = p.data
+                    if gi.shape != data.shape:
+                        gi = sum_to(gi, data.shape)
+                    if gi.dtype is not data.dtype and gi.dtype != data.dtype:
+                        gi = gi.astype(data.dtype)
+                    if gi is g:
+                        shared.add(id(g))
+                    acc = leaf_grads.get(p)
+                    leaf_grads[p] = gi if acc is None else acc + gi
+                left = leaf_edges[p] - 1
+                leaf_edges[p] = left
+                if left == 0 and p in leaf_grads:
+                    finish_leaf(p, leaf_grads.pop(p))
             if not retain_graph:
                 node.release()
     except BaseException:
