@@ -246,22 +246,62 @@ class Gelu(Function):
 
     @staticmethod
     def forward(ctx, x, approximate):
-        ctx.saved = approximate
+        # Phi(x) (or its tanh form) is kept for backward; computed in place to spare passes over memory
         if approximate == "tanh":
-            return 0.5 * x * (1 + np.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)))
-        return 0.5 * x * (1 + _special.erf(x * _INV_SQRT2))
+            phi = x * x
+            phi *= 0.044715
+            phi += 1
+            phi *= x
+            phi *= _SQRT_2_OVER_PI
+            np.tanh(phi, out=phi)  # t
+            ctx.saved = (approximate, phi)
+            out = phi + 1
+        else:
+            phi = _special.erf(x * _INV_SQRT2)
+            phi += 1
+            phi *= 0.5
+            ctx.saved = (approximate, phi)
+            out = phi * 2
+        out *= x
+        out *= 0.5
+        return out
 
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.inputs
-        X = xp()
-        if ctx.saved == "tanh":
-            t = X.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
+        approximate, phi = ctx.saved
+        if not state.graph:
+            return (g * _gelu_slope(x, approximate, phi),)
+        if approximate == "tanh":
+            t = tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
             dt = (1 - t * t) * _SQRT_2_OVER_PI * (1 + 0.134145 * x * x)
             return (g * (0.5 * (1 + t) + 0.5 * x * dt),)
-        cdf = 0.5 * (1 + X.erf(x * _INV_SQRT2))
-        pdf = X.exp(-0.5 * x * x) * _INV_SQRT_2PI
-        return (g * (cdf + x * pdf),)
+        pdf = exp(-0.5 * x * x) * _INV_SQRT_2PI
+        return (g * (0.5 * (1 + erf(x * _INV_SQRT2)) + x * pdf),)
+
+
+def _gelu_slope(x, approximate, phi):
+    """d gelu / dx on arrays, in place: the create_graph formulas above, term by term, without temporaries."""
+    if approximate == "tanh":  # 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 * 0.044715 x^2)
+        slope = x * x
+        slope *= 0.134145
+        slope += 1
+        slope *= _SQRT_2_OVER_PI
+        slope *= x
+        sech2 = phi * phi
+        np.subtract(1, sech2, out=sech2)
+        slope *= sech2
+        slope += phi
+        slope += 1
+        slope *= 0.5
+        return slope
+    slope = x * x  # Phi(x) + x * exp(-x^2 / 2) / sqrt(2 pi)
+    slope *= -0.5
+    np.exp(slope, out=slope)
+    slope *= _INV_SQRT_2PI
+    slope *= x
+    slope += phi
+    return slope
 
 
 class Abs(Function):

@@ -1,0 +1,101 @@
+"""The `distbp` command: train, plot.
+
+Every training option comes from the configuration schema (distbp.train.config.FIELDS), so `--help`
+documents every key a TOML config file may hold, and the two are checked by the same code.
+"""
+
+import argparse
+import sys
+
+from .data.datasets import DataError
+from .train.checkpoint import CheckpointError
+from .train.config import FIELDS, ConfigError, load_toml, make_config
+
+# Errors that are the user's input, reported in one line; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ConfigError, DataError, CheckpointError, FloatingPointError)
+
+
+def _option_type(f):
+    def parse(text):
+        try:
+            if f.is_list:
+                return [f.type(v) for v in text.split(",") if v.strip()]
+            return f.type(text)
+        except ValueError:
+            kind = {int: "an integer", float: "a number", str: "a string"}[f.type]
+            raise argparse.ArgumentTypeError(f"expected {kind}{' list, e.g. 256,128' if f.is_list else ''}, "
+                                             f"got {text!r}") from None
+
+    return parse
+
+
+def _add_config_options(parser):
+    parser.add_argument("--config", metavar="FILE", help="TOML file of configuration keys (options override it)")
+    for f in FIELDS:
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if not isinstance(f.default, tuple) else ",".join(map(str, f.default))
+        help_text = f"{f.help} (default: {default})"
+        if f.type is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=_option_type(f), default=None, metavar=f.name.upper(),
+                                choices=f.choices or None, help=help_text)
+
+
+def config_from_args(args):
+    """Defaults, then the TOML file, then the command-line options; all validated."""
+    values = load_toml(args.config) if args.config else {}
+    make_config(values, f"config file {args.config}")  # name the file in its own errors
+    overrides = {f.name: getattr(args, f.name) for f in FIELDS if getattr(args, f.name) is not None}
+    return make_config({**values, **overrides}, "options")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="distbp",
+        allow_abbrev=False,
+        description="Data-parallel training on a numpy autograd core.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    train = sub.add_parser("train", allow_abbrev=False, help="train a model (default: an MLP on the digits data set)",
+                           description="Train a model. Every option can also be set in a TOML --config file.")
+    _add_config_options(train)
+    plot = sub.add_parser("plot", help="plot a metrics file's loss and accuracy curves to a PNG",
+                          description="Plot the loss and accuracy curves of a metrics JSON-lines file.")
+    plot.add_argument("metrics", metavar="METRICS", help="metrics file written by distbp train --metrics")
+    plot.add_argument("-o", "--out", metavar="PNG", help="output image (default: METRICS with .png)")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            from .train.trainer import Trainer
+
+            config = config_from_args(args)
+            Trainer(config).fit()
+        elif args.command == "plot":
+            from pathlib import Path
+
+            from .train.progress import plot_metrics
+
+            out = args.out or str(Path(args.metrics).with_suffix(".png"))
+            try:
+                plot_metrics(args.metrics, out)
+            except ValueError as e:
+                raise DataError(str(e)) from None
+            print(f"wrote {out}")
+    except USER_ERRORS as e:
+        print(f"distbp: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("distbp: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""Data sets as in-memory arrays: digits (shipped by scikit-learn), MNIST-format IDX files, a text corpus,
+and synthetic data. Every data set is a pair of arrays fetched by a batch of indices at a time.
+"""
+
+import gzip
+import os
+import struct
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """A data file or data set that cannot be used, with the reason."""
+
+
+class ArrayDataset:
+    """Inputs and targets held as arrays; `ds[indices]` gives a batch (x, y)."""
+
+    def __init__(self, x, y, name="arrays"):
+        if len(x) != len(y):
+            raise DataError(f"{name}: {len(x)} inputs but {len(y)} targets")
+        self.x, self.y, self.name = x, y, name
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, indices):
+        return self.x[indices], self.y[indices]
+
+
+class Split:
+    """A train and a test ArrayDataset plus what a model needs to know about them."""
+
+    def __init__(self, train, test, input_shape, num_classes, meta=None):
+        self.train, self.test = train, test
+        self.input_shape, self.num_classes = tuple(input_shape), num_classes
+        self.meta = meta or {}
+
+
+def _split(x, y, test_fraction, seed, name, input_shape, num_classes, meta=None):
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_test = int(round(len(x) * test_fraction))
+    test, train = order[:n_test], order[n_test:]
+    return Split(ArrayDataset(x[train], y[train], f"{name}/train"), ArrayDataset(x[test], y[test], f"{name}/test"),
+                 input_shape, num_classes, meta)
+
+
+# --- digits --------------------------------------------------------------------------------------------
+
+
+def load_digits(test_fraction=0.2, seed=0, images=False):
+    """The 1,797 8x8 handwritten digits that scikit-learn ships, pixels scaled to [0, 1].
+
+    images=False gives flat (N, 64) inputs, images=True (N, 1, 8, 8). The split is a fixed permutation.
+    """
+    from sklearn.datasets import load_digits as _sk_digits
+
+    bunch = _sk_digits()
+    x = (bunch.data / 16.0).astype(np.float32)
+    y = bunch.target.astype(np.int64)
+    shape = (1, 8, 8) if images else (64,)
+    return _split(x.reshape((-1,) + shape), y, test_fraction, seed, "digits", shape, 10)
+
+
+# --- MNIST-format IDX files ------------------------------------------------------------------------------
+
+_IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path):
+    """Read an IDX file (gzip or plain) into an array; a malformed file raises DataError naming it."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f"cannot read IDX file {path}: {e.strerror}") from None
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise DataError(f"{path}: corrupt gzip data ({e})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise DataError(f"{path}: not an IDX file (bad magic number)")
+    type_code, ndim = raw[2], raw[3]
+    if type_code not in _IDX_TYPES:
+        raise DataError(f"{path}: unknown IDX element type 0x{type_code:02x}")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated IDX header")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    dtype = np.dtype(_IDX_TYPES[type_code])
+    expected = int(np.prod(dims)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise DataError(
+            f"{path}: IDX header says {dims} ({expected} bytes of data) but the file holds {len(raw) - header}"
+        )
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+
+
+def _find(directory, stem):
+    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+        path = directory / name
+        if path.exists():
+            return path
+    raise DataError(f"{directory}: no {stem} or {stem}.gz (MNIST-format IDX files expected)")
+
+
+def load_idx_dir(directory, images=True):
+    """MNIST or Fashion-MNIST from a directory holding the four standard IDX files (gzip or plain)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(f"data directory {directory} does not exist")
+    parts = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        x = read_idx(_find(directory, f"{prefix}-images-idx3-ubyte"))
+        y = read_idx(_find(directory, f"{prefix}-labels-idx1-ubyte"))
+        if x.ndim != 3 or y.ndim != 1:
+            raise DataError(f"{directory}: {prefix} images must be 3-d and labels 1-d, got {x.shape} and {y.shape}")
+        if len(x) != len(y):
+            raise DataError(f"{directory}: {len(x)} {prefix} images but {len(y)} labels")
+        parts[split] = (x, y)
+    h, w = parts["train"][0].shape[1:]
+    shape = (1, h, w) if images else (h * w,)
+    labels = np.concatenate([parts["train"][1], parts["test"][1]])
+    num_classes = int(labels.max()) + 1
+
+    def make(x, y, name):
+        return ArrayDataset((x.astype(np.float32) / 255.0).reshape((-1,) + shape), y.astype(np.int64), name)
+
+    return Split(make(*parts["train"], "idx/train"), make(*parts["test"], "idx/test"), shape, num_classes)
+
+
+# --- text ----------------------------------------------------------------------------------------------
+
+
+def stdlib_text(max_chars=1_000_000):
+    """The running interpreter's own standard-library sources: a real text every Python install has."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    chunks, total = [], 0
+    for path in sorted(root.glob("*.py")):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        chunks.append(text)
+        total += len(text)
+        if total >= max_chars:
+            break
+    if not chunks:
+        raise DataError(f"no Python sources found under {root}")
+    return "".join(chunks)[:max_chars]
+
+
+class CharDataset:
+    """Next-character prediction over consecutive, non-overlapping windows of the text.
+
+    Item i is (codes[s:s+block], codes[s+1:s+block+1]) with s = i * block_size, as integer codes: one
+    epoch reads the text once.
+    """
+
+    def __init__(self, codes, block_size, name="text"):
+        if len(codes) <= block_size:
+            raise DataError(f"{name}: the text has {len(codes)} characters, fewer than block_size+1={block_size + 1}")
+        self.codes, self.block_size, self.name = codes, block_size, name
+        self._offsets = np.arange(block_size + 1)
+
+    def __len__(self):
+        return (len(self.codes) - 1) // self.block_size
+
+    def __getitem__(self, indices):
+        rows = self.codes[np.asarray(indices)[:, None] * self.block_size + self._offsets]
+        return rows[:, :-1], rows[:, 1:]
+
+
+def load_text(path=None, block_size=64, test_fraction=0.1, max_chars=1_000_000):
+    """A character-level corpus: the file at `path` (UTF-8), or the standard library's sources."""
+    if path is None:
+        text, source = stdlib_text(max_chars), "python-stdlib"
+    else:
+        try:
+            text = Path(path).read_text(encoding="utf-8")[:max_chars]
+        except FileNotFoundError:
+            raise DataError(f"text file {path} does not exist") from None
+        except UnicodeDecodeError as e:
+            raise DataError(f"text file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except OSError as e:
+            raise DataError(f"cannot read text file {path}: {e.strerror}") from None
+        source = os.fspath(path)
+    vocab = sorted(set(text))
+    if len(vocab) < 2:
+        raise DataError(f"text from {source} has fewer than two distinct characters")
+    lookup = np.zeros(max(map(ord, vocab)) + 1, np.int64)
+    lookup[[ord(c) for c in vocab]] = np.arange(len(vocab))
+    codes = lookup[np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)]
+    cut = int(len(codes) * (1 - test_fraction))
+    train = CharDataset(codes[:cut], block_size, f"{source}/train")
+    test = CharDataset(codes[cut:], block_size, f"{source}/test")
+    return Split(train, test, (block_size,), len(vocab), {"vocab": "".join(vocab), "source": source})
+
+
+# --- synthetic -----------------------------------------------------------------------------------------
+
+
+def load_synthetic(n=10_000, features=784, classes=10, test_fraction=0.1, seed=0, images=False):
+    """Gaussian clusters around random class centres: learnable, any size, no files."""
+    if n < 2 or features < 1 or classes < 2:
+        raise DataError(f"synthetic data needs n >= 2, features >= 1, classes >= 2 (got {n}, {features}, {classes})")
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((classes, features)).astype(np.float32)
+    y = rng.integers(0, classes, n)
+    x = centres[y] + rng.standard_normal((n, features), dtype=np.float32) * 2.0
+    shape = (features,)
+    if images:
+        side = int(round(features**0.5))
+        if side * side != features:
+            raise DataError(f"synthetic images need a square number of features, got {features}")
+        shape = (1, side, side)
+    return _split(x.reshape((-1,) + shape), y.astype(np.int64), test_fraction, seed, "synthetic", shape, classes)

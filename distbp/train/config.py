@@ -1,0 +1,173 @@
+"""Training configuration: one schema, read from a TOML file and overridden on the command line.
+
+Every key is declared once in FIELDS (type, default, bounds, help); the TOML reader, the CLI options and
+the validation are all derived from it, so a key cannot exist in one place and not another.
+"""
+
+import difflib
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A configuration problem, naming the key and what is wrong with it."""
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    type: type
+    default: object
+    help: str
+    choices: tuple = ()
+    minimum: float = None
+    exclusive_minimum: bool = False
+    maximum: float = None
+    nullable: bool = False
+    is_list: bool = False
+
+
+FIELDS = (
+    # what to train
+    Field("model", str, "mlp", "model to train", choices=("mlp", "cnn", "charlm")),
+    Field("dataset", str, None, "data set (default: digits; text for charlm)",
+          choices=("digits", "idx", "text", "synthetic"), nullable=True),
+    Field("data_dir", str, None, "directory of MNIST-format IDX files (dataset=idx)", nullable=True),
+    Field("text_file", str, None, "UTF-8 text file to train charlm on (default: Python's stdlib sources)",
+          nullable=True),
+    Field("hidden", int, (128,), "mlp hidden layer widths, e.g. 256,128", minimum=1, is_list=True),
+    Field("synthetic_size", int, 10_000, "examples in the synthetic data set", minimum=2),
+    # charlm
+    Field("block_size", int, 64, "charlm context length in characters", minimum=2),
+    Field("d_model", int, 64, "charlm embedding width", minimum=1),
+    Field("n_layers", int, 2, "charlm transformer blocks", minimum=1),
+    Field("n_heads", int, 4, "charlm attention heads", minimum=1),
+    Field("dropout", float, 0.0, "dropout probability (charlm)", minimum=0.0, maximum=0.99),
+    Field("sample_length", int, 300, "characters charlm samples after training", minimum=0),
+    Field("max_chars", int, 400_000, "characters of text to read (text data set)", minimum=100),
+    # optimisation
+    Field("epochs", int, None, "passes over the training data (default: the model's)", minimum=1, nullable=True),
+    Field("max_steps", int, 0, "stop after this many steps in all (0: no limit)", minimum=0),
+    Field("batch_size", int, 32, "examples per step (per rank)", minimum=1),
+    Field("optimizer", str, None, "optimizer (default: the model's)", choices=("sgd", "adam", "adamw"),
+          nullable=True),
+    Field("lr", float, None, "learning rate (default: the model's)", minimum=0.0, exclusive_minimum=True,
+          nullable=True),
+    Field("momentum", float, 0.9, "SGD momentum", minimum=0.0, maximum=1.0),
+    Field("weight_decay", float, 0.0, "weight decay", minimum=0.0),
+    Field("schedule", str, "cosine", "learning-rate schedule", choices=("constant", "cosine", "step")),
+    Field("warmup_steps", int, 0, "linear warm-up steps before the schedule", minimum=0),
+    Field("grad_clip", float, 0.0, "clip the global gradient norm to this (0: off)", minimum=0.0),
+    Field("seed", int, 0, "seed for initialisation, shuffling and dropout", minimum=0),
+    # bookkeeping
+    Field("eval_every", int, 0, "evaluate every N steps (0: at the end of each epoch)", minimum=0),
+    Field("log_every", int, 50, "log a line every N steps when not on a terminal", minimum=1),
+    Field("checkpoint", str, None, "checkpoint file to write (and to resume from)", nullable=True),
+    Field("checkpoint_every", int, 0, "write the checkpoint every N steps (0: at the end of each epoch)",
+          minimum=0),
+    Field("resume", bool, False, "continue from --checkpoint if it exists"),
+    Field("metrics", str, None, "write metrics as JSON lines to this file", nullable=True),
+    Field("progress", str, "auto", "progress display", choices=("auto", "bar", "plain", "none")),
+)
+
+_BY_NAME = {f.name: f for f in FIELDS}
+
+
+def _type_name(f):
+    base = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[f.type]
+    return f"a list of {base.split(' ', 1)[1]}s" if f.is_list else base
+
+
+def _coerce_scalar(f, value, where):
+    ok = False
+    if f.type is bool:
+        ok = isinstance(value, bool)
+    elif f.type is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif f.type is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif f.type is str:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ConfigError(f"{where}: '{f.name}' must be {_type_name(f)}, got {value!r} ({type(value).__name__})")
+    if f.choices and value not in f.choices:
+        raise ConfigError(f"{where}: '{f.name}' must be one of {', '.join(f.choices)}; got {value!r}")
+    if f.minimum is not None and (value < f.minimum or (f.exclusive_minimum and value == f.minimum)):
+        rel = ">" if f.exclusive_minimum else ">="
+        raise ConfigError(f"{where}: '{f.name}' must be {rel} {f.minimum}, got {value}")
+    if f.maximum is not None and value > f.maximum:
+        raise ConfigError(f"{where}: '{f.name}' must be <= {f.maximum}, got {value}")
+    return value
+
+
+def validate_value(name, value, where="config"):
+    """The value for key `name`, checked against its declared type and bounds."""
+    f = _BY_NAME.get(name)
+    if f is None:
+        near = difflib.get_close_matches(name, _BY_NAME, n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        raise ConfigError(f"{where}: unknown key '{name}'{hint}")
+    if value is None:
+        if f.nullable:
+            return None
+        raise ConfigError(f"{where}: '{name}' cannot be empty")
+    if f.is_list:
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ConfigError(f"{where}: '{name}' must be {_type_name(f)}, got {value!r}")
+        return tuple(_coerce_scalar(f, v, where) for v in value)
+    return _coerce_scalar(f, value, where)
+
+
+def _config_class():
+    specs = [(f.name, object, field(default=f.default)) for f in FIELDS]
+    from dataclasses import make_dataclass
+
+    return make_dataclass("Config", specs, frozen=True)
+
+
+Config = _config_class()
+Config.__doc__ = "A validated training configuration (see distbp.train.config.FIELDS)."
+
+
+def make_config(values=None, where="config"):
+    """A Config from a mapping of keys to values, every key and value checked."""
+    checked = {name: validate_value(name, value, where) for name, value in (values or {}).items()}
+    return resolve(Config(**checked))
+
+
+def load_toml(path):
+    """The key/value mapping of a TOML config file (flat, or with [sections] that are merged)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    flat = {}
+    for key, value in data.items():
+        items = value.items() if isinstance(value, dict) else [(key, value)]
+        for k, v in items:
+            flat[k] = v
+    return flat
+
+
+# What a key left unset means for each model: tuned so that `distbp train --model M` does well quickly.
+MODEL_DEFAULTS = {
+    "mlp": {"epochs": 20, "optimizer": "sgd", "lr": 0.1},
+    "cnn": {"epochs": 10, "optimizer": "sgd", "lr": 0.1},
+    "charlm": {"epochs": 1, "optimizer": "adam", "lr": 3e-3},
+}
+
+
+def resolve(config):
+    """The config with every key left to the model's choice (None) filled in from MODEL_DEFAULTS."""
+    filled = {k: v for k, v in MODEL_DEFAULTS[config.model].items() if getattr(config, k) is None}
+    return replace(config, **filled) if filled else config
+
+
+def to_dict(config):
+    return {f.name: (list(v) if isinstance(v := getattr(config, f.name), tuple) else v) for f in fields(config)}

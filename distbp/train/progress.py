@@ -1,0 +1,126 @@
+"""What a run shows and records: a progress bar on a terminal, plain lines elsewhere, metrics as JSON lines."""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _duration(seconds):
+    seconds = int(max(seconds, 0))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+class Progress:
+    """One line per update: a bar redrawn in place on a terminal, or a log line every `every` steps."""
+
+    def __init__(self, total_steps, mode="auto", every=50, stream=None):
+        self.stream = stream or sys.stdout
+        if mode == "auto":
+            mode = "bar" if getattr(self.stream, "isatty", lambda: False)() else "plain"
+        self.mode, self.total, self.every = mode, total_steps, every
+        self.start = time.perf_counter()
+        self.first_step = None
+        self.samples = 0
+        self._drawn = False
+
+    def update(self, step, epoch, loss, batch_samples):
+        if self.first_step is None:
+            self.first_step = step - 1
+            self.start = time.perf_counter()
+        self.samples += batch_samples
+        if self.mode == "none":
+            return
+        elapsed = time.perf_counter() - self.start
+        done = step - self.first_step
+        rate = self.samples / elapsed if elapsed > 0 else 0.0
+        eta = elapsed / done * (self.total - step) if done else 0.0
+        if self.mode == "bar":
+            width = 24
+            filled = int(width * step / max(self.total, 1))
+            bar = "#" * filled + "-" * (width - filled)
+            self.stream.write(
+                f"\repoch {epoch + 1} [{bar}] {step}/{self.total} loss {loss:.4f} "
+                f"{rate:,.0f} samples/s ETA {_duration(eta)} "
+            )
+            self.stream.flush()
+            self._drawn = True
+        elif step % self.every == 0 or step == self.total:
+            self.line(f"step {step}/{self.total} epoch {epoch + 1} loss {loss:.4f} {rate:,.0f} samples/s "
+                      f"ETA {_duration(eta)}")
+
+    def line(self, text):
+        if self.mode == "none":
+            return
+        if self._drawn:
+            self.stream.write("\n")
+            self._drawn = False
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+class MetricsLog:
+    """Appends one JSON object per event to a file (or does nothing without a path)."""
+
+    def __init__(self, path, append=False):
+        self.path = Path(path) if path else None
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not append:
+                self.path.write_text("")
+
+    def write(self, **record):
+        if self.path:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path):
+    """The records of a metrics file; a malformed line raises ValueError naming it."""
+    records = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        raise ValueError(f"metrics file {path} does not exist") from None
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not a JSON line ({e.msg})") from None
+    return records
+
+
+def plot_metrics(metrics_path, out_path):
+    """A PNG with the training/test loss and the test accuracy against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
+    test = [(r["step"], r["test_loss"]) for r in records if "test_loss" in r]
+    acc = [(r["step"], r["test_accuracy"]) for r in records if "test_accuracy" in r]
+    if not (train or test):
+        raise ValueError(f"{metrics_path}: no loss records to plot")
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for points, label in ((train, "train loss"), (test, "test loss")):
+        if points:
+            ax_loss.plot(*zip(*points), label=label)
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("cross-entropy")
+    ax_loss.set_yscale("log")
+    ax_loss.legend()
+    if acc:
+        ax_acc.plot(*zip(*acc), color="tab:green", marker="o", markersize=3)
+    ax_acc.set_xlabel("step")
+    ax_acc.set_ylabel("test accuracy")
+    ax_acc.grid(alpha=0.3)
+    fig.suptitle(Path(metrics_path).name)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path

@@ -1,0 +1,298 @@
+"""The training loop, written once. What turns local gradients into an update is a pluggable step:
+`LocalStep` here; the MPI all-reduce and the parameter server plug in the same way.
+"""
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .. import models, nn, optim
+from ..autograd import Tensor, get_rng_state, manual_seed, no_grad, set_rng_state
+from ..autograd.ops import cross_entropy
+from ..data import BatchLoader, CharDataset, ShardSampler, load_digits, load_idx_dir, load_synthetic, load_text
+from ..data.datasets import DataError
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import ConfigError, to_dict
+from .progress import MetricsLog, Progress
+
+
+class LocalStep:
+    """Single process: the optimizer applies this process's own gradients."""
+
+    rank = 0
+    world_size = 1
+
+    def prepare(self, model, optimizer):
+        pass
+
+    def reduce_gradients(self, model):
+        pass
+
+    def apply(self, model, optimizer):
+        optimizer.step()
+
+    def all_sum(self, values):
+        """Sum a list of numbers over ranks (for losses and accuracy counts)."""
+        return list(values)
+
+    def close(self):
+        pass
+
+
+# --- building a run from its configuration --------------------------------------------------------------
+
+
+def build_data(config):
+    dataset = config.dataset or ("text" if config.model == "charlm" else "digits")
+    images = config.model == "cnn"
+    if config.model == "charlm" and dataset != "text":
+        raise ConfigError(f"config: model 'charlm' trains on dataset 'text', not {dataset!r}")
+    if config.model != "charlm" and dataset == "text":
+        raise ConfigError(f"config: dataset 'text' is for model 'charlm', not {config.model!r}")
+    if dataset == "digits":
+        return load_digits(images=images)
+    if dataset == "idx":
+        if not config.data_dir:
+            raise ConfigError("config: dataset 'idx' needs 'data_dir' (a directory of MNIST-format IDX files)")
+        return load_idx_dir(config.data_dir, images=images)
+    if dataset == "synthetic":
+        return load_synthetic(n=config.synthetic_size, features=784 if images else 64, images=images)
+    return load_text(config.text_file, block_size=config.block_size, max_chars=config.max_chars)
+
+
+def build_model(config, split):
+    if config.model == "mlp":
+        return models.mlp(split.input_shape, split.num_classes, config.hidden)
+    if config.model == "cnn":
+        return models.cnn(split.input_shape, split.num_classes)
+    if config.d_model % config.n_heads:
+        raise ConfigError(f"config: d_model={config.d_model} must be divisible by n_heads={config.n_heads}")
+    return models.charlm(split.num_classes, config.block_size, config.d_model, config.n_layers,
+                         config.n_heads, config.dropout)
+
+
+def build_optimizer(config, model):
+    params = list(model.parameters())
+    if config.optimizer == "sgd":
+        return optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    cls = optim.Adam if config.optimizer == "adam" else optim.AdamW
+    return cls(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def build_schedule(config, optimizer, total_steps):
+    decay_steps = max(total_steps - config.warmup_steps, 1)
+    after = None
+    if config.schedule == "cosine":
+        after = optim.CosineAnnealingLR(optimizer, decay_steps).lr_at
+    elif config.schedule == "step":
+        after = optim.StepLR(optimizer, max(decay_steps // 3, 1), gamma=0.1).lr_at
+    if config.warmup_steps:
+        return optim.LinearWarmupLR(optimizer, config.warmup_steps, after=after)
+    return optim.LambdaLR(optimizer, lambda t: 1.0) if after is None else _Closed(optimizer, after)
+
+
+class _Closed(optim.LRScheduler):
+    def __init__(self, optimizer, lr_at):
+        self._lr_at = lr_at
+        super().__init__(optimizer)
+
+    def lr_at(self, base_lr, t):
+        return self._lr_at(base_lr, t)
+
+
+# --- the loop ------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Trains config.model on config.dataset; `fit()` returns a summary dict."""
+
+    EVAL_BATCH = 512
+    EVAL_TEXT_WINDOWS = 512
+
+    def __init__(self, config, step=None, stream=None):
+        self.config = config
+        self.strategy = step or LocalStep()
+        self.stream = stream or sys.stdout
+        self.is_main = self.strategy.rank == 0
+        manual_seed(config.seed)  # the same initialisation on every rank
+        self.split = build_data(config)
+        self.model = build_model(config, self.split)
+        self.optimizer = build_optimizer(config, self.model)
+        sampler = ShardSampler(len(self.split.train), self.strategy.rank, self.strategy.world_size,
+                               shuffle=True, seed=config.seed)
+        self.loader = BatchLoader(self.split.train, config.batch_size, sampler)
+        self.steps_per_epoch = len(self.loader)
+        self.total_steps = config.epochs * self.steps_per_epoch
+        self.schedule = build_schedule(config, self.optimizer, self.total_steps)
+        self.step = self.epoch = self.batch = 0
+        # dropout draws from the thread's generator; each rank its own stream
+        manual_seed([config.seed, 1 + self.strategy.rank])
+
+    # --- checkpoints ---
+
+    def _state(self):
+        return {
+            "step": self.step, "epoch": self.epoch, "batch": self.batch, "model": self.config.model,
+            "rng": _jsonable(get_rng_state()), "schedule": self.schedule.state_dict(),
+            "world_size": self.strategy.world_size, "config": to_dict(self.config),
+        }
+
+    def save(self):
+        if self.config.checkpoint and self.is_main:
+            save_checkpoint(self.config.checkpoint, self.model, self.optimizer, self._state())
+
+    def resume(self):
+        path = self.config.checkpoint
+        if not path:
+            raise ConfigError("config: 'resume' needs 'checkpoint' (the file to resume from)")
+        if not Path(path).exists():
+            self._say(f"no checkpoint at {path} yet: starting from the beginning")
+            return False
+        state = load_checkpoint(path, self.model, self.optimizer)
+        if state.get("model") != self.config.model:
+            raise CheckpointError(f"{path}: checkpoint of model {state.get('model')!r}, not {self.config.model!r}")
+        if state.get("world_size", 1) != self.strategy.world_size:
+            raise CheckpointError(
+                f"{path}: written by {state.get('world_size')} ranks; resume with the same world size "
+                f"(now {self.strategy.world_size}): the data order depends on it"
+            )
+        self.step, self.epoch, self.batch = state["step"], state["epoch"], state["batch"]
+        self.schedule.load_state_dict(state["schedule"])
+        set_rng_state(state["rng"])
+        self._say(f"resumed from {path} at step {self.step} (epoch {self.epoch + 1}, batch {self.batch})")
+        return True
+
+    # --- evaluation ---
+
+    def evaluate(self):
+        """(mean loss, accuracy) on the held-out split, sharded over ranks and combined."""
+        data = self.split.test
+        order = np.arange(len(data))
+        if isinstance(data, CharDataset):
+            order = order[: self.EVAL_TEXT_WINDOWS]
+        order = order[self.strategy.rank::self.strategy.world_size]
+        loss_sum = correct = count = 0.0
+        self.model.eval()
+        with no_grad():
+            for start in range(0, len(order), self.EVAL_BATCH):
+                x, y = data[order[start:start + self.EVAL_BATCH]]
+                logits = self.model(x if isinstance(data, CharDataset) else Tensor(x))
+                loss_sum += float(cross_entropy(logits, y, reduction="sum").data)
+                correct += float((logits.data.argmax(-1) == y).sum())
+                count += y.size
+        self.model.train()
+        loss_sum, correct, count = self.strategy.all_sum([loss_sum, correct, count])
+        return loss_sum / max(count, 1), correct / max(count, 1)
+
+    # --- training ---
+
+    def _say(self, text):
+        if self.is_main and self.config.progress != "none":
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+    def fit(self):
+        cfg = self.config
+        if cfg.resume:
+            self.resume()
+        if self.batch >= self.steps_per_epoch:
+            self.epoch, self.batch = self.epoch + 1, 0
+        self.strategy.prepare(self.model, self.optimizer)
+        metrics = MetricsLog(cfg.metrics if self.is_main else None, append=cfg.resume)
+        stop_at = min(self.total_steps, cfg.max_steps) if cfg.max_steps else self.total_steps
+        progress = Progress(stop_at, cfg.progress if self.is_main else "none", cfg.log_every, self.stream)
+        self._say(f"training {cfg.model} ({self.model.num_parameters():,} parameters) on "
+                  f"{self.split.train.name}: {len(self.split.train):,} examples, {self.steps_per_epoch} steps "
+                  f"per epoch, {cfg.epochs} epochs")
+        started = time.perf_counter()
+        running, seen = 0.0, 0
+        test_loss = accuracy = float("nan")
+        stopped = False
+        while self.epoch < cfg.epochs and not stopped:
+            for x, y in self.loader.batches(self.epoch, self.batch):
+                loss = self._train_step(x, y)
+                running += loss
+                seen += 1
+                self.step += 1
+                self.batch += 1
+                progress.update(self.step, self.epoch, loss, len(y) * self.strategy.world_size)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"the training loss became {loss} at step {self.step}; "
+                                             "lower the learning rate or set grad_clip")
+                if cfg.eval_every and self.step % cfg.eval_every == 0:
+                    test_loss, accuracy = self._log_eval(metrics, progress, running / seen)
+                    running, seen = 0.0, 0
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save()
+                if self.step >= stop_at:
+                    stopped = True
+                    break
+            if not stopped or self.batch >= self.steps_per_epoch:
+                if not cfg.eval_every and seen:
+                    test_loss, accuracy = self._log_eval(metrics, progress, running / seen)
+                    running, seen = 0.0, 0
+                self.epoch, self.batch = self.epoch + 1, 0
+                if not cfg.checkpoint_every:
+                    self.save()
+        if stopped:
+            self.save()
+        if seen:
+            test_loss, accuracy = self._log_eval(metrics, progress, running / seen)
+        elapsed = time.perf_counter() - started
+        summary = {"steps": self.step, "epochs": self.epoch, "test_loss": test_loss,
+                   "test_accuracy": accuracy, "seconds": elapsed}
+        progress.line(f"done: {self.step} steps in {elapsed:.1f} s; test loss {test_loss:.4f}, "
+                      f"test accuracy {accuracy:.2%}")
+        if cfg.model == "charlm" and cfg.sample_length and self.is_main:
+            summary["sample"] = self.sample(cfg.sample_length)
+            self._say("sample:\n" + summary["sample"])
+        self.strategy.close()
+        return summary
+
+    def _train_step(self, x, y):
+        self.optimizer.zero_grad()
+        inputs = x if isinstance(self.split.train, CharDataset) else Tensor(x)
+        loss = cross_entropy(self.model(inputs), y)
+        loss.backward()
+        self.strategy.reduce_gradients(self.model)
+        if self.config.grad_clip:
+            nn.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.strategy.apply(self.model, self.optimizer)
+        self.schedule.step()
+        return float(loss.data)
+
+    def _log_eval(self, metrics, progress, train_loss):
+        (train_loss,) = self.strategy.all_sum([train_loss])
+        train_loss /= self.strategy.world_size
+        test_loss, accuracy = self.evaluate()
+        lr = self.optimizer.param_groups[0]["lr"]
+        metrics.write(step=self.step, epoch=self.epoch + 1, train_loss=train_loss, test_loss=test_loss,
+                      test_accuracy=accuracy, lr=lr)
+        progress.line(f"epoch {self.epoch + 1} step {self.step}: train loss {train_loss:.4f}, "
+                      f"test loss {test_loss:.4f}, test accuracy {accuracy:.2%}")
+        return test_loss, accuracy
+
+    def sample(self, length, prompt="def "):
+        vocab = self.split.meta["vocab"]
+        index = {c: i for i, c in enumerate(vocab)}
+        codes = [index[c] for c in prompt if c in index]
+        out = self.model.generate(codes, length, temperature=0.8, rng=np.random.default_rng(self.config.seed))
+        return prompt + "".join(vocab[c] for c in out)
+
+
+def _jsonable(state):
+    """numpy's bit-generator state with numpy values as plain Python (JSON) values."""
+    if isinstance(state, dict):
+        return {k: _jsonable(v) for k, v in state.items()}
+    if isinstance(state, np.ndarray):
+        return state.tolist()
+    if isinstance(state, np.generic):
+        return state.item()
+    return state
+
+
+__all__ = ["Trainer", "LocalStep", "build_data", "build_model", "build_optimizer", "build_schedule",
+           "DataError", "ConfigError", "CheckpointError"]

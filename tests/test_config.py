@@ -1,0 +1,230 @@
+"""The training configuration: TOML files, CLI overrides, validation errors, model defaults."""
+
+import dataclasses
+
+import pytest
+
+from distbp.cli import build_parser, config_from_args
+from distbp.train.config import FIELDS, MODEL_DEFAULTS, Config, ConfigError, load_toml, make_config, to_dict
+
+
+def config_from(argv):
+    return config_from_args(build_parser().parse_args(["train", *argv]))
+
+
+def write(tmp_path, text, name="run.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# --- loading ---------------------------------------------------------------------------------------------
+
+
+def test_flat_toml(tmp_path):
+    path = write(tmp_path, 'model = "cnn"\nlr = 0.02\nepochs = 3\nhidden = [64, 32]\nresume = true\n'
+                           'checkpoint = "ck.safetensors"\n')
+    assert load_toml(path) == {"model": "cnn", "lr": 0.02, "epochs": 3, "hidden": [64, 32], "resume": True,
+                               "checkpoint": "ck.safetensors"}
+    cfg = config_from(["--config", str(path)])
+    assert (cfg.model, cfg.lr, cfg.epochs, cfg.hidden, cfg.resume) == ("cnn", 0.02, 3, (64, 32), True)
+    assert cfg.checkpoint == "ck.safetensors"
+
+
+def test_toml_with_sections(tmp_path):
+    path = write(tmp_path, 'model = "mlp"\n\n[optim]\noptimizer = "adam"\nlr = 0.005\nweight_decay = 1e-4\n\n'
+                           '[data]\ndataset = "synthetic"\nsynthetic_size = 500\nbatch_size = 16\n')
+    cfg = config_from(["--config", str(path)])
+    assert cfg.optimizer == "adam" and cfg.lr == 0.005 and cfg.weight_decay == 1e-4
+    assert cfg.dataset == "synthetic" and cfg.synthetic_size == 500 and cfg.batch_size == 16
+    assert cfg.epochs == MODEL_DEFAULTS["mlp"]["epochs"]
+
+
+def test_int_accepted_for_float(tmp_path):
+    cfg = config_from(["--config", str(write(tmp_path, "lr = 1\nmomentum = 0\n"))])
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
+    assert cfg.momentum == 0.0 and isinstance(cfg.momentum, float)
+
+
+def test_cli_overrides_win_over_file(tmp_path):
+    path = write(tmp_path, 'lr = 0.5\nepochs = 7\nbatch_size = 8\nhidden = [10]\nresume = true\n'
+                           '[x]\nschedule = "step"\n')
+    cfg = config_from(["--config", str(path), "--lr", "0.25", "--hidden", "20,30", "--no-resume",
+                       "--schedule", "constant"])
+    assert cfg.lr == 0.25 and cfg.hidden == (20, 30) and cfg.resume is False and cfg.schedule == "constant"
+    assert cfg.epochs == 7 and cfg.batch_size == 8  # what the options leave alone comes from the file
+
+
+def test_defaults_without_file():
+    cfg = config_from([])
+    for f in FIELDS:
+        expected = MODEL_DEFAULTS["mlp"].get(f.name, f.default)
+        assert getattr(cfg, f.name) == expected, f.name
+    assert to_dict(cfg)["hidden"] == [128]
+    assert set(to_dict(cfg)) == {f.name for f in FIELDS}
+
+
+def test_config_is_frozen():
+    cfg = make_config({})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lr = 1.0
+
+
+# --- model defaults --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", sorted(MODEL_DEFAULTS))
+def test_model_defaults_fill_unset_keys(model):
+    cfg = make_config({"model": model})
+    for key, value in MODEL_DEFAULTS[model].items():
+        assert getattr(cfg, key) == value, key
+
+
+@pytest.mark.parametrize("model", sorted(MODEL_DEFAULTS))
+def test_model_defaults_never_override_set_keys(model, tmp_path):
+    cfg = make_config({"model": model, "lr": 0.777, "optimizer": "adamw"})
+    assert cfg.lr == 0.777 and cfg.optimizer == "adamw"
+    assert cfg.epochs == MODEL_DEFAULTS[model]["epochs"]
+    # set in the file, defaults for the model named on the command line
+    path = write(tmp_path, "epochs = 2\n")
+    cfg = config_from(["--config", str(path), "--model", model])
+    assert cfg.epochs == 2
+    assert cfg.lr == MODEL_DEFAULTS[model]["lr"] and cfg.optimizer == MODEL_DEFAULTS[model]["optimizer"]
+
+
+def test_file_model_defaults_follow_cli_model(tmp_path):
+    # the file picks cnn and leaves lr unset; the command line switches to charlm: charlm's lr, not cnn's
+    path = write(tmp_path, 'model = "cnn"\n')
+    cfg = config_from(["--config", str(path), "--model", "charlm"])
+    assert cfg.model == "charlm" and cfg.lr == MODEL_DEFAULTS["charlm"]["lr"]
+    assert cfg.optimizer == MODEL_DEFAULTS["charlm"]["optimizer"]
+
+
+# --- errors ----------------------------------------------------------------------------------------------
+
+
+def _toml_error(tmp_path, text):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        config_from(["--config", str(path)])
+    msg = str(err.value)
+    assert str(path) in msg, f"the message does not name the file: {msg}"
+    return msg
+
+
+def test_unknown_key_with_suggestion(tmp_path):
+    msg = _toml_error(tmp_path, "lrr = 0.1\n")
+    assert "'lrr'" in msg and "unknown" in msg and "did you mean 'lr'" in msg
+
+
+def test_unknown_key_in_section_with_suggestion(tmp_path):
+    msg = _toml_error(tmp_path, "[optim]\nbatch-size = 4\n")
+    assert "'batch-size'" in msg and "did you mean 'batch_size'" in msg
+
+
+def test_unknown_key_without_suggestion(tmp_path):
+    msg = _toml_error(tmp_path, "zzzzqqqq = 1\n")
+    assert "'zzzzqqqq'" in msg and "did you mean" not in msg
+
+
+@pytest.mark.parametrize("text, key, words", [
+    ('lr = "0.1"', "lr", ["number", "'0.1'"]),
+    ("epochs = 2.5", "epochs", ["integer", "2.5"]),
+    ("epochs = true", "epochs", ["integer", "True"]),
+    ("batch_size = false", "batch_size", ["integer"]),
+    ("lr = true", "lr", ["number"]),
+    ('resume = "yes"', "resume", ["true or false"]),
+    ("resume = 1", "resume", ["true or false"]),
+    ("model = 3", "model", ["string"]),
+    ("hidden = 64", "hidden", ["list"]),
+    ("hidden = [64.5]", "hidden", ["integer"]),
+    ('hidden = ["a"]', "hidden", ["integer"]),
+    ("hidden = []", "hidden", ["list"]),
+], ids=lambda v: v if isinstance(v, str) and "=" in v else None)
+def test_wrong_type(tmp_path, text, key, words):
+    msg = _toml_error(tmp_path, text + "\n")
+    assert f"'{key}'" in msg
+    for word in words:
+        assert word in msg
+
+
+@pytest.mark.parametrize("text, key", [
+    ("lr = 0", "lr"),
+    ("lr = -0.1", "lr"),
+    ("epochs = -1", "epochs"),
+    ("epochs = 0", "epochs"),
+    ("dropout = 1.0", "dropout"),
+    ("dropout = 1.5", "dropout"),
+    ("dropout = -0.1", "dropout"),
+    ("batch_size = 0", "batch_size"),
+    ("hidden = [64, 0]", "hidden"),
+    ("momentum = 1.5", "momentum"),
+    ("max_steps = -3", "max_steps"),
+])
+def test_out_of_range(tmp_path, text, key):
+    msg = _toml_error(tmp_path, text + "\n")
+    assert f"'{key}'" in msg and "must be" in msg
+
+
+def test_in_range_edges_accepted():
+    cfg = make_config({"dropout": 0.5, "lr": 1e-9, "epochs": 1, "momentum": 1.0, "max_steps": 0})
+    assert cfg.dropout == 0.5 and cfg.lr == 1e-9 and cfg.epochs == 1
+
+
+@pytest.mark.parametrize("text, key, value", [
+    ('model = "resnet"', "model", "resnet"),
+    ('optimizer = "rmsprop"', "optimizer", "rmsprop"),
+    ('schedule = "linear"', "schedule", "linear"),
+    ('dataset = "cifar"', "dataset", "cifar"),
+    ('progress = "fancy"', "progress", "fancy"),
+])
+def test_bad_choice(tmp_path, text, key, value):
+    msg = _toml_error(tmp_path, text + "\n")
+    assert f"'{key}'" in msg and value in msg
+    choices = next(f.choices for f in FIELDS if f.name == key)
+    assert all(c in msg for c in choices), "the message lists the allowed values"
+
+
+def test_bad_choice_via_make_config():
+    with pytest.raises(ConfigError, match="'model'.*mlp, cnn, charlm.*'resnet'"):
+        make_config({"model": "resnet"})
+
+
+def test_malformed_toml(tmp_path):
+    msg = _toml_error(tmp_path, "lr = = 0.1\n[unclosed\n")
+    assert "not valid TOML" in msg
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        config_from(["--config", str(tmp_path / "nope.toml")])
+    assert "nope.toml" in str(err.value) and "does not exist" in str(err.value)
+
+
+def test_cli_values_are_validated_too():
+    with pytest.raises(ConfigError, match="'lr'"):
+        config_from(["--lr", "-1"])
+    with pytest.raises(ConfigError, match="'dropout'"):
+        config_from(["--dropout", "1"])
+    with pytest.raises(ConfigError, match="'hidden'"):
+        config_from(["--hidden", "0,4"])
+
+
+def test_file_error_reported_even_if_cli_overrides_key(tmp_path):
+    # the file is checked on its own first, so its mistake is named with the file
+    path = write(tmp_path, 'lr = "fast"\n')
+    with pytest.raises(ConfigError) as err:
+        config_from(["--config", str(path), "--lr", "0.1"])
+    assert str(path) in str(err.value) and "'lr'" in str(err.value)
+
+
+def test_null_for_required_key():
+    with pytest.raises(ConfigError, match="'batch_size'"):
+        make_config({"batch_size": None})
+    assert make_config({"checkpoint": None}).checkpoint is None
+
+
+def test_every_field_is_a_config_attribute():
+    names = {f.name for f in dataclasses.fields(Config)}
+    assert names == {f.name for f in FIELDS}
+    assert len(FIELDS) == len(names)  # no key declared twice

@@ -1,0 +1,114 @@
+"""The training service end to end: accuracy targets on digits, exact resume, charlm, the training step."""
+
+import numpy as np
+import pytest
+
+from distbp.train import Trainer, load_checkpoint, make_config
+from distbp.train.checkpoint import load_safetensors
+
+
+def fit(**overrides):
+    overrides.setdefault("progress", "none")
+    trainer = Trainer(make_config(overrides))
+    return trainer, trainer.fit()
+
+
+def test_default_mlp_on_digits_reaches_97_percent():
+    _, summary = fit()
+    assert summary["test_accuracy"] >= 0.97, summary
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_mlp_accuracy_holds_for_other_seeds(seed):
+    _, summary = fit(seed=seed)
+    assert summary["test_accuracy"] >= 0.97, summary
+
+
+def test_cnn_on_digits_reaches_98_percent():
+    _, summary = fit(model="cnn")
+    assert summary["test_accuracy"] >= 0.98, summary
+
+
+def test_charlm_trains_and_samples(tmp_path):
+    text = "".join(f"def f{i}(x):\n    return x * {i}\n\n" for i in range(400))
+    corpus = tmp_path / "code.txt"
+    corpus.write_text(text)
+    trainer, summary = fit(model="charlm", text_file=str(corpus), block_size=32, d_model=32, n_heads=2,
+                           n_layers=1, epochs=10, max_steps=150, batch_size=16, sample_length=60)
+    assert summary["test_loss"] < 1.5  # from log(vocab) ~ 3.0 for an untrained model
+    sample = summary["sample"]
+    assert sample.startswith("def ") and len(sample) == len("def ") + 60
+    assert set(sample) <= set(text)
+
+
+def _params(model):
+    return {name: p.data.copy() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("optimizer,checkpoint_every", [("sgd", 0), ("adam", 7)])
+def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(tmp_path, optimizer, checkpoint_every):
+    common = dict(epochs=3, batch_size=64, optimizer=optimizer, lr=0.05 if optimizer == "sgd" else 1e-3,
+                  warmup_steps=5, checkpoint_every=checkpoint_every)
+    whole, _ = fit(**common)
+    ckpt = tmp_path / "run.ckpt"
+    # interrupted mid-epoch (23 steps of 23 per epoch * 3), then resumed from the checkpoint
+    first, s1 = fit(**common, checkpoint=str(ckpt), max_steps=30)
+    assert s1["steps"] == 30
+    resumed, s2 = fit(**common, checkpoint=str(ckpt), resume=True)
+    assert s2["steps"] == whole.step
+    expected, got = _params(whole.model), _params(resumed.model)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    # and the optimizer state too
+    for a, b in zip(whole.optimizer.state.values(), resumed.optimizer.state.values()):
+        for key in a:
+            np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]), err_msg=key)
+
+
+def test_resume_with_dropout_replays_the_same_random_stream(tmp_path):
+    text = "".join(f"x{i % 7} = {i}\n" for i in range(600))
+    corpus = tmp_path / "t.txt"
+    corpus.write_text(text)
+    common = dict(model="charlm", text_file=str(corpus), block_size=16, d_model=16, n_heads=2, n_layers=1,
+                  dropout=0.2, epochs=2, batch_size=8, sample_length=0)
+    whole, _ = fit(**common)
+    ckpt = tmp_path / "lm.ckpt"
+    fit(**common, checkpoint=str(ckpt), max_steps=11)
+    resumed, _ = fit(**common, checkpoint=str(ckpt), resume=True)
+    for name, value in _params(whole.model).items():
+        np.testing.assert_array_equal(_params(resumed.model)[name], value, err_msg=name)
+
+
+def test_checkpoint_holds_weights_optimizer_and_position(tmp_path):
+    ckpt = tmp_path / "c.ckpt"
+    trainer, _ = fit(epochs=1, checkpoint=str(ckpt), optimizer="adam", lr=1e-3)
+    arrays, meta = load_safetensors(ckpt)
+    assert any(k.startswith("model/") for k in arrays) and any(k.startswith("optim/") for k in arrays)
+    fresh = Trainer(make_config({"epochs": 1, "optimizer": "adam", "lr": 1e-3, "progress": "none"}))
+    state = load_checkpoint(ckpt, fresh.model, fresh.optimizer)
+    assert state["step"] == trainer.step and state["epoch"] == 1
+    for name, value in _params(trainer.model).items():
+        np.testing.assert_array_equal(_params(fresh.model)[name], value)
+
+
+def test_metrics_are_json_lines(tmp_path):
+    import json
+
+    path = tmp_path / "m.jsonl"
+    fit(epochs=2, metrics=str(path))
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert all({"step", "train_loss", "test_loss", "test_accuracy", "lr"} <= set(r) for r in records)
+    assert records[1]["train_loss"] < records[0]["train_loss"]
+
+
+def test_plain_progress_lines_when_not_a_terminal(capsys):
+    import io
+
+    out = io.StringIO()
+    Trainer(make_config({"epochs": 1, "progress": "auto", "log_every": 10}), stream=out).fit()
+    text = out.getvalue()
+    assert "\r" not in text
+    assert "step 10/" in text and "samples/s" in text and "ETA" in text
+    assert "test accuracy" in text
