@@ -899,6 +899,44 @@ class Fold(Function):
         return (xp().unfold(g, kernel, stride, padding),)
 
 
+class MaxPoolTiles(Function):
+    """Max pooling over non-overlapping kh x kw windows that tile the image exactly.
+
+    The gradient goes to the first maximum of each window in row-major order, as in PyTorch. (The
+    general case, overlapping or padded windows, is composed from unfold and max.)
+    """
+
+    __slots__ = ()
+    save_inputs = True
+    save_output = True
+
+    @staticmethod
+    def forward(ctx, x, kernel):
+        kh, kw = kernel
+        ctx.saved = kernel
+        out = x[:, :, ::kh, ::kw].copy()
+        for i in range(kh):
+            for j in range(kw):
+                if i or j:
+                    np.maximum(out, x[:, :, i::kh, j::kw], out=out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        kh, kw = ctx.saved
+        x, out = ctx._inputs[0].data, ctx._out  # the winner mask is a constant in either mode
+        mask = np.zeros(x.shape, x.dtype)
+        free = np.ones(out.shape, bool)
+        for i in range(kh):
+            for j in range(kw):
+                hit = (x[:, :, i::kh, j::kw] == out) & free
+                mask[:, :, i::kh, j::kw] = hit
+                free &= ~hit
+        n, c, oh, ow = out.shape
+        spread = xp().broadcast_to(g.reshape(n, c, oh, 1, ow, 1), (n, c, oh, kh, ow, kw)).reshape(x.shape)
+        return (spread * mask,)
+
+
 # ================================================================================================
 # The two namespaces that backward formulas call through xp()
 # ================================================================================================
@@ -1474,7 +1512,9 @@ def _pool(x, kernel_size, stride, padding, reduce, pad_value):
     n, c, h, w = x.data.shape
     oh, ow = _out_size(h, kernel[0], stride[0], padding[0]), _out_size(w, kernel[1], stride[1], padding[1])
     if kernel == stride and padding == (0, 0) and h % kernel[0] == 0 and w % kernel[1] == 0:
-        # non-overlapping windows tile the image: a reshape, no copy
+        # non-overlapping windows tile the image: no unfold copy
+        if reduce is max:
+            return MaxPoolTiles.apply(x, kernel=kernel)
         tiles = reshape(x, (n, c, oh, kernel[0], ow, kernel[1]))
         return reduce(tiles, (3, 5))
     cols = unfold(x, kernel, stride, padding, pad_value)

@@ -60,6 +60,8 @@ FIELDS = (
     Field("warmup_steps", int, 0, "linear warm-up steps before the schedule", minimum=0),
     Field("grad_clip", float, 0.0, "clip the global gradient norm to this (0: off)", minimum=0.0),
     Field("seed", int, 0, "seed for initialisation, shuffling and dropout", minimum=0),
+    Field("threads", int, 1, "BLAS threads per process (0: the library's default); small layers run "
+          "fastest on one", minimum=0),
     # bookkeeping
     Field("eval_every", int, 0, "evaluate every N steps (0: at the end of each epoch)", minimum=0),
     Field("log_every", int, 50, "log a line every N steps when not on a terminal", minimum=1),

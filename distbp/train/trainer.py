@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from .. import models, nn, optim
 from ..autograd import Tensor, get_rng_state, manual_seed, no_grad, set_rng_state
@@ -195,6 +196,12 @@ class Trainer:
             self.stream.flush()
 
     def fit(self):
+        if not self.config.threads:
+            return self._fit()
+        with threadpool_limits(self.config.threads):
+            return self._fit()
+
+    def _fit(self):
         cfg = self.config
         if cfg.resume:
             self.resume()
