@@ -35,11 +35,12 @@ def save_safetensors(path, arrays, metadata=None):
     offset = 0
     blobs = []
     for name, arr in arrays.items():
-        arr = np.ascontiguousarray(arr)
-        if arr.dtype not in _CODES:
+        arr = np.asarray(arr)
+        code = _CODES.get(arr.dtype.newbyteorder("="))
+        if code is None:
             raise CheckpointError(f"cannot store {name}: dtype {arr.dtype} has no safetensors code")
-        data = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
-        header[name] = {"dtype": _CODES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + len(data)]}
+        data = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes(order="C")
+        header[name] = {"dtype": code, "shape": list(arr.shape), "data_offsets": [offset, offset + len(data)]}
         offset += len(data)
         blobs.append(data)
     if metadata:
