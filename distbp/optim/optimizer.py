@@ -4,6 +4,7 @@ import copy
 import numbers
 
 import numpy as np
+from scipy.linalg import blas
 
 from ..autograd.tensor import Tensor
 
@@ -165,3 +166,15 @@ def _plain(value):
     if isinstance(value, tuple):
         return tuple(_plain(v) for v in value)
     return value
+
+
+_AXPY = {np.dtype(np.float32): blas.saxpy, np.dtype(np.float64): blas.daxpy}
+
+
+def axpy(alpha, x, y):
+    """y += alpha * x in place: one BLAS pass, no temporary (the update of every step, on every parameter)."""
+    routine = _AXPY.get(y.dtype)
+    if routine is not None and x.dtype == y.dtype and y.flags.c_contiguous and x.flags.c_contiguous:
+        routine(x.reshape(-1), y.reshape(-1), a=alpha)
+    else:
+        y += alpha * x

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from .optimizer import Optimizer
+from .optimizer import Optimizer, axpy
 
 
 class SGD(Optimizer):
@@ -30,6 +30,6 @@ class SGD(Optimizer):
                         buf = state["momentum_buffer"] = np.array(g, copy=True)
                     else:
                         buf *= momentum
-                        buf += (1 - dampening) * g
+                        axpy(1 - dampening, g, buf)
                     g = g + momentum * buf if nesterov else buf
-                p -= lr * g
+                axpy(-lr, g, p)
