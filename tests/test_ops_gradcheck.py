@@ -3,7 +3,9 @@
 First derivatives: `gradcheck` on small float64 inputs, covering broadcasting, scalar operands, axis and
 keepdims variants, strided and padded windows, repeated indices, ignore_index and reduction variants.
 Second derivatives: `gradgradcheck` (backward with create_graph=True, differentiated again) for every op
-whose second derivative means something.
+whose second derivative means something, and for the piecewise-linear ones too (max, relu, clip, max-pool:
+0 away from kinks, but their create_graph backward must still run and be right).
+And the create_graph backward (on Tensors) must give the same gradient as the plain one (on arrays).
 
 Inputs are kept away from kinks (relu/abs at 0, clip bounds, max/min ties): finite differences with
 eps=1e-6 straddling a kink would disagree with any one-sided derivative.
@@ -74,10 +76,6 @@ def case(id, fn, *makers, gg=False, xfail=None, **check_kw):
     return pytest.param(fn, makers, check_kw, id=id, marks=marks)
 
 
-# Known distbp bugs (temporary xfails; see the report that came with these tests).
-GATHER_BUG = (TypeError, "BUG: ops.gather assigns into np.ogrid's result, a tuple under numpy 2: always crashes")
-MATMUL_1D_1D_BUG = (ValueError, "BUG: ops.matmul(1-d, 1-d) squeezes axis -2 of a 1-d result: crashes")
-POW_0_AT_0_BUG = (AssertionError, "BUG: d/dx x**0 at x == 0 is 0 * 0**-1 = nan (torch: 0)")
 
 
 # --- constants used by the cases -------------------------------------------------------------------
@@ -142,7 +140,7 @@ SCALAR_OPERANDS = [
     case("pow-neg1.5", lambda x: ops.pow(x, -1.5), P(2, 3), gg=True),
     case("pow-1", lambda x: ops.pow(x, 1), N(2, 3), gg=True),
     case("pow-0", lambda x: ops.pow(x, 0) * x, N(2, 3), gg=True),
-    case("pow-0-at-zero", lambda x: ops.pow(x, 0) * x, C([0.0, 1.5, -2.0]), gg=True, xfail=POW_0_AT_0_BUG),
+    case("pow-0-at-zero", lambda x: ops.pow(x, 0) * x, C([0.0, 1.5, -2.0]), gg=True),
     case("rpow-python-base", lambda x: 2.0 ** x, N(2, 3), gg=True),
     case("maximum-const", lambda x: ops.maximum(x, 0.05), G(2, 3, offset=0.1), gg=True),
     case("minimum-const", lambda x: ops.minimum(0.05, x), G(2, 3, offset=0.1), gg=True),
@@ -236,10 +234,9 @@ INDEXING = [
     case("getitem-int-tensor", lambda x: x[Tensor(np.array([2, 2, 0]))], N(3, 4), gg=True),
     case("getitem-bool-tensor", lambda x: x[Tensor(COND_34)], N(3, 4), gg=True),
     case("getitem-negative-ints", lambda x: x[np.array([-1, -1, 0])], N(3, 4), gg=True),
-    case("gather-ax0", lambda x: ops.gather(x, 0, GATHER_IDX0), N(3, 4), gg=True, xfail=GATHER_BUG),
-    case("gather-ax-1", lambda x: ops.gather(x, -1, GATHER_IDX1), N(3, 4), gg=True, xfail=GATHER_BUG),
-    case("gather-index-tensor", lambda x: ops.gather(x, 1, Tensor(GATHER_IDX1)), N(3, 4), gg=True,
-         xfail=GATHER_BUG),
+    case("gather-ax0", lambda x: ops.gather(x, 0, GATHER_IDX0), N(3, 4), gg=True),
+    case("gather-ax-1", lambda x: ops.gather(x, -1, GATHER_IDX1), N(3, 4), gg=True),
+    case("gather-index-tensor", lambda x: ops.gather(x, 1, Tensor(GATHER_IDX1)), N(3, 4), gg=True),
     case("embedding", lambda w: ops.embedding(EMB_IDX, w), N(4, 3), gg=True),
     case("embedding-tensor-idx", lambda w: ops.embedding(Tensor(np.array([2, 2, 2, 0])), w), N(4, 3), gg=True),
 ]
@@ -262,7 +259,7 @@ LINALG = [
     case("matmul-2d", ops.matmul, N(3, 4), N(4, 2), gg=True),
     case("matmul-1d-2d", ops.matmul, N(4), N(4, 2), gg=True),
     case("matmul-2d-1d", ops.matmul, N(3, 4), N(4), gg=True),
-    case("matmul-1d-1d", ops.matmul, N(4), N(4), gg=True, xfail=MATMUL_1D_1D_BUG),
+    case("matmul-1d-1d", ops.matmul, N(4), N(4), gg=True),
     case("matmul-batched", ops.matmul, N(2, 3, 4), N(2, 4, 2), gg=True),
     case("matmul-batch-x-2d", ops.matmul, N(2, 3, 4), N(4, 2), gg=True),
     case("matmul-2d-x-batch", ops.matmul, N(3, 4), N(2, 4, 2), gg=True),

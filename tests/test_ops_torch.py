@@ -92,18 +92,6 @@ class Bug:
     breaks: frozenset = frozenset({"values-float32", "values-float64", "dtype-float32", "dtype-float64"})
 
 
-# Known distbp bugs (temporary strict xfails; listed in the report that came with these tests).
-GATHER_BUG = Bug(TypeError, "BUG: ops.gather assigns into np.ogrid's result, a tuple under numpy 2: always crashes")
-MATMUL_1D_1D_BUG = Bug(ValueError, "BUG: ops.matmul(1-d, 1-d) squeezes axis -2 of a 1-d result: crashes")
-SILENT_F64 = frozenset({"dtype-float32"})  # the values are right (float64 rounds to torch's float32 result)
-CLIP_F64_BOUNDS_BUG = Bug(AssertionError, "BUG: ops.clip with np.float64 bounds returns float64 for float32 input",
-                          SILENT_F64)
-POW_F64_EXP_BUG = Bug(AssertionError, "BUG: ops.pow with an np.float64 exponent returns float64 for float32 input",
-                      SILENT_F64)
-LAYER_NORM_F64_EPS_BUG = Bug(AssertionError,
-                             "BUG: ops.layer_norm with an np.float64 eps returns float64 for float32 input", SILENT_F64)
-POW_0_AT_0_BUG = Bug(AssertionError, "BUG: d/dx x**0 at x == 0 is 0 * 0**-1 = nan (torch: 0)",
-                     frozenset({"values-float32", "values-float64"}))
 
 
 def T(a):
@@ -147,9 +135,8 @@ add("pow-2", [N(8, 16)], lambda x: x ** 2, lambda x: x ** 2)
 add("pow-3", [N(8, 16)], lambda x: ops.pow(x, 3), lambda x: x ** 3)
 add("pow-0.5", [P(8, 16)], lambda x: ops.pow(x, 0.5), lambda x: x ** 0.5)
 add("pow-neg1.5", [P(8, 16)], lambda x: ops.pow(x, -1.5), lambda x: x ** -1.5)
-add("pow-0-with-zeros", [Z(8, 16)], lambda x: ops.pow(x, 0) * x, lambda x: x ** 0 * x, xfail=POW_0_AT_0_BUG)
-add("pow-np-float64-exponent", [P(8, 16)], lambda x: ops.pow(x, np.float64(1.5)), lambda x: x ** 1.5,
-    xfail=POW_F64_EXP_BUG)
+add("pow-0-with-zeros", [Z(8, 16)], lambda x: ops.pow(x, 0) * x, lambda x: x ** 0 * x)
+add("pow-np-float64-exponent", [P(8, 16)], lambda x: ops.pow(x, np.float64(1.5)), lambda x: x ** 1.5)
 add("rpow-python-base", [N(8, 16)], lambda x: 2.0 ** x, lambda x: 2.0 ** x)
 add("maximum-python-scalar", [N(8, 16)], lambda x: ops.maximum(x, 0.1), lambda x: torch.clamp(x, min=0.1))
 add("where-python-scalar", [N(8, 16)], lambda x: ops.where(np.eye(8, 16, dtype=bool), x, 0.5),
@@ -176,7 +163,7 @@ add("clip-lo", [Q(8, 16)], lambda x: ops.clip(x, lo=-0.5), lambda x: torch.clamp
 add("clip-hi", [Q(8, 16)], lambda x: ops.clip(x, hi=0.75), lambda x: torch.clamp(x, max=0.75))
 add("clip-method", [N(8, 16)], lambda x: x.clip(-1.0, 1.0), lambda x: x.clip(-1.0, 1.0))
 add("clip-np-float64-bounds", [N(8, 16)], lambda x: ops.clip(x, np.float64(-0.5), np.float64(0.5)),
-    lambda x: torch.clamp(x, -0.5, 0.5), xfail=CLIP_F64_BOUNDS_BUG)
+    lambda x: torch.clamp(x, -0.5, 0.5))
 add("cast-to-float64", [N(8, 16)], lambda x: ops.cast(x, np.float64) * 3.0, lambda x: x.double() * 3.0,
     out_dtype=np.float64)
 add("cast-to-float32", [N(8, 16)], lambda x: ops.cast(x, np.float32) * 3.0, lambda x: x.float() * 3.0,
@@ -245,9 +232,8 @@ add("getitem-bool-rows", [N(6, 8)], lambda x: x[MASK[:, 0]], lambda x: x[T(MASK[
 add("getitem-tensor-index", [N(6, 8)], lambda x: x[Tensor(ROWS)], lambda x: x[T(ROWS)])
 GIDX = np.random.default_rng(4).integers(0, 8, (6, 5))
 GIDX0 = np.random.default_rng(4).integers(0, 6, (3, 8))
-add("gather-ax1", [N(6, 8)], lambda x: ops.gather(x, 1, GIDX), lambda x: torch.gather(x, 1, T(GIDX)), xfail=GATHER_BUG)
-add("gather-ax0", [N(6, 8)], lambda x: ops.gather(x, 0, GIDX0), lambda x: torch.gather(x, 0, T(GIDX0)),
-    xfail=GATHER_BUG)
+add("gather-ax1", [N(6, 8)], lambda x: ops.gather(x, 1, GIDX), lambda x: torch.gather(x, 1, T(GIDX)))
+add("gather-ax0", [N(6, 8)], lambda x: ops.gather(x, 0, GIDX0), lambda x: torch.gather(x, 0, T(GIDX0)))
 EIDX = np.random.default_rng(6).integers(0, 10, (4, 7))
 add("embedding", [N(10, 5)], lambda w: ops.embedding(EIDX, w), lambda w: F.embedding(T(EIDX), w))
 
@@ -276,7 +262,7 @@ add("matmul-batch-x-2d", [N(3, 8, 32), N(32, 16)], ops.matmul, torch.matmul, ato
 add("matmul-1d-2d", [N(32), N(32, 16)], ops.matmul, torch.matmul, atol=ATOL_SUM)
 add("matmul-2d-1d", [N(8, 32), N(32)], ops.matmul, torch.matmul, atol=ATOL_SUM)
 add("matmul-1d-batch", [N(32), N(3, 32, 16)], ops.matmul, torch.matmul, atol=ATOL_SUM)
-add("matmul-1d-1d", [N(32), N(32)], ops.matmul, torch.matmul, atol=ATOL_SUM, xfail=MATMUL_1D_1D_BUG)
+add("matmul-1d-1d", [N(32), N(32)], ops.matmul, torch.matmul, atol=ATOL_SUM)
 add("linear", [N(8, 32), N(16, 32), N(16)], ops.linear, F.linear, atol=ATOL_SUM)
 add("linear-no-bias", [N(8, 32), N(16, 32)], ops.linear, F.linear, atol=ATOL_SUM)
 add("linear-3d", [N(3, 8, 32), N(16, 32), N(16)], ops.linear, F.linear, atol=ATOL_SUM)
@@ -327,7 +313,7 @@ add("layer_norm-2d-shape", [N(4, 6, 16), N(6, 16), N(6, 16)], lambda x, w, b: op
 add("layer_norm-eps", [N(4, 16, scale=0.01)], lambda x: ops.layer_norm(x, 16, eps=1e-3),
     lambda x: F.layer_norm(x, (16,), eps=1e-3))
 add("layer_norm-np-float64-eps", [N(4, 16)], lambda x: ops.layer_norm(x, 16, eps=np.float64(1e-5)),
-    lambda x: F.layer_norm(x, (16,), eps=1e-5), xfail=LAYER_NORM_F64_EPS_BUG)
+    lambda x: F.layer_norm(x, (16,), eps=1e-5))
 
 # windows: NCHW on both sides; conv2d is a contraction, atol=ATOL_SUM (see there)
 add("unfold-k3", [N(2, 3, 6, 7)], lambda x: ops.unfold(x, 3), lambda x: F.unfold(x, 3))
@@ -357,6 +343,9 @@ for name, kw in POOLS:
         lambda x, kw=kw: F.max_pool2d(x, **kw))
     add(f"avg_pool2d-{name}", [N(*shape)], lambda x, kw=kw: ops.avg_pool2d(x, **kw),
         lambda x, kw=kw: F.avg_pool2d(x, **kw, count_include_pad=True))
+    # tied maxima in a window (values from {0, 1, 2}): torch's gradient goes to the first maximum
+    add(f"max_pool2d-ties-{name}", [Q(*shape, step=1.0, lo=0, hi=2)], lambda x, kw=kw: ops.max_pool2d(x, **kw),
+        lambda x, kw=kw: F.max_pool2d(x, **kw))
 
 # dropout with p=0 or in eval mode is the identity in both
 add("dropout-eval", [N(8, 16)], lambda x: ops.dropout(x, 0.5, training=False) * 1.0,
@@ -389,10 +378,10 @@ def params(kind, dtypes):
     for dtype in dtypes:
         for c in CASES:
             bug = c.xfail if c.xfail and f"{kind}-{np.dtype(dtype).name}" in c.xfail.breaks else None
-            marks = []
-            if bug is not None:  # numpy's warnings about the nan/inf a bug produces are noise here
-                marks = [pytest.mark.xfail(strict=True, raises=bug.raises, reason=bug.reason),
-                         pytest.mark.filterwarnings("ignore::RuntimeWarning")]
+            # numpy's warnings about the nan/inf a known bug produces are noise here
+            marks = [pytest.mark.filterwarnings("ignore::RuntimeWarning")] if c.xfail else []
+            if bug is not None:
+                marks.append(pytest.mark.xfail(strict=True, raises=bug.raises, reason=bug.reason))
             prefix = "" if len(dtypes) == 1 else f"{np.dtype(dtype).name}-"
             out.append(pytest.param(c, dtype, id=prefix + c.id, marks=marks))
     return out
@@ -435,25 +424,26 @@ def test_dtype_preserved(case, dtype):
 # --- dropout: random masks cannot match torch's, so compare the convention instead -------------------
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("p", [0.2, 0.5, 0.8])
-def test_dropout_scaling_and_gradient_match_torch_convention(p):
-    x = np.random.default_rng(0).uniform(0.5, 2.0, (200, 50)).astype(np.float32)  # no zeros in x
-    dx = Tensor(x, requires_grad=True)
+def test_dropout_scaling_and_gradient_match_torch_convention(p, dtype):
+    x = np.random.default_rng(0).uniform(0.5, 2.0, (200, 50)).astype(dtype)  # no zeros in x
+    dx = Tensor(x, requires_grad=True, dtype=dtype)
     dy = ops.dropout(dx, p, rng=np.random.default_rng(1))
-    dy.backward(np.ones(dy.shape, np.float32))
+    dy.backward(np.ones(dy.shape, dtype))
     tx = torch.from_numpy(x.copy()).requires_grad_(True)
     torch.manual_seed(0)
     ty = F.dropout(tx, p, training=True)
     ty.sum().backward()
-    assert dy.dtype == np.float32 and dx.grad.dtype == np.float32
-    for y, g, inp in ((dy.data, dx.grad.data, x), (ty.detach().numpy(), tx.grad.numpy(), x)):
+    assert dy.dtype == dtype and dx.grad.dtype == dtype
+    for y, g in ((dy.data, dx.grad.data), (ty.detach().numpy(), tx.grad.numpy())):
         kept = y != 0
         # kept elements are scaled by 1/(1-p), dropped ones are 0, and the gradient is the same mask*scale
-        np.testing.assert_allclose(y[kept], inp[kept] / (1 - p), rtol=1e-6)
-        np.testing.assert_allclose(g, kept / np.float32(1 - p), rtol=1e-6)
+        np.testing.assert_allclose(y[kept], x[kept] / (1 - p), rtol=1e-6)
+        np.testing.assert_allclose(g, kept / (1 - p), rtol=1e-6)
         assert abs(kept.mean() - (1 - p)) < 0.02  # 10,000 draws: 4+ standard deviations
     # same seed, same mask; another seed, another mask
-    again = ops.dropout(Tensor(x), p, rng=np.random.default_rng(1))
+    again = ops.dropout(Tensor(x, dtype=dtype), p, rng=np.random.default_rng(1))
     np.testing.assert_array_equal(again.data, dy.data)
-    other = ops.dropout(Tensor(x), p, rng=np.random.default_rng(2))
+    other = ops.dropout(Tensor(x, dtype=dtype), p, rng=np.random.default_rng(2))
     assert (other.data != dy.data).any()

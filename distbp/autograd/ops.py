@@ -110,6 +110,8 @@ class PowScalar(Function):
     def backward(ctx, g):
         (x,) = ctx.inputs
         p = ctx.saved
+        if p == 0:
+            return (g * 0,)  # constant 1: zero slope, also at x = 0 (where p * x**(p-1) is 0 * inf)
         if p == 2:
             return (g * x * 2,)
         return (g * p * x ** (p - 1),)
@@ -937,6 +939,25 @@ class MaxPoolTiles(Function):
         return (spread * mask,)
 
 
+class MaxOverWindow(Function):
+    """Maximum over axis 2 of unfolded windows (n, c, k, oh, ow); the first maximum gets the gradient."""
+
+    __slots__ = ()
+    save_inputs = True
+
+    @staticmethod
+    def forward(ctx, cols):
+        return cols.max(axis=2)
+
+    @staticmethod
+    def backward(ctx, g):
+        cols = ctx._inputs[0].data  # the winner mask is a constant in either mode
+        winner = np.zeros(cols.shape, cols.dtype)
+        np.put_along_axis(winner, cols.argmax(axis=2)[:, :, None], 1, axis=2)
+        n, c, _, oh, ow = cols.shape
+        return (g.reshape(n, c, 1, oh, ow) * winner,)
+
+
 # ================================================================================================
 # The two namespaces that backward formulas call through xp()
 # ================================================================================================
@@ -1103,6 +1124,7 @@ def neg(x):
 
 
 def pow(x, p):
+    p = _number(p)
     if isinstance(p, (int, float)) and not isinstance(p, bool) and isinstance(x, Tensor):
         return PowScalar.apply(x, p=p)
     return _binary(Pow, "pow", x, p)
@@ -1155,7 +1177,13 @@ def minimum(a, b):
     return neg(maximum(neg(a), neg(b)))
 
 
+def _number(v):
+    """A numpy scalar as a Python number: a np.float64 constant would promote float32 data to float64."""
+    return v.item() if isinstance(v, np.generic) else v
+
+
 def clip(x, lo=None, hi=None):
+    lo, hi = _number(lo), _number(hi)
     if lo is not None and hi is not None and lo > hi:
         raise ValueError(f"clip: lower bound {lo} is above upper bound {hi}")
     return Clip.apply(_tensor(x), lo=lo, hi=hi)
@@ -1317,7 +1345,7 @@ def gather(x, axis, index):
     if idx.ndim != x.data.ndim:
         raise ValueError(f"gather: index has {idx.ndim} dimensions but the tensor has {x.data.ndim}")
     axis = axis % x.data.ndim
-    grids = np.ogrid[tuple(slice(n) for n in idx.shape)]
+    grids = list(np.ogrid[tuple(slice(n) for n in idx.shape)])
     grids[axis] = idx
     return getitem(x, tuple(grids))
 
@@ -1360,6 +1388,10 @@ def matmul(a, b):
     sa, sb = a.data.shape, b.data.shape
     if not sa or not sb:
         raise ValueError("matmul: operands must have at least one dimension (use * for scalars)")
+    if len(sa) == 1 and len(sb) == 1:
+        if sa != sb:
+            raise ValueError(f"matmul: vectors of lengths {sa[0]} and {sb[0]} differ")
+        return reshape(matmul(reshape(a, (1, sa[0])), reshape(b, (sb[0], 1))), ())
     if len(sa) == 1:
         return squeeze(matmul(reshape(a, (1, sa[0])), b), -2)
     if len(sb) == 1:
@@ -1448,7 +1480,7 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     if bias is not None and weight is None:
         raise ValueError("layer_norm: a bias needs a weight")
     params = [p for p in (weight, bias) if p is not None]
-    return LayerNorm.apply(x, *params, axes=axes, eps=eps)
+    return LayerNorm.apply(x, *params, axes=axes, eps=float(eps))
 
 
 def _pair2(v, name):
@@ -1519,7 +1551,7 @@ def _pool(x, kernel_size, stride, padding, reduce, pad_value):
         return reduce(tiles, (3, 5))
     cols = unfold(x, kernel, stride, padding, pad_value)
     cols = reshape(cols, (n, c, kernel[0] * kernel[1], oh, ow))
-    return reduce(cols, 2)
+    return MaxOverWindow.apply(cols) if reduce is max else reduce(cols, 2)
 
 
 def max_pool2d(x, kernel_size, stride=None, padding=0):
