@@ -6,13 +6,16 @@ documents every key a TOML config file may hold, and the two are checked by the 
 
 import argparse
 import sys
+import traceback
+
+from .comm import CommError, RankFailed
 
 from .data.datasets import DataError
 from .train.checkpoint import CheckpointError
 from .train.config import FIELDS, ConfigError, load_toml, make_config
 
 # Errors that are the user's input, reported in one line; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ConfigError, DataError, CheckpointError, FloatingPointError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, FloatingPointError, CommError)
 
 
 def _option_type(f):
@@ -73,10 +76,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
-            from .train.trainer import Trainer
+            from .train.launch import run
 
-            config = config_from_args(args)
-            Trainer(config).fit()
+            run(config_from_args(args))
         elif args.command == "plot":
             from pathlib import Path
 
@@ -91,6 +93,11 @@ def main(argv=None):
     except USER_ERRORS as e:
         print(f"distbp: error: {e}", file=sys.stderr)
         return 2
+    except RankFailed as e:  # the threads backend: one rank's error stopped them all
+        if not isinstance(e.error, USER_ERRORS):
+            traceback.print_exception(e.error)
+        print(f"distbp: error: rank {e.rank} failed: {e.error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("distbp: interrupted", file=sys.stderr)
         return 130

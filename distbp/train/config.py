@@ -62,6 +62,20 @@ FIELDS = (
     Field("seed", int, 0, "seed for initialisation, shuffling and dropout", minimum=0),
     Field("threads", int, 1, "BLAS threads per process (0: the library's default); small layers run "
           "fastest on one", minimum=0),
+    # data parallelism
+    Field("backend", str, "auto", "how ranks combine gradients: local (one process), threads (world_size "
+          "ranks in this process), mpi (ranks started by mpiexec); auto: mpi under mpiexec, else local",
+          choices=("auto", "local", "threads", "mpi")),
+    Field("world_size", int, 1, "ranks for the threads backend", minimum=1),
+    Field("bucket_cap_mb", float, 25.0, "megabytes of gradients per all-reduce bucket", minimum=0.0,
+          exclusive_minimum=True),
+    Field("allow_unused", bool, False, "treat parameters that get no gradient in a step as zero"),
+    Field("compress", str, "none", "exchange gradients as float16 (fp16) or as they are (none)",
+          choices=("none", "fp16")),
+    Field("timeout", float, 300.0, "seconds a collective may wait for the other ranks before the job "
+          "stops", minimum=0.0, exclusive_minimum=True),
+    Field("trace", str, None, "write a Chrome trace (Perfetto) of the first 50 steps to this file",
+          nullable=True),
     # bookkeeping
     Field("eval_every", int, 0, "evaluate every N steps (0: at the end of each epoch)", minimum=0),
     Field("log_every", int, 50, "log a line every N steps when not on a terminal", minimum=1),

@@ -18,29 +18,8 @@ from ..data.datasets import DataError
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ConfigError, to_dict
 from .progress import MetricsLog, Progress
-
-
-class LocalStep:
-    """Single process: the optimizer applies this process's own gradients."""
-
-    rank = 0
-    world_size = 1
-
-    def prepare(self, model, optimizer):
-        pass
-
-    def reduce_gradients(self, model):
-        pass
-
-    def apply(self, model, optimizer):
-        optimizer.step()
-
-    def all_sum(self, values):
-        """Sum a list of numbers over ranks (for losses and accuracy counts)."""
-        return list(values)
-
-    def close(self):
-        pass
+from .steps import LocalStep
+from .trace import Tracer, write_trace
 
 
 # --- building a run from its configuration --------------------------------------------------------------
@@ -207,7 +186,9 @@ class Trainer:
             self.resume()
         if self.batch >= self.steps_per_epoch:
             self.epoch, self.batch = self.epoch + 1, 0
-        self.strategy.prepare(self.model, self.optimizer)
+        self._check_same_run()
+        self.tracer = Tracer(self.strategy.rank) if cfg.trace else None
+        self.strategy.prepare(self.model, self.optimizer, self.tracer)
         metrics = MetricsLog(cfg.metrics if self.is_main else None, append=cfg.resume)
         stop_at = min(self.total_steps, cfg.max_steps) if cfg.max_steps else self.total_steps
         progress = Progress(stop_at, cfg.progress if self.is_main else "none", cfg.log_every, self.stream)
@@ -256,20 +237,50 @@ class Trainer:
         if cfg.model == "charlm" and cfg.sample_length and self.is_main:
             summary["sample"] = self.sample(cfg.sample_length)
             self._say("sample:\n" + summary["sample"])
+        if self.tracer is not None:
+            events = self.strategy.gather(self.tracer.events)
+            if self.is_main:
+                write_trace(cfg.trace, events)
         self.strategy.close()
         return summary
 
     def _train_step(self, x, y):
+        tracer = self.tracer
+        t0 = time.perf_counter()
         self.optimizer.zero_grad()
         inputs = x if isinstance(self.split.train, CharDataset) else Tensor(x)
         loss = cross_entropy(self.model(inputs), y)
+        t1 = time.perf_counter()
         loss.backward()
+        t2 = time.perf_counter()
         self.strategy.reduce_gradients(self.model)
+        t3 = time.perf_counter()
         if self.config.grad_clip:
             nn.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.strategy.apply(self.model, self.optimizer)
         self.schedule.step()
+        if tracer is not None:
+            t4 = time.perf_counter()
+            for name, start, end in (("forward", t0, t1), ("backward", t1, t2), ("wait for all-reduce", t2, t3),
+                                     ("optimizer step", t3, t4)):
+                tracer.span(name, start, end)
+            tracer.step += 1
         return float(loss.data)
+
+    def _check_same_run(self):
+        """Every rank must train the same model on the same data with the same settings."""
+        if self.strategy.world_size == 1:
+            return
+        mine = {**to_dict(self.config), "train examples": len(self.split.train),
+                "parameters": self.model.num_parameters()}
+        everyone = self.strategy.gather(mine)
+        for rank, theirs in enumerate(everyone):
+            for key in mine:
+                if theirs.get(key) != everyone[0].get(key) and key not in _PER_RANK_KEYS:
+                    raise ConfigError(
+                        f"rank {rank} was started with {key} = {theirs.get(key)!r} but rank 0 with "
+                        f"{everyone[0].get(key)!r}: every rank must run the same configuration"
+                    )
 
     def _log_eval(self, metrics, progress, train_loss):
         (train_loss,) = self.strategy.all_sum([train_loss])
@@ -288,6 +299,10 @@ class Trainer:
         codes = [index[c] for c in prompt if c in index]
         out = self.model.generate(codes, length, temperature=0.8, rng=np.random.default_rng(self.config.seed))
         return prompt + "".join(vocab[c] for c in out)
+
+
+# Keys that may legitimately differ between ranks (file paths that only rank 0 writes).
+_PER_RANK_KEYS = {"metrics", "trace", "progress"}
 
 
 def _jsonable(state):

@@ -1,0 +1,24 @@
+"""One Communicator interface (rank, size, allreduce, iallreduce, broadcast, allgather, barrier) and its
+backends: local (a group of one), threads (N ranks in one process, for tests) and mpi (mpi4py)."""
+
+import os
+
+from .base import (
+    DEFAULT_TIMEOUT, CollectiveTimeout, CommError, Communicator, GroupAborted, Handle, LocalCommunicator,
+)
+from .threads import RankFailed, ThreadCommunicator, ThreadGroup, run_ranks
+
+BACKENDS = ("auto", "local", "threads", "mpi")
+
+
+def detect_backend(environ=None):
+    """'mpi' when started as one of several ranks by an MPI launcher, else 'local'."""
+    from .mpi import launched_by_mpi
+
+    return "mpi" if launched_by_mpi(os.environ if environ is None else environ) else "local"
+
+
+def mpi_communicator(timeout=DEFAULT_TIMEOUT):
+    from .mpi import MPICommunicator
+
+    return MPICommunicator(timeout=timeout)

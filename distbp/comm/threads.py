@@ -1,0 +1,213 @@
+"""N ranks inside one process, one thread each: the single-process test mode.
+
+The ranks share nothing but a `ThreadGroup`; every collective is a rendezvous in it. Each rank has a
+communication thread that runs its collectives in the order they were issued, so a non-blocking
+all-reduce really proceeds while the rank's own thread continues with backward.
+"""
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+
+import numpy as np
+
+from .base import (
+    DEFAULT_TIMEOUT, CollectiveTimeout, Communicator, GroupAborted, Handle, check_buffer, check_op,
+)
+
+
+class ThreadGroup:
+    """The meeting place of `size` thread ranks."""
+
+    def __init__(self, size, timeout=DEFAULT_TIMEOUT):
+        if size < 1:
+            raise ValueError(f"a thread group needs at least one rank, got {size}")
+        self.size, self.timeout = size, timeout
+        self._cond = threading.Condition()
+        self._pending = {}  # sequence number -> rendezvous state
+        self.reached = [0] * size  # the latest collective each rank has entered
+        self.failure = None  # (rank, message) of the first rank that failed
+
+    def communicators(self, timeout=None):
+        return [ThreadCommunicator(self, r, self.timeout if timeout is None else timeout) for r in range(self.size)]
+
+    def abort(self, rank, message):
+        with self._cond:
+            if self.failure is None:
+                self.failure = (rank, message)
+            self._cond.notify_all()
+
+    def _check_failure(self, rank):
+        if self.failure is not None and self.failure[0] != rank:
+            failed, message = self.failure
+            raise GroupAborted(f"rank {failed} failed: {message}")
+
+    def meet(self, rank, seq, name, payload, combine, timeout):
+        """Deposit this rank's payload for collective `seq`; once all have, return combine(payloads).
+
+        combine runs once, in the last rank to arrive, while the others wait: their inputs stay untouched
+        until the result exists.
+        """
+        deadline = time.monotonic() + timeout if timeout else None
+        with self._cond:
+            self._check_failure(rank)
+            entry = self._pending.get(seq)
+            if entry is None:
+                entry = self._pending[seq] = {"name": name, "payloads": [None] * self.size, "count": 0,
+                                              "result": None, "done": False, "taken": 0}
+            elif entry["name"] != name:
+                raise GroupAborted(
+                    f"rank {rank} entered {name} as collective #{seq} where another rank entered "
+                    f"{entry['name']}: the ranks issue collectives in different orders"
+                )
+            entry["payloads"][rank] = (payload,)
+            entry["count"] += 1
+            self.reached[rank] = seq
+            if entry["count"] == self.size:
+                entry["result"] = combine([p[0] for p in entry["payloads"]])
+                entry["done"] = True
+                self._cond.notify_all()
+            while not entry["done"]:
+                self._check_failure(rank)
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    missing = [r for r, p in enumerate(entry["payloads"]) if p is None]
+                    message = (f"rank {rank}: {name} (collective #{seq}) did not complete within {timeout:g} s; "
+                               f"rank(s) {missing} did not arrive")
+                    self.failure = self.failure or (rank, message)
+                    self._cond.notify_all()
+                    raise CollectiveTimeout(message)
+                self._cond.wait(remaining)
+            result = entry["result"]
+            entry["taken"] += 1
+            if entry["taken"] == self.size:
+                del self._pending[seq]
+            return result
+
+
+class _FutureHandle(Handle):
+    def __init__(self, future):
+        self._future = future
+
+    def wait(self):
+        return self._future.result()
+
+    def test(self):
+        return self._future.done()
+
+
+class ThreadCommunicator(Communicator):
+    backend = "threads"
+
+    def __init__(self, group, rank, timeout=DEFAULT_TIMEOUT):
+        super().__init__(timeout)
+        self.group, self.rank, self.size = group, rank, group.size
+        self._seq = 0
+        self._queue = queue.Queue()
+        self._worker = threading.Thread(target=self._run, name=f"distbp-comm-{rank}", daemon=True)
+        self._worker.start()
+
+    def _run(self):
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            future, fn = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as e:  # handed to whoever waits on the handle
+                    future.set_exception(e)
+
+    def _submit(self, name, payload, combine, finish):
+        self._seq += 1
+        seq, timeout = self._seq, self.timeout
+
+        def run():
+            return finish(self.group.meet(self.rank, seq, name, payload, combine, timeout))
+
+        future = Future()
+        self._queue.put((future, run))
+        return _FutureHandle(future)
+
+    def iallreduce(self, array, op="sum"):
+        check_buffer(array, "allreduce")
+        check_op(op)
+        size = self.size
+
+        def combine(arrays):
+            if any(a.shape != array.shape or a.dtype != array.dtype for a in arrays):
+                raise GroupAborted(f"allreduce: ranks passed different arrays: {[(a.shape, str(a.dtype)) for a in arrays]}")
+            total = arrays[0].copy()
+            for a in arrays[1:]:
+                total += a
+            if op == "mean":
+                total /= size
+            return total
+
+        def finish(total):
+            np.copyto(array, total)
+
+        return self._submit("allreduce", array, combine, finish)
+
+    def broadcast(self, array, root=0):
+        check_buffer(array, "broadcast")
+        if not 0 <= root < self.size:
+            raise ValueError(f"broadcast: root {root} is not a rank of a group of {self.size}")
+
+        def combine(arrays):
+            if any(a.shape != arrays[root].shape for a in arrays):
+                raise GroupAborted(f"broadcast: ranks passed different shapes: {[a.shape for a in arrays]}")
+            return arrays[root].copy()
+
+        self._submit("broadcast", array, combine, lambda value: np.copyto(array, value)).wait()
+
+    def allgather(self, obj):
+        return self._submit("allgather", obj, list, lambda values: values).wait()
+
+    def barrier(self):
+        self._submit("barrier", None, lambda _: None, lambda _: None).wait()
+
+    def abort(self, code=1, message="aborted"):
+        self.group.abort(self.rank, message)
+
+    def close(self):
+        self._queue.put(None)
+
+
+def run_ranks(size, fn, timeout=DEFAULT_TIMEOUT):
+    """Run fn(communicator) on `size` thread ranks; return their results in rank order.
+
+    A rank that raises aborts the group, so the others stop instead of waiting for it; the first
+    failure is re-raised here with the rank that caused it.
+    """
+    group = ThreadGroup(size, timeout)
+    comms = group.communicators()
+    results, errors = [None] * size, [None] * size
+
+    def body(rank):
+        try:
+            results[rank] = fn(comms[rank])
+        except BaseException as e:
+            errors[rank] = e
+            group.abort(rank, f"{type(e).__name__}: {e}")
+        finally:
+            comms[rank].close()
+
+    threads = [threading.Thread(target=body, args=(r,), name=f"distbp-rank-{r}") for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if group.failure is not None:
+        rank = group.failure[0]
+        first = errors[rank] or next(e for e in errors if e is not None)
+        raise RankFailed(rank, first) from first
+    return results
+
+
+class RankFailed(RuntimeError):
+    def __init__(self, rank, error):
+        super().__init__(f"rank {rank} failed: {type(error).__name__}: {error}")
+        self.rank, self.error = rank, error

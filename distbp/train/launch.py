@@ -1,0 +1,63 @@
+"""Running a training job on the configured backend: one process, thread ranks, or MPI ranks."""
+
+import sys
+import traceback
+
+from threadpoolctl import threadpool_limits
+
+from ..comm import GroupAborted, RankFailed, detect_backend, mpi_communicator, run_ranks
+from .config import ConfigError
+from .steps import LocalStep, allreduce_step
+from .trainer import Trainer
+
+
+def resolve_backend(config):
+    backend = detect_backend() if config.backend == "auto" else config.backend
+    if backend != "threads" and config.world_size != 1:
+        raise ConfigError(f"config: 'world_size' is for the threads backend; with {backend}, "
+                          "the launcher (mpiexec -n N) sets the number of ranks")
+    return backend
+
+
+def run(config, stream=None):
+    """Train as configured; returns rank 0's summary. Errors from any rank are raised here (threads) or
+    end every rank of the job (mpi)."""
+    backend = resolve_backend(config)
+    limits = threadpool_limits(config.threads) if config.threads else None
+    try:
+        if backend == "local":
+            return Trainer(config, LocalStep(), stream).fit()
+        if backend == "threads":
+            results = run_ranks(
+                config.world_size, lambda comm: Trainer(config, allreduce_step(config, comm), stream).fit(), config.timeout
+            )
+            return results[0]
+        return _run_mpi(config, stream)
+    finally:
+        if limits is not None:
+            limits.restore_original_limits()
+
+
+def _run_mpi(config, stream):
+    comm = mpi_communicator(config.timeout)
+    try:
+        return Trainer(config, allreduce_step(config, comm), stream).fit()
+    except BaseException as e:  # end every rank now, rather than leave them waiting for this one
+        if isinstance(e, SystemExit) and not e.code:
+            raise
+        detail = "" if isinstance(e, (GroupAborted,)) else "".join(traceback.format_exception_only(type(e), e)).strip()
+        sys.stderr.write(f"distbp: rank {comm.rank} of {comm.size} failed: {detail}\n")
+        if not _is_user_error(e):
+            traceback.print_exc()
+        sys.stderr.flush()
+        comm.abort(1)
+        raise
+
+
+def _is_user_error(e):
+    from ..cli import USER_ERRORS
+
+    return isinstance(e, USER_ERRORS)
+
+
+__all__ = ["run", "resolve_backend", "RankFailed"]

@@ -1,0 +1,376 @@
+"""Data parallelism in the single-process test mode: communicators on threads, DataParallel, the trainer."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import distbp
+from distbp import nn
+from distbp.autograd import Tensor
+from distbp.autograd.ops import cross_entropy
+from distbp.comm import CollectiveTimeout, GroupAborted, LocalCommunicator, RankFailed, ThreadGroup, run_ranks
+from distbp.optim import SGD
+from distbp.parallel import DataParallel, ModelMismatch, UnusedParameters
+from distbp.train import Trainer, make_config
+from distbp.train.steps import AllReduceStep, allreduce_step
+
+# --- communicators --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [1, 2, 4])
+def test_thread_collectives(size):
+    def body(comm):
+        a = np.full(3, comm.rank + 1, np.float32)
+        comm.allreduce(a)
+        m = np.full(2, float(comm.rank), np.float64)
+        comm.allreduce(m, "mean")
+        b = np.full(2, comm.rank, np.int64)
+        comm.broadcast(b, root=size - 1)
+        handles = [comm.iallreduce(np.ones(4, np.float32) * i) for i in range(3)]
+        for h in handles:
+            h.wait()
+        comm.barrier()
+        return a, m, b, comm.allgather({"rank": comm.rank})
+
+    for rank, (a, m, b, gathered) in enumerate(run_ranks(size, body)):
+        np.testing.assert_array_equal(a, np.full(3, size * (size + 1) / 2))
+        np.testing.assert_allclose(m, np.full(2, (size - 1) / 2))
+        np.testing.assert_array_equal(b, np.full(2, size - 1))
+        assert gathered == [{"rank": r} for r in range(size)]
+
+
+def test_local_communicator_is_identity():
+    comm = LocalCommunicator()
+    a = np.arange(4, dtype=np.float32)
+    comm.allreduce(a)
+    comm.broadcast(a)
+    np.testing.assert_array_equal(a, np.arange(4))
+    assert comm.allgather(7) == [7] and comm.size == 1
+
+
+def test_collective_buffers_are_checked():
+    comm = LocalCommunicator()
+    with pytest.raises(ValueError, match="C-contiguous"):
+        comm.allreduce(np.ones((4, 4), np.float32)[:, ::2])
+    with pytest.raises(TypeError, match="numpy array"):
+        comm.allreduce([1.0, 2.0])
+    with pytest.raises(ValueError, match="op must be"):
+        comm.allreduce(np.ones(2, np.float32), "max")
+
+
+def test_a_missing_rank_times_out_naming_it():
+    group = ThreadGroup(3, timeout=0.5)
+    comms = group.communicators()
+    errors = {}
+
+    def body(rank):
+        try:
+            if rank != 2:  # rank 2 never arrives
+                comms[rank].allreduce(np.ones(2, np.float32))
+        except Exception as e:
+            errors[rank] = e
+
+    threads = [threading.Thread(target=body, args=(r,)) for r in range(3)]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert time.monotonic() - start < 5
+    assert set(errors) == {0, 1}
+    messages = [str(e) for e in errors.values()]
+    assert any(isinstance(e, CollectiveTimeout) and "[2] did not arrive" in str(e) for e in errors.values()), messages
+
+
+def test_a_failing_rank_stops_the_others_instead_of_hanging():
+    def body(comm):
+        if comm.rank == 1:
+            raise ValueError("rank one is broken")
+        comm.allreduce(np.ones(2, np.float32))  # would wait forever for rank 1
+        return "unreachable"
+
+    start = time.monotonic()
+    with pytest.raises(RankFailed, match="rank 1 failed: ValueError: rank one is broken") as info:
+        run_ranks(3, body, timeout=60)
+    assert time.monotonic() - start < 10
+    assert info.value.rank == 1
+
+
+def test_collectives_in_different_orders_are_caught():
+    def body(comm):
+        if comm.rank == 0:
+            comm.barrier()
+        else:
+            comm.allgather(1)
+
+    with pytest.raises(RankFailed, match="different orders"):
+        run_ranks(2, body, timeout=10)
+
+
+# --- DataParallel ---------------------------------------------------------------------------------
+
+
+def _mlp(seed=0, widths=(8, 16, 16, 4)):
+    distbp.manual_seed(seed)
+    layers = []
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(a, b), nn.Tanh()]
+    return nn.Sequential(*layers[:-1])
+
+
+def _data(n=64, features=8, classes=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, features)).astype(np.float32), rng.integers(0, classes, n)
+
+
+def _grads(model):
+    return {n: p.grad.data.copy() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("size", [1, 2, 4])
+@pytest.mark.parametrize("cap_mb", [25.0, 1e-9])
+def test_averaged_gradients_equal_the_global_batch(size, cap_mb):
+    x, y = _data()
+    reference = _mlp()
+    cross_entropy(reference(Tensor(x)), y).backward()
+    expected = _grads(reference)
+
+    def body(comm):
+        model = _mlp(seed=0 if comm.rank == 0 else comm.rank + 100)  # rank 0's initialisation must win
+        ddp = DataParallel(model, comm, bucket_cap_mb=cap_mb)
+        shard = slice(comm.rank * len(x) // size, (comm.rank + 1) * len(x) // size)
+        cross_entropy(ddp(Tensor(x[shard])), y[shard]).backward()
+        ddp.synchronize()
+        return _grads(model), len(ddp.buckets), ddp.allreduce_calls
+
+    n_params = len(list(reference.parameters()))
+    for grads, n_buckets, calls in run_ranks(size, body):
+        assert n_buckets == (n_params if cap_mb < 1 else 1) and calls == n_buckets
+        for name in expected:
+            np.testing.assert_allclose(grads[name], expected[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_many_small_parameters_make_few_allreduce_calls():
+    def body(comm):
+        distbp.manual_seed(0)
+        model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(50)])  # 100 parameters
+        ddp = DataParallel(model, comm)
+        ddp(Tensor(np.ones((2, 4)))).sum().backward()
+        ddp.synchronize()
+        return ddp.allreduce_calls
+
+    assert run_ranks(2, body) == [1, 1]
+
+
+def test_first_bucket_allreduce_starts_before_backward_ends():
+    def body(comm):
+        distbp.manual_seed(0)
+        model = nn.Sequential(*[layer for _ in range(6) for layer in (nn.Linear(256, 256), nn.Tanh())])
+        ddp = DataParallel(model, comm, bucket_cap_mb=0.3)  # about one layer per bucket
+        x = Tensor(np.random.default_rng(comm.rank).standard_normal((64, 256)))
+        loss = ddp(x).sum()
+        loss.backward()
+        backward_done = time.perf_counter()
+        ddp.synchronize()
+        return ddp.buckets[0].launched_at, backward_done, len(ddp.buckets)
+
+    for launched, backward_done, n_buckets in run_ranks(2, body):
+        assert n_buckets >= 4
+        assert launched < backward_done
+
+
+def test_broadcast_makes_parameters_identical_at_start():
+    def body(comm):
+        model = _mlp(seed=comm.rank)
+        DataParallel(model, comm)
+        return {n: p.data.copy() for n, p in model.named_parameters()}
+
+    ranks = run_ranks(3, body)
+    for other in ranks[1:]:
+        for name, value in ranks[0].items():
+            np.testing.assert_array_equal(other[name], value)
+
+
+def test_different_models_fail_on_every_rank_naming_the_difference():
+    failures = []
+
+    def body(comm):
+        model = _mlp(widths=(8, 16, 4) if comm.rank == 1 else (8, 16, 16, 4))
+        try:
+            DataParallel(model, comm)
+        except ModelMismatch as e:
+            failures.append(str(e))
+            raise
+
+    with pytest.raises(RankFailed):
+        run_ranks(2, body, timeout=20)
+    assert failures and all("rank 1 has a different model" in f and "parameter #" in f for f in failures)
+    assert len(failures) == 2  # every rank stops with the message, none waits for the others
+
+
+def test_unused_parameters_are_named_or_zeroed():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.used, self.unused = nn.Linear(4, 4), nn.Linear(4, 2), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.used(self.body(x))
+
+    def body(comm, allow):
+        distbp.manual_seed(0)
+        model = TwoHeads()
+        ddp = DataParallel(model, comm, allow_unused=allow)
+        ddp(Tensor(np.ones((2, 4)))).sum().backward()
+        ddp.synchronize()
+        return model.unused.weight.grad.data.copy()
+
+    with pytest.raises(RankFailed, match=r"unused\.weight, unused\.bias"):
+        run_ranks(2, lambda c: body(c, False), timeout=20)
+    for g in run_ranks(2, lambda c: body(c, True)):
+        np.testing.assert_array_equal(g, np.zeros((2, 4)))
+
+
+def test_no_sync_accumulation_equals_the_large_batch():
+    x, y = _data(n=64)
+    reference = _mlp()
+    for part in range(4):  # four micro-batches accumulated in one process
+        sl = slice(part * 16, (part + 1) * 16)
+        cross_entropy(reference(Tensor(x[sl])), y[sl]).backward()
+    expected = {n: g / 2 for n, g in _grads(reference).items()}  # average over two ranks of 2-sums
+
+    def body(comm):
+        model = _mlp()
+        ddp = DataParallel(model, comm)
+        micro = [slice(comm.rank * 32 + k * 16, comm.rank * 32 + (k + 1) * 16) for k in range(2)]
+        with ddp.no_sync():
+            cross_entropy(ddp(Tensor(x[micro[0]])), y[micro[0]]).backward()
+        calls_during_no_sync = ddp.allreduce_calls
+        cross_entropy(ddp(Tensor(x[micro[1]])), y[micro[1]]).backward()
+        ddp.synchronize()
+        return _grads(model), calls_during_no_sync
+
+    for grads, calls in run_ranks(2, body):
+        assert calls == 0
+        for name in expected:
+            np.testing.assert_allclose(grads[name], expected[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_fp16_compression_is_close_to_full_precision():
+    x, y = _data()
+
+    def body(comm, compress):
+        model = _mlp()
+        ddp = DataParallel(model, comm, compress=compress)
+        shard = slice(comm.rank * 32, (comm.rank + 1) * 32)
+        cross_entropy(ddp(Tensor(x[shard])), y[shard]).backward()
+        ddp.synchronize()
+        return _grads(model)
+
+    full = run_ranks(2, lambda c: body(c, None))[0]
+    half = run_ranks(2, lambda c: body(c, "fp16"))[0]
+    for name in full:
+        assert half[name].dtype == np.float32
+        np.testing.assert_allclose(half[name], full[name], rtol=2e-2, atol=1e-3, err_msg=name)
+
+
+# --- training: N ranks equal one process on the global batch --------------------------------------
+
+
+def _train_ranks(size, **cfg):
+    cfg.setdefault("progress", "none")
+    trainers = [None] * size
+
+    def body(comm):
+        config = make_config(cfg)
+        trainer = Trainer(config, allreduce_step(config, comm))
+        trainers[comm.rank] = trainer
+        return trainer.fit()
+
+    run_ranks(size, body, timeout=120)
+    return trainers
+
+
+def _params(trainer):
+    return {n: p.data.copy() for n, p in trainer.model.named_parameters()}
+
+
+EQUIVALENCE = dict(dataset="synthetic", synthetic_size=2000, hidden=[32], epochs=2)
+
+
+@pytest.mark.parametrize("optimizer,lr", [("sgd", 0.05), ("adam", 1e-3)])
+@pytest.mark.parametrize("size", [1, 2, 4])
+def test_n_ranks_train_like_one_process_on_the_global_batch(size, optimizer, lr):
+    common = dict(EQUIVALENCE, optimizer=optimizer, lr=lr, momentum=0.9)
+    single = Trainer(make_config({**common, "batch_size": 16 * 4, "progress": "none"}))
+    single.fit()
+    ranks = _train_ranks(size, **common, batch_size=16 * 4 // size)
+    assert all(t.step == single.step for t in ranks) and single.step > 50
+    expected = _params(single)
+    for trainer in ranks:
+        for name, value in expected.items():
+            np.testing.assert_allclose(_params(trainer)[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_equivalence_holds_with_one_bucket_per_parameter():
+    common = dict(EQUIVALENCE, optimizer="sgd", lr=0.05)
+    single = Trainer(make_config({**common, "batch_size": 32, "progress": "none"}))
+    single.fit()
+    ranks = _train_ranks(2, **common, batch_size=16, bucket_cap_mb=1e-9)
+    assert len(ranks[0].strategy.ddp.buckets) == len(list(single.model.parameters()))
+    for name, value in _params(single).items():
+        np.testing.assert_allclose(_params(ranks[1])[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_data_set_size_not_divisible_by_world_size_does_not_deadlock():
+    ranks = _train_ranks(3, dataset="synthetic", synthetic_size=1001, hidden=[16], epochs=2, batch_size=10)
+    steps = {t.step for t in ranks}
+    assert len(steps) == 1 and steps.pop() == 2 * ranks[0].steps_per_epoch
+    for other in ranks[1:]:
+        for name, value in _params(ranks[0]).items():
+            np.testing.assert_array_equal(_params(other)[name], value)
+
+
+def test_ranks_with_different_configs_stop_at_start_up():
+    def body(comm):
+        cfg = dict(epochs=1, progress="none", lr=0.1 if comm.rank == 0 else 0.2)
+        Trainer(make_config(cfg), AllReduceStep(comm)).fit()
+
+    with pytest.raises(RankFailed, match=r"lr = 0\.2 but rank 0 with 0\.1"):
+        run_ranks(2, body, timeout=30)
+
+
+def test_only_rank_zero_writes_checkpoints_metrics_and_progress(tmp_path):
+    import io
+
+    streams = [io.StringIO() for _ in range(2)]
+
+    def body(comm):
+        cfg = dict(epochs=2, progress="plain", metrics=str(tmp_path / "m.jsonl"), checkpoint=str(tmp_path / "c.ckpt"),
+                   trace=str(tmp_path / "trace.json"))
+        return Trainer(make_config(cfg), AllReduceStep(comm), stream=streams[comm.rank]).fit()
+
+    summaries = run_ranks(2, body)
+    assert streams[0].getvalue() and not streams[1].getvalue()
+    assert summaries[0]["test_accuracy"] == summaries[1]["test_accuracy"]  # evaluation combined over ranks
+    assert len((tmp_path / "m.jsonl").read_text().splitlines()) == 2
+    assert (tmp_path / "c.ckpt").exists()
+    import json
+
+    events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    spans = {(e["pid"], e["name"]) for e in events if e["ph"] == "X"}
+    for rank in (0, 1):
+        assert {(rank, "forward"), (rank, "backward"), (rank, "allreduce bucket 0")} <= spans
+
+
+def test_resume_needs_the_same_world_size(tmp_path):
+    ckpt = tmp_path / "c.ckpt"
+    _train_ranks(2, epochs=2, max_steps=10, checkpoint=str(ckpt))
+    with pytest.raises(RankFailed, match="resume with the same world size"):
+        _train_ranks(3, epochs=2, checkpoint=str(ckpt), resume=True)
+
+
+def test_group_aborted_is_a_comm_error():
+    assert issubclass(GroupAborted, Exception) and issubclass(UnusedParameters, RuntimeError)
