@@ -53,13 +53,20 @@ def config_from_args(args):
     return make_config({**values, **overrides}, "options")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error of the command."""
+
+    def error(self, message):
+        self.exit(2, f"distbp: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="distbp",
         allow_abbrev=False,
         description="Data-parallel training on a numpy autograd core.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     train = sub.add_parser("train", allow_abbrev=False, help="train a model (default: an MLP on the digits data set)",
                            description="Train a model. Every option can also be set in a TOML --config file.")

@@ -574,7 +574,8 @@ class TorchBlock(torch.nn.Module):
     def __init__(self, d, h):
         super().__init__()
         self.layer = torch.nn.TransformerEncoderLayer(
-            d, h, dim_feedforward=4 * d, dropout=0.0, activation="gelu", batch_first=True, norm_first=True,
+            d, h, dim_feedforward=4 * d, dropout=0.0, batch_first=True, norm_first=True,
+            activation=lambda v: torch.nn.functional.gelu(v, approximate="tanh"),  # distbp's block: GPT-2's GELU
         )
 
     def forward(self, x):

@@ -92,6 +92,8 @@ def load_safetensors(path):
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: the header is not a JSON object")
     metadata = header.pop("__metadata__", {}) or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: not a valid checkpoint: '__metadata__' is not a JSON object")
     body = memoryview(raw)[8 + n:]
     arrays = {}
     for name, info in header.items():
@@ -99,6 +101,8 @@ def load_safetensors(path):
             dtype = np.dtype(_DTYPES[info["dtype"]]).newbyteorder("<")
             shape = tuple(int(s) for s in info["shape"])
             begin, end = (int(o) for o in info["data_offsets"])
+            if any(s < 0 for s in shape):
+                raise ValueError("negative dimension")
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: entry {name!r} has a malformed description {info!r}") from None
         if not 0 <= begin <= end <= len(body) or end - begin != int(np.prod(shape)) * dtype.itemsize:
@@ -125,6 +129,7 @@ def save_checkpoint(path, model, optimizer, state):
     meta = {
         "format": FORMAT,
         "signature": model_signature(model),
+        "optimizer_type": type(optimizer).__name__,
         "optimizer": {"param_groups": opt["param_groups"], "scalars": scalars},
         "state": state,
     }
@@ -140,11 +145,22 @@ def load_checkpoint(path, model, optimizer):
     arrays, metadata = load_safetensors(path)
     try:
         meta = json.loads(metadata["distbp"])
-    except (KeyError, json.JSONDecodeError):
+    except (KeyError, TypeError, json.JSONDecodeError):
         raise CheckpointError(f"{path}: not a distbp checkpoint (no distbp metadata)") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: unknown checkpoint format {meta.get('format')!r}, expected {FORMAT}")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{path}: unknown checkpoint format {found!r}, expected {FORMAT}")
+    missing = [k for k in ("signature", "optimizer", "state") if k not in meta]
+    if missing:
+        raise CheckpointError(f"{path}: damaged checkpoint metadata: no {missing[0]!r}")
+    saved_opt = meta.get("optimizer_type")
+    if saved_opt is not None and saved_opt != type(optimizer).__name__:
+        raise CheckpointError(
+            f"{path}: checkpoint of a run with optimizer {saved_opt}, this run uses {type(optimizer).__name__}"
+        )
     saved, own = meta["signature"], model_signature(model)
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path}: damaged checkpoint metadata: the model signature is not an object")
     for name in own:
         if name not in saved:
             raise CheckpointError(f"{path}: checkpoint of a different model: it has no parameter {name!r}")
@@ -156,18 +172,25 @@ def load_checkpoint(path, model, optimizer):
     extra = [n for n in saved if n not in own]
     if extra:
         raise CheckpointError(f"{path}: checkpoint of a different model: it has extra parameter {extra[0]!r}")
-    model_arrays = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}
-    opt_state = {}
-    for key, value in arrays.items():
-        if key.startswith("optim/"):
-            _, idx, name = key.split("/", 2)
-            opt_state.setdefault(int(idx), {})[name] = value
-    for idx, entries in meta["optimizer"]["scalars"].items():
-        opt_state.setdefault(int(idx), {}).update(entries)
-    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["optimizer"]["param_groups"]]
-    try:  # each load checks everything before it changes anything
-        optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+    try:
+        model_arrays = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}
+        opt_state = {}
+        for key, value in arrays.items():
+            if key.startswith("optim/"):
+                _, idx, name = key.split("/", 2)
+                opt_state.setdefault(int(idx), {})[name] = value
+        for idx, entries in meta["optimizer"]["scalars"].items():
+            opt_state.setdefault(int(idx), {}).update(entries)
+        groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["optimizer"]["param_groups"]]
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: damaged checkpoint metadata ({type(e).__name__}: {e})") from None
+    model_backup, optimizer_backup = model.state_dict(), optimizer.state_dict()
+    try:
         model.load_state_dict(model_arrays)
-    except (KeyError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: {e}") from None
+        optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        # either load may fail after the other succeeded: put both back, so a refused checkpoint changes nothing
+        model.load_state_dict(model_backup)
+        optimizer.load_state_dict(optimizer_backup)
+        raise CheckpointError(f"{path}: does not fit this run: {e}") from None
     return meta["state"]

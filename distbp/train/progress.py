@@ -87,9 +87,12 @@ def read_metrics(path):
     for n, line in enumerate(lines, 1):
         if line.strip():
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not a JSON line ({e.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("step"), (int, float)):
+                raise ValueError(f"{path}:{n}: not a metrics record (a JSON object with a 'step')")
+            records.append(record)
     return records
 
 
@@ -121,6 +124,10 @@ def plot_metrics(metrics_path, out_path):
     ax_acc.grid(alpha=0.3)
     fig.suptitle(Path(metrics_path).name)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(out_path, dpi=100)
+    except OSError as e:
+        raise ValueError(f"cannot write {out_path}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
     return out_path

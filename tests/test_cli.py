@@ -1,0 +1,253 @@
+"""The `distbp` command as a user meets it: help, one-line errors, checkpoints left alone, plots.
+
+Commands run as `python -m distbp ...` subprocesses so that the real stderr and exit status are seen. The
+error cases are independent, so they are run once, a few at a time, by a module fixture. Some further cases
+(IN_PROCESS) run through `distbp.cli.main` in this process, stderr captured, an escaping exception recorded as
+a traceback: the same code path, without paying the package import (scipy and all) once more for each.
+"""
+
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from distbp import cli
+from distbp.train.config import FIELDS
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def run(cwd, *args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "distbp", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def run_in_process(cwd, *args):
+    """cli.main(args) in cwd, as a CompletedProcess; an exception that escapes main becomes a traceback."""
+    out, err = io.StringIO(), io.StringIO()
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main(list(args))
+            except SystemExit as e:
+                code = e.code
+            except Exception:  # noqa: BLE001 - what a user would see as a traceback
+                traceback.print_exc(file=err)
+                code = 1
+    finally:
+        os.chdir(old)
+    return subprocess.CompletedProcess(["distbp", *args], code, out.getvalue(), err.getvalue())
+
+
+# --- help ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["plot", "--help"]], ids=" ".join)
+def test_help_exits_zero(tmp_path, args):
+    r = run(tmp_path, *args)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""
+    assert r.stdout.startswith("usage: distbp")
+    flat = re.sub(r"-\s+", "-", " ".join(r.stdout.split()))  # undo line wrapping (argparse breaks at hyphens)
+    if args == ["--help"]:
+        assert "train" in flat and "plot" in flat
+    elif args[0] == "train":
+        for f in FIELDS:
+            option = "--" + f.name.replace("_", "-")
+            assert option in r.stdout, f"train --help does not document {f.name} as {option}"
+            assert " ".join(f.help.split()) in flat, f"train --help lacks the help of {f.name}"
+        assert "--config" in r.stdout and "--no-resume" in r.stdout
+    else:
+        assert "METRICS" in r.stdout and "--out" in r.stdout
+
+
+def test_every_field_is_an_option():
+    parser = cli.build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    options = {opt for action in train._actions for opt in action.option_strings}
+    for f in FIELDS:
+        assert "--" + f.name.replace("_", "-") in options
+
+
+# --- bad input -------------------------------------------------------------------------------------------
+
+
+# id: (arguments, words the error must contain, a checkpoint file the run must leave unchanged or None)
+CASES = {
+    "unknown-option": (["train", "--frobnicate", "3"], ["--frobnicate"], None),
+    "config-typo": (["train", "--config", "typo.toml"], ["typo.toml", "'lrr'", "did you mean 'lr'"], None),
+    "wrong-type-toml": (["train", "--config", "wrongtype.toml"], ["wrongtype.toml", "'epochs'", "integer"], None),
+    "wrong-type-option": (["train", "--epochs", "many"], ["--epochs", "many"], None),
+    "out-of-range-option": (["train", "--lr", "0"], ["'lr'"], None),
+    "malformed-toml": (["train", "--config", "broken.toml"], ["broken.toml", "TOML"], None),
+    "missing-config": (["train", "--config", "nope.toml"], ["nope.toml", "does not exist"], None),
+    "missing-data-dir": (["train", "--dataset", "idx", "--data-dir", "no-such-dir"], ["no-such-dir"], None),
+    "idx-without-data-dir": (["train", "--dataset", "idx"], ["data_dir"], None),
+    "bad-idx-file": (["train", "--dataset", "idx", "--data-dir", "badidx"], ["train-images-idx3-ubyte"], None),
+    "missing-text-file": (["train", "--model", "charlm", "--text-file", "missing.txt"], ["missing.txt"], None),
+    "unknown-model-option": (["train", "--model", "resnet"], ["resnet"], None),
+    "unknown-model-toml": (["train", "--config", "resnet.toml"], ["'model'", "resnet"], None),
+    "checkpoint-of-other-model": (
+        ["train", "--resume", "--hidden", "64", "--checkpoint", "ck-model.safetensors", "--progress", "none"],
+        ["ck-model.safetensors", "different model"], "ck-model.safetensors"),
+    "corrupt-checkpoint": (
+        ["train", "--resume", "--hidden", "32", "--checkpoint", "ck-garbage.safetensors", "--progress", "none"],
+        ["ck-garbage.safetensors"], "ck-garbage.safetensors"),
+    "truncated-checkpoint": (
+        ["train", "--resume", "--hidden", "32", "--checkpoint", "ck-cut.safetensors", "--progress", "none"],
+        ["ck-cut.safetensors"], "ck-cut.safetensors"),
+    "checkpoint-of-other-optimizer": (
+        ["train", "--resume", "--hidden", "32", "--optimizer", "adam", "--checkpoint", "ck-opt.safetensors",
+         "--progress", "none"],
+        ["ck-opt.safetensors"], "ck-opt.safetensors"),
+    "plot-not-json": (["plot", "notjson.jsonl", "-o", "x.png"], ["notjson.jsonl:2"], None),
+    "plot-missing-file": (["plot", "gone.jsonl", "-o", "x.png"], ["gone.jsonl"], None),
+    "plot-no-records": (["plot", "empty.jsonl", "-o", "x.png"], ["empty.jsonl"], None),
+    "plot-not-an-object": (["plot", "scalar.jsonl", "-o", "x.png"], ["scalar.jsonl"], None),
+    "plot-record-without-step": (["plot", "nostep.jsonl", "-o", "x.png"], ["nostep.jsonl"], None),
+    "plot-output-dir-missing": (["plot", "metrics.jsonl", "-o", "no-dir/out.png"], ["no-dir"], None),
+}
+
+# Extra cases, beyond the ones every user hits first, run in-process to keep the suite fast.
+IN_PROCESS = {"out-of-range-option", "malformed-toml", "missing-config", "idx-without-data-dir", "bad-idx-file",
+              "unknown-model-toml", "plot-missing-file", "plot-no-records", "plot-output-dir-missing"}
+
+
+
+def _params(one_line):
+    out = []
+    for name in CASES:
+        out.append(pytest.param(name, id=name))
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A short real training run: its metrics file and checkpoint (mlp, hidden 32, SGD, 2 epochs)."""
+    d = tmp_path_factory.mktemp("trained")
+    r = run(d, "train", "--hidden", "32", "--epochs", "2", "--metrics", "metrics.jsonl",
+            "--checkpoint", "ck.safetensors", "--progress", "none")
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    return d
+
+
+@pytest.fixture(scope="module")
+def results(trained, tmp_path_factory):
+    """Every CASES command run once in a directory holding its input files: name -> (result, original bytes)."""
+    d = tmp_path_factory.mktemp("cases")
+    (d / "typo.toml").write_text("epochs = 1\nlrr = 0.1\n")
+    (d / "wrongtype.toml").write_text('epochs = "many"\n')
+    (d / "broken.toml").write_text("epochs = = 1\n[x\n")
+    (d / "resnet.toml").write_text('model = "resnet"\n')
+    (d / "badidx").mkdir()
+    (d / "badidx" / "train-images-idx3-ubyte").write_bytes(b"not an idx file at all")
+    for name in ("train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (d / "badidx" / name).write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x01\x07")
+    ck = (trained / "ck.safetensors").read_bytes()
+    for name in ("ck-model", "ck-opt"):
+        (d / f"{name}.safetensors").write_bytes(ck)
+    (d / "ck-garbage.safetensors").write_bytes(b"\x13\x37" * 3000)
+    (d / "ck-cut.safetensors").write_bytes(ck[: len(ck) * 2 // 3])
+    (d / "notjson.jsonl").write_text('{"step": 1, "train_loss": 2.0}\n{"step": 2, "train_loss":\n')
+    (d / "empty.jsonl").write_text("")
+    (d / "scalar.jsonl").write_text("5\n")
+    (d / "nostep.jsonl").write_text('{"train_loss": 1.0}\n')
+    shutil.copy(trained / "metrics.jsonl", d / "metrics.jsonl")
+    originals = {name: (d / ck_name).read_bytes() for name, (_, _, ck_name) in CASES.items() if ck_name}
+
+    def one(name):
+        return name, run(d, *CASES[name][0])
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        done = dict(pool.map(one, [n for n in CASES if n not in IN_PROCESS]))
+    for name in IN_PROCESS:
+        done[name] = run_in_process(d, *CASES[name][0])
+    return {name: (done[name], originals.get(name), d) for name in CASES}
+
+
+@pytest.mark.parametrize("name", _params(one_line=False))
+def test_bad_input_fails_cleanly(results, name):
+    """Non-zero exit, no traceback, and a last line that is the error naming what is wrong."""
+    r, _, _ = results[name]
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert "error:" in last
+    for word in CASES[name][1]:
+        assert word in last, f"{word!r} not in {last!r}"
+
+
+@pytest.mark.parametrize("name", _params(one_line=True))
+def test_bad_input_is_one_error_line(results, name):
+    r, _, _ = results[name]
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2
+    assert len(lines) == 1, f"{len(lines)} lines on stderr:\n" + r.stderr[-2000:]
+    assert lines[0].startswith("distbp: error: ")
+
+
+@pytest.mark.parametrize("name", [n for n, case in CASES.items() if case[2]])
+def test_refused_checkpoint_is_left_unchanged(results, name):
+    r, original, d = results[name]
+    assert r.returncode != 0
+    assert (d / CASES[name][2]).read_bytes() == original
+    leftovers = [p.name for p in d.iterdir() if p.name.startswith(".") and "tmp" in p.name]
+    assert not leftovers
+
+
+def test_trained_checkpoint_resumes(trained, tmp_path):
+    """The other side of the refusals: the same checkpoint with the same model resumes and trains on."""
+    shutil.copy(trained / "ck.safetensors", tmp_path / "ck.safetensors")
+    before = (tmp_path / "ck.safetensors").read_bytes()
+    r = run(tmp_path, "train", "--resume", "--hidden", "32", "--epochs", "3", "--checkpoint", "ck.safetensors",
+            "--progress", "plain", "--metrics", "m.jsonl")
+    assert r.returncode == 0, r.stderr
+    assert "resumed from ck.safetensors at step 90" in r.stdout  # 2 epochs of 45 steps
+    records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [rec["step"] for rec in records] == [135]
+    assert (tmp_path / "ck.safetensors").read_bytes() != before
+
+
+# --- plot ----------------------------------------------------------------------------------------------
+
+
+def test_metrics_file_of_training(trained):
+    records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert [r["step"] for r in records] == [45, 90]  # 1,438 training digits in batches of 32
+    for rec in records:
+        assert {"train_loss", "test_loss", "test_accuracy", "lr"} <= set(rec)
+        assert 0.0 <= rec["test_accuracy"] <= 1.0
+    assert records[-1]["test_accuracy"] > 0.8  # an MLP learns the digits in two epochs
+
+
+def test_plot_writes_png(trained, tmp_path):
+    out = tmp_path / "out.png"
+    r = run(tmp_path, "plot", str(trained / "metrics.jsonl"), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert str(out) in r.stdout
+    data = out.read_bytes()
+    assert data[:8] == PNG_SIGNATURE
+    assert len(data) > 10_000
+    assert data[12:16] == b"IHDR"
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert (width, height) == (1000, 400)  # figsize (10, 4) at 100 dpi
+
+
+def test_plot_default_output_name(trained, tmp_path, capsys):
+    shutil.copy(trained / "metrics.jsonl", tmp_path / "run.jsonl")
+    assert cli.main(["plot", str(tmp_path / "run.jsonl")]) == 0
+    png = tmp_path / "run.png"
+    assert png.read_bytes()[:8] == PNG_SIGNATURE
+    assert str(png) in capsys.readouterr().out
