@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Data-parallel training on one machine: N MPI ranks, one BLAS thread each.
+#
+#   launch/mpirun.sh 4 --model cnn --epochs 10        # 4 ranks; the rest are `distbp train` options
+#   HOSTFILE=launch/hostfile.example launch/mpirun.sh 8 ...   # ranks spread over the hosts listed there
+#
+# mpiexec comes with the mpich wheel that `pip install -e .` installs; a cluster's own mpiexec works too.
+set -euo pipefail
+ranks=${1:?usage: launch/mpirun.sh RANKS [distbp train options...]}
+shift
+hosts=()
+if [ -n "${HOSTFILE:-}" ]; then
+  hosts=(-f "$HOSTFILE")
+fi
+# one BLAS thread per rank, so that ranks do not fight over the cores
+export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
+exec mpiexec "${hosts[@]}" -n "$ranks" "${PYTHON:-python3}" -m distbp train --backend mpi "$@"

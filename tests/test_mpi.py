@@ -1,0 +1,84 @@
+"""Real MPI ranks started with mpiexec from the test suite: equivalence with one process, and failures."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from distbp.train import Trainer, make_config
+from distbp.train.checkpoint import load_safetensors
+
+MPIEXEC = shutil.which("mpiexec")
+pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec on PATH (pip install mpi4py mpich)")
+HERE = Path(__file__).parent
+
+
+def mpiexec(n, *args, timeout=90):
+    """Run `python -m distbp ARGS` (or a script) on n ranks; returns (exit code, stdout, stderr, seconds)."""
+    command = [MPIEXEC, "-n", str(n), sys.executable, *args]
+    start = time.monotonic()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    return done.returncode, done.stdout, done.stderr, time.monotonic() - start
+
+
+COMMON = ["--dataset", "synthetic", "--synthetic-size", "2000", "--hidden", "32", "--epochs", "2"]
+
+
+@pytest.mark.parametrize("optimizer,lr", [("sgd", "0.05"), ("adam", "0.001")])
+def test_two_mpi_ranks_train_like_one_process_on_the_global_batch(tmp_path, optimizer, lr):
+    ckpt = tmp_path / "mpi.ckpt"
+    code, out, err, _ = mpiexec(2, "-m", "distbp", "train", "--backend", "mpi", *COMMON, "--optimizer", optimizer,
+                                "--lr", lr, "--batch-size", "16", "--checkpoint", str(ckpt), "--progress", "none")
+    assert code == 0, err
+    single = Trainer(make_config({"dataset": "synthetic", "synthetic_size": 2000, "hidden": [32], "epochs": 2,
+                                  "optimizer": optimizer, "lr": float(lr), "batch_size": 32, "progress": "none"}))
+    single.fit()
+    arrays, _ = load_safetensors(ckpt)
+    for name, p in single.model.named_parameters():
+        np.testing.assert_allclose(arrays[f"model/{name}"], p.data, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_mpi_is_detected_and_only_rank_zero_reports():
+    code, out, err, _ = mpiexec(2, "-m", "distbp", "train", "--epochs", "1", "--progress", "plain")
+    assert code == 0, err
+    assert out.count("training mlp") == 1  # one header, from rank 0
+    assert "23 steps per epoch" in out  # 1,438 digits over 2 ranks of 32
+    assert "test accuracy" in out
+
+
+@pytest.mark.parametrize("kind", ["raise", "kill"])
+def test_a_failing_rank_ends_the_job_promptly(kind):
+    code, out, err, seconds = mpiexec(2, str(HERE / "mpi_faults.py"), kind, timeout=60)
+    assert code != 0
+    assert seconds < 30
+    if kind == "raise":
+        assert "rank 1 of 2 failed" in err and "injected failure on rank 1" in err
+
+
+def test_a_collective_timeout_names_the_missing_rank():
+    code, out, err, seconds = mpiexec(2, str(HERE / "mpi_faults.py"), "hang", timeout=60)
+    assert code != 0 and seconds < 30
+    assert "did not complete within 3 s" in err and "rank(s) [1] did not arrive" in err
+
+
+def test_ranks_started_with_different_configs_stop_at_start_up():
+    base = [sys.executable, "-m", "distbp", "train", "--backend", "mpi", "--epochs", "1", "--progress", "none"]
+    command = [MPIEXEC, "-n", "1", *base, "--lr", "0.1", ":", "-n", "1", *base, "--lr", "0.2"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "lr = 0.2 but rank 0 with 0.1" in done.stderr
+
+
+def test_the_one_machine_launch_script_trains(tmp_path):
+    script = HERE.parent / "launch" / "mpirun.sh"
+    done = subprocess.run(["bash", str(script), "2", "--epochs", "1", "--progress", "none",
+                           "--metrics", str(tmp_path / "m.jsonl")],
+                          capture_output=True, text=True, timeout=90, env={**os.environ, "PYTHON": sys.executable})
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "m.jsonl").read_text().count("test_accuracy") == 1
