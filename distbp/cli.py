@@ -37,7 +37,11 @@ def _add_config_options(parser):
     for f in FIELDS:
         flag = "--" + f.name.replace("_", "-")
         default = f.default if not isinstance(f.default, tuple) else ",".join(map(str, f.default))
-        help_text = f"{f.help} (default: {default})"
+        help_text = f.help
+        if f.choices:
+            help_text += f"; one of {', '.join(f.choices)}"
+        if f.default is not None and "default:" not in f.help:
+            help_text += f" (default: {str(default).lower() if f.type is bool else default})"
         if f.type is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
