@@ -75,6 +75,32 @@ def build_parser():
     train = sub.add_parser("train", allow_abbrev=False, help="train a model (default: an MLP on the digits data set)",
                            description="Train a model. Every option can also be set in a TOML --config file.")
     _add_config_options(train)
+    ps = sub.add_parser("ps", help="the parameter server", description="The parameter server.")
+    ps_sub = ps.add_subparsers(dest="ps_command", metavar="PS_COMMAND", parser_class=_Parser)
+    ps_sub.required = True
+    serve = ps_sub.add_parser(
+        "serve", allow_abbrev=False, help="serve one shard of the parameters",
+        description="Serve one parameter-server shard. The model, optimizer and schedule come from the same "
+                    "configuration options as distbp train (give the workers the same ones).")
+    server = serve.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1 only)")
+    server.add_argument("--port", type=int, default=50051, help="port (0: any free port; default: 50051)")
+    server.add_argument("--shard", type=int, default=0, help="this server's shard index (default: 0)")
+    server.add_argument("--num-shards", type=int, default=1, help="number of server shards (default: 1)")
+    server.add_argument("--workers", type=int, default=1, help="number of workers (default: 1)")
+    server.add_argument("--mode", choices=("sync", "async", "bounded"), default="sync",
+                        help="sync, async or bounded staleness (default: sync)")
+    server.add_argument("--staleness", type=int, default=2, help="bounded mode: versions a worker may run ahead")
+    server.add_argument("--sync-timeout", type=float, default=60.0,
+                        help="sync mode: seconds to wait for a worker's push before dropping it from the step")
+    server.add_argument("--token", help="shared token every call must carry")
+    server.add_argument("--tls-cert", help="server certificate (PEM) to serve TLS")
+    server.add_argument("--tls-key", help="server private key (PEM)")
+    server.add_argument("--tls-client-ca", help="CA (PEM) that client certificates must chain to (mutual TLS)")
+    server.add_argument("--checkpoint-path", help="checkpoint file: restored at start, written every K versions "
+                        "and on SIGTERM")
+    server.add_argument("--checkpoint-every-versions", type=int, default=0, help="K (0: only on SIGTERM)")
+    _add_config_options(serve)
     plot = sub.add_parser("plot", help="plot a metrics file's loss and accuracy curves to a PNG",
                           description="Plot the loss and accuracy curves of a metrics JSON-lines file.")
     plot.add_argument("metrics", metavar="METRICS", help="metrics file written by distbp train --metrics")
@@ -90,6 +116,10 @@ def main(argv=None):
             from .train.launch import run
 
             run(config_from_args(args))
+        elif args.command == "ps":
+            from .train.ps_service import run_server
+
+            run_server(config_from_args(args), args)
         elif args.command == "plot":
             from pathlib import Path
 

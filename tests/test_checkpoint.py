@@ -13,7 +13,7 @@ import pytest
 from distbp import models, optim
 from distbp.autograd import Tensor, manual_seed
 from distbp.autograd.ops import cross_entropy
-from distbp.train import checkpoint as checkpoint_module
+from distbp import serialization as checkpoint_module
 from distbp.train.checkpoint import (
     FORMAT, CheckpointError, load_checkpoint, load_safetensors, save_checkpoint, save_safetensors,
 )
@@ -355,7 +355,7 @@ def test_wrong_header(tmp_path, content, words):
 
 # --- atomic writes under SIGKILL -------------------------------------------------------------------------
 
-# The writer loads distbp/train/checkpoint.py by file path: the same code, without importing the whole package
+# The writer loads distbp/serialization.py by file path: the same code, without importing the whole package
 # (scipy and all), so that each round starts quickly.
 WRITER = r"""
 import importlib.util

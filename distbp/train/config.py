@@ -65,7 +65,7 @@ FIELDS = (
     # data parallelism
     Field("backend", str, "auto", "how ranks combine gradients: local (one process), threads (world_size "
           "ranks in this process), mpi (ranks started by mpiexec); auto: mpi under mpiexec, else local",
-          choices=("auto", "local", "threads", "mpi")),
+          choices=("auto", "local", "threads", "mpi", "ps")),
     Field("world_size", int, 1, "ranks for the threads backend", minimum=1),
     Field("bucket_cap_mb", float, 25.0, "megabytes of gradients per all-reduce bucket", minimum=0.0,
           exclusive_minimum=True),
@@ -76,6 +76,14 @@ FIELDS = (
           "stops", minimum=0.0, exclusive_minimum=True),
     Field("trace", str, None, "write a Chrome trace (Perfetto) of the first 50 steps to this file",
           nullable=True),
+    # parameter server (backend = ps)
+    Field("ps", str, None, "parameter-server addresses HOST:PORT[,HOST:PORT...], one per shard in shard "
+          "order (backend ps)", nullable=True),
+    Field("ps_token", str, None, "shared token for the parameter servers", nullable=True),
+    Field("ps_tls_ca", str, None, "CA certificate to verify the parameter servers' TLS certificates",
+          nullable=True),
+    Field("ps_retry_seconds", float, 60.0, "how long a worker retries while a server is unavailable",
+          minimum=0.0),
     # bookkeeping
     Field("eval_every", int, 0, "evaluate every N steps (0: at the end of each epoch)", minimum=0),
     Field("log_every", int, 50, "log a line every N steps when not on a terminal", minimum=1),

@@ -27,6 +27,8 @@ def run(config, stream=None):
     try:
         if backend == "local":
             return Trainer(config, LocalStep(), stream).fit()
+        if backend == "ps":
+            return _run_ps(config, stream)
         if backend == "threads":
             results = run_ranks(
                 config.world_size, lambda comm: Trainer(config, allreduce_step(config, comm), stream).fit(), config.timeout
@@ -61,3 +63,19 @@ def _is_user_error(e):
 
 
 __all__ = ["run", "resolve_backend", "RankFailed"]
+
+
+def _run_ps(config, stream):
+    from ..ps.client import PSStep, parse_addresses
+
+    if not config.ps:
+        raise ConfigError("config: backend 'ps' needs 'ps' (the parameter servers' HOST:PORT addresses)")
+    if config.checkpoint:
+        raise ConfigError("config: with backend 'ps' the servers checkpoint the parameters "
+                          "(distbp ps serve --checkpoint); drop 'checkpoint' from the worker")
+    try:
+        addresses = parse_addresses(config.ps)
+    except ValueError as e:
+        raise ConfigError(f"config: {e}") from None
+    step = PSStep(addresses, config.ps_token, config.ps_tls_ca, config.ps_retry_seconds)
+    return Trainer(config, step, stream).fit()

@@ -54,8 +54,8 @@ def build_model(config, split):
                          config.n_heads, config.dropout)
 
 
-def build_optimizer(config, model):
-    params = list(model.parameters())
+def build_optimizer(config, model_or_params):
+    params = list(model_or_params.parameters() if hasattr(model_or_params, "parameters") else model_or_params)
     if config.optimizer == "sgd":
         return optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     cls = optim.Adam if config.optimizer == "adam" else optim.AdamW
@@ -100,6 +100,9 @@ class Trainer:
         manual_seed(config.seed)  # the same initialisation on every rank
         self.split = build_data(config)
         self.model = build_model(config, self.split)
+        if hasattr(self.strategy, "bind"):  # a parameter-server worker learns its rank by registering
+            self.strategy.bind(self.model)
+            self.is_main = self.strategy.rank == 0
         self.optimizer = build_optimizer(config, self.model)
         sampler = ShardSampler(len(self.split.train), self.strategy.rank, self.strategy.world_size,
                                shuffle=True, seed=config.seed)
@@ -153,7 +156,8 @@ class Trainer:
         order = np.arange(len(data))
         if isinstance(data, CharDataset):
             order = order[: self.EVAL_TEXT_WINDOWS]
-        order = order[self.strategy.rank::self.strategy.world_size]
+        if getattr(self.strategy, "shards_evaluation", True):
+            order = order[self.strategy.rank::self.strategy.world_size]
         loss_sum = correct = count = 0.0
         self.model.eval()
         with no_grad():
@@ -283,8 +287,8 @@ class Trainer:
                     )
 
     def _log_eval(self, metrics, progress, train_loss):
-        (train_loss,) = self.strategy.all_sum([train_loss])
-        train_loss /= self.strategy.world_size
+        total, ranks = self.strategy.all_sum([train_loss, 1.0])
+        train_loss = total / ranks
         test_loss, accuracy = self.evaluate()
         lr = self.optimizer.param_groups[0]["lr"]
         metrics.write(step=self.step, epoch=self.epoch + 1, train_loss=train_loss, test_loss=test_loss,

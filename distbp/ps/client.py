@@ -1,0 +1,193 @@
+"""The worker's side: talk to every shard at once, push gradients, pull parameters, retry while a
+server is unavailable."""
+
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from .server import GRPC_OPTIONS
+from .v1 import ps_pb2, ps_pb2_grpc
+from .wire import Assembler, assign_shards, to_chunks
+
+log = logging.getLogger("distbp.ps")
+_RETRY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class PSError(RuntimeError):
+    """A parameter-server call failed for good (refused, or the server stayed away too long)."""
+
+
+def model_signature(named_params):
+    return json.dumps([[n, list(p.data.shape), str(p.data.dtype)] for n, p in named_params])
+
+
+def parse_addresses(text):
+    addresses = [a.strip() for a in text.split(",") if a.strip()]
+    for a in addresses:
+        host, _, port = a.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"parameter-server address {a!r} is not HOST:PORT")
+    if not addresses:
+        raise ValueError("no parameter-server address given (--ps HOST:PORT[,HOST:PORT...])")
+    return addresses
+
+
+class PSClient:
+    """Connections to every shard (one per address, in shard order)."""
+
+    def __init__(self, addresses, named_params, token=None, tls_ca=None, retry_seconds=60.0):
+        self.addresses = list(addresses)
+        self.params = dict(named_params)
+        self.signature = model_signature(named_params)
+        self.owner = assign_shards({n: p.data.size for n, p in self.params.items()}, len(self.addresses))
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.retry_seconds = retry_seconds
+        if tls_ca:
+            creds = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
+            self.channels = [grpc.secure_channel(a, creds, options=GRPC_OPTIONS) for a in self.addresses]
+        else:
+            self.channels = [grpc.insecure_channel(a, options=GRPC_OPTIONS) for a in self.addresses]
+        self.stubs = [ps_pb2_grpc.ParameterServerStub(c) for c in self.channels]
+        self.pool = ThreadPoolExecutor(max_workers=len(self.stubs), thread_name_prefix="distbp-ps-client")
+        self.worker_id = -1
+        self.versions = [0] * len(self.stubs)
+
+    def _call(self, what, shard, fn):
+        """fn() with retries and backoff while the shard is unavailable."""
+        deadline = time.monotonic() + self.retry_seconds
+        delay = 0.1
+        while True:
+            try:
+                return fn()
+            except grpc.RpcError as e:
+                code = e.code()
+                if code in _RETRY and time.monotonic() < deadline:
+                    log.warning("%s: shard %d at %s unavailable (%s); retrying in %.1f s",
+                                what, shard, self.addresses[shard], code.name, delay)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                    continue
+                raise PSError(f"{what} on shard {shard} ({self.addresses[shard]}): {code.name}: {e.details()}") from None
+
+    def _each(self, fn):
+        return list(self.pool.map(fn, range(len(self.stubs))))
+
+    def register(self, requested_id=-1, name="worker"):
+        first = self._call("register", 0, lambda: self.stubs[0].Register(
+            ps_pb2.RegisterRequest(worker_name=name, requested_id=requested_id, signature=self.signature),
+            metadata=self.metadata))
+        self.worker_id = first.worker_id
+        replies = [first] + [self._call("register", s, lambda s=s: self.stubs[s].Register(
+            ps_pb2.RegisterRequest(worker_name=name, requested_id=first.worker_id, signature=self.signature),
+            metadata=self.metadata)) for s in range(1, len(self.stubs))]
+        for s, reply in enumerate(replies):
+            if reply.num_shards != len(self.stubs) or reply.shard != s:
+                raise PSError(f"the server at {self.addresses[s]} is shard {reply.shard} of {reply.num_shards}, "
+                              f"but it is address {s} of {len(self.stubs)} given")
+        self.versions = [r.version for r in replies]
+        return first
+
+    def push(self, grads):
+        """Push name -> gradient array to the shards that own them, all shards at once."""
+
+        def one(shard):
+            def requests():
+                for name, owner in self.owner.items():
+                    if owner == shard:
+                        for chunk in to_chunks(name, grads[name]):
+                            yield ps_pb2.PushRequest(worker_id=self.worker_id, version=self.versions[shard], chunk=chunk)
+
+            return self._call("push", shard, lambda: self.stubs[shard].Push(requests(), metadata=self.metadata)).version
+
+        return self._each(one)
+
+    def pull(self, min_versions=None):
+        """name -> parameter array from every shard, each at least at its min version."""
+
+        def one(shard):
+            expected = {n: (self.params[n].data.shape, self.params[n].data.dtype)
+                        for n, owner in self.owner.items() if owner == shard}
+            wanted = 0 if min_versions is None else min_versions[shard]
+
+            def fetch():
+                assembler, version = Assembler(expected), None
+                for reply in self.stubs[shard].Pull(ps_pb2.PullRequest(worker_id=self.worker_id, min_version=wanted),
+                                                    metadata=self.metadata):
+                    version = reply.version
+                    assembler.add(reply.chunk)
+                return version, assembler.result()
+
+            return self._call("pull", shard, fetch)
+
+        results = self._each(one)
+        self.versions = [v for v, _ in results]
+        merged = {}
+        for _, arrays in results:
+            merged.update(arrays)
+        return merged
+
+    def status(self):
+        return self._each(lambda s: self._call("status", s, lambda: self.stubs[s].Status(
+            ps_pb2.StatusRequest(), metadata=self.metadata)))
+
+    def close(self):
+        self.pool.shutdown(wait=False)
+        for c in self.channels:
+            c.close()
+
+
+class PSStep:
+    """The training loop's step for a parameter server: push local gradients, pull new parameters.
+
+    Registration happens here, before the trainer is built, because the worker id picks the data shard.
+    """
+
+    backend = "ps"
+    shards_evaluation = False  # each worker evaluates on the whole test split
+
+    rank, world_size = 0, 1
+
+    def __init__(self, addresses, token=None, tls_ca=None, retry_seconds=60.0, requested_id=-1):
+        self.options = dict(token=token, tls_ca=tls_ca, retry_seconds=retry_seconds)
+        self.addresses, self.requested_id = addresses, requested_id
+        self.client = None
+
+    def bind(self, model):
+        """Register with the servers as a worker of this model (the trainer calls this first)."""
+        self.client = PSClient(self.addresses, list(model.named_parameters()), **self.options)
+        reply = self.client.register(self.requested_id)
+        self.rank, self.world_size, self.mode = reply.worker_id, reply.num_workers, reply.mode
+
+    def prepare(self, model, optimizer, tracer=None):
+        self._load(model, self.client.pull())
+
+    def reduce_gradients(self, model):
+        pass
+
+    def apply(self, model, optimizer):
+        grads = {n: p.grad.data if p.grad is not None else np.zeros_like(p.data) for n, p in model.named_parameters()}
+        before = list(self.client.versions)
+        self.client.push(grads)
+        # sync: the next version exists once every worker pushed; wait for it. Otherwise: the latest.
+        wanted = [v + 1 for v in before] if self.mode == "sync" else None
+        self._load(model, self.client.pull(wanted))
+
+    @staticmethod
+    def _load(model, arrays):
+        for name, p in model.named_parameters():
+            p.data[...] = arrays[name]
+
+    def all_sum(self, values):
+        return list(values)
+
+    def gather(self, obj):
+        return [obj]
+
+    def close(self):
+        if self.client is not None:
+            self.client.close()
