@@ -21,6 +21,10 @@ _RETRY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 class PSError(RuntimeError):
     """A parameter-server call failed for good (refused, or the server stayed away too long)."""
 
+    def __init__(self, message, code=None):
+        super().__init__(message)
+        self.code = code
+
 
 def model_signature(named_params):
     return json.dumps([[n, list(p.data.shape), str(p.data.dtype)] for n, p in named_params])
@@ -40,15 +44,19 @@ def parse_addresses(text):
 class PSClient:
     """Connections to every shard (one per address, in shard order)."""
 
-    def __init__(self, addresses, named_params, token=None, tls_ca=None, retry_seconds=60.0):
+    def __init__(self, addresses, named_params, token=None, tls_ca=None, retry_seconds=60.0, tls_cert=None,
+                 tls_key=None):
         self.addresses = list(addresses)
         self.params = dict(named_params)
         self.signature = model_signature(named_params)
         self.owner = assign_shards({n: p.data.size for n, p in self.params.items()}, len(self.addresses))
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.retry_seconds = retry_seconds
-        if tls_ca:
-            creds = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
+        if tls_ca or tls_cert:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=Path(tls_ca).read_bytes() if tls_ca else None,
+                private_key=Path(tls_key).read_bytes() if tls_key else None,
+                certificate_chain=Path(tls_cert).read_bytes() if tls_cert else None)
             self.channels = [grpc.secure_channel(a, creds, options=GRPC_OPTIONS) for a in self.addresses]
         else:
             self.channels = [grpc.insecure_channel(a, options=GRPC_OPTIONS) for a in self.addresses]
@@ -72,7 +80,8 @@ class PSClient:
                     time.sleep(delay)
                     delay = min(delay * 2, 2.0)
                     continue
-                raise PSError(f"{what} on shard {shard} ({self.addresses[shard]}): {code.name}: {e.details()}") from None
+                raise PSError(f"{what} on shard {shard} ({self.addresses[shard]}): {code.name}: {e.details()}",
+                              code) from None
 
     def _each(self, fn):
         return list(self.pool.map(fn, range(len(self.stubs))))
@@ -152,8 +161,10 @@ class PSStep:
 
     rank, world_size = 0, 1
 
-    def __init__(self, addresses, token=None, tls_ca=None, retry_seconds=60.0, requested_id=-1):
-        self.options = dict(token=token, tls_ca=tls_ca, retry_seconds=retry_seconds)
+    def __init__(self, addresses, token=None, tls_ca=None, retry_seconds=60.0, requested_id=-1, tls_cert=None,
+                 tls_key=None):
+        self.options = dict(token=token, tls_ca=tls_ca, retry_seconds=retry_seconds, tls_cert=tls_cert,
+                            tls_key=tls_key)
         self.addresses, self.requested_id = addresses, requested_id
         self.client = None
 
@@ -172,10 +183,18 @@ class PSStep:
     def apply(self, model, optimizer):
         grads = {n: p.grad.data if p.grad is not None else np.zeros_like(p.data) for n, p in model.named_parameters()}
         before = list(self.client.versions)
-        self.client.push(grads)
-        # sync: the next version exists once every worker pushed; wait for it. Otherwise: the latest.
-        wanted = [v + 1 for v in before] if self.mode == "sync" else None
-        self._load(model, self.client.pull(wanted))
+        try:
+            self.client.push(grads)
+            # sync: the next version exists once every worker pushed; wait for it. Otherwise: the latest.
+            self._load(model, self.client.pull([v + 1 for v in before] if self.mode == "sync" else None))
+        except PSError as e:
+            if e.code != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            # dropped from a step, or a server restarted from its checkpoint: rejoin with the current
+            # parameters (this step's gradient is stale and is not applied)
+            log.warning("worker %d rejoins: %s", self.rank, e)
+            self.client.register(requested_id=self.rank)
+            self._load(model, self.client.pull())
 
     @staticmethod
     def _load(model, arrays):

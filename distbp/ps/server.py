@@ -166,6 +166,9 @@ class Shard:
                 if ready and self.mode == "bounded" and worker_id in self.clocks and self.active:
                     slowest = min(self.clocks.get(w, 0) for w in self.active)
                     ready = self.clocks[worker_id] - slowest <= self.staleness
+                if worker_id not in self.active:
+                    raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"worker {worker_id} is not taking part (register again to rejoin)")
                 if ready:
                     return self.version, {n: p.data.copy() for n, p in self.params.items()}
                 if not is_active() or self.stopping:

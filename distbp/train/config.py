@@ -82,6 +82,8 @@ FIELDS = (
     Field("ps_token", str, None, "shared token for the parameter servers", nullable=True),
     Field("ps_tls_ca", str, None, "CA certificate to verify the parameter servers' TLS certificates",
           nullable=True),
+    Field("ps_tls_cert", str, None, "client certificate for mutual TLS with the parameter servers", nullable=True),
+    Field("ps_tls_key", str, None, "client private key for mutual TLS", nullable=True),
     Field("ps_retry_seconds", float, 60.0, "how long a worker retries while a server is unavailable",
           minimum=0.0),
     # bookkeeping

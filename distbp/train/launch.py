@@ -77,5 +77,6 @@ def _run_ps(config, stream):
         addresses = parse_addresses(config.ps)
     except ValueError as e:
         raise ConfigError(f"config: {e}") from None
-    step = PSStep(addresses, config.ps_token, config.ps_tls_ca, config.ps_retry_seconds)
+    step = PSStep(addresses, config.ps_token, config.ps_tls_ca, config.ps_retry_seconds,
+                  tls_cert=config.ps_tls_cert, tls_key=config.ps_tls_key)
     return Trainer(config, step, stream).fit()

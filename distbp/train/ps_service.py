@@ -1,5 +1,6 @@
 """`distbp ps serve`: one parameter-server shard built from the same configuration as the workers."""
 
+import logging
 import signal
 import sys
 import threading
@@ -36,6 +37,7 @@ def build_shard(config, shard=0, num_shards=1, workers=1, mode="sync", staleness
 def run_server(config, args, stream=None):
     """Serve until SIGTERM or SIGINT; on either, write the checkpoint (if configured) and stop."""
     stream = stream or sys.stdout
+    logging.basicConfig(level=logging.INFO, format="distbp ps: %(message)s")
     shard = build_shard(config, args.shard, args.num_shards, args.workers, args.mode, args.staleness,
                         args.sync_timeout, args.checkpoint_path, args.checkpoint_every_versions)
     tls = dict(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca) if args.tls_cert else None

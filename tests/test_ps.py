@@ -1,0 +1,473 @@
+"""The gRPC parameter server: real servers on 127.0.0.1 with free ports, workers in threads or processes."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from distbp.comm import run_ranks
+from distbp.ps.client import PSClient, PSError, PSStep, model_signature
+from distbp.ps.server import serve
+from distbp.ps.v1 import ps_pb2, ps_pb2_grpc
+from distbp.ps.wire import CHUNK_BYTES, assign_shards, to_chunks
+from distbp.train import Trainer, make_config
+from distbp.train.ps_service import build_shard
+from distbp.train.steps import allreduce_step
+
+ROOT = Path(__file__).parent.parent
+
+
+def start_servers(config, num_shards=1, workers=1, token=None, tls=None, **shard_options):
+    """In-process shards on free ports; returns (addresses, shards, stop)."""
+    servers, shards, addresses = [], [], []
+    for s in range(num_shards):
+        shard = build_shard(config, s, num_shards, workers, **shard_options)
+        server, port = serve(shard, "127.0.0.1", 0, token=token, tls=tls)
+        servers.append(server)
+        shards.append(shard)
+        addresses.append(f"{'localhost' if tls else '127.0.0.1'}:{port}")
+
+    def stop():
+        for shard, server in zip(shards, servers):
+            shard.stop()
+            server.stop(0)
+
+    return addresses, shards, stop
+
+
+def train_workers(config, addresses, workers, **step_options):
+    trainers = [None] * workers
+
+    def body(i):
+        step = PSStep(addresses, **step_options)
+        trainers[i] = Trainer(config, step)
+        trainers[i].fit()
+
+    threads = [threading.Thread(target=body, args=(i,)) for i in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert all(t is not None for t in trainers)
+    return sorted(trainers, key=lambda t: t.strategy.rank)
+
+
+def params(trainer):
+    return {n: p.data.copy() for n, p in trainer.model.named_parameters()}
+
+
+# --- wire format ----------------------------------------------------------------------------------
+
+
+def test_committed_stubs_match_the_proto(tmp_path):
+    pytest.importorskip("grpc_tools", reason="grpcio-tools regenerates the stubs: pip install -e '.[test]'")
+    from grpc_tools import protoc
+
+    code = protoc.main(["protoc", f"-I{ROOT / 'protos'}", f"--python_out={tmp_path}", f"--grpc_python_out={tmp_path}",
+                        f"--pyi_out={tmp_path}", str(ROOT / "protos/distbp/ps/v1/ps.proto")])
+    assert code == 0
+    for name in ("ps_pb2.py", "ps_pb2_grpc.py", "ps_pb2.pyi"):
+        generated = (tmp_path / "distbp/ps/v1" / name).read_text()
+        committed = (ROOT / "distbp/ps/v1" / name).read_text()
+        assert generated == committed, f"distbp/ps/v1/{name} is stale: regenerate it from protos/ (see README)"
+
+
+def test_large_tensors_travel_in_chunks_below_the_limit():
+    array = np.arange(3_000_000, dtype=np.float32).reshape(1000, 3000)
+    chunks = list(to_chunks("w", array))
+    assert len(chunks) > 1 and all(len(c.data) <= CHUNK_BYTES for c in chunks)
+    assert all(c.ByteSize() < 4 * 1024 * 1024 for c in chunks)
+    flat = np.concatenate([np.frombuffer(c.data, np.float32) for c in chunks])
+    np.testing.assert_array_equal(flat, array.reshape(-1))
+
+
+def test_shard_assignment_is_deterministic_and_balanced():
+    sizes = {f"p{i}": s for i, s in enumerate([1000, 10, 990, 20, 500, 500, 5])}
+    owner = assign_shards(sizes, 3)
+    assert owner == assign_shards(dict(reversed(list(sizes.items()))), 3)
+    loads = [sum(sizes[n] for n, s in owner.items() if s == k) for k in range(3)]
+    assert max(loads) - min(loads) <= 500
+
+
+# --- training -------------------------------------------------------------------------------------
+
+EQUIV = dict(dataset="synthetic", synthetic_size=2000, hidden=[32], epochs=2, progress="none")
+
+
+@pytest.mark.parametrize("num_shards", [1, 2])
+def test_sync_ps_equals_allreduce_and_single_process(num_shards):
+    workers = 2
+    common = dict(EQUIV, optimizer="sgd", lr=0.05, momentum=0.9)
+    single = Trainer(make_config({**common, "batch_size": 32}))
+    single.fit()
+    config = make_config({**common, "batch_size": 16})
+    reduced = [None, None]
+
+    def allreduce_rank(comm):
+        reduced[comm.rank] = Trainer(config, allreduce_step(config, comm))
+        reduced[comm.rank].fit()
+
+    run_ranks(2, allreduce_rank)
+    addresses, shards, stop = start_servers(config, num_shards, workers, mode="sync")
+    try:
+        ps_workers = train_workers(config, addresses, workers)
+    finally:
+        stop()
+    assert [t.strategy.rank for t in ps_workers] == [0, 1]
+    assert shards[0].version == single.step
+    for name, value in params(single).items():
+        for trainer in [*ps_workers, *reduced]:
+            np.testing.assert_allclose(params(trainer)[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_async_training_on_digits_reaches_95_percent():
+    config = make_config({"epochs": 10, "progress": "none", "lr": 0.05})
+    addresses, shards, stop = start_servers(config, 2, 2, mode="async")
+    try:
+        workers = train_workers(config, addresses, 2)
+        _, accuracy = workers[0].evaluate()
+    finally:
+        stop()
+    assert shards[0].pushes == sum(t.step for t in workers)
+    assert accuracy >= 0.95
+
+
+def test_bounded_staleness_trains():
+    config = make_config({"epochs": 6, "progress": "none", "lr": 0.05})
+    addresses, shards, stop = start_servers(config, 1, 2, mode="bounded", staleness=1)
+    try:
+        workers = train_workers(config, addresses, 2)
+        _, accuracy = workers[0].evaluate()
+    finally:
+        stop()
+    assert accuracy >= 0.9
+
+
+def test_bounded_staleness_holds_back_a_worker_that_runs_ahead():
+    config = make_config({"epochs": 1, "progress": "none"})
+    addresses, (shard,), stop = start_servers(config, 1, 2, mode="bounded", staleness=1)
+    try:
+        named = _named(config)
+        grads = {n: np.zeros(p.data.shape, p.data.dtype) for n, p in named}
+        fast, slow = PSClient(addresses, named), PSClient(addresses, named)
+        fast.register()
+        slow.register()
+        fast.push(grads)
+        fast.pull()  # one ahead of the slowest: allowed
+        fast.push(grads)
+        done = threading.Event()
+        threading.Thread(target=lambda: (fast.pull(), done.set()), daemon=True).start()
+        assert not done.wait(0.7), "a worker two versions ahead was not held back"
+        slow.push(grads)
+        assert done.wait(10), "the held-back worker was not released when the slowest caught up"
+    finally:
+        stop()
+
+
+def test_a_model_over_4_mb_works_end_to_end():
+    config = make_config({"hidden": [2048, 512], "max_steps": 3, "epochs": 1, "progress": "none"})
+    addresses, shards, stop = start_servers(config, 2, 1, mode="sync")
+    try:
+        (worker,) = train_workers(config, addresses, 1)
+    finally:
+        stop()
+    assert sum(p.data.nbytes for p in worker.model.parameters()) > 4 * 1024 * 1024
+    assert shards[0].version == 3
+    for name, p in worker.model.named_parameters():
+        owner = next(s for s in shards if name in s.params)
+        np.testing.assert_array_equal(p.data, owner.params[name].data)
+
+
+def test_a_dropped_worker_does_not_stop_the_others():
+    config = make_config({"epochs": 1, "progress": "none"})
+    addresses, shards, stop = start_servers(config, 1, 2, mode="sync", sync_timeout=0.5)
+    try:
+        quitter = PSClient(addresses, _named(config))
+        quitter.register()  # joins, then never pushes (a killed worker)
+        (survivor,) = train_workers(config, addresses, 1)
+    finally:
+        stop()
+    assert survivor.step == survivor.steps_per_epoch
+    assert shards[0].version == survivor.step and shards[0].active == {survivor.strategy.rank}
+
+
+# --- security and bad input ---------------------------------------------------------------------
+
+
+def _named(config):
+    from distbp.autograd import manual_seed
+    from distbp.train import build_data, build_model
+
+    manual_seed(config.seed)
+    return list(build_model(config, build_data(config)).named_parameters())
+
+
+def test_token_is_checked_on_every_call():
+    config = make_config({"epochs": 1, "progress": "none"})
+    addresses, shards, stop = start_servers(config, 1, 1, token="s3cret")
+    try:
+        for token in (None, "wrong"):
+            with pytest.raises(PSError, match="UNAUTHENTICATED"):
+                PSClient(addresses, _named(config), token=token, retry_seconds=0).register()
+        client = PSClient(addresses, _named(config), token="s3cret")
+        assert client.register().worker_id == 0
+        with grpc.insecure_channel(addresses[0]) as channel:  # health checks stay open
+            from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        stop()
+
+
+def _certificates(tmp_path):
+    pytest.importorskip("cryptography", reason="the TLS tests make certificates with cryptography")
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def make(name, issuer_key=None, issuer=None, ca=False):
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer or subject)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=1)).not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        cert = builder.sign(issuer_key or key, hashes.SHA256())
+        return key, cert
+
+    ca_key, ca_cert = make("distbp test CA", ca=True)
+    files = {}
+    for role in ("server", "client"):
+        key, cert = make(role, ca_key, ca_cert.subject)
+        files[f"{role}_key"] = tmp_path / f"{role}.key"
+        files[f"{role}_cert"] = tmp_path / f"{role}.pem"
+        files[f"{role}_key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                           serialization.NoEncryption()))
+        files[f"{role}_cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files["ca"] = tmp_path / "ca.pem"
+    files["ca"].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    return files
+
+
+def test_tls_refuses_a_plaintext_client_and_serves_a_verified_one(tmp_path):
+    files = _certificates(tmp_path)
+    config = make_config({"epochs": 1, "progress": "none"})
+    tls = dict(cert=files["server_cert"], key=files["server_key"])
+    addresses, shards, stop = start_servers(config, 1, 1, tls=tls)
+    try:
+        with pytest.raises(PSError, match="UNAVAILABLE"):
+            PSClient(addresses, _named(config), retry_seconds=0).register()
+        client = PSClient(addresses, _named(config), tls_ca=files["ca"])
+        assert client.register().worker_id == 0
+    finally:
+        stop()
+
+
+def test_mutual_tls_refuses_a_client_without_a_certificate(tmp_path):
+    files = _certificates(tmp_path)
+    config = make_config({"epochs": 1, "progress": "none"})
+    tls = dict(cert=files["server_cert"], key=files["server_key"], client_ca=files["ca"])
+    addresses, shards, stop = start_servers(config, 1, 1, tls=tls)
+    try:
+        with pytest.raises(PSError, match="UNAVAILABLE"):
+            PSClient(addresses, _named(config), tls_ca=files["ca"], retry_seconds=0).register()
+        client = PSClient(addresses, _named(config), tls_ca=files["ca"], tls_cert=files["client_cert"],
+                          tls_key=files["client_key"])
+        assert client.register().worker_id == 0
+    finally:
+        stop()
+
+
+def _push(stub, worker_id, version, chunks):
+    return stub.Push(iter([ps_pb2.PushRequest(worker_id=worker_id, version=version, chunk=c) for c in chunks]))
+
+
+def _grad_chunks(shard, tweak=None):
+    chunks = []
+    for name, p in shard.params.items():
+        g = np.full(p.data.shape, 0.01, p.data.dtype)
+        chunks += list(to_chunks(name, g))
+    return tweak(chunks) if tweak else chunks
+
+
+def _bad(kind):
+    def tweak(chunks):
+        c = chunks[0]
+        if kind == "unknown-name":
+            c.name = "nope.weight"
+        elif kind == "wrong-dtype":
+            c.dtype = "float64"
+        elif kind == "wrong-shape":
+            c.shape[0] += 1
+        elif kind == "non-finite":
+            arr = np.frombuffer(c.data, np.float32).copy()
+            arr[0] = np.nan
+            c.data = arr.tobytes()
+        elif kind == "missing-tensor":
+            return chunks[1:]
+        elif kind == "short-data":
+            c.data = c.data[:-4]
+        elif kind == "ragged-bytes":
+            c.data = c.data[:-1]
+        elif kind == "offset-outside":
+            c.offset = 10**9
+        return chunks
+
+    return tweak
+
+
+@pytest.mark.parametrize("kind", ["unknown-name", "wrong-dtype", "wrong-shape", "non-finite", "missing-tensor",
+                                  "short-data", "ragged-bytes", "offset-outside", "bad-version", "unregistered"])
+def test_each_bad_push_is_rejected_and_leaves_the_state_untouched(kind):
+    config = make_config({"epochs": 1, "progress": "none"})
+    addresses, (shard,), stop = start_servers(config, 1, 1, mode="async")
+    try:
+        client = PSClient(addresses, _named(config))
+        wid = client.register().worker_id
+        before = {n: p.data.copy() for n, p in shard.params.items()}
+        stub = client.stubs[0]
+        version = 7 if kind == "bad-version" else 0
+        worker = 5 if kind == "unregistered" else wid
+        chunks = _grad_chunks(shard, None if kind in ("bad-version", "unregistered") else _bad(kind))
+        with pytest.raises(grpc.RpcError) as err:
+            _push(stub, worker, version, chunks)
+        expected = grpc.StatusCode.FAILED_PRECONDITION if kind == "unregistered" else grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.code() == expected, err.value.details()
+        assert err.value.details()
+        assert shard.version == 0 and shard.pushes == 0
+        for name, value in before.items():
+            np.testing.assert_array_equal(shard.params[name].data, value)
+        _push(stub, wid, 0, _grad_chunks(shard))  # and a good push still works
+        assert shard.version == 1
+    finally:
+        stop()
+
+
+def test_a_worker_of_another_model_is_refused():
+    config = make_config({"epochs": 1, "progress": "none"})
+    addresses, shards, stop = start_servers(config, 1, 1)
+    try:
+        other = _named(make_config({"epochs": 1, "hidden": [64]}))
+        with pytest.raises(PSError, match="model differs"):
+            PSClient(addresses, other).register()
+    finally:
+        stop()
+
+
+def test_concurrent_async_pushes_lose_no_update():
+    config = make_config({"epochs": 1, "progress": "none", "optimizer": "sgd", "momentum": 0.0, "lr": 0.5,
+                          "schedule": "constant"})
+    workers, pushes = 4, 25
+    addresses, shards, stop = start_servers(config, 2, workers, mode="async")
+    try:
+        named = _named(config)
+        for shard in shards:  # start from zero: every partial sum below is then exact in float32
+            for p in shard.params.values():
+                p.data[...] = 0
+        start = {n: np.zeros(p.data.shape, p.data.dtype) for n, p in named}
+        rng = np.random.default_rng(0)
+        grads = [[{n: (rng.integers(-4, 5, p.data.shape) / 64).astype(np.float32) for n, p in named}
+                  for _ in range(pushes)] for _ in range(workers)]
+
+        def body(w):
+            client = PSClient(addresses, named)
+            client.register()
+            for g in grads[w]:
+                client.push(g)
+                client.pull()
+
+        threads = [threading.Thread(target=body, args=(w,)) for w in range(workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert sum(s.pushes for s in shards) == workers * pushes * 2  # every push reached both shards
+        for name, value in start.items():
+            total = sum(g[name] for per_worker in grads for g in per_worker)
+            owner = next(s for s in shards if name in s.params)
+            # gradients are multiples of 1/64 and lr a power of two: every float32 sum is exact
+            np.testing.assert_array_equal(owner.params[name].data, value - 0.5 * total)
+    finally:
+        stop()
+
+
+# --- faults with real server processes --------------------------------------------------------------
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server_process(port, ckpt, extra=()):
+    command = [sys.executable, "-m", "distbp", "ps", "serve", "--port", str(port), "--workers", "1",
+               "--checkpoint-path", str(ckpt), "--checkpoint-every-versions", "20", *extra]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = process.stdout.readline()
+    assert "serving on" in line, process.stderr.read()
+    return process
+
+
+def test_killed_and_restarted_server_training_completes(tmp_path):
+    port, ckpt = _free_port(), tmp_path / "ps.ckpt"
+    options = ["--epochs", "6", "--progress", "none"]
+    server = _start_server_process(port, ckpt, options)
+    config = make_config({"epochs": 6, "progress": "none", "ps_retry_seconds": 60.0})
+    result = {}
+
+    def worker():
+        trainer = Trainer(config, PSStep([f"127.0.0.1:{port}"], retry_seconds=60.0))
+        result["summary"] = trainer.fit()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not ckpt.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ckpt.exists(), "the server wrote no checkpoint"
+        server.send_signal(signal.SIGKILL)  # a crash: the last periodic checkpoint is all that survives
+        server.wait(10)
+        time.sleep(0.5)
+        server = _start_server_process(port, ckpt, options)
+        thread.join(180)
+        assert not thread.is_alive()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        out, err = server.communicate(timeout=30)
+    assert "restored version" in err
+    assert result["summary"]["test_accuracy"] >= 0.95
+
+
+def test_sigterm_writes_a_checkpoint_and_restart_resumes_its_version(tmp_path):
+    port, ckpt = _free_port(), tmp_path / "ps.ckpt"
+    server = _start_server_process(port, ckpt, ["--epochs", "1"])
+    config = make_config({"epochs": 1, "progress": "none", "max_steps": 5})
+    Trainer(config, PSStep([f"127.0.0.1:{port}"])).fit()
+    server.send_signal(signal.SIGTERM)
+    out, _ = server.communicate(timeout=30)
+    assert "stopped at version 5" in out and ckpt.exists()
+    server = _start_server_process(port, ckpt, ["--epochs", "1"])
+    try:
+        status = PSClient([f"127.0.0.1:{port}"], _named(config)).status()[0]
+        assert status.version == 5
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=30)
