@@ -79,10 +79,14 @@ TARGETS = {
 
 # steps: timed steps per training sample; warmup: steps at set-up; sync_iters: calls per sync sample;
 # rounds: interleaved rounds (one training sample of every job, one sync sample of the distbp jobs each)
+# budget_s: seconds of sampling after which the run settles for the rounds it has (see FOREIGN_LIMIT)
 MODES = {
-    "full": dict(steps=8, warmup=3, sync_iters=30, rounds=30),
-    "quick": dict(steps=2, warmup=1, sync_iters=4, rounds=2),
+    "full": dict(steps=8, warmup=3, sync_iters=30, rounds=30, budget_s=120.0),
+    "quick": dict(steps=2, warmup=1, sync_iters=4, rounds=2, budget_s=10.0),
 }
+# A sample during which processes not started by this script (or the hypervisor: steal) used more than
+# this many cores on average is disturbed; a round with a disturbed training sample is retaken.
+FOREIGN_LIMIT = 0.15
 START_TIMEOUT = 180.0  # seconds for every job to start, set up and check itself
 COMMAND_TIMEOUT = 120.0  # seconds for one sample
 
@@ -606,6 +610,60 @@ def free_port():
         return s.getsockname()[1]
 
 
+class LoadMeter:
+    """CPU time used on this machine by anything but this script and the processes it started.
+
+    Busy time comes from /proc/stat (plus steal: the hypervisor giving our cores to someone else); ours
+    from /proc/PID/stat of every process whose session is one that this script started (each job leads
+    its own session, so mpiexec's proxies and ranks are included) and from os.times() for this process.
+    """
+
+    HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def __init__(self, sessions):
+        self.sessions = {str(s) for s in sessions}
+        self.ok = os.path.exists("/proc/stat")
+
+    def snap(self):
+        if not self.ok:
+            return None
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        busy = v[0] + v[1] + v[2] + v[5] + v[6]  # user nice system irq softirq
+        steal = v[7] if len(v) > 7 else 0
+        ours = 0
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    rest = f.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if rest[3] in self.sessions:  # session id
+                ours += int(rest[11]) + int(rest[12])  # utime + stime
+        t = os.times()
+        ours_self = (t.user + t.system) * self.HZ
+        return time.monotonic(), busy, steal, ours + ours_self
+
+    def foreign(self, a, b):
+        """Average number of cores used by others between two snaps."""
+        if a is None or b is None or b[0] <= a[0]:
+            return 0.0
+        others = (b[1] - a[1]) - (b[3] - a[3]) + (b[2] - a[2])
+        return max(0.0, others / self.HZ / (b[0] - a[0]))
+
+    def wait_quiet(self, limit, patience):
+        """Wait until others use less than `limit` cores over 0.3 s, for at most `patience` seconds."""
+        end = time.monotonic() + patience
+        while True:
+            a = self.snap()
+            time.sleep(0.3)
+            load = self.foreign(a, self.snap())
+            if load <= limit or time.monotonic() > end:
+                return load
+
+
 def start_jobs(mode, workdir):
     """Start every job; return them once each process has set up, checked itself and connected."""
     server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -652,18 +710,34 @@ def run(mode, cfg, workdir):
     jobs = start_jobs(mode, workdir)
     try:
         names = list(JOBS)
-        samples = {n: [] for n in names}
-        sync = {"distbp-2": [], "distbp-1": [], "torch-2": []}
-        for r in range(cfg["rounds"]):
-            order = names[r % len(names):] + names[: r % len(names)]
+        meter = LoadMeter(p.pid for j in jobs.values() for _, p in j.procs)
+        rounds = []  # every round taken: {"train": {job: sample}, "sync": {job: sample}, "clean": bool}
+        wanted, start, attempt = cfg["rounds"], time.monotonic(), 0
+        while sum(r["clean"] for r in rounds) < wanted:
+            if rounds and time.monotonic() - start > cfg["budget_s"]:
+                print(f"  sampling budget of {cfg['budget_s']:g} s used up", flush=True)
+                break
+            if rounds and not rounds[-1]["clean"]:
+                meter.wait_quiet(FOREIGN_LIMIT / 2, patience=5.0)
+            order = names[attempt % len(names):] + names[: attempt % len(names)]
+            attempt += 1
+            rnd = {"train": {}, "sync": {}}
             for n in order:  # rotating order: A B C D, B C D A, ...
-                samples[n].append(jobs[n].command("train"))
-            for n in sync:
-                sync[n].append(jobs[n].command("sync"))
-            print(f"  round {r + 1:2d}/{cfg['rounds']}  ms/step: "
-                  + "  ".join(f"{n} {1e3 * samples[n][-1]['step_s']:6.2f}" for n in names)
-                  + f"   sync/raw {sync['distbp-2'][-1]['sync_s']['sync'] / sync['distbp-2'][-1]['sync_s']['raw_allreduce']:.2f}",
-                  flush=True)
+                a = meter.snap()
+                rnd["train"][n] = res = jobs[n].command("train")
+                res["foreign_cores"] = meter.foreign(a, meter.snap())
+            for n in ("distbp-2", "distbp-1", "torch-2"):
+                a = meter.snap()
+                rnd["sync"][n] = res = jobs[n].command("sync")
+                res["foreign_cores"] = meter.foreign(a, meter.snap())
+            worst = max(r["foreign_cores"] for r in rnd["train"].values())
+            rnd["clean"] = worst <= FOREIGN_LIMIT
+            rounds.append(rnd)
+            d2 = rnd["sync"]["distbp-2"]["sync_s"]
+            print(f"  round {len(rounds):2d}  ms/step: "
+                  + "  ".join(f"{n} {1e3 * rnd['train'][n]['step_s']:6.2f}" for n in names)
+                  + f"   sync/raw {d2['sync'] / d2['raw_allreduce']:.2f}   others {worst:4.2f} cores"
+                  + ("" if rnd["clean"] else "  -> disturbed, retaken"), flush=True)
         finals = {n: jobs[n].command("finish") for n in names}
         for j in jobs.values():  # every process should now exit by itself
             for _, proc, _ in j.procs:
@@ -675,7 +749,7 @@ def run(mode, cfg, workdir):
             if bad:
                 j.fail(f"a process exited with status {bad[1]} after 'finish'")
         ready = {n: j.ready for n, j in jobs.items()}
-        return samples, sync, finals, ready
+        return rounds, finals, ready
     finally:
         for j in jobs.values():
             j.kill()
@@ -742,8 +816,14 @@ def print_machine(info):
 # ================================================================================================
 
 
-def summarize(samples, sync, finals, ready):
+def summarize(rounds, finals, ready, wanted):
     med = statistics.median
+    kept = [r for r in rounds if r["clean"]]
+    quiet = len(kept) >= max(3, wanted // 3)
+    if not quiet:  # too busy a machine to be choosy: use everything, and say so
+        kept = rounds
+    samples = {n: [r["train"][n] for r in kept] for n in JOBS}
+    sync = {n: [r["sync"][n] for r in kept] for n in ("distbp-2", "distbp-1", "torch-2")}
     jobs = {}
     for n, ss in samples.items():
         steps = [s["step_s"] for s in ss]
@@ -792,7 +872,9 @@ def summarize(samples, sync, finals, ready):
     return {"jobs": jobs, "sync_ms": sync_ms, "sync_ms_1rank": sync_ms_1, "sync_split_ms_rank0": split,
             "ratios": ratios, "ratios_paired": paired, "scaling_ceiling_no_sync": ceiling,
             "scaling_ceiling_no_sync_paired": ceiling_paired, "checks": checks, "correctness": correctness,
-            "buckets": ready["distbp-2"]["buckets"], "rank_threads": threads}
+            "buckets": ready["distbp-2"]["buckets"], "rank_threads": threads,
+            "rounds_taken": len(rounds), "rounds_used": len(kept), "only_undisturbed": quiet,
+            "foreign_cores_median_used": med(max(x["foreign_cores"] for x in r["train"].values()) for r in kept)}
 
 
 def print_report(s, cfg):
@@ -802,8 +884,15 @@ def print_report(s, cfg):
     buckets = ", ".join(f"{b['MiB']:.2f} MiB" for b in s["buckets"])
     print(f"MLP {'-'.join(map(str, SIZES))}: {N_PARAMS:,} float32 params ({4 * N_PARAMS / 2**20:.2f} MiB; distbp "
           f"buckets: {buckets}), batch {BATCH}/rank, SGD lr {LR}")
-    print(f"1 BLAS thread per rank; median of {cfg['rounds']} interleaved samples per job "
+    print(f"1 BLAS thread per rank; median of {s['rounds_used']} interleaved samples per job "
           f"({cfg['steps']} steps each; sync: {cfg['sync_iters']} calls each)")
+    if s["only_undisturbed"]:
+        print(f"rounds: {s['rounds_used']} undisturbed used, {s['rounds_taken'] - s['rounds_used']} disturbed "
+              f"(other processes > {FOREIGN_LIMIT} cores) dropped")
+    else:
+        print(f"WARNING: the machine was busy: only {sum(1 for _ in range(0))}"
+              f"{s['rounds_taken']} rounds, too few undisturbed; ALL used (others' load, median over rounds: "
+              f"{s['foreign_cores_median_used']:.2f} cores). Treat the numbers with care.")
     print("-" * W)
     print(f"{'training step':48s} {'ms/step':>8s} {'samples/s':>10s}   {'min..max ms/step':>16s}")
     labels = {"distbp-2": "distbp  DataParallel, MPI, 2 ranks",
@@ -890,12 +979,12 @@ def main():
     with limit_threads():
         info = machine_info()
     print_machine(info)
-    print(f"mode     : {mode}: jobs {', '.join(JOBS)} started once; {cfg['rounds']} rounds, each one sample "
-          f"of every job in rotating order; seed {SEED}", flush=True)
+    print(f"mode     : {mode}: jobs {', '.join(JOBS)} started once; {cfg['rounds']} undisturbed rounds wanted "
+          f"(budget {cfg['budget_s']:g} s), each one sample of every job in rotating order; seed {SEED}", flush=True)
 
     workdir = tempfile.mkdtemp(prefix="bench_mpi.")
     try:
-        samples, sync, finals, ready = run(mode, cfg, workdir)
+        rounds, finals, ready = run(mode, cfg, workdir)
     except JobFailed as e:
         print(f"\nbench_mpi: FAILED: {e}", file=sys.stderr)
         return 1
@@ -905,13 +994,13 @@ def main():
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    summary = summarize(samples, sync, finals, ready)
+    summary = summarize(rounds, finals, ready, cfg["rounds"])
     print_report(summary, cfg)
     elapsed = time.perf_counter() - t_start
     print(f"total {elapsed:.1f} s")
     if args.json:
         out = {"machine": info, "mode": mode, "config": cfg, "elapsed_s": elapsed, "summary": summary,
-               "ready": ready, "finals": finals, "samples": samples, "sync_samples": sync}
+               "ready": ready, "finals": finals, "rounds": rounds}
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
         print(f"wrote {args.json}")

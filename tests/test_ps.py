@@ -471,3 +471,13 @@ def test_sigterm_writes_a_checkpoint_and_restart_resumes_its_version(tmp_path):
     finally:
         server.send_signal(signal.SIGTERM)
         server.communicate(timeout=30)
+
+
+def test_the_one_machine_cluster_script_trains(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "BASE_PORT": str(_free_port())}
+    done = subprocess.run(["bash", str(ROOT / "launch" / "ps_cluster.sh"), "1", "2", "--mode", "sync", "--",
+                           "--epochs", "1", "--metrics", str(tmp_path / "m.jsonl")],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "stopped at version 23" in done.stdout  # 1,438 digits over 2 workers of 32
+    assert (tmp_path / "m.jsonl").read_text().count("test_accuracy") == 1

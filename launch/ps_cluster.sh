@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# A parameter-server job on one machine: S server shards and W workers, all on 127.0.0.1.
+#
+#   launch/ps_cluster.sh 2 4 --mode sync -- --model mlp --epochs 10
+#      servers workers [server options --] [training options, given to servers and workers alike]
+#
+# Server options: --mode sync|async|bounded, --staleness S, --sync-timeout SEC, --token T,
+# --checkpoint-path FILE --checkpoint-every-versions K (one file per shard: FILE.shardN). The training
+# options must be the same for servers and workers: the servers build the same model and optimizer.
+# Ports come from BASE_PORT (default 50051) upwards. Ctrl-C stops everything.
+set -euo pipefail
+servers=${1:?usage: launch/ps_cluster.sh SERVERS WORKERS [server options --] [training options]}
+workers=${2:?usage: launch/ps_cluster.sh SERVERS WORKERS [server options --] [training options]}
+shift 2
+server_opts=()
+if [[ " $* " == *" -- "* ]]; then
+  while [ "$1" != "--" ]; do server_opts+=("$1"); shift; done
+  shift
+fi
+python=${PYTHON:-python3}
+base=${BASE_PORT:-50051}
+token_opts=()
+for ((i = 0; i < ${#server_opts[@]}; i++)); do
+  if [ "${server_opts[$i]}" = "--token" ]; then token_opts=(--ps-token "${server_opts[$((i + 1))]}"); fi
+done
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT INT TERM
+addresses=""
+for ((s = 0; s < servers; s++)); do
+  port=$((base + s))
+  shard_opts=()
+  previous=""
+  for opt in "${server_opts[@]}"; do
+    # each shard checkpoints to its own file
+    if [ "$previous" = "--checkpoint-path" ]; then opt="$opt.shard$s"; fi
+    shard_opts+=("$opt")
+    previous=$opt
+  done
+  OMP_NUM_THREADS=1 "$python" -m distbp ps serve --shard "$s" --num-shards "$servers" --workers "$workers" \
+    --port "$port" "${shard_opts[@]}" "$@" &
+  pids+=($!)
+  addresses+="${addresses:+,}127.0.0.1:$port"
+done
+worker_pids=()
+for ((w = 0; w < workers; w++)); do
+  progress=none
+  [ "$w" = 0 ] && progress=auto
+  OMP_NUM_THREADS=1 "$python" -m distbp train --backend ps --ps "$addresses" "${token_opts[@]}" \
+    --progress "$progress" "$@" &
+  worker_pids+=($!)
+done
+status=0
+for pid in "${worker_pids[@]}"; do wait "$pid" || status=$?; done
+exit $status
