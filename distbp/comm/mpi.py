@@ -12,7 +12,6 @@ import numpy as np
 
 from .base import DEFAULT_TIMEOUT, CollectiveTimeout, Communicator, Handle, check_buffer, check_op
 
-_SPIN_SECONDS = 0.002  # poll without sleeping this long: short collectives finish with no added latency
 _NOTICE = 7
 
 
@@ -57,15 +56,14 @@ class _MPIHandle(Handle):
             self.request.Wait()
             self._finish()
             return
-        start = time.monotonic()
-        delay = 0.0
+        # Poll without sleeping: MPICH advances a non-blocking collective only inside MPI calls, so a
+        # sleeping rank would stall the transfer for every rank (MPI_Wait spins the same way).
+        deadline = time.monotonic() + comm.timeout
+        polls = 0
         while not self.request.Test():
-            now = time.monotonic()
-            if now - start > comm.timeout:
+            polls += 1
+            if polls % 1024 == 0 and time.monotonic() > deadline:
                 comm._timed_out(self.name, self.seq)
-            if now - start > _SPIN_SECONDS:
-                delay = min(delay * 2 or 1e-5, 1e-3)
-                time.sleep(delay)
         self._finish()
 
 
@@ -89,6 +87,9 @@ class MPICommunicator(Communicator):
     def _arrive(self):
         self._seq += 1
         if self.timeout is not None and self.size > 1:
+            # receive the peers' notices as they come: unreceived messages pile up in MPI's unexpected
+            # queue, costing memory and slowing the matching of every later message
+            self._drain_notices()
             self._sends = [r for r in self._sends if not r.Test()]
             for peer in range(self.size):
                 if peer != self.rank:

@@ -69,6 +69,7 @@ class DataParallel:
         self._bucket_of = {id(p): b for b in self.buckets for _, p in b.params}
         self._next_launch = 0
         self._syncing = True
+        self._scale = 1.0 / comm.size
         self.allreduce_calls = 0
         self._hooks = [p.register_post_accumulate_grad_hook(self._grad_ready) for _, p in self.named]
 
@@ -118,7 +119,8 @@ class DataParallel:
             return
         bucket = self._bucket_of[id(p)]
         offset, n = bucket.offsets[id(p)]
-        bucket.buffer[offset:offset + n] = p.grad.data.reshape(-1)
+        # copy into the bucket already divided by the world size: the sum over ranks is then the mean
+        np.multiply(p.grad.data.reshape(-1), self._scale, out=bucket.buffer[offset:offset + n], casting="same_kind")
         bucket.ready.add(id(p))
         if len(bucket.ready) == len(bucket.params):
             self._launch_ready()
@@ -137,7 +139,7 @@ class DataParallel:
     def _launch(self, bucket):
         bucket.launched_at = time.perf_counter()
         if self.compress == "fp16":
-            bucket.wire = (bucket.buffer / self.comm.size).astype(np.float16)
+            bucket.wire = bucket.buffer.astype(np.float16)
             bucket.handle = self.comm.iallreduce(bucket.wire, "sum")
         else:
             bucket.handle = self.comm.iallreduce(bucket.buffer, "sum")
@@ -163,7 +165,6 @@ class DataParallel:
                 bucket.buffer[offset:offset + size] = 0
                 bucket.ready.add(id(p))
             self._launch_ready()
-        scale = 1.0 / self.comm.size
         for bucket in self.buckets:
             bucket.handle.wait()
             bucket.finished_at = time.perf_counter()
@@ -172,8 +173,6 @@ class DataParallel:
             if self.compress == "fp16":
                 bucket.buffer[...] = bucket.wire
                 bucket.wire = None
-            else:
-                bucket.buffer *= bucket.buffer.dtype.type(scale)
             for _, p in bucket.params:
                 offset, n = bucket.offsets[id(p)]
                 p.grad = Tensor._from_op(bucket.buffer[offset:offset + n].reshape(p.data.shape), None)
