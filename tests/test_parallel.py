@@ -374,3 +374,27 @@ def test_resume_needs_the_same_world_size(tmp_path):
 
 def test_group_aborted_is_a_comm_error():
     assert issubclass(GroupAborted, Exception) and issubclass(UnusedParameters, RuntimeError)
+
+
+def test_large_parameters_are_reduced_in_place_and_averaged():
+    from distbp.parallel.data_parallel import IN_PLACE_BYTES
+
+    widths = (8, 600, 600, 4)  # the 600x600 weight (1.4 MB) is reduced alone, in its own .grad
+    x, y = _data()
+    reference = _mlp(widths=widths)
+    cross_entropy(reference(Tensor(x)), y).backward()
+    expected = _grads(reference)
+
+    def body(comm):
+        model = _mlp(widths=widths)
+        ddp = DataParallel(model, comm)
+        shard = slice(comm.rank * 32, (comm.rank + 1) * 32)
+        cross_entropy(ddp(Tensor(x[shard])), y[shard]).backward()
+        ddp.synchronize()
+        return _grads(model), [b.in_place for b in ddp.buckets]
+
+    for grads, in_place in run_ranks(2, body):
+        assert any(in_place) and not all(in_place)
+        for name in expected:
+            np.testing.assert_allclose(grads[name], expected[name], rtol=1e-5, atol=1e-7, err_msg=name)
+    assert 600 * 600 * 4 >= IN_PLACE_BYTES

@@ -18,6 +18,9 @@ from ..autograd.tensor import Tensor
 from ..comm.base import CommError
 
 
+IN_PLACE_BYTES = 1024 * 1024  # a parameter this large is all-reduced alone, in its own .grad
+
+
 class ModelMismatch(CommError):
     """Ranks hold different models (names, shapes or dtypes differ)."""
 
@@ -27,15 +30,18 @@ class UnusedParameters(RuntimeError):
 
 
 class _Bucket:
-    def __init__(self, index, params, dtype):
+    def __init__(self, index, params, dtype, in_place=False):
         self.index = index
         self.params = params  # (name, parameter) pairs
+        # a large parameter alone: all-reduced in its own .grad, no copy into a flat buffer
+        self.in_place = in_place
+        self.array = None  # what was handed to the all-reduce
         self.offsets = {}
         offset = 0
         for name, p in params:
             self.offsets[id(p)] = (offset, p.data.size)
             offset += p.data.size
-        self.buffer = np.zeros(offset, dtype)
+        self.buffer = None if in_place else np.zeros(offset, dtype)
         self.wire = None  # float16 copy when compressing
         self.ready = set()
         self.handle = None
@@ -43,7 +49,7 @@ class _Bucket:
 
     @property
     def nbytes(self):
-        return self.buffer.nbytes
+        return sum(p.data.nbytes for _, p in self.params)
 
 
 class DataParallel:
@@ -101,7 +107,14 @@ class DataParallel:
 
     def _make_buckets(self, cap_bytes):
         buckets, current, size, dtype = [], [], 0, None
+        alone = self.compress is None  # compression needs the flat buffer to cast
         for name, p in reversed(self.named):
+            if alone and p.data.nbytes >= IN_PLACE_BYTES:
+                if current:
+                    buckets.append(_Bucket(len(buckets), current, dtype))
+                    current, size = [], 0
+                buckets.append(_Bucket(len(buckets), [(name, p)], p.data.dtype, in_place=True))
+                continue
             if current and (size + p.data.nbytes > cap_bytes or p.data.dtype != dtype):
                 buckets.append(_Bucket(len(buckets), current, dtype))
                 current, size = [], 0
@@ -118,9 +131,16 @@ class DataParallel:
         if not self._syncing:
             return
         bucket = self._bucket_of[id(p)]
-        offset, n = bucket.offsets[id(p)]
-        # copy into the bucket already divided by the world size: the sum over ranks is then the mean
-        np.multiply(p.grad.data.reshape(-1), self._scale, out=bucket.buffer[offset:offset + n], casting="same_kind")
+        g = p.grad.data
+        if bucket.in_place and g.flags.c_contiguous and g.flags.writeable and g.dtype == p.data.dtype:
+            g *= g.dtype.type(self._scale)  # divided by the world size first: the sum is then the mean
+            bucket.array = g
+        else:
+            offset, n = bucket.offsets[id(p)]
+            if bucket.buffer is None:
+                bucket.buffer = np.zeros(sum(size for _, size in bucket.offsets.values()), p.data.dtype)
+            np.multiply(g.reshape(-1), self._scale, out=bucket.buffer[offset:offset + n], casting="same_kind")
+            bucket.array = bucket.buffer
         bucket.ready.add(id(p))
         if len(bucket.ready) == len(bucket.params):
             self._launch_ready()
@@ -142,7 +162,7 @@ class DataParallel:
             bucket.wire = bucket.buffer.astype(np.float16)
             bucket.handle = self.comm.iallreduce(bucket.wire, "sum")
         else:
-            bucket.handle = self.comm.iallreduce(bucket.buffer, "sum")
+            bucket.handle = self.comm.iallreduce(bucket.array, "sum")
         self.allreduce_calls += 1
 
     # --- after backward ---
@@ -162,7 +182,10 @@ class DataParallel:
             for n, p in missing:
                 bucket = self._bucket_of[id(p)]
                 offset, size = bucket.offsets[id(p)]
+                if bucket.buffer is None:
+                    bucket.buffer = np.zeros(sum(s for _, s in bucket.offsets.values()), p.data.dtype)
                 bucket.buffer[offset:offset + size] = 0
+                bucket.array = bucket.buffer
                 bucket.ready.add(id(p))
             self._launch_ready()
         for bucket in self.buckets:
@@ -173,9 +196,15 @@ class DataParallel:
             if self.compress == "fp16":
                 bucket.buffer[...] = bucket.wire
                 bucket.wire = None
-            for _, p in bucket.params:
-                offset, n = bucket.offsets[id(p)]
-                p.grad = Tensor._from_op(bucket.buffer[offset:offset + n].reshape(p.data.shape), None)
+            if bucket.array is not bucket.buffer:  # reduced in place: .grad already holds the mean
+                p = bucket.params[0][1]
+                if p.grad is None or p.grad.data is not bucket.array:
+                    p.grad = Tensor._from_op(bucket.array, None)
+            else:
+                for _, p in bucket.params:
+                    offset, n = bucket.offsets[id(p)]
+                    p.grad = Tensor._from_op(bucket.buffer[offset:offset + n].reshape(p.data.shape), None)
+            bucket.array = None
             bucket.ready.clear()
             bucket.handle = None
         self._next_launch = 0
