@@ -481,3 +481,40 @@ def test_the_one_machine_cluster_script_trains(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "stopped at version 23" in done.stdout  # 1,438 digits over 2 workers of 32
     assert (tmp_path / "m.jsonl").read_text().count("test_accuracy") == 1
+
+
+def test_a_restarted_worker_rejoins_with_its_id_and_the_current_parameters():
+    config = make_config({"epochs": 1, "progress": "none"})
+    addresses, (shard,), stop = start_servers(config, 1, 2, mode="async")
+    try:
+        named = _named(config)
+        grads = {n: np.full(p.data.shape, 0.1, p.data.dtype) for n, p in named}
+        a, b = PSClient(addresses, named), PSClient(addresses, named)
+        a.register()
+        b.register()
+        a.push(grads)
+        with pytest.raises(PSError, match="taken.*--ps-worker-id"):
+            PSClient(addresses, named).register()  # every id is in use
+        again = PSClient(addresses, named)  # worker b restarted
+        assert again.register(requested_id=b.worker_id).worker_id == b.worker_id
+        current = again.pull()
+        for name, p in shard.params.items():
+            np.testing.assert_array_equal(current[name], p.data)
+        assert again.versions == [1]
+    finally:
+        stop()
+
+
+def test_server_reflection_lists_the_service():
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    config = make_config({"epochs": 1, "progress": "none"})
+    addresses, shards, stop = start_servers(config, 1, 1)
+    try:
+        with grpc.insecure_channel(addresses[0]) as channel:
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+            names = {s.name for r in replies for s in r.list_services_response.service}
+        assert "distbp.ps.v1.ParameterServer" in names and "grpc.health.v1.Health" in names
+    finally:
+        stop()

@@ -71,7 +71,9 @@ class Shard:
             else:
                 free = [i for i in range(self.expected) if i not in self.active]
                 if not free:
-                    raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"all {self.expected} worker ids are taken")
+                    raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"all {self.expected} worker ids are taken; a restarted worker rejoins "
+                                   "with its own id (--ps-worker-id)")
                 wid = free[0]
             self.active.add(wid)
             self.clocks[wid] = max(self.clocks.values(), default=0) if self.started else 0

@@ -84,6 +84,7 @@ FIELDS = (
           nullable=True),
     Field("ps_tls_cert", str, None, "client certificate for mutual TLS with the parameter servers", nullable=True),
     Field("ps_tls_key", str, None, "client private key for mutual TLS", nullable=True),
+    Field("ps_worker_id", int, -1, "rejoin as this worker id (a restarted worker); -1: any free id", minimum=-1),
     Field("ps_retry_seconds", float, 60.0, "how long a worker retries while a server is unavailable",
           minimum=0.0),
     # bookkeeping

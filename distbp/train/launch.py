@@ -78,5 +78,5 @@ def _run_ps(config, stream):
     except ValueError as e:
         raise ConfigError(f"config: {e}") from None
     step = PSStep(addresses, config.ps_token, config.ps_tls_ca, config.ps_retry_seconds,
-                  tls_cert=config.ps_tls_cert, tls_key=config.ps_tls_key)
+                  requested_id=config.ps_worker_id, tls_cert=config.ps_tls_cert, tls_key=config.ps_tls_key)
     return Trainer(config, step, stream).fit()
