@@ -87,10 +87,14 @@ def named_parameters(arrays):
 # ================================================================================================
 
 
-def _server_process(conn, kind):
+def _server_process(conn, kind, blas_threads):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a ^C goes to the parent, which ends us through the pipe
     code = 0
     try:
+        if blas_threads:
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(blas_threads)  # as deployed: launch/ps_cluster.sh runs `ps serve` with OMP_NUM_THREADS=1
         if kind == "distbp":
             server, port, shard = _start_distbp()
         else:
@@ -155,11 +159,11 @@ def _start_echo():
 
 
 class ServerProcess:
-    def __init__(self, kind, timeout=120.0):
+    def __init__(self, kind, blas_threads=1, timeout=120.0):
         ctx = mp.get_context("spawn")
         self.kind = kind
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_server_process, args=(child, kind), daemon=True, name=f"bench-ps-{kind}")
+        self.proc = ctx.Process(target=_server_process, args=(child, kind, blas_threads), daemon=True, name=f"bench-ps-{kind}")
         self.proc.start()
         child.close()
         self.pid = self.proc.pid
@@ -430,6 +434,9 @@ def main():
     ap.add_argument("--json", metavar="PATH", help="write the results as JSON")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default 9)")
     ap.add_argument("--target-seconds", type=float, default=None, help="seconds per measurement (default 1.0)")
+    ap.add_argument("--blas-threads", type=int, default=1,
+                    help="BLAS threads in the server processes (default 1, as launch/ps_cluster.sh runs them; "
+                         "0: the library's default)")
     args = ap.parse_args()
     target = args.target_seconds or (0.05 if args.quick else 1.0)
     repeats = args.repeats or (2 if args.quick else 9)
@@ -451,11 +458,12 @@ def main():
           f"{math.ceil(PAYLOAD / CHUNK_BYTES)} chunks of {CHUNK_BYTES / MB:g} MB")
     print(f"distbp   : Shard built directly: {', '.join(f'{n}{s}' for n, s in SHAPES.items())}, SGD lr={LR:g}, "
           f"async, 1 worker; serve() in a spawned process; PSClient in this one")
+    print(f"threads  : BLAS threads per server process: {args.blas_threads or 'library default'}")
     servers, clients = [], []
     try:
-        ps = ServerProcess("distbp")
+        ps = ServerProcess("distbp", args.blas_threads)
         servers.append(ps)
-        echo = ServerProcess("raw")
+        echo = ServerProcess("raw", args.blas_threads)
         servers.append(echo)
         d = DistbpClient(ps.address)
         clients.append(d)
@@ -507,6 +515,7 @@ def main():
     print(f"total {elapsed:.1f} s")
     if args.json:
         out = {"machine": info, "mode": "quick" if args.quick else "full", "repeats": repeats,
+               "server_blas_threads": args.blas_threads,
                "target_seconds": target, "payload_bytes_each_way": PAYLOAD, "chunk_bytes": CHUNK_BYTES,
                "shapes": SHAPES, "elapsed_s": elapsed, "results": res}
         with open(args.json, "w") as f:
