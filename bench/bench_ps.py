@@ -91,15 +91,17 @@ def _server_process(conn, kind, blas_threads):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a ^C goes to the parent, which ends us through the pipe
     code = 0
     try:
-        if blas_threads:
-            from threadpoolctl import threadpool_limits
+        import distbp.optim  # noqa: F401 -- loads scipy's BLAS (SGD's axpy): limits apply to loaded libraries only
+        from threadpoolctl import threadpool_info, threadpool_limits
 
+        if blas_threads:
             threadpool_limits(blas_threads)  # as deployed: launch/ps_cluster.sh runs `ps serve` with OMP_NUM_THREADS=1
+        pools = sorted({p["num_threads"] for p in threadpool_info()})
         if kind == "distbp":
             server, port, shard = _start_distbp()
         else:
             server, port, shard = _start_echo()
-        conn.send(("port", port, os.getpid()))
+        conn.send(("port", port, pools))
         try:
             conn.recv()
         except (EOFError, OSError):
@@ -171,7 +173,7 @@ class ServerProcess:
             if not self.conn.poll(timeout):
                 raise RuntimeError(f"{kind} server: no port within {timeout:g} s")
             try:
-                what, value, _ = self.conn.recv()
+                what, value, self.pools = self.conn.recv()
             except EOFError:
                 self.proc.join(2)
                 raise RuntimeError(f"{kind} server exited before it listened "
@@ -458,7 +460,6 @@ def main():
           f"{math.ceil(PAYLOAD / CHUNK_BYTES)} chunks of {CHUNK_BYTES / MB:g} MB")
     print(f"distbp   : Shard built directly: {', '.join(f'{n}{s}' for n, s in SHAPES.items())}, SGD lr={LR:g}, "
           f"async, 1 worker; serve() in a spawned process; PSClient in this one")
-    print(f"threads  : BLAS threads per server process: {args.blas_threads or 'library default'}")
     servers, clients = [], []
     try:
         ps = ServerProcess("distbp", args.blas_threads)
@@ -469,7 +470,8 @@ def main():
         clients.append(d)
         r = RawClient(echo.address)
         clients.append(r)
-        print(f"servers  : distbp pid {ps.pid} on {ps.address}, raw pid {echo.pid} on {echo.address}")
+        print(f"servers  : distbp pid {ps.pid} on {ps.address}, raw pid {echo.pid} on {echo.address}; "
+              f"BLAS threads in them {ps.pools} and {echo.pools} (--blas-threads {args.blas_threads})")
         print("correctness (before timing):")
         ok_d, lines_d = d.check()
         ok_r, lines_r = r.check()

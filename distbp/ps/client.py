@@ -12,10 +12,14 @@ import numpy as np
 
 from .server import GRPC_OPTIONS
 from .v1 import ps_pb2, ps_pb2_grpc
-from .wire import Assembler, assign_shards, to_chunks
+from .wire import Assembler, assign_shards, decode_message, encode_chunks
 
 log = logging.getLogger("distbp.ps")
 _RETRY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def _identity(data):
+    return data
 
 
 class PSError(RuntimeError):
@@ -61,6 +65,12 @@ class PSClient:
         else:
             self.channels = [grpc.insecure_channel(a, options=GRPC_OPTIONS) for a in self.addresses]
         self.stubs = [ps_pb2_grpc.ParameterServerStub(c) for c in self.channels]
+        # Push and Pull carry the bulk: their messages are encoded and decoded by hand (wire.py)
+        self._push = [c.stream_unary("/distbp.ps.v1.ParameterServer/Push", request_serializer=_identity,
+                                     response_deserializer=ps_pb2.PushReply.FromString) for c in self.channels]
+        self._pull = [c.unary_stream("/distbp.ps.v1.ParameterServer/Pull",
+                                     request_serializer=ps_pb2.PullRequest.SerializeToString,
+                                     response_deserializer=_identity) for c in self.channels]
         self.pool = ThreadPoolExecutor(max_workers=len(self.stubs), thread_name_prefix="distbp-ps-client")
         self.worker_id = -1
         self.versions = [0] * len(self.stubs)
@@ -106,12 +116,12 @@ class PSClient:
 
         def one(shard):
             def requests():
+                ints = [(1, self.worker_id), (2, self.versions[shard])]
                 for name, owner in self.owner.items():
                     if owner == shard:
-                        for chunk in to_chunks(name, grads[name]):
-                            yield ps_pb2.PushRequest(worker_id=self.worker_id, version=self.versions[shard], chunk=chunk)
+                        yield from encode_chunks(name, grads[name], ints, 3)
 
-            return self._call("push", shard, lambda: self.stubs[shard].Push(requests(), metadata=self.metadata)).version
+            return self._call("push", shard, lambda: self._push[shard](requests(), metadata=self.metadata)).version
 
         return self._each(one)
 
@@ -125,10 +135,11 @@ class PSClient:
 
             def fetch():
                 assembler, version = Assembler(expected), None
-                for reply in self.stubs[shard].Pull(ps_pb2.PullRequest(worker_id=self.worker_id, min_version=wanted),
-                                                    metadata=self.metadata):
-                    version = reply.version
-                    assembler.add(reply.chunk)
+                for data in self._pull[shard](ps_pb2.PullRequest(worker_id=self.worker_id, min_version=wanted),
+                                              metadata=self.metadata):
+                    head, chunk = decode_message(data, {1: "version"}, 2)
+                    version = head["version"]
+                    assembler.add(chunk)
                 return version, assembler.result()
 
             return self._call("pull", shard, fetch)

@@ -11,6 +11,7 @@ Modes:
 
 import json
 import logging
+import math
 import threading
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 from ..autograd.tensor import Tensor
 from ..serialization import CheckpointError, load_safetensors, save_safetensors
 from .v1 import ps_pb2, ps_pb2_grpc
-from .wire import Assembler, WireError, to_chunks
+from .wire import Assembler, WireError, decode_message, encode_chunks
 
 log = logging.getLogger("distbp.ps")
 MODES = ("sync", "async", "bounded")
@@ -94,7 +95,10 @@ class Shard:
         except WireError as e:
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"bad push from worker {worker_id}: {e}") from None
         for name, g in grads.items():
-            if not np.isfinite(g).all():
+            flat = g.reshape(-1)
+            # g.g is finite for every finite gradient short of overflow (one BLAS pass); only when it is
+            # not is the exact, slower check needed
+            if not math.isfinite(float(np.dot(flat, flat))) and not np.isfinite(flat).all():
                 raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
                                f"bad push from worker {worker_id}: {name} has non-finite values")
         with self.cond:
@@ -126,7 +130,7 @@ class Shard:
         """Average the contributions, take one optimizer step, publish the next version (lock held)."""
         scale = 1.0 / len(contributions)
         for name, p in self.params.items():
-            total = contributions[0][name].copy()
+            total = contributions[0][name]  # assembled for this step alone: ours to modify
             for c in contributions[1:]:
                 total += c[name]
             if len(contributions) > 1:
@@ -160,8 +164,11 @@ class Shard:
 
     # --- pulls ---
 
-    def wait_for(self, worker_id, min_version, is_active):
-        """Block until this worker may read parameters of version >= min_version; return a snapshot."""
+    def wait_for(self, worker_id, min_version, is_active, encode=None):
+        """Block until this worker may read parameters of version >= min_version; return a snapshot.
+
+        encode(version, arrays) -> what to return, run under the lock: serializing there is the one copy.
+        """
         with self.cond:
             while True:
                 ready = self.version >= min_version and (self.started or self.mode == "async")
@@ -172,6 +179,8 @@ class Shard:
                     raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
                                    f"worker {worker_id} is not taking part (register again to rejoin)")
                 if ready:
+                    if encode is not None:
+                        return encode(self.version, {n: p.data for n, p in self.params.items()})
                     return self.version, {n: p.data.copy() for n, p in self.params.items()}
                 if not is_active() or self.stopping:
                     raise _Refused(grpc.StatusCode.CANCELLED, "the pull was cancelled")
@@ -249,41 +258,72 @@ class Servicer(ps_pb2_grpc.ParameterServerServicer):
                                     shard=s.shard, num_shards=s.num_shards)
 
     def Push(self, request_iterator, context):
+        """Serialized PushRequests (see wire.py: decoded by hand, the tensor bytes read in place)."""
         first = None
 
         def chunks():
             nonlocal first
-            for message in request_iterator:
+            for data in request_iterator:
+                try:
+                    head, chunk = decode_message(data, _PUSH_INTS, 3)
+                except WireError as e:
+                    raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"bad push: {e}") from None
                 if first is None:
-                    first = message
-                elif (message.worker_id, message.version) != (first.worker_id, first.version):
+                    first = head
+                elif head != first:
                     raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "bad push: worker id or version changes mid-stream")
-                yield message.chunk
+                yield chunk
 
         try:
             gen = chunks()
             head = next(gen, None)
             if head is None:
                 raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "bad push: no tensors")
-            version = self.shard.push(first.worker_id, first.version, _prepend(head, gen))
+            version = self.shard.push(first["worker_id"], first["version"], _prepend(head, gen))
         except _Refused as e:
             context.abort(e.code, e.message)
         return ps_pb2.PushReply(version=version)
 
     def Pull(self, request, context):
+        """Serialized PullReplies, encoded by hand (see wire.py)."""
+        def encode(version, arrays):
+            return [m for name, array in arrays.items() for m in encode_chunks(name, array, [(1, version)], 2)]
+
         try:
-            version, arrays = self.shard.wait_for(request.worker_id, request.min_version, context.is_active)
+            messages = self.shard.wait_for(request.worker_id, request.min_version, context.is_active, encode)
         except _Refused as e:
             context.abort(e.code, e.message)
-        for name, array in arrays.items():
-            for chunk in to_chunks(name, array):
-                yield ps_pb2.PullReply(version=version, chunk=chunk)
+        yield from messages
 
     def Status(self, request, context):
         s = self.shard
         with s.cond:
             return ps_pb2.StatusReply(version=s.version, mode=s.mode, workers=sorted(s.active), pushes=s.pushes,
                                       shard=s.shard, num_shards=s.num_shards, parameters=list(s.params))
+
+
+_PUSH_INTS = {1: "worker_id", 2: "version"}
+
+
+def _identity(data):
+    return data
+
+
+def _add_servicer(servicer, server):
+    """The generated registration, except that Push and Pull see and make serialized bytes."""
+    handlers = {
+        "Register": grpc.unary_unary_rpc_method_handler(
+            servicer.Register, request_deserializer=ps_pb2.RegisterRequest.FromString,
+            response_serializer=ps_pb2.RegisterReply.SerializeToString),
+        "Push": grpc.stream_unary_rpc_method_handler(
+            servicer.Push, request_deserializer=_identity, response_serializer=ps_pb2.PushReply.SerializeToString),
+        "Pull": grpc.unary_stream_rpc_method_handler(
+            servicer.Pull, request_deserializer=ps_pb2.PullRequest.FromString, response_serializer=_identity),
+        "Status": grpc.unary_unary_rpc_method_handler(
+            servicer.Status, request_deserializer=ps_pb2.StatusRequest.FromString,
+            response_serializer=ps_pb2.StatusReply.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("distbp.ps.v1.ParameterServer", handlers),))
 
 
 def _prepend(head, rest):
@@ -331,7 +371,7 @@ def serve(shard, host="127.0.0.1", port=0, token=None, tls=None, threads=None):
     # pulls park a handler thread each while they wait for the next version: more threads than workers
     pool = futures.ThreadPoolExecutor(max_workers=threads or max(16, 4 * shard.expected + 8))
     server = grpc.server(pool, interceptors=interceptors, options=GRPC_OPTIONS)
-    ps_pb2_grpc.add_ParameterServerServicer_to_server(Servicer(shard), server)
+    _add_servicer(Servicer(shard), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service = ps_pb2.DESCRIPTOR.services_by_name["ParameterServer"].full_name

@@ -81,3 +81,147 @@ def assign_shards(sizes, num_shards):
         owner[name] = shard
         load[shard] += size
     return owner
+
+
+# --- the two bulk messages, encoded and decoded by hand ------------------------------------------------
+#
+# PushRequest and PullReply carry megabytes of tensor data. The protobuf runtime copies a bytes field
+# several times on the way (into the message, into the serialized string, out again when parsing); these
+# functions write and read the very same wire format (protos/distbp/ps/v1/ps.proto) with one copy per
+# side, and the tensor bytes are read straight out of the received buffer.
+
+
+class Chunk:
+    """A decoded TensorChunk; `data` is a view into the received message."""
+
+    __slots__ = ("name", "dtype", "shape", "offset", "data")
+
+    def __init__(self):
+        self.name, self.dtype, self.shape, self.offset, self.data = "", "", [], 0, b""
+
+
+def _varint(value):
+    value &= (1 << 64) - 1  # negative int32/int64 travel as their 64-bit two's complement
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _field(number, payload):
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _chunk_parts(name, dtype, shape, offset, data):
+    head = _field(1, name.encode()) + _field(2, dtype.encode())
+    if shape:
+        head += _field(3, b"".join(_varint(n) for n in shape))
+    if offset:
+        head += _varint(4 << 3) + _varint(offset)
+    nbytes = data.nbytes
+    if nbytes:
+        head += _varint(5 << 3 | 2) + _varint(nbytes)
+    return head, nbytes
+
+
+def encode_chunks(name, array, ints, chunk_field, chunk_bytes=CHUNK_BYTES):
+    """Serialized messages {int fields, TensorChunk} for `array`, one per chunk.
+
+    ints: [(field number, value)] of the enclosing message (worker id and version of a PushRequest,
+    version of a PullReply); chunk_field: the TensorChunk's field number (3 in PushRequest, 2 in PullReply).
+    """
+    dtype = np.dtype(array.dtype).name
+    if dtype not in DTYPES:
+        raise WireError(f"{name}: dtype {dtype} cannot travel (float32 or float64 only)")
+    flat = np.ascontiguousarray(array, dtype=DTYPES[dtype]).reshape(-1)
+    per_chunk = max(chunk_bytes // flat.itemsize, 1)
+    prefix = b"".join(_varint(number << 3) + _varint(value) for number, value in ints if value)
+    for start in range(0, max(flat.size, 1), per_chunk):
+        data = memoryview(flat[start:start + per_chunk]).cast("B")
+        head, nbytes = _chunk_parts(name, dtype, list(array.shape), start, data)
+        yield b"".join((prefix, _varint(chunk_field << 3 | 2), _varint(len(head) + nbytes), head, data))
+
+
+def _read_varint(buf, pos):
+    result = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise WireError("truncated message")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise WireError("malformed varint")
+
+
+def _fields(buf, start, end):
+    """(field number, wire type, value or (begin, end)) for each field of buf[start:end]."""
+    pos = start
+    while pos < end:
+        key, pos = _read_varint(buf, pos)
+        number, kind = key >> 3, key & 7
+        if kind == 0:
+            value, pos = _read_varint(buf, pos)
+            yield number, kind, value
+        elif kind == 2:
+            length, pos = _read_varint(buf, pos)
+            if pos + length > end:
+                raise WireError("a field runs past the end of the message")
+            yield number, kind, (pos, pos + length)
+            pos += length
+        elif kind == 1:
+            pos += 8
+        elif kind == 5:
+            pos += 4
+        else:
+            raise WireError(f"unsupported wire type {kind}")
+    if pos != end:
+        raise WireError("truncated message")
+
+
+def _signed(value):
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _decode_chunk(buf, start, end):
+    chunk = Chunk()
+    for number, kind, value in _fields(buf, start, end):
+        if number == 1 and kind == 2:
+            chunk.name = bytes(buf[value[0]:value[1]]).decode("utf-8", "replace")
+        elif number == 2 and kind == 2:
+            chunk.dtype = bytes(buf[value[0]:value[1]]).decode("utf-8", "replace")
+        elif number == 3 and kind == 2:  # packed
+            pos, stop = value
+            while pos < stop:
+                n, pos = _read_varint(buf, pos)
+                chunk.shape.append(_signed(n))
+        elif number == 3 and kind == 0:
+            chunk.shape.append(_signed(value))
+        elif number == 4 and kind == 0:
+            chunk.offset = _signed(value)
+        elif number == 5 and kind == 2:
+            chunk.data = buf[value[0]:value[1]]
+    return chunk
+
+
+def decode_message(data, ints, chunk_field):
+    """(dict of the int fields `ints` {number: name}, Chunk) from a serialized PushRequest or PullReply."""
+    buf = memoryview(data)
+    values = {name: 0 for name in ints.values()}
+    chunk = None
+    for number, kind, value in _fields(buf, 0, len(buf)):
+        if number in ints and kind == 0:
+            values[ints[number]] = _signed(value)
+        elif number == chunk_field and kind == 2:
+            chunk = _decode_chunk(buf, *value)
+    if chunk is None:
+        raise WireError("a message without a tensor chunk")
+    return values, chunk

@@ -186,7 +186,7 @@ def load_toml(path):
 MODEL_DEFAULTS = {
     "mlp": {"epochs": 20, "optimizer": "sgd", "lr": 0.1},
     "cnn": {"epochs": 10, "optimizer": "sgd", "lr": 0.1},
-    "charlm": {"epochs": 1, "optimizer": "adam", "lr": 3e-3},
+    "charlm": {"epochs": 3, "optimizer": "adam", "lr": 3e-3},
 }
 
 
