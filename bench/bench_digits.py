@@ -15,7 +15,6 @@ import statistics
 import time
 import warnings
 
-import numpy as np
 from threadpoolctl import threadpool_limits
 
 from distbp.data import load_digits

@@ -4,7 +4,6 @@ import gzip
 import json
 import math
 import struct
-import zlib
 from collections import Counter
 
 import numpy as np

@@ -11,7 +11,6 @@ from distbp import nn
 from distbp.autograd import Tensor
 from distbp.autograd.ops import cross_entropy
 from distbp.comm import CollectiveTimeout, GroupAborted, LocalCommunicator, RankFailed, ThreadGroup, run_ranks
-from distbp.optim import SGD
 from distbp.parallel import DataParallel, ModelMismatch, UnusedParameters
 from distbp.train import Trainer, make_config
 from distbp.train.steps import AllReduceStep, allreduce_step

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from distbp.comm import run_ranks
-from distbp.ps.client import PSClient, PSError, PSStep, model_signature
+from distbp.ps.client import PSClient, PSError, PSStep
 from distbp.ps.server import serve
-from distbp.ps.v1 import ps_pb2, ps_pb2_grpc
+from distbp.ps.v1 import ps_pb2
 from distbp.ps.wire import CHUNK_BYTES, assign_shards, to_chunks
 from distbp.train import Trainer, make_config
 from distbp.train.ps_service import build_shard

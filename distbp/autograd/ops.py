@@ -16,7 +16,6 @@ import math
 import numpy as np
 from scipy import special as _special
 
-from .engine import sum_to
 from .function import Function
 from .grad_mode import state
 from .random import default_rng

@@ -2,7 +2,6 @@
 
 import math
 
-import numpy as np
 
 from ..autograd.grad_mode import no_grad
 from ..autograd.random import default_rng
