@@ -25,6 +25,10 @@ Timed, per iteration (16 MB moved: 8 MB each way):
 
 Target: throughput(distbp push+pull) / throughput(raw echo) >= 0.70.
 
+Threads: one BLAS thread in each server process (threadpoolctl, after scipy's BLAS is loaded), as
+launch/ps_cluster.sh runs `distbp ps serve` (OMP_NUM_THREADS=1); --blas-threads 0 keeps the library's
+default, whose idle threads spin after every SGD axpy and, on 2 cores, take CPU from the client.
+
 Method: one correctness check before any timing (the pulled parameters are the initial ones, and after
 one push exactly init - lr * grad; the echo returns the bytes it got); warm-up; each measurement's loop
 length is calibrated to ~target seconds; the repeats are interleaved (A B C A B C ...) and the median time
@@ -389,13 +393,31 @@ def machine_info():
         "protobuf": google.protobuf.__version__,
         "protobuf_impl": api_implementation.Type(),
         "platform": platform.platform(),
+        "distbp_commit": _git_state(),
     }
+
+
+def _git_state():
+    """The checkout's commit and whether distbp/ has local changes (the code measured), or None."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "distbp"], cwd=root, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}{' + local changes in distbp/' if dirty else ''}" if head else None
 
 
 def print_machine(info):
     print(f"CPU      : {info['cpu']}  ({info['cores']} cores, {info['usable_cores']} usable)")
     print(f"Python   : {info['python']}   numpy {info['numpy']}   grpcio {info['grpcio']}   "
           f"protobuf {info['protobuf']} ({info['protobuf_impl']})   {info['platform']}")
+    if info["distbp_commit"]:
+        print(f"distbp   : commit {info['distbp_commit']}")
 
 
 # ================================================================================================

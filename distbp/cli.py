@@ -5,17 +5,22 @@ documents every key a TOML config file may hold, and the two are checked by the 
 """
 
 import argparse
+import os
 import sys
 import traceback
 
+# gRPC's core logs its own copy of errors that distbp reports in one line (GRPC_VERBOSITY=ERROR to see them)
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
 from .comm import CommError, RankFailed
+from .ps.client import PSError
 
 from .data.datasets import DataError
 from .train.checkpoint import CheckpointError
 from .train.config import FIELDS, ConfigError, load_toml, make_config
 
 # Errors that are the user's input, reported in one line; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ConfigError, DataError, CheckpointError, FloatingPointError, CommError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, FloatingPointError, CommError, PSError)
 
 
 def _option_type(f):
@@ -119,7 +124,10 @@ def main(argv=None):
         elif args.command == "ps":
             from .train.ps_service import run_server
 
-            run_server(config_from_args(args), args)
+            try:
+                run_server(config_from_args(args), args)
+            except OSError as e:  # the port is taken, a certificate file is missing, ...
+                raise PSError(f"ps serve: {e.strerror or e}" + (f": {e.filename}" if e.filename else "")) from None
         elif args.command == "plot":
             from pathlib import Path
 

@@ -518,3 +518,17 @@ def test_server_reflection_lists_the_service():
         assert "distbp.ps.v1.ParameterServer" in names and "grpc.health.v1.Health" in names
     finally:
         stop()
+
+
+def test_a_taken_port_is_a_one_line_error():
+    config = make_config({"epochs": 1, "progress": "none"})
+    addresses, shards, stop = start_servers(config, 1, 1)
+    try:
+        port = addresses[0].rsplit(":", 1)[1]
+        done = subprocess.run([sys.executable, "-m", "distbp", "ps", "serve", "--port", port],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2
+        assert done.stderr.strip().startswith("distbp: error: ps serve: cannot listen on 127.0.0.1:")
+        assert "Traceback" not in done.stderr
+    finally:
+        stop()

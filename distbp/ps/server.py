@@ -370,7 +370,8 @@ def serve(shard, host="127.0.0.1", port=0, token=None, tls=None, threads=None):
     interceptors = [_TokenCheck(token)] if token else []
     # pulls park a handler thread each while they wait for the next version: more threads than workers
     pool = futures.ThreadPoolExecutor(max_workers=threads or max(16, 4 * shard.expected + 8))
-    server = grpc.server(pool, interceptors=interceptors, options=GRPC_OPTIONS)
+    # no SO_REUSEPORT: a second server on a taken port must fail, not silently share it
+    server = grpc.server(pool, interceptors=interceptors, options=GRPC_OPTIONS + [("grpc.so_reuseport", 0)])
     _add_servicer(Servicer(shard), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -379,15 +380,21 @@ def serve(shard, host="127.0.0.1", port=0, token=None, tls=None, threads=None):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection((service, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{host}:{port}"
+    try:
+        bound = _bind(server, address, tls)
+    except RuntimeError:  # grpc's way of saying the port is taken
+        raise OSError(f"cannot listen on {address}: the address is in use or not this machine's") from None
+    if bound == 0:
+        raise OSError(f"cannot listen on {address}")
+    server.start()
+    return server, bound
+
+
+def _bind(server, address, tls):
     if tls:
         key, cert = Path(tls["key"]).read_bytes(), Path(tls["cert"]).read_bytes()
         client_ca = Path(tls["client_ca"]).read_bytes() if tls.get("client_ca") else None
         credentials = grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
                                                   require_client_auth=client_ca is not None)
-        bound = server.add_secure_port(address, credentials)
-    else:
-        bound = server.add_insecure_port(address)
-    if bound == 0:
-        raise OSError(f"cannot listen on {address}")
-    server.start()
-    return server, bound
+        return server.add_secure_port(address, credentials)
+    return server.add_insecure_port(address)
