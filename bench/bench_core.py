@@ -30,6 +30,8 @@ import sys
 import time
 
 import numpy as np
+
+from machine import cpu_model, usable_cores
 import torch
 from threadpoolctl import threadpool_info, threadpool_limits
 
@@ -361,19 +363,8 @@ def time_interleaved(measures, target, repeats, warmup):
 
 
 def machine_info():
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
+    cpu = cpu_model()
+    usable = usable_cores()
     pools = [
         {k: p.get(k) for k in ("user_api", "internal_api", "version", "threading_layer", "architecture",
                                 "num_threads", "filepath")}

@@ -66,6 +66,8 @@ import traceback
 
 import numpy as np
 
+from machine import cpu_model, usable_cores
+
 SIZES = (784, 1024, 1024, 10)
 BATCH = 256
 LR = 0.01
@@ -798,19 +800,8 @@ def machine_info():
     mpi4py.rc.finalize = False
     from mpi4py import MPI
 
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
+    cpu = cpu_model()
+    usable = usable_cores()
     try:
         torch_version = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"],
                                        capture_output=True, text=True, timeout=60).stdout.strip()

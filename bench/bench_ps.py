@@ -58,6 +58,8 @@ from concurrent import futures
 import grpc
 import numpy as np
 
+from machine import cpu_model, usable_cores
+
 N_VALUES = 2_097_152
 SHAPES = {"w0": (1536, 1024), "w1": (512, 1024)}  # 1,572,864 + 524,288 float32 values
 assert sum(math.prod(s) for s in SHAPES.values()) == N_VALUES
@@ -370,19 +372,8 @@ def machine_info():
     import google.protobuf
     from google.protobuf.internal import api_implementation
 
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
+    cpu = cpu_model()
+    usable = usable_cores()
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
