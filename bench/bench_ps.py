@@ -44,6 +44,7 @@ outlives the script anyway (the script killed with SIGKILL) sees its control pip
 """
 
 import argparse
+import contextlib
 import json
 import math
 import multiprocessing as mp
@@ -97,8 +98,9 @@ def _server_process(conn, kind, blas_threads):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a ^C goes to the parent, which ends us through the pipe
     code = 0
     try:
-        import distbp.optim  # noqa: F401 -- loads scipy's BLAS (SGD's axpy): limits apply to loaded libraries only
         from threadpoolctl import threadpool_info, threadpool_limits
+
+        import distbp.optim  # noqa: F401 -- loads scipy's BLAS (SGD's axpy): limits apply to loaded libraries only
 
         if blas_threads:
             threadpool_limits(blas_threads)  # as deployed: launch/ps_cluster.sh runs `ps serve` with OMP_NUM_THREADS=1
@@ -228,7 +230,7 @@ class DistbpClient:
 
         self.init = initial_arrays()
         self.grads = gradient_arrays()
-        self.client = PSClient([address], named_parameters(self.init), retry_seconds=30.0)
+        self.client = PSClient([address], named_parameters(self.init), retry_seconds=5.0)
         self.client.register()
 
     def check(self):
@@ -274,8 +276,8 @@ class RawClient:
         self.push_call(iter(self.chunks))
         pulled = b"".join(self.pull_call(b""))
         good = back == self.blob and pulled == self.blob
-        return good, [f"  raw   : echo and push+pull return the {len(self.blob):,} bytes sent in "
-                      f"{len(self.chunks)} messages  {'ok' if good else 'MISMATCH'}"]
+        return good, [(f"  raw   : echo and push+pull return the {len(self.blob):,} bytes sent in "
+                       f"{len(self.chunks)} messages  {'ok' if good else 'MISMATCH'}")]
 
     def echo(self):
         n = 0
@@ -395,9 +397,9 @@ def _git_state():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
+                              timeout=10, check=False).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "distbp"], cwd=root, capture_output=True,
-                               text=True, timeout=10).stdout.strip()
+                               text=True, timeout=10, check=False).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return f"{head}{' + local changes in distbp/' if dirty else ''}" if head else None
@@ -500,10 +502,8 @@ def main():
         time_interleaved(list(measures.values()), target, repeats, warmup)
     finally:
         for c in clients:
-            try:
+            with contextlib.suppress(Exception):  # the servers must still be ended
                 c.close()
-            except Exception:  # noqa: BLE001 -- the servers must still be ended
-                pass
         for s in servers:
             s.close()
     survivors = [s.pid for s in servers if s.proc.is_alive()]
