@@ -14,9 +14,10 @@ client; both on 127.0.0.1 with a free port chosen by the OS, both with distbp.ps
 
 Timed, per iteration (16 MB moved: 8 MB each way):
 
-  distbp push+pull   PSClient (registered once) .push(grads) then .pull() of all parameters: push streams
-                     TensorChunks of CHUNK_BYTES, the shard checks, assembles and takes one SGD step;
-                     pull streams the new parameters back and the client assembles them into arrays
+  distbp push+pull   PSClient (registered once) .push(grads) then .pull(out=params): push streams
+                     TensorChunks of CHUNK_BYTES, the shard checks them and takes one SGD step on them
+                     where they arrived; pull streams the new parameters back into the client's
+                     parameter arrays, as a training worker pulls into its model
   raw echo           one stream-stream call: 4 messages of CHUNK_BYTES (prebuilt bytes) sent, echoed
                      back message by message (the handler returns the request iterator) -- the target's
                      reference
@@ -230,7 +231,9 @@ class DistbpClient:
 
         self.init = initial_arrays()
         self.grads = gradient_arrays()
-        self.client = PSClient([address], named_parameters(self.init), retry_seconds=5.0)
+        named = named_parameters(self.init)
+        self.params = {n: p.data for n, p in named}
+        self.client = PSClient([address], named, retry_seconds=5.0)
         self.client.register()
 
     def check(self):
@@ -250,7 +253,7 @@ class DistbpClient:
 
     def iteration(self):
         self.client.push(self.grads)
-        return self.client.pull()
+        return self.client.pull(out=self.params)  # into the model's arrays, as training pulls
 
     def close(self):
         self.client.close()

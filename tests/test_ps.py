@@ -12,11 +12,13 @@ import grpc
 import numpy as np
 import pytest
 
+from distbp.autograd import Tensor
 from distbp.comm import run_ranks
 from distbp.ps.client import PSClient, PSError, PSStep
 from distbp.ps.server import serve
 from distbp.ps.v1 import ps_pb2
-from distbp.ps.wire import CHUNK_BYTES, assign_shards, to_chunks
+from distbp.ps.wire import (ALIGN, CHUNK_BYTES, Assembler, WireError, assign_shards, chunk_ranges, decode_message,
+                            encode_chunks, to_chunks)
 from distbp.train import Trainer, make_config
 from distbp.train.ps_service import build_shard
 from distbp.train.steps import allreduce_step
@@ -86,6 +88,147 @@ def test_large_tensors_travel_in_chunks_below_the_limit():
     assert all(c.ByteSize() < 4 * 1024 * 1024 for c in chunks)
     flat = np.concatenate([np.frombuffer(c.data, np.float32) for c in chunks])
     np.testing.assert_array_equal(flat, array.reshape(-1))
+
+
+@pytest.mark.parametrize("ints", [[(1, 0), (2, 0)], [(1, 3), (2, 1_000_000)], [(1, 2**31 - 1), (2, 2**40)]])
+@pytest.mark.parametrize("size", [0, 1, 5, 524_287, 524_288, 524_289, 1_500_000])
+def test_hand_encoded_push_parses_as_protobuf_with_aligned_data(ints, size):
+    array = np.arange(size, dtype=np.float32)
+    messages = list(encode_chunks("layer.weight", array, ints, 3))
+    assert len(messages) == len(chunk_ranges(size, 4))
+    got = []
+    for message in messages:
+        parsed = ps_pb2.PushRequest.FromString(message)
+        assert (parsed.worker_id, parsed.version) == tuple(v for _, v in ints)
+        assert parsed.chunk.name == "layer.weight" and list(parsed.chunk.shape) == [size]
+        assert parsed.chunk.padding.count(0) == len(parsed.chunk.padding)
+        if parsed.chunk.data:
+            assert message.endswith(parsed.chunk.data)  # written last: it starts where the rest ends
+            assert (len(message) - len(parsed.chunk.data)) % ALIGN == 0
+        got.append(np.frombuffer(parsed.chunk.data, np.float32))
+        head, chunk = decode_message(message, {1: "worker_id", 2: "version"}, 3)
+        assert chunk.offset == parsed.chunk.offset and bytes(chunk.data) == parsed.chunk.data
+    np.testing.assert_array_equal(np.concatenate(got), array)
+
+
+def _small_chunks(array, per_chunk=4):
+    return list(to_chunks("w", array, chunk_bytes=per_chunk * array.itemsize))
+
+
+def test_assembler_fills_given_arrays_in_place():
+    array = np.arange(10, dtype=np.float32).reshape(2, 5)
+    out = np.zeros_like(array)
+    assembler = Assembler({"w": (array.shape, array.dtype)}, out={"w": out})
+    for chunk in _small_chunks(array):
+        assembler.add(chunk)
+    result = assembler.result()
+    assert np.shares_memory(result["w"], out)
+    np.testing.assert_array_equal(out, array)
+
+
+@pytest.mark.parametrize("order", [[0, 0, 2], [0, 2, 1], [1, 2], [0, 1, 1, 2]])
+def test_assembler_refuses_chunks_out_of_order_repeated_or_missing(order):
+    # [0, 0, 2] covers the right number of elements, yet [4, 8) never arrived
+    array = np.arange(10, dtype=np.float32)
+    chunks = _small_chunks(array)
+    assembler = Assembler({"w": (array.shape, array.dtype)})
+    with pytest.raises(WireError, match="expected|elements arrived"):
+        for i in order:
+            assembler.add(chunks[i])
+        assembler.result()
+
+
+def test_assembler_refuses_an_output_array_of_another_layout():
+    array = np.arange(10, dtype=np.float32).reshape(2, 5)
+    for out in (np.zeros((5, 2), np.float32), np.zeros((2, 5), np.float64), np.zeros((5, 2), np.float32).T):
+        assembler = Assembler({"w": (array.shape, array.dtype)}, out={"w": out})
+        with pytest.raises(ValueError, match="output array"):
+            assembler.add(_small_chunks(array)[0])
+
+
+def _shard_of(arrays, optimizer, **options):
+    """A Shard over copies of `arrays` (name -> array) with optimizer(list of parameters), not served."""
+    from distbp.nn import Parameter
+    from distbp.ps.server import Shard
+
+    named = {n: Parameter(a.copy()) for n, a in arrays.items()}
+    return Shard(named, optimizer(list(named.values())), mode="async", workers=1, **options)
+
+
+def _push_arrays(shard, grads, chunk_bytes=CHUNK_BYTES):
+    chunks = [c for n, g in grads.items() for c in to_chunks(n, g, chunk_bytes=chunk_bytes)]
+    return shard.push(0, shard.version, iter(chunks))
+
+
+@pytest.mark.parametrize("chunk_bytes", [CHUNK_BYTES, 40_000, 3_000_000])
+def test_shard_steps_pieces_exactly_as_whole_parameters(chunk_bytes):
+    # w spans two pieces of CHUNK_BYTES; the other chunk sizes take the path that copies into place
+    from distbp.optim import Adam
+
+    rng = np.random.default_rng(0)
+    arrays = {"w": rng.standard_normal((700, 1000), dtype=np.float32), "b": rng.standard_normal(7, dtype=np.float32)}
+    shard = _shard_of(arrays, lambda ps: Adam(ps, lr=0.01, weight_decay=0.1))
+    assert [len(p) for p in shard.pieces.values()] == [2, 1]
+    shard.register(0, shard.signature)
+    reference = {n: Tensor(a.copy(), requires_grad=True) for n, a in arrays.items()}
+    whole = Adam(list(reference.values()), lr=0.01, weight_decay=0.1)
+    for step in range(3):
+        grads = {n: rng.standard_normal(a.shape, dtype=np.float32) for n, a in arrays.items()}
+        assert _push_arrays(shard, grads, chunk_bytes) == step + 1
+        for n, t in reference.items():
+            t.grad = Tensor(grads[n])
+        whole.step()
+        for n, t in reference.items():
+            np.testing.assert_array_equal(shard.params[n].data, t.data)
+    shard.stop()
+
+
+def test_a_version_is_encoded_once_for_all_its_pulls():
+    from distbp.optim import SGD
+
+    arrays = {"w": np.ones((3, 4), np.float32)}
+    shard = _shard_of(arrays, lambda ps: SGD(ps, lr=1.0))
+    shard.register(0, shard.signature)
+    first = shard.pull_messages(0, 0, lambda: True)
+    assert shard.pull_messages(0, 0, lambda: True) is first
+    _push_arrays(shard, {"w": np.full((3, 4), 0.5, np.float32)})
+    second = shard.pull_messages(0, 1, lambda: True)
+    assert second is not first
+    _, chunk = decode_message(second[0], {1: "version"}, 2)
+    np.testing.assert_array_equal(np.frombuffer(chunk.data, np.float32), np.full(12, 0.5, np.float32))
+    shard.stop()
+
+
+def test_shard_checkpoint_joins_piece_state_and_restores_it(tmp_path):
+    from distbp.optim import SGD
+
+    rng = np.random.default_rng(1)
+    arrays = {"w": rng.standard_normal((700, 1000), dtype=np.float32)}
+    grads = [{"w": rng.standard_normal((700, 1000), dtype=np.float32)} for _ in range(4)]
+
+    def make(**options):
+        shard = _shard_of(arrays, lambda ps: SGD(ps, lr=0.1, momentum=0.9), **options)
+        shard.register(0, shard.signature)
+        return shard
+
+    straight = make()
+    for g in grads:
+        _push_arrays(straight, g)
+    path = tmp_path / "shard.safetensors"
+    first = make(checkpoint=path, checkpoint_every=2)
+    for g in grads[:2]:
+        _push_arrays(first, g)
+    from distbp.serialization import load_safetensors
+
+    saved, _ = load_safetensors(path)
+    assert saved["optim/w/momentum_buffer"].shape == (700, 1000)  # one array per parameter, not per piece
+    again = make(checkpoint=path)
+    assert again.version == 2
+    for g in grads[2:]:
+        _push_arrays(again, g)
+    np.testing.assert_array_equal(again.params["w"].data, straight.params["w"].data)
+    for shard in (straight, first, again):
+        shard.stop()
 
 
 def test_shard_assignment_is_deterministic_and_balanced():

@@ -4,7 +4,7 @@ server is unavailable."""
 import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import grpc
@@ -71,7 +71,7 @@ class PSClient:
         self._pull = [c.unary_stream("/distbp.ps.v1.ParameterServer/Pull",
                                      request_serializer=ps_pb2.PullRequest.SerializeToString,
                                      response_deserializer=_identity) for c in self.channels]
-        self.pool = ThreadPoolExecutor(max_workers=len(self.stubs), thread_name_prefix="distbp-ps-client")
+        self.pool = ThreadPoolExecutor(max_workers=max(len(self.stubs) - 1, 1), thread_name_prefix="distbp-ps-client")
         self.worker_id = -1
         self.versions = [0] * len(self.stubs)
 
@@ -94,7 +94,13 @@ class PSClient:
                               code) from None
 
     def _each(self, fn):
-        return list(self.pool.map(fn, range(len(self.stubs))))
+        """[fn(shard) for every shard], concurrently; shard 0 runs in this thread (no hand-off for one server)."""
+        others = [self.pool.submit(fn, s) for s in range(1, len(self.stubs))]
+        try:
+            first = fn(0)
+        finally:
+            wait(others)  # no call is left running behind an error
+        return [first] + [f.result() for f in others]
 
     def register(self, requested_id=-1, name="worker"):
         first = self._call("register", 0, lambda: self.stubs[0].Register(
@@ -125,16 +131,22 @@ class PSClient:
 
         return self._each(one)
 
-    def pull(self, min_versions=None):
-        """name -> parameter array from every shard, each at least at its min version."""
+    def pull(self, min_versions=None, out=None):
+        """name -> parameter array from every shard, each at least at its min version.
+
+        out: optional name -> array to receive the parameter in place (a model's own parameter arrays:
+        one copy from the wire, none after); the others arrive in new arrays.
+        """
+        out = out or {}
 
         def one(shard):
-            expected = {n: (self.params[n].data.shape, self.params[n].data.dtype)
-                        for n, owner in self.owner.items() if owner == shard}
+            names = [n for n, owner in self.owner.items() if owner == shard]
+            expected = {n: (self.params[n].data.shape, self.params[n].data.dtype) for n in names}
+            targets = {n: out[n] for n in names if n in out}
             wanted = 0 if min_versions is None else min_versions[shard]
 
             def fetch():
-                assembler, version = Assembler(expected), None
+                assembler, version = Assembler(expected, targets), None
                 for data in self._pull[shard](ps_pb2.PullRequest(worker_id=self.worker_id, min_version=wanted),
                                               metadata=self.metadata):
                     head, chunk = decode_message(data, {1: "version"}, 2)
@@ -186,7 +198,7 @@ class PSStep:
         self.rank, self.world_size, self.mode = reply.worker_id, reply.num_workers, reply.mode
 
     def prepare(self, model, optimizer, tracer=None):
-        self._load(model, self.client.pull())
+        self._pull_into(model)
 
     def reduce_gradients(self, model):
         pass
@@ -197,7 +209,7 @@ class PSStep:
         try:
             self.client.push(grads)
             # sync: the next version exists once every worker pushed; wait for it. Otherwise: the latest.
-            self._load(model, self.client.pull([v + 1 for v in before] if self.mode == "sync" else None))
+            self._pull_into(model, [v + 1 for v in before] if self.mode == "sync" else None)
         except PSError as e:
             if e.code != grpc.StatusCode.FAILED_PRECONDITION:
                 raise
@@ -205,12 +217,16 @@ class PSStep:
             # parameters (this step's gradient is stale and is not applied)
             log.warning("worker %d rejoins: %s", self.rank, e)
             self.client.register(requested_id=self.rank)
-            self._load(model, self.client.pull())
+            self._pull_into(model)
 
-    @staticmethod
-    def _load(model, arrays):
-        for name, p in model.named_parameters():
-            p.data[...] = arrays[name]
+    def _pull_into(self, model, min_versions=None):
+        """The servers' parameters, written straight into the model's own arrays."""
+        named = list(model.named_parameters())
+        direct = {n: p.data for n, p in named if p.data.flags.c_contiguous}
+        arrays = self.client.pull(min_versions, out=direct)
+        for name, p in named:
+            if name not in direct:
+                p.data[...] = arrays[name]
 
     def all_sum(self, values):
         return list(values)

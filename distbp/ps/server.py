@@ -22,7 +22,7 @@ import numpy as np
 from ..autograd.tensor import Tensor
 from ..serialization import CheckpointError, load_safetensors, save_safetensors
 from .v1 import ps_pb2, ps_pb2_grpc
-from .wire import Assembler, WireError, decode_message, encode_chunks
+from .wire import Assembler, WireError, chunk_ranges, decode_message, encode_chunks
 
 log = logging.getLogger("distbp.ps")
 MODES = ("sync", "async", "bounded")
@@ -39,6 +39,7 @@ class Shard:
             raise ValueError(f"parameter server: workers must be at least 1, got {workers}")
         self.params = params  # name -> Parameter (this shard's only)
         self.optimizer, self.schedule = optimizer, schedule
+        self.ranges, self.pieces = self._cut_into_pieces(params, optimizer)
         self.mode, self.expected, self.staleness, self.sync_timeout = mode, workers, staleness, sync_timeout
         self.shard, self.num_shards, self.signature = shard, num_shards, signature
         self.checkpoint, self.checkpoint_every = checkpoint, checkpoint_every
@@ -50,6 +51,7 @@ class Shard:
         self.clocks = {}  # worker id -> pushes applied (bounded staleness)
         self.pending = {}  # sync: worker id -> gradients for the current version
         self.step_started = None
+        self._encoded = (None, [])  # (version, its PullReplies): see pull_messages
         self.started = False  # sync and bounded: the first version is served once every worker joined
         self.stopping = False
         if checkpoint and Path(checkpoint).exists():
@@ -86,35 +88,46 @@ class Shard:
 
     # --- pushes ---
 
+    @staticmethod
+    def _cut_into_pieces(params, optimizer):
+        """The optimizer steps chunk-sized pieces: flat views of each parameter, cut where encode_chunks cuts
+        a gradient. A pushed chunk is then a piece's gradient as it arrived, read in place from the message:
+        no gradient byte is copied on the server. (The optimizers are elementwise, so pieces step exactly
+        as whole parameters.)"""
+        ranges, pieces, piece_of = {}, {}, {}
+        for name, p in params.items():
+            if not p.data.flags.c_contiguous:
+                p.data = np.ascontiguousarray(p.data)
+            flat = p.data.reshape(-1)
+            ranges[name] = chunk_ranges(flat.size, flat.itemsize)
+            pieces[name] = [Tensor(flat[a:b], requires_grad=True, dtype=flat.dtype) for a, b in ranges[name]]
+            piece_of[id(p)] = pieces[name]
+        if optimizer.state:
+            raise ValueError("parameter server: the optimizer must be new (no state yet); restore() loads state")
+        for group in optimizer.param_groups:
+            if any(id(p) not in piece_of for p in group["params"]):
+                raise ValueError("parameter server: the optimizer holds parameters that are not this shard's")
+            group["params"] = [piece for p in group["params"] for piece in piece_of[id(p)]]
+        return ranges, pieces
+
+    # --- pushes ---
+
     def push(self, worker_id, version, chunks):
-        assembler = Assembler(self.expected_shapes)
+        """Validate a whole push, then apply it (async) or keep it for the step (sync); returns the version."""
+        assembler = Assembler(self.expected_shapes, copy=False)
         try:
             for chunk in chunks:
-                assembler.add(chunk)
-            grads = assembler.result()
+                values = assembler.add(chunk)
+                # checked as each chunk arrives, while it is in cache: g.g is finite for every finite
+                # gradient short of overflow (one BLAS pass); only when it is not is the exact check needed
+                if not math.isfinite(float(np.dot(values, values))) and not np.isfinite(values).all():
+                    raise WireError(f"{chunk.name} has non-finite values")
+            grads = {name: self._piece_gradients(name, segments) for name, segments in assembler.segments().items()}
         except WireError as e:
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"bad push from worker {worker_id}: {e}") from None
-        for name, g in grads.items():
-            flat = g.reshape(-1)
-            # g.g is finite for every finite gradient short of overflow (one BLAS pass); only when it is
-            # not is the exact, slower check needed
-            if not math.isfinite(float(np.dot(flat, flat))) and not np.isfinite(flat).all():
-                raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"bad push from worker {worker_id}: {name} has non-finite values")
         with self.cond:
-            if worker_id not in self.active:
-                raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
-                               f"worker {worker_id} is not taking part (register again to rejoin)")
-            if version < 0 or version > self.version:
-                raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"bad push from worker {worker_id}: version {version} is not in [0, {self.version}]")
+            self._check_push(worker_id, version)
             if self.mode == "sync":
-                if version != self.version:
-                    raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
-                                   f"stale push: computed at version {version}, the server is at {self.version}")
-                if worker_id in self.pending:
-                    raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"bad push: worker {worker_id} already pushed for version {version}")
                 if not self.pending:
                     self.step_started = time.monotonic()
                 self.pending[worker_id] = grads
@@ -126,21 +139,54 @@ class Shard:
             self.pushes += 1
             return self.version
 
+    def _piece_gradients(self, name, segments):
+        """One gradient array per piece of `name`: the received chunks themselves when they were cut as
+        encode_chunks cuts (always, from distbp's client), else slices of one copy."""
+        ranges = self.ranges[name]
+        if len(segments) == len(ranges) and all(o == a for (o, _), (a, _) in zip(segments, ranges)):
+            return [values for _, values in segments]
+        flat = np.empty(ranges[-1][1], self.expected_shapes[name][1])
+        for offset, values in segments:
+            flat[offset:offset + values.size] = values
+        return [flat[a:b] for a, b in ranges]
+
+    def _check_push(self, worker_id, version):
+        """Refuse a push this shard must not apply now (lock held)."""
+        if worker_id not in self.active:
+            raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"worker {worker_id} is not taking part (register again to rejoin)")
+        if version < 0 or version > self.version:
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"bad push from worker {worker_id}: version {version} is not in [0, {self.version}]")
+        if self.mode == "sync":
+            if version != self.version:
+                raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"stale push: computed at version {version}, the server is at {self.version}")
+            if worker_id in self.pending:
+                raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"bad push: worker {worker_id} already pushed for version {version}")
+
     def _step(self, contributions):
-        """Average the contributions, take one optimizer step, publish the next version (lock held)."""
+        """Average the contributions, take one optimizer step, publish the next version (lock held).
+
+        contributions: [name -> [gradient per piece]]; the arrays may be read-only views of messages.
+        """
         scale = 1.0 / len(contributions)
-        for name, p in self.params.items():
-            total = contributions[0][name]  # assembled for this step alone: ours to modify
-            for c in contributions[1:]:
-                total += c[name]
-            if len(contributions) > 1:
-                total *= total.dtype.type(scale)
-            p.grad = Tensor._from_op(total, None)
+        for name, pieces in self.pieces.items():
+            for k, piece in enumerate(pieces):
+                grad = contributions[0][name][k]
+                if len(contributions) > 1:
+                    grad = grad + contributions[1][name][k]  # a new array: ours to add into and scale
+                    for c in contributions[2:]:
+                        grad += c[name][k]
+                    grad *= grad.dtype.type(scale)
+                piece.grad = Tensor._from_op(grad, None)
         self.optimizer.step()
         self.optimizer.zero_grad()
         if self.schedule is not None:
             self.schedule.step()
         self.version += 1
+        self._encoded = (None, [])  # the old version's messages go as soon as no pull is sending them
         self.pending = {}
         self.step_started = None
         self.cond.notify_all()
@@ -164,10 +210,13 @@ class Shard:
 
     # --- pulls ---
 
-    def wait_for(self, worker_id, min_version, is_active, encode=None):
-        """Block until this worker may read parameters of version >= min_version; return a snapshot.
+    def pull_messages(self, worker_id, min_version, is_active):
+        """Block until this worker may read parameters of version >= min_version; return them as serialized
+        PullReplies.
 
-        encode(version, arrays) -> what to return, run under the lock: serializing there is the one copy.
+        A version is encoded once, by its first pull, and its messages are kept until the next step: the
+        other workers of a synchronous step are served the same bytes, and no pull holds the lock while
+        it sends.
         """
         with self.cond:
             while True:
@@ -179,9 +228,10 @@ class Shard:
                     raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
                                    f"worker {worker_id} is not taking part (register again to rejoin)")
                 if ready:
-                    if encode is not None:
-                        return encode(self.version, {n: p.data for n, p in self.params.items()})
-                    return self.version, {n: p.data.copy() for n, p in self.params.items()}
+                    if self._encoded[0] != self.version:
+                        self._encoded = (self.version, [
+                            m for n, p in self.params.items() for m in encode_chunks(n, p.data, [(1, self.version)], 2)])
+                    return self._encoded[1]
                 if not is_active() or self.stopping:
                     raise _Refused(grpc.StatusCode.CANCELLED, "the pull was cancelled")
                 self.cond.wait(0.5)
@@ -189,15 +239,21 @@ class Shard:
     # --- checkpoints ---
 
     def save(self, path):
-        """Parameters, optimizer state and version, atomically (safetensors + JSON metadata)."""
+        """Parameters, optimizer state and version, atomically (safetensors + JSON metadata).
+
+        Optimizer state is saved per whole parameter (the pieces' state joined), so the file does not
+        depend on the chunk size.
+        """
         arrays = {f"param/{n}": p.data for n, p in self.params.items()}
-        index = {id(p): n for n, p in self.params.items()}
         scalars = {}
-        for p, entries in self.optimizer.state.items():
-            name = index[id(p)]
-            for key, value in entries.items():
+        for name, pieces in self.pieces.items():
+            states = [self.optimizer.state.get(piece) for piece in pieces]
+            if not all(states):
+                continue  # no step yet
+            for key, value in states[0].items():
                 if isinstance(value, np.ndarray):
-                    arrays[f"optim/{name}/{key}"] = value
+                    whole = np.concatenate([state[key] for state in states])
+                    arrays[f"optim/{name}/{key}"] = whole.reshape(self.params[name].data.shape)
                 else:
                     scalars.setdefault(name, {})[key] = value
         meta = {"version": self.version, "mode": self.mode, "shard": self.shard, "scalars": scalars,
@@ -207,28 +263,35 @@ class Shard:
         log.info("shard %d: checkpoint of version %d written to %s", self.shard, self.version, path)
 
     def restore(self, path):
+        """Load a checkpoint written by save(); everything is checked before anything changes."""
         arrays, metadata = load_safetensors(path)
         try:
             meta = json.loads(metadata["distbp-ps"])
+            version, scalars = int(meta["version"]), meta["scalars"]
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: not a distbp parameter-server checkpoint") from None
         if meta.get("signature") != self.signature or meta.get("shard") != self.shard:
             raise CheckpointError(f"{path}: checkpoint of another model or shard")
+        state = {}
         for name, p in self.params.items():
             value = arrays.get(f"param/{name}")
             if value is None or value.shape != p.data.shape:
                 raise CheckpointError(f"{path}: parameter {name!r} is missing or has another shape")
-            p.data[...] = value
-        self.optimizer.state = {}
+            entries = {k.split("/", 2)[2]: v for k, v in arrays.items() if k.startswith(f"optim/{name}/")}
+            if any(v.shape != p.data.shape for v in entries.values()):
+                raise CheckpointError(f"{path}: optimizer state of {name!r} has another shape")
+            for piece, (a, b) in zip(self.pieces[name], self.ranges[name]):
+                piece_state = {k: v.reshape(-1)[a:b].astype(p.data.dtype) for k, v in entries.items()}
+                piece_state.update(scalars.get(name, {}))
+                if piece_state:
+                    state[piece] = piece_state
         for name, p in self.params.items():
-            entries = {k.split("/", 2)[2]: v.astype(p.data.dtype) for k, v in arrays.items()
-                       if k.startswith(f"optim/{name}/")}
-            entries.update(meta["scalars"].get(name, {}))
-            if entries:
-                self.optimizer.state[p] = entries
+            p.data[...] = arrays[f"param/{name}"]
+        self.optimizer.state = state
         if meta.get("schedule") and self.schedule is not None:
             self.schedule.load_state_dict(meta["schedule"])
-        self.version = int(meta["version"])
+        self.version = version
+        self._encoded = (None, [])
         self.started = False  # wait for the workers to come back
         log.info("shard %d: restored version %d from %s", self.shard, self.version, path)
 
@@ -286,11 +349,8 @@ class Servicer(ps_pb2_grpc.ParameterServerServicer):
 
     def Pull(self, request, context):
         """Serialized PullReplies, encoded by hand (see wire.py)."""
-        def encode(version, arrays):
-            return [m for name, array in arrays.items() for m in encode_chunks(name, array, [(1, version)], 2)]
-
         try:
-            messages = self.shard.wait_for(request.worker_id, request.min_version, context.is_active, encode)
+            messages = self.shard.pull_messages(request.worker_id, request.min_version, context.is_active)
         except _Refused as e:
             context.abort(e.code, e.message)
         yield from messages

@@ -28,11 +28,18 @@ def to_chunks(name, array, chunk_bytes=CHUNK_BYTES):
 
 
 class Assembler:
-    """Collects chunks into whole arrays, refusing anything that does not fit `expected` (name -> (shape, dtype))."""
+    """Collects chunks into whole arrays, refusing anything that does not fit `expected` (name -> (shape, dtype)).
 
-    def __init__(self, expected):
+    out: optional name -> C-contiguous array of the expected shape and dtype to fill in place (a model's
+    parameters, or receive buffers kept from one message to the next) instead of new arrays.
+    """
+
+    def __init__(self, expected, out=None, copy=True):
         self.expected = expected
+        self.out = out or {}
+        self.copy = copy  # False: keep each chunk as a view of its message (see segments())
         self.arrays = {}
+        self.views = {}
         self.filled = {}
 
     def add(self, chunk):
@@ -51,20 +58,49 @@ class Assembler:
         size = math.prod(shape)
         if chunk.offset < 0 or chunk.offset + n > size:
             raise WireError(f"{name}: chunk [{chunk.offset}, {chunk.offset + n}) runs outside {size} elements")
-        if name not in self.arrays:
-            self.arrays[name] = np.empty(size, dtype)
-            self.filled[name] = 0
-        self.arrays[name][chunk.offset:chunk.offset + n] = np.frombuffer(chunk.data, wire)
+        filled = self.filled.setdefault(name, 0)
+        # in order, without gaps or repeats: then `filled` proves every element arrived exactly once
+        if chunk.offset != filled:
+            raise WireError(f"{name}: chunk at element {chunk.offset}, expected {filled} "
+                            "(a tensor's chunks come in order, without gaps or repeats)")
+        values = np.frombuffer(chunk.data, wire)
+        if self.copy:
+            flat = self.arrays.get(name)
+            if flat is None:
+                flat = self.arrays[name] = self._target(name, shape, dtype, size)
+            flat[chunk.offset:chunk.offset + n] = values
+        else:
+            self.views.setdefault(name, []).append((chunk.offset, values))
         self.filled[name] += n
+        return values
 
-    def result(self):
-        """name -> array, once every expected tensor arrived complete."""
+    def _target(self, name, shape, dtype, size):
+        target = self.out.get(name)
+        if target is None:
+            return np.empty(size, dtype)
+        if target.shape != tuple(shape) or target.dtype != dtype or not target.flags.c_contiguous:
+            raise ValueError(f"{name}: the output array is {target.shape} {target.dtype}"
+                             f"{'' if target.flags.c_contiguous else ' (not C-contiguous)'}, "
+                             f"expected {tuple(shape)} {np.dtype(dtype)}")
+        return target.reshape(-1)
+
+    def _check_complete(self):
         for name, (shape, dtype) in self.expected.items():
-            if name not in self.arrays:
+            if name not in self.filled:
                 raise WireError(f"parameter {name!r} is missing")
             if self.filled[name] != math.prod(shape):
                 raise WireError(f"{name}: {self.filled[name]} of {math.prod(shape)} elements arrived")
+
+    def result(self):
+        """name -> array, once every expected tensor arrived complete."""
+        self._check_complete()
         return {name: self.arrays[name].reshape(self.expected[name][0]) for name in self.expected}
+
+    def segments(self):
+        """name -> [(offset, flat read-only view of the message)], once every expected tensor arrived complete
+        (made with copy=False: no byte has been copied)."""
+        self._check_complete()
+        return self.views
 
 
 def assign_shards(sizes, num_shards):
@@ -117,16 +153,18 @@ def _field(number, payload):
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
-def _chunk_parts(name, dtype, shape, offset, data):
-    head = _field(1, name.encode()) + _field(2, dtype.encode())
-    if shape:
-        head += _field(3, b"".join(_varint(n) for n in shape))
-    if offset:
-        head += _varint(4 << 3) + _varint(offset)
-    nbytes = data.nbytes
-    if nbytes:
-        head += _varint(5 << 3 | 2) + _varint(nbytes)
-    return head, nbytes
+def chunk_ranges(size, itemsize, chunk_bytes=CHUNK_BYTES):
+    """[(start, stop)] element ranges of a tensor's chunks: what encode_chunks sends."""
+    per_chunk = max(chunk_bytes // itemsize, 1)
+    return [(start, min(start + per_chunk, size)) for start in range(0, max(size, 1), per_chunk)]
+
+
+ALIGN = 16  # bytes: a received message's buffer starts 16-byte aligned, so its tensor data will too
+
+
+def _padding(size):
+    """A TensorChunk `padding` field (number 6) of exactly `size` bytes (2 <= size < 130)."""
+    return _varint(6 << 3 | 2) + _varint(size - 2) + bytes(size - 2)
 
 
 def encode_chunks(name, array, ints, chunk_field, chunk_bytes=CHUNK_BYTES):
@@ -134,17 +172,35 @@ def encode_chunks(name, array, ints, chunk_field, chunk_bytes=CHUNK_BYTES):
 
     ints: [(field number, value)] of the enclosing message (worker id and version of a PushRequest,
     version of a PullReply); chunk_field: the TensorChunk's field number (3 in PushRequest, 2 in PullReply).
+    The tensor data starts ALIGN-aligned in each message (the padding field), so the receiver can compute
+    on it in place: numpy and BLAS copy misaligned float arrays before using them.
     """
     dtype = np.dtype(array.dtype).name
     if dtype not in DTYPES:
         raise WireError(f"{name}: dtype {dtype} cannot travel (float32 or float64 only)")
     flat = np.ascontiguousarray(array, dtype=DTYPES[dtype]).reshape(-1)
-    per_chunk = max(chunk_bytes // flat.itemsize, 1)
     prefix = b"".join(_varint(number << 3) + _varint(value) for number, value in ints if value)
-    for start in range(0, max(flat.size, 1), per_chunk):
-        data = memoryview(flat[start:start + per_chunk]).cast("B")
-        head, nbytes = _chunk_parts(name, dtype, list(array.shape), start, data)
-        yield b"".join((prefix, _varint(chunk_field << 3 | 2), _varint(len(head) + nbytes), head, data))
+    prefix += _varint(chunk_field << 3 | 2)
+    fields = _field(1, name.encode()) + _field(2, dtype.encode())
+    if array.shape:
+        fields += _field(3, b"".join(_varint(n) for n in array.shape))
+    for start, stop in chunk_ranges(flat.size, flat.itemsize, chunk_bytes):
+        data = memoryview(flat[start:stop]).cast("B")
+        head = fields + (_varint(4 << 3) + _varint(start) if start else b"")
+        if not data.nbytes:
+            yield prefix + _varint(len(head)) + head
+            continue
+        data_tag = _varint(5 << 3 | 2) + _varint(data.nbytes)
+        pad = 2
+        for _ in range(4):  # the chunk's length prefix grows with the padding: settle both
+            before_data = len(prefix) + len(_varint(len(head) + pad + len(data_tag) + data.nbytes)) + len(head)
+            need = -(before_data + len(data_tag)) % ALIGN
+            need += ALIGN if need < 2 else 0
+            if need == pad:
+                break
+            pad = need
+        length = _varint(len(head) + pad + len(data_tag) + data.nbytes)
+        yield b"".join((prefix, length, head, _padding(pad), data_tag, data))
 
 
 def _read_varint(buf, pos):
