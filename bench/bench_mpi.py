@@ -10,7 +10,8 @@ backward, gradient synchronisation, optimizer step.
 Jobs, each a set of processes that this script starts (and ends):
 
   distbp-2   mpiexec -n 2: distbp.comm.mpi_communicator() + distbp.parallel.DataParallel (default 25 MB
-             buckets) + distbp.optim.SGD. Besides training steps (and each step's phases) it times the
+             buckets) + distbp.optim.SGD, as distbp's trainer runs them: backward from loss / world size
+             and DataParallel(average=False), so the all-reduce's sum is the mean with no pass to divide. Besides training steps (and each step's phases) it times the
              gradient synchronisation alone on a fixed gradient: the DataParallel post-accumulate hooks
              fed by hand, exactly as the autograd engine fires them (copy into the bucket, launch its
              all-reduce) + ddp.synchronize(), against one raw mpi4py COMM_WORLD.Allreduce(MPI.IN_PLACE,
@@ -211,6 +212,7 @@ class DistbpJob:
         self.clock = time.perf_counter
         self.rank, self.size = world.Get_rank(), world.Get_size()
         self.sync = not args.no_sync
+        self.loss_scale = 1.0 / self.size if self.sync else 1.0
         _maybe_fail("distbp", self.rank)
         self.model = build_distbp_mlp()
         self.params = [p for _, p in self.model.named_parameters()]
@@ -223,7 +225,8 @@ class DistbpJob:
             from distbp.parallel import DataParallel
 
             self.comm = mpi_communicator()
-            self.ddp = DataParallel(self.model, self.comm)
+            # as distbp's trainer (AllReduceStep) runs it: backward from loss / world size, gradients summed
+            self.ddp = DataParallel(self.model, self.comm, average=False)
             self.opt = SGD(self.model.parameters(), lr=LR)
             self._check_first_step()
             self._setup_sync()
@@ -251,7 +254,7 @@ class DistbpJob:
                 a += p.grad.data / self.size
         self.opt.zero_grad(set_to_none=True)
         loss = DF.cross_entropy(self.ddp(self.x), self.y)
-        loss.backward()
+        (loss * self.loss_scale).backward()
         self.ddp.synchronize()
         err = max(float(np.max(np.abs(p.grad.data - a))) / (float(np.max(np.abs(a))) + 1e-30)
                   for p, a in zip(self.params, avg))
@@ -261,12 +264,13 @@ class DistbpJob:
 
     def train(self, n, acc):
         DF, opt, ddp, model, x, y, clock = self.DF, self.opt, self.ddp, self.model, self.x, self.y, self.clock
+        scale = self.loss_scale
         for _ in range(n):
             t0 = clock()
             opt.zero_grad(set_to_none=True)
             loss = DF.cross_entropy(model(x), y)
             t1 = clock()
-            loss.backward()
+            (loss * scale if scale != 1.0 else loss).backward()
             t2 = clock()
             if ddp is not None:
                 ddp.synchronize()
@@ -295,7 +299,9 @@ class DistbpJob:
 
         MPI, world, comm, ddp, params = self.MPI, self.world, self.comm, self.ddp, self.params
         rng = np.random.default_rng(1000 + self.rank)
-        fixed = [distbp.Tensor(rng.standard_normal(p.data.shape, dtype=np.float32)) for p in params]
+        # each rank's gradient as backward from loss * loss_scale leaves it: already divided by the size
+        scale = np.float32(self.loss_scale)
+        fixed = [distbp.Tensor(rng.standard_normal(p.data.shape, dtype=np.float32) * scale) for p in params]
         order = list(reversed(range(len(params))))  # the order backward finishes them
         clock = self.clock
         self.split = split = [0.0, 0.0]  # seconds in the hooks, in synchronize()
@@ -324,6 +330,8 @@ class DistbpJob:
         err = max(float(np.max(np.abs(p.grad.data - e))) for p, e in zip(params, expect))
         self.first["sync_check_max_abs_err"] = err
         self.opt.zero_grad(set_to_none=True)
+        for t in fixed:  # large gradients are summed in place, in their own arrays: zeros stay zeros
+            t.data[...] = 0
 
         buf = np.zeros(N_PARAMS, np.float32)  # zeros stay zeros, however often they are summed
         buf2 = np.zeros(N_PARAMS, np.float32)

@@ -397,3 +397,28 @@ def test_large_parameters_are_reduced_in_place_and_averaged():
         for name in expected:
             np.testing.assert_allclose(grads[name], expected[name], rtol=1e-5, atol=1e-7, err_msg=name)
     assert 600 * 600 * 4 >= IN_PLACE_BYTES
+
+
+@pytest.mark.parametrize("widths", [(8, 16, 16, 4), (8, 600, 600, 4)])  # flat buckets; and one reduced in place
+def test_average_false_sums_and_a_scaled_loss_makes_that_the_mean(widths):
+    x, y = _data()
+    reference = _mlp(widths=widths)
+    cross_entropy(reference(Tensor(x)), y).backward()
+    mean = _grads(reference)
+
+    def body(comm, scale):
+        model = _mlp(widths=widths)
+        ddp = DataParallel(model, comm, average=False)
+        shard = slice(comm.rank * 32, (comm.rank + 1) * 32)
+        (cross_entropy(ddp(Tensor(x[shard])), y[shard]) * scale).backward()
+        ddp.synchronize()
+        return _grads(model)
+
+    for grads in run_ranks(2, lambda comm: body(comm, 1.0)):  # the sum of two half-batch means
+        for name in mean:
+            np.testing.assert_allclose(grads[name], 2 * mean[name], rtol=1e-5, atol=1e-7, err_msg=name)
+    for grads in run_ranks(2, lambda comm: body(comm, 0.5)):
+        for name in mean:
+            assert grads[name].dtype == np.float32
+            np.testing.assert_allclose(grads[name], mean[name], rtol=1e-5, atol=1e-7, err_msg=name)
+

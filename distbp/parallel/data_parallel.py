@@ -1,7 +1,8 @@
 """DataParallel: every rank holds the whole model; gradients are averaged over ranks during backward.
 
 Parameters are grouped into buckets of about `bucket_cap_mb`, in reverse registration order (roughly
-the order in which backward finishes them). When a parameter's gradient is final (the autograd
+the order in which backward finishes them); one of 1 MB or more is a bucket of its own, reduced in its
+own `.grad` without a copy. When a parameter's gradient is final (the autograd
 engine's post-accumulate hook) it is copied into its bucket's flat buffer; when a bucket is full its
 all-reduce starts at once, while backward goes on with earlier layers. Buckets are launched strictly in
 index order on every rank (a different order on different ranks would pair the wrong buffers or hang).
@@ -59,9 +60,14 @@ class DataParallel:
     allow_unused: treat parameters that got no gradient in a step as zero instead of raising.
     compress: None, or "fp16" to exchange gradients as float16 (halves the bytes; less precise).
     tracer: optional object with span(name, start, end, lane) for timelines.
+    average: True (as PyTorch DDP): after synchronize(), .grad is the mean over ranks, which costs a pass
+        over every gradient to divide it by the world size. False: .grad is the sum over ranks, with no
+        pass of its own -- the mean too, when every gradient comes from a loss already multiplied by
+        1 / world_size before backward (what distbp's trainer does: one scalar multiply instead).
     """
 
-    def __init__(self, model, comm, bucket_cap_mb=25.0, allow_unused=False, compress=None, tracer=None):
+    def __init__(self, model, comm, bucket_cap_mb=25.0, allow_unused=False, compress=None, tracer=None,
+                 average=True):
         if compress not in (None, "fp16"):
             raise ValueError(f"DataParallel: compress must be None or 'fp16', not {compress!r}")
         if bucket_cap_mb <= 0:
@@ -75,7 +81,8 @@ class DataParallel:
         self._bucket_of = {id(p): b for b in self.buckets for _, p in b.params}
         self._next_launch = 0
         self._syncing = True
-        self._scale = 1.0 / comm.size
+        self.average = average
+        self._scale = 1.0 / comm.size if average else 1.0
         self.allreduce_calls = 0
         self._hooks = [p.register_post_accumulate_grad_hook(self._grad_ready) for _, p in self.named]
 
@@ -106,24 +113,28 @@ class DataParallel:
                 self.comm.broadcast(arr, root=0)
 
     def _make_buckets(self, cap_bytes):
-        buckets, current, size, dtype = [], [], 0, None
+        """Buckets in launch order. A parameter of IN_PLACE_BYTES or more is a bucket of its own; the smaller
+        ones fill flat buckets in backward order, across the large ones (a large parameter does not cut a
+        flat bucket short: fewer, fuller all-reduces). Launch order is by each bucket's last parameter to
+        be ready, the same on every rank."""
         alone = self.compress is None  # compression needs the flat buffer to cast
-        for name, p in reversed(self.named):
+        order = list(reversed(self.named))
+        position = {id(p): i for i, (_, p) in enumerate(order)}
+        buckets, current, size = [], [], 0
+        for name, p in order:
             if alone and p.data.nbytes >= IN_PLACE_BYTES:
-                if current:
-                    buckets.append(_Bucket(len(buckets), current, dtype))
-                    current, size = [], 0
-                buckets.append(_Bucket(len(buckets), [(name, p)], p.data.dtype, in_place=True))
+                buckets.append(([(name, p)], True))
                 continue
-            if current and (size + p.data.nbytes > cap_bytes or p.data.dtype != dtype):
-                buckets.append(_Bucket(len(buckets), current, dtype))
+            if current and (size + p.data.nbytes > cap_bytes or p.data.dtype != current[-1][1].data.dtype):
+                buckets.append((current, False))
                 current, size = [], 0
             current.append((name, p))
             size += p.data.nbytes
-            dtype = p.data.dtype
         if current:
-            buckets.append(_Bucket(len(buckets), current, dtype))
-        return buckets
+            buckets.append((current, False))
+        buckets.sort(key=lambda b: position[id(b[0][-1][1])])
+        return [_Bucket(i, params, params[0][1].data.dtype, in_place=in_place)
+                for i, (params, in_place) in enumerate(buckets)]
 
     # --- during backward ---
 
@@ -133,13 +144,18 @@ class DataParallel:
         bucket = self._bucket_of[id(p)]
         g = p.grad.data
         if bucket.in_place and g.flags.c_contiguous and g.flags.writeable and g.dtype == p.data.dtype:
-            g *= g.dtype.type(self._scale)  # divided by the world size first: the sum is then the mean
+            if self._scale != 1.0:
+                g *= g.dtype.type(self._scale)  # divided by the world size first: the sum is then the mean
             bucket.array = g
         else:
             offset, n = bucket.offsets[id(p)]
             if bucket.buffer is None:
                 bucket.buffer = np.zeros(sum(size for _, size in bucket.offsets.values()), p.data.dtype)
-            np.multiply(g.reshape(-1), self._scale, out=bucket.buffer[offset:offset + n], casting="same_kind")
+            out = bucket.buffer[offset:offset + n]
+            if self._scale != 1.0:
+                np.multiply(g.reshape(-1), self._scale, out=out, casting="same_kind")
+            else:
+                np.copyto(out, g.reshape(-1), casting="same_kind")
             bucket.array = bucket.buffer
         bucket.ready.add(id(p))
         if len(bucket.ready) == len(bucket.params):

@@ -183,6 +183,7 @@ class PSStep:
     shards_evaluation = False  # each worker evaluates on the whole test split
 
     rank, world_size = 0, 1
+    loss_scale = 1.0  # the servers average the workers' gradients
 
     def __init__(self, addresses, token=None, tls_ca=None, retry_seconds=60.0, requested_id=-1, tls_cert=None,
                  tls_key=None):

@@ -1,6 +1,6 @@
 """The pluggable part of the training loop: how a rank's local gradients become the update.
 
-A step object has rank and world_size, and:
+A step object has rank, world_size and loss_scale (the trainer runs backward on loss * loss_scale), and:
   prepare(model, optimizer)   once, before the first step (broadcast, hooks, registration)
   reduce_gradients(model)     after backward: make every rank's .grad the global gradient
   apply(model, optimizer)     turn the gradients into new parameters
@@ -20,6 +20,7 @@ class LocalStep:
     rank = 0
     world_size = 1
     backend = "local"
+    loss_scale = 1.0
 
     def prepare(self, model, optimizer, tracer=None):
         pass
@@ -48,9 +49,13 @@ class AllReduceStep(LocalStep):
         self.rank, self.world_size, self.backend = comm.rank, comm.size, comm.backend
         self.options = dict(bucket_cap_mb=bucket_cap_mb, allow_unused=allow_unused, compress=compress)
         self.ddp = None
+        # Backward starts from loss / world_size, so each rank's gradients arrive already divided and the
+        # all-reduce's sum is the mean: no pass over the gradients to average them (DataParallel
+        # average=False). Every gradient the trainer uses comes from that loss.
+        self.loss_scale = 1.0 / comm.size
 
     def prepare(self, model, optimizer, tracer=None):
-        self.ddp = DataParallel(model, self.comm, tracer=tracer, **self.options)
+        self.ddp = DataParallel(model, self.comm, tracer=tracer, average=False, **self.options)
 
     def reduce_gradients(self, model):
         self.ddp.synchronize()

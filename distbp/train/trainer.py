@@ -255,7 +255,8 @@ class Trainer:
         inputs = x if isinstance(self.split.train, CharDataset) else Tensor(x)
         loss = cross_entropy(self.model(inputs), y)
         t1 = time.perf_counter()
-        loss.backward()
+        scale = self.strategy.loss_scale
+        (loss * scale if scale != 1.0 else loss).backward()
         t2 = time.perf_counter()
         self.strategy.reduce_gradients(self.model)
         t3 = time.perf_counter()
