@@ -11,11 +11,13 @@ Jobs, each a set of processes that this script starts (and ends):
 
   distbp-2   mpiexec -n 2: distbp.comm.mpi_communicator() + distbp.parallel.DataParallel (default 25 MB
              buckets) + distbp.optim.SGD, as distbp's trainer runs them: backward from loss / world size
-             and DataParallel(average=False), so the all-reduce's sum is the mean with no pass to divide. Besides training steps (and each step's phases) it times the
-             gradient synchronisation alone on a fixed gradient: the DataParallel post-accumulate hooks
-             fed by hand, exactly as the autograd engine fires them (copy into the bucket, launch its
-             all-reduce) + ddp.synchronize(), against one raw mpi4py COMM_WORLD.Allreduce(MPI.IN_PLACE,
-             buf) of a contiguous float32 buffer of the same 1,863,690 values (plus diagnostics).
+             and DataParallel(average=False), so the all-reduce's sum is the mean with no pass to
+             divide. Besides training steps (and each step's phases) it times the gradient
+             synchronisation alone on a fixed gradient: the DataParallel post-accumulate hooks fed by
+             hand, exactly as the autograd engine fires them (small gradients copied into their flat
+             bucket, large ones reduced in place; each bucket's all-reduce launched when it is full) +
+             ddp.synchronize(), against one raw mpi4py COMM_WORLD.Allreduce(MPI.IN_PLACE, buf) of a
+             contiguous float32 buffer of the same 1,863,690 values (plus diagnostics).
   distbp-1   mpiexec -n 1, the same code: for the scaling efficiency.
   torch-2    2 processes of torch.nn.parallel.DistributedDataParallel over gloo (init_method
              tcp://127.0.0.1:<free port>), same network, initial weights, data and optimizer.
@@ -308,8 +310,9 @@ class DistbpJob:
 
         def sync():
             # what the autograd engine does for DataParallel during backward: set .grad, fire the
-            # post-accumulate hook (DataParallel._grad_ready: copy into the bucket, launch the bucket's
-            # all-reduce once it is full); then what the training step does: ddp.synchronize()
+            # post-accumulate hook (DataParallel._grad_ready: a small gradient copied into its flat bucket,
+            # a large one kept in place; the bucket's all-reduce launched once it is full); then what the
+            # training step does: ddp.synchronize()
             t0 = clock()
             for i in order:
                 p = params[i]
@@ -948,7 +951,7 @@ def print_report(s, cfg):
     print(f"{'gradient synchronisation alone, 2 ranks, ' + format(N_PARAMS, ',') + ' float32 values':70s} "
           f"{'ms/call':>8s}")
     sync_labels = {
-        "sync": "distbp  hooks (copy in + launch) + ddp.synchronize()",
+        "sync": "distbp  hooks (bucket + launch) + ddp.synchronize()",
         "raw_allreduce": "mpi4py  COMM_WORLD.Allreduce(IN_PLACE, buf)   [raw]",
         "raw_iallreduce_wait": "mpi4py  COMM_WORLD.Iallreduce(IN_PLACE, buf).Wait()",
         "comm_iallreduce_wait": "distbp  comm.iallreduce(buf).wait()   (communicator alone)",
@@ -959,7 +962,7 @@ def print_report(s, cfg):
     for k, lab in sync_labels.items():
         print(f"  {lab:68s} {s['sync_ms'][k]:8.3f}")
     hooks, syn = s["sync_split_ms_rank0"]
-    print(f"    distbp sync on rank 0 = hooks {hooks:.3f} + synchronize() {syn:.3f} (wait, scale, .grad views)")
+    print(f"    distbp sync on rank 0 = hooks {hooks:.3f} + synchronize() {syn:.3f} (wait, .grad views)")
     print(f"    distbp-1 (no peer): sync {s['sync_ms_1rank']['sync']:.3f} ms vs raw allreduce "
           f"{s['sync_ms_1rank']['raw_allreduce']:.3f} ms: DataParallel's purely local cost")
     print("-" * W)

@@ -1,8 +1,10 @@
 """MPI through mpi4py's buffer methods: contiguous numpy arrays go to MPI directly, never pickled.
 
 Every collective is started non-blocking and completed by polling, so that one which does not complete
-within the timeout can end the job with the ranks that never reached it. Those are known from arrival
-notices: on entering collective #k, a rank sends k to every peer over a second communicator.
+within the timeout can end the job naming the ranks that never reached it. Those are found only then, at
+no cost to the collectives that do complete: the rank that timed out asks every peer over a second
+communicator which collective it is waiting in; a rank waiting in a collective answers from its polling
+loop, and a rank that is not (computing, hung, gone) does not answer.
 """
 
 import pickle
@@ -12,7 +14,9 @@ import numpy as np
 
 from .base import DEFAULT_TIMEOUT, CollectiveTimeout, Communicator, Handle, check_buffer, check_op
 
-_NOTICE = 7
+_QUERY, _REPLY = 7, 8
+_COLLECTIVES = ("allreduce", "broadcast", "allgather", "barrier")  # answered as an index
+_ANSWER_EVERY = 1024  # polls between looks for a peer's question (about a millisecond)
 
 
 def _mpi():
@@ -62,8 +66,10 @@ class _MPIHandle(Handle):
         polls = 0
         while not self.request.Test():
             polls += 1
-            if polls % 1024 == 0 and time.monotonic() > deadline:
-                comm._timed_out(self.name, self.seq)
+            if polls % _ANSWER_EVERY == 0:
+                comm._answer_peers(self.seq, self.name)
+                if time.monotonic() > deadline:
+                    comm._timed_out(self.name, self.seq)
         self._finish()
 
 
@@ -75,39 +81,52 @@ class MPICommunicator(Communicator):
         MPI = self.MPI = _mpi()
         base = comm if comm is not None else MPI.COMM_WORLD
         self.comm = base.Dup()
-        self._notices = base.Dup()
+        self._control = base.Dup()  # questions and answers about who waits where (see the module's doc)
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self._seq = 0
-        self._reached = [0] * self.size
-        self._sends = []
+        self._sends = []  # (request, buffer) of questions and answers not known to be delivered
         self._half_op = None
 
-    # --- arrival notices ---
+    # --- finding the ranks that did not arrive ---
 
     def _arrive(self):
         self._seq += 1
-        if self.timeout is not None and self.size > 1:
-            # receive the peers' notices as they come: unreceived messages pile up in MPI's unexpected
-            # queue, costing memory and slowing the matching of every later message
-            self._drain_notices()
-            self._sends = [r for r in self._sends if not r.Test()]
-            for peer in range(self.size):
-                if peer != self.rank:
-                    self._sends.append(self._notices.isend(self._seq, dest=peer, tag=_NOTICE))
         return self._seq
 
-    def _drain_notices(self):
-        status = self.MPI.Status()
-        while self._notices.Iprobe(source=self.MPI.ANY_SOURCE, tag=_NOTICE, status=status):
+    def _send(self, values, dest, tag):
+        self._sends = [(r, b) for r, b in self._sends if not r.Test()]
+        buffer = np.array(values, np.int64)
+        self._sends.append((self._control.Isend(buffer, dest=dest, tag=tag), buffer))
+
+    def _answer_peers(self, seq, name):
+        """Tell every peer that asked that this rank waits in collective #seq, a `name`."""
+        status, question = self.MPI.Status(), np.zeros(2, np.int64)
+        while self._control.Iprobe(source=self.MPI.ANY_SOURCE, tag=_QUERY, status=status):
             source = status.Get_source()
-            self._reached[source] = max(self._reached[source], self._notices.recv(source=source, tag=_NOTICE))
+            self._control.Recv(question, source=source, tag=_QUERY)
+            self._send([seq, _COLLECTIVES.index(name)], source, _REPLY)
 
     def _timed_out(self, name, seq):
-        self._drain_notices()
-        missing = [r for r in range(self.size) if r != self.rank and self._reached[r] < seq]
+        for peer in range(self.size):
+            if peer != self.rank:
+                self._send([seq, _COLLECTIVES.index(name)], peer, _QUERY)
+        waiting = {}  # peer -> (collective #, its name) it waits in
+        status, answer = self.MPI.Status(), np.zeros(2, np.int64)
+        grace = time.monotonic() + min(2.0, max(self.timeout, 0.1))
+        while len(waiting) < self.size - 1 and time.monotonic() < grace:
+            self._answer_peers(seq, name)  # a peer that timed out too is asking the same
+            if self._control.Iprobe(source=self.MPI.ANY_SOURCE, tag=_REPLY, status=status):
+                source = status.Get_source()
+                self._control.Recv(answer, source=source, tag=_REPLY)
+                waiting[status.Get_source()] = (int(answer[0]), _COLLECTIVES[int(answer[1])])
+            else:
+                time.sleep(0.001)
+        missing = [r for r in range(self.size) if r != self.rank and waiting.get(r) != (seq, name)]
+        elsewhere = "".join(f"; rank {r} waits in {waiting[r][1]} (collective #{waiting[r][0]})"
+                            for r in missing if r in waiting)
         raise CollectiveTimeout(
             f"rank {self.rank}: {name} (collective #{seq}) did not complete within {self.timeout:g} s; "
-            f"rank(s) {missing or 'unknown'} did not arrive"
+            f"rank(s) {missing or 'unknown'} did not arrive{elsewhere}"
         )
 
     # --- collectives ---
@@ -159,8 +178,9 @@ class MPICommunicator(Communicator):
         self.MPI.COMM_WORLD.Abort(code)
 
     def close(self):
-        for r in self._sends:
-            r.Cancel()
+        for request, _ in self._sends:
+            if not request.Test():
+                request.Cancel()
         self._sends = []
 
 
