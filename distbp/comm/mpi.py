@@ -107,18 +107,20 @@ class MPICommunicator(Communicator):
             self._send([seq, _COLLECTIVES.index(name)], source, _REPLY)
 
     def _timed_out(self, name, seq):
+        status, answer = self.MPI.Status(), np.zeros(2, np.int64)
+        while self._control.Iprobe(source=self.MPI.ANY_SOURCE, tag=_REPLY, status=status):
+            self._control.Recv(answer, source=status.Get_source(), tag=_REPLY)  # late answers to an earlier question
         for peer in range(self.size):
             if peer != self.rank:
                 self._send([seq, _COLLECTIVES.index(name)], peer, _QUERY)
         waiting = {}  # peer -> (collective #, its name) it waits in
-        status, answer = self.MPI.Status(), np.zeros(2, np.int64)
         grace = time.monotonic() + min(2.0, max(self.timeout, 0.1))
         while len(waiting) < self.size - 1 and time.monotonic() < grace:
             self._answer_peers(seq, name)  # a peer that timed out too is asking the same
             if self._control.Iprobe(source=self.MPI.ANY_SOURCE, tag=_REPLY, status=status):
                 source = status.Get_source()
                 self._control.Recv(answer, source=source, tag=_REPLY)
-                waiting[status.Get_source()] = (int(answer[0]), _COLLECTIVES[int(answer[1])])
+                waiting[source] = (int(answer[0]), _COLLECTIVES[int(answer[1])])
             else:
                 time.sleep(0.001)
         missing = [r for r in range(self.size) if r != self.rank and waiting.get(r) != (seq, name)]
