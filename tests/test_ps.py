@@ -183,6 +183,21 @@ def test_shard_steps_pieces_exactly_as_whole_parameters(chunk_bytes):
     shard.stop()
 
 
+def test_a_shard_needs_a_new_optimizer_over_its_own_parameters():
+    from distbp.nn import Parameter
+    from distbp.optim import SGD
+    from distbp.ps.server import Shard
+
+    mine, other = Parameter(np.ones(4, np.float32)), Parameter(np.ones(4, np.float32))
+    with pytest.raises(ValueError, match="not this shard's"):
+        Shard({"w": mine}, SGD([mine, other], lr=0.1))
+    used = SGD([mine], lr=0.1, momentum=0.9)
+    mine.grad = Tensor(np.ones(4, np.float32))
+    used.step()
+    with pytest.raises(ValueError, match="must be new"):
+        Shard({"w": mine}, used)
+
+
 def test_a_version_is_encoded_once_for_all_its_pulls():
     from distbp.optim import SGD
 

@@ -104,9 +104,9 @@ class Shard:
             piece_of[id(p)] = pieces[name]
         if optimizer.state:
             raise ValueError("parameter server: the optimizer must be new (no state yet); restore() loads state")
+        if any(id(p) not in piece_of for group in optimizer.param_groups for p in group["params"]):
+            raise ValueError("parameter server: the optimizer holds parameters that are not this shard's")
         for group in optimizer.param_groups:
-            if any(id(p) not in piece_of for p in group["params"]):
-                raise ValueError("parameter server: the optimizer holds parameters that are not this shard's")
             group["params"] = [piece for p in group["params"] for piece in piece_of[id(p)]]
         return ranges, pieces
 
