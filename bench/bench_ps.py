@@ -14,10 +14,12 @@ client; both on 127.0.0.1 with a free port chosen by the OS, both with distbp.ps
 
 Timed, per iteration (16 MB moved: 8 MB each way):
 
-  distbp push+pull   PSClient (registered once) .push(grads) then .pull(out=params): push streams
-                     TensorChunks of CHUNK_BYTES, the shard checks them and takes one SGD step on them
-                     where they arrived; pull streams the new parameters back into the client's
-                     parameter arrays, as a training worker pulls into its model
+  distbp push+pull   PSClient (registered once) .push_pull(grads, out=params), as a training worker
+  (1 call)           steps: one PushPull call streams TensorChunks of CHUNK_BYTES, the shard checks
+                     them and takes one SGD step on them where they arrived, then streams the new
+                     parameters back into the client's parameter arrays
+  distbp push, pull  (for reference, no target) the same as two calls: .push(grads), .pull(out=params)
+  (2 calls)
   raw echo           one stream-stream call: 4 messages of CHUNK_BYTES (prebuilt bytes) sent, echoed
                      back message by message (the handler returns the request iterator) -- the target's
                      reference
@@ -36,7 +38,7 @@ length is calibrated to ~target seconds; the repeats are interleaved (A B C A B 
 per iteration is reported, with the CPU time the client process and the server process spent per
 iteration (from /proc) to show where the work is.
 
-    python bench/bench_ps.py                 # full run (~30-40 s on 2 cores)
+    python bench/bench_ps.py                 # full run (~40-50 s on 2 cores)
     python bench/bench_ps.py --quick         # smoke test (a few seconds, mostly process start-up)
     python bench/bench_ps.py --json out.json # also write the results
 
@@ -252,8 +254,12 @@ class DistbpClient:
         return ok, lines
 
     def iteration(self):
+        # as a training worker steps: one PushPull call, the parameters received into the model's arrays
+        return self.client.push_pull(self.grads, out=self.params)
+
+    def two_calls(self):
         self.client.push(self.grads)
-        return self.client.pull(out=self.params)  # into the model's arrays, as training pulls
+        return self.client.pull(out=self.params)
 
     def close(self):
         self.client.close()
@@ -421,7 +427,8 @@ def print_machine(info):
 # ================================================================================================
 
 LABELS = {
-    "distbp": "distbp push+pull",
+    "distbp": "distbp push+pull (1 call)",
+    "distbp_2calls": "distbp push, pull (2 calls)",
     "raw_echo": "raw echo (stream-stream)",
     "raw_push_pull": "raw push+pull (2 calls)",
 }
@@ -445,6 +452,7 @@ def print_table(res):
     print(f"{'distbp / raw echo (MB/s)':{w}s} {c['value']:11.3f}   (paired {res['ratio_paired_median']:.3f})   "
           f"target >= {c['target']:.2f}   {'PASS' if c['pass'] else 'MISS'}")
     print(f"{'distbp / raw push+pull':{w}s} {res['ratio_vs_raw_push_pull']:11.3f}   (no target)")
+    print(f"{'distbp 2 calls / raw echo':{w}s} {res['ratio_two_calls']:11.3f}   (no target)")
     print("=" * 96)
 
 
@@ -499,6 +507,7 @@ def main():
             return 1
         measures = {
             "distbp": Measure(LABELS["distbp"], d.iteration, ps.pid),
+            "distbp_2calls": Measure(LABELS["distbp_2calls"], d.two_calls, ps.pid),
             "raw_echo": Measure(LABELS["raw_echo"], r.echo, echo.pid),
             "raw_push_pull": Measure(LABELS["raw_push_pull"], r.push_pull, echo.pid),
         }
@@ -525,6 +534,7 @@ def main():
         "cpu_ms": {w: {k: m.cpu_ms(w) for k, m in measures.items()} for w in ("client", "server")},
         "ratio_paired_median": paired,
         "ratio_vs_raw_push_pull": ms["raw_push_pull"] / ms["distbp"],
+        "ratio_two_calls": ms["raw_echo"] / ms["distbp_2calls"],
         "check": {"name": "distbp_over_raw_echo_throughput", "value": ratio, "target": TARGET_RATIO,
                   "pass": ratio >= TARGET_RATIO},
     }

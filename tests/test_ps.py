@@ -376,6 +376,13 @@ def test_token_is_checked_on_every_call():
                 PSClient(addresses, _named(config), token=token, retry_seconds=0).register()
         client = PSClient(addresses, _named(config), token="s3cret")
         assert client.register().worker_id == 0
+        grads = {n: np.zeros_like(p.data) for n, p in _named(config)}
+        intruder = PSClient(addresses, _named(config), token="wrong", retry_seconds=0)
+        intruder.worker_id = 0  # as if it had registered: every method must still refuse it
+        for call in (intruder.status, intruder.pull, lambda: intruder.push(grads), lambda: intruder.push_pull(grads)):
+            with pytest.raises(PSError, match="UNAUTHENTICATED"):
+                call()
+        assert shards[0].pushes == 0
         with grpc.insecure_channel(addresses[0]) as channel:  # health checks stay open
             from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -511,6 +518,30 @@ def test_each_bad_push_is_rejected_and_leaves_the_state_untouched(kind):
             np.testing.assert_array_equal(shard.params[name].data, value)
         _push(stub, wid, 0, _grad_chunks(shard))  # and a good push still works
         assert shard.version == 1
+    finally:
+        stop()
+
+
+def test_push_pull_refuses_a_bad_push_and_returns_the_stepped_parameters():
+    config = make_config({"epochs": 1, "progress": "none", "optimizer": "sgd", "momentum": 0.0, "lr": 0.5,
+                          "schedule": "constant"})
+    addresses, (shard,), stop = start_servers(config, 1, 1, mode="async")
+    try:
+        named = _named(config)
+        client = PSClient(addresses, named)
+        client.register()
+        before = {n: p.data.copy() for n, p in shard.params.items()}
+        bad = {n: np.full(p.data.shape, np.inf, p.data.dtype) for n, p in named}
+        with pytest.raises(PSError, match="INVALID_ARGUMENT.*non-finite"):
+            client.push_pull(bad)
+        assert shard.version == 0 and all(np.array_equal(shard.params[n].data, v) for n, v in before.items())
+        grads = {n: np.full(p.data.shape, 0.25, p.data.dtype) for n, p in named}
+        out = {n: np.empty_like(p.data) for n, p in named}
+        got = client.push_pull(grads, out=out)
+        assert client.versions == [1]
+        for n, value in before.items():
+            np.testing.assert_array_equal(got[n], value - np.float32(0.5 * 0.25))
+            assert np.shares_memory(got[n], out[n])
     finally:
         stop()
 

@@ -71,6 +71,8 @@ class PSClient:
         self._pull = [c.unary_stream("/distbp.ps.v1.ParameterServer/Pull",
                                      request_serializer=ps_pb2.PullRequest.SerializeToString,
                                      response_deserializer=_identity) for c in self.channels]
+        self._push_pull = [c.stream_stream("/distbp.ps.v1.ParameterServer/PushPull", request_serializer=_identity,
+                                           response_deserializer=_identity) for c in self.channels]
         self.pool = ThreadPoolExecutor(max_workers=max(len(self.stubs) - 1, 1), thread_name_prefix="distbp-ps-client")
         self.worker_id = -1
         self.versions = [0] * len(self.stubs)
@@ -121,13 +123,8 @@ class PSClient:
         """Push name -> gradient array to the shards that own them, all shards at once."""
 
         def one(shard):
-            def requests():
-                ints = [(1, self.worker_id), (2, self.versions[shard])]
-                for name, owner in self.owner.items():
-                    if owner == shard:
-                        yield from encode_chunks(name, grads[name], ints, 3)
-
-            return self._call("push", shard, lambda: self._push[shard](requests(), metadata=self.metadata)).version
+            call = self._push[shard]
+            return self._call("push", shard, lambda: call(self._requests(shard, grads), metadata=self.metadata)).version
 
         return self._each(one)
 
@@ -137,26 +134,46 @@ class PSClient:
         out: optional name -> array to receive the parameter in place (a model's own parameter arrays:
         one copy from the wire, none after); the others arrive in new arrays.
         """
-        out = out or {}
 
         def one(shard):
-            names = [n for n, owner in self.owner.items() if owner == shard]
-            expected = {n: (self.params[n].data.shape, self.params[n].data.dtype) for n in names}
-            targets = {n: out[n] for n in names if n in out}
-            wanted = 0 if min_versions is None else min_versions[shard]
+            request = ps_pb2.PullRequest(worker_id=self.worker_id,
+                                         min_version=0 if min_versions is None else min_versions[shard])
+            call = self._pull[shard]
+            return self._call("pull", shard, lambda: self._receive(shard, call(request, metadata=self.metadata), out))
 
-            def fetch():
-                assembler, version = Assembler(expected, targets), None
-                for data in self._pull[shard](ps_pb2.PullRequest(worker_id=self.worker_id, min_version=wanted),
-                                              metadata=self.metadata):
-                    head, chunk = decode_message(data, {1: "version"}, 2)
-                    version = head["version"]
-                    assembler.add(chunk)
-                return version, assembler.result()
+        return self._merge(self._each(one))
 
-            return self._call("pull", shard, fetch)
+    def push_pull(self, grads, out=None):
+        """push(grads), then the parameters it leads to, in one call per shard: in sync mode those of the
+        next version (once every worker pushed), otherwise the current ones. Returns what pull returns."""
 
-        results = self._each(one)
+        def one(shard):
+            call = self._push_pull[shard]
+            return self._call("push+pull", shard, lambda: self._receive(
+                shard, call(self._requests(shard, grads), metadata=self.metadata), out))
+
+        return self._merge(self._each(one))
+
+    def _requests(self, shard, grads):
+        """Serialized PushRequests for the gradients of the parameters `shard` holds."""
+        ints = [(1, self.worker_id), (2, self.versions[shard])]
+        for name, owner in self.owner.items():
+            if owner == shard:
+                yield from encode_chunks(name, grads[name], ints, 3)
+
+    def _receive(self, shard, replies, out):
+        """(version, name -> array) from the serialized PullReplies of `shard`, into `out`'s arrays if given."""
+        expected = {n: (self.params[n].data.shape, self.params[n].data.dtype)
+                    for n, owner in self.owner.items() if owner == shard}
+        assembler = Assembler(expected, {n: out[n] for n in expected if n in out} if out else None)
+        version = None
+        for data in replies:
+            head, chunk = decode_message(data, {1: "version"}, 2)
+            version = head["version"]
+            assembler.add(chunk)
+        return version, assembler.result()
+
+    def _merge(self, results):
         self.versions = [v for v, _ in results]
         merged = {}
         for _, arrays in results:
@@ -206,11 +223,10 @@ class PSStep:
 
     def apply(self, model, optimizer):
         grads = {n: p.grad.data if p.grad is not None else np.zeros_like(p.data) for n, p in model.named_parameters()}
-        before = list(self.client.versions)
         try:
-            self.client.push(grads)
-            # sync: the next version exists once every worker pushed; wait for it. Otherwise: the latest.
-            self._pull_into(model, [v + 1 for v in before] if self.mode == "sync" else None)
+            # one call per shard: the push, then (sync) the next version once every worker pushed, or
+            # (async, bounded) the latest, straight into the model's arrays
+            self._pull_into(model, push=grads)
         except PSError as e:
             if e.code != grpc.StatusCode.FAILED_PRECONDITION:
                 raise
@@ -220,11 +236,12 @@ class PSStep:
             self.client.register(requested_id=self.rank)
             self._pull_into(model)
 
-    def _pull_into(self, model, min_versions=None):
-        """The servers' parameters, written straight into the model's own arrays."""
+    def _pull_into(self, model, push=None):
+        """The servers' parameters (after pushing the gradients `push`, if given), written straight into
+        the model's own arrays."""
         named = list(model.named_parameters())
         direct = {n: p.data for n, p in named if p.data.flags.c_contiguous}
-        arrays = self.client.pull(min_versions, out=direct)
+        arrays = self.client.pull(out=direct) if push is None else self.client.push_pull(push, out=direct)
         for name, p in named:
             if name not in direct:
                 p.data[...] = arrays[name]

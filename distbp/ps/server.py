@@ -322,6 +322,32 @@ class Servicer(ps_pb2_grpc.ParameterServerServicer):
 
     def Push(self, request_iterator, context):
         """Serialized PushRequests (see wire.py: decoded by hand, the tensor bytes read in place)."""
+        try:
+            _, _, version = self._push(request_iterator)
+        except _Refused as e:
+            context.abort(e.code, e.message)
+        return ps_pb2.PushReply(version=version)
+
+    def Pull(self, request, context):
+        """Serialized PullReplies, encoded by hand (see wire.py)."""
+        try:
+            messages = self.shard.pull_messages(request.worker_id, request.min_version, context.is_active)
+        except _Refused as e:
+            context.abort(e.code, e.message)
+        yield from messages
+
+    def PushPull(self, request_iterator, context):
+        """A push, then the pull it makes possible, in one call."""
+        try:
+            worker_id, computed_at, _ = self._push(request_iterator)
+            wanted = computed_at + 1 if self.shard.mode == "sync" else 0
+            messages = self.shard.pull_messages(worker_id, wanted, context.is_active)
+        except _Refused as e:
+            context.abort(e.code, e.message)
+        yield from messages
+
+    def _push(self, request_iterator):
+        """Apply one streamed push; (worker id, version the gradient was computed at, version after)."""
         first = None
 
         def chunks():
@@ -337,23 +363,12 @@ class Servicer(ps_pb2_grpc.ParameterServerServicer):
                     raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "bad push: worker id or version changes mid-stream")
                 yield chunk
 
-        try:
-            gen = chunks()
-            head = next(gen, None)
-            if head is None:
-                raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "bad push: no tensors")
-            version = self.shard.push(first["worker_id"], first["version"], _prepend(head, gen))
-        except _Refused as e:
-            context.abort(e.code, e.message)
-        return ps_pb2.PushReply(version=version)
-
-    def Pull(self, request, context):
-        """Serialized PullReplies, encoded by hand (see wire.py)."""
-        try:
-            messages = self.shard.pull_messages(request.worker_id, request.min_version, context.is_active)
-        except _Refused as e:
-            context.abort(e.code, e.message)
-        yield from messages
+        gen = chunks()
+        head = next(gen, None)
+        if head is None:
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "bad push: no tensors")
+        version = self.shard.push(first["worker_id"], first["version"], _prepend(head, gen))
+        return first["worker_id"], first["version"], version
 
     def Status(self, request, context):
         s = self.shard
@@ -370,7 +385,7 @@ def _identity(data):
 
 
 def _add_servicer(servicer, server):
-    """The generated registration, except that Push and Pull see and make serialized bytes."""
+    """The generated registration, except that Push, Pull and PushPull see and make serialized bytes."""
     handlers = {
         "Register": grpc.unary_unary_rpc_method_handler(
             servicer.Register, request_deserializer=ps_pb2.RegisterRequest.FromString,
@@ -379,6 +394,8 @@ def _add_servicer(servicer, server):
             servicer.Push, request_deserializer=_identity, response_serializer=ps_pb2.PushReply.SerializeToString),
         "Pull": grpc.unary_stream_rpc_method_handler(
             servicer.Pull, request_deserializer=ps_pb2.PullRequest.FromString, response_serializer=_identity),
+        "PushPull": grpc.stream_stream_rpc_method_handler(
+            servicer.PushPull, request_deserializer=_identity, response_serializer=_identity),
         "Status": grpc.unary_unary_rpc_method_handler(
             servicer.Status, request_deserializer=ps_pb2.StatusRequest.FromString,
             response_serializer=ps_pb2.StatusReply.SerializeToString),
@@ -403,6 +420,7 @@ class _TokenCheck(grpc.ServerInterceptor):
         self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
         self._deny_stream_in = grpc.stream_unary_rpc_method_handler(deny)
         self._deny_stream_out = grpc.unary_stream_rpc_method_handler(deny)
+        self._deny_streams = grpc.stream_stream_rpc_method_handler(deny)
 
     def intercept_service(self, continuation, details):
         if not details.method.startswith("/distbp.ps.v1.ParameterServer/"):
@@ -413,6 +431,8 @@ class _TokenCheck(grpc.ServerInterceptor):
             return self._deny_stream_in
         if details.method.endswith("/Pull"):
             return self._deny_stream_out
+        if details.method.endswith("/PushPull"):
+            return self._deny_streams
         return self._deny_unary
 
 

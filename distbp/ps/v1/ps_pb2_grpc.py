@@ -49,6 +49,11 @@ class ParameterServerStub:
                 request_serializer=distbp_dot_ps_dot_v1_dot_ps__pb2.PullRequest.SerializeToString,
                 response_deserializer=distbp_dot_ps_dot_v1_dot_ps__pb2.PullReply.FromString,
                 _registered_method=True)
+        self.PushPull = channel.stream_stream(
+                '/distbp.ps.v1.ParameterServer/PushPull',
+                request_serializer=distbp_dot_ps_dot_v1_dot_ps__pb2.PushRequest.SerializeToString,
+                response_deserializer=distbp_dot_ps_dot_v1_dot_ps__pb2.PullReply.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/distbp.ps.v1.ParameterServer/Status',
                 request_serializer=distbp_dot_ps_dot_v1_dot_ps__pb2.StatusRequest.SerializeToString,
@@ -80,6 +85,14 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushPull(self, request_iterator, context):
+        """Push, then Pull in the same call: the parameters once the push is applied (sync: the next version,
+        after every worker pushed; async and bounded: the current one). One call per step instead of two.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Status(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -102,6 +115,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
             'Pull': grpc.unary_stream_rpc_method_handler(
                     servicer.Pull,
                     request_deserializer=distbp_dot_ps_dot_v1_dot_ps__pb2.PullRequest.FromString,
+                    response_serializer=distbp_dot_ps_dot_v1_dot_ps__pb2.PullReply.SerializeToString,
+            ),
+            'PushPull': grpc.stream_stream_rpc_method_handler(
+                    servicer.PushPull,
+                    request_deserializer=distbp_dot_ps_dot_v1_dot_ps__pb2.PushRequest.FromString,
                     response_serializer=distbp_dot_ps_dot_v1_dot_ps__pb2.PullReply.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
@@ -190,6 +208,33 @@ class ParameterServer:
             target,
             '/distbp.ps.v1.ParameterServer/Pull',
             distbp_dot_ps_dot_v1_dot_ps__pb2.PullRequest.SerializeToString,
+            distbp_dot_ps_dot_v1_dot_ps__pb2.PullReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushPull(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/distbp.ps.v1.ParameterServer/PushPull',
+            distbp_dot_ps_dot_v1_dot_ps__pb2.PushRequest.SerializeToString,
             distbp_dot_ps_dot_v1_dot_ps__pb2.PullReply.FromString,
             options,
             channel_credentials,
