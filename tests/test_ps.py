@@ -198,6 +198,23 @@ def test_a_shard_needs_a_new_optimizer_over_its_own_parameters():
         Shard({"w": mine}, used)
 
 
+def test_a_repeated_sync_push_counts_once():
+    # a client retries a push whose reply was lost (the connection dropped while it waited for the step)
+    from distbp.optim import SGD
+
+    shard = _shard_of({"w": np.zeros(4, np.float32)}, lambda ps: SGD(ps, lr=1.0))
+    shard.mode, shard.expected = "sync", 2
+    for wid in (0, 1):
+        shard.register(wid, shard.signature)
+    chunks = lambda value: list(to_chunks("w", np.full(4, value, np.float32)))  # noqa: E731
+    assert shard.push(0, 0, iter(chunks(1.0))) == 0
+    assert shard.push(0, 0, iter(chunks(5.0))) == 0  # the retry: no error, not counted
+    assert shard.pushes == 1 and shard.version == 0
+    assert shard.push(1, 0, iter(chunks(3.0))) == 1
+    np.testing.assert_array_equal(shard.params["w"].data, np.full(4, -2.0, np.float32))  # -(1 + 3) / 2
+    shard.stop()
+
+
 def test_a_version_is_encoded_once_for_all_its_pulls():
     from distbp.optim import SGD
 

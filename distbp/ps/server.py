@@ -86,7 +86,7 @@ class Shard:
             self.cond.notify_all()
             return wid
 
-    # --- pushes ---
+    # --- the optimizer's pieces ---
 
     @staticmethod
     def _cut_into_pieces(params, optimizer):
@@ -126,6 +126,11 @@ class Shard:
         except WireError as e:
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"bad push from worker {worker_id}: {e}") from None
         with self.cond:
+            if self.mode == "sync" and worker_id in self.pending and version == self.version:
+                # the same push again: a retry whose first reply was lost. It counts once, as the first.
+                log.info("shard %d: worker %d pushed for version %d again; the first push counts",
+                         self.shard, worker_id, version)
+                return self.version
             self._check_push(worker_id, version)
             if self.mode == "sync":
                 if not self.pending:
@@ -162,9 +167,6 @@ class Shard:
             if version != self.version:
                 raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
                                f"stale push: computed at version {version}, the server is at {self.version}")
-            if worker_id in self.pending:
-                raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"bad push: worker {worker_id} already pushed for version {version}")
 
     def _step(self, contributions):
         """Average the contributions, take one optimizer step, publish the next version (lock held).

@@ -31,7 +31,7 @@ class Assembler:
     """Collects chunks into whole arrays, refusing anything that does not fit `expected` (name -> (shape, dtype)).
 
     out: optional name -> C-contiguous array of the expected shape and dtype to fill in place (a model's
-    parameters, or receive buffers kept from one message to the next) instead of new arrays.
+    parameters) instead of new arrays. copy=False keeps the chunks where they arrived (segments()).
     """
 
     def __init__(self, expected, out=None, copy=True):
