@@ -623,27 +623,30 @@ def _free_port():
 
 
 def _start_server_process(port, ckpt, extra=()):
-    command = [sys.executable, "-m", "distbp", "ps", "serve", "--port", str(port), "--workers", "1",
-               "--checkpoint-path", str(ckpt), "--checkpoint-every-versions", "20", *extra]
+    command = [sys.executable, "-m", "distbp", "ps", "serve", "--port", str(port), "--checkpoint-path", str(ckpt),
+               "--checkpoint-every-versions", "20", *(extra if "--workers" in extra else ["--workers", "1", *extra])]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = process.stdout.readline()
     assert "serving on" in line, process.stderr.read()
     return process
 
 
-def test_killed_and_restarted_server_training_completes(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_killed_and_restarted_server_training_completes(tmp_path, workers):
+    # with 2 sync workers, one is usually waiting inside its PushPull call for the other when the server dies
     port, ckpt = _free_port(), tmp_path / "ps.ckpt"
-    options = ["--epochs", "6", "--progress", "none"]
+    options = ["--epochs", "6", "--progress", "none", "--workers", str(workers)]
     server = _start_server_process(port, ckpt, options)
     config = make_config({"epochs": 6, "progress": "none", "ps_retry_seconds": 60.0})
-    result = {}
+    results = {}
 
-    def worker():
+    def worker(i):
         trainer = Trainer(config, PSStep([f"127.0.0.1:{port}"], retry_seconds=60.0))
-        result["summary"] = trainer.fit()
+        results[i] = trainer.fit()
 
-    thread = threading.Thread(target=worker)
-    thread.start()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(workers)]
+    for t in threads:
+        t.start()
     try:
         deadline = time.monotonic() + 60
         while not ckpt.exists() and time.monotonic() < deadline:
@@ -653,13 +656,15 @@ def test_killed_and_restarted_server_training_completes(tmp_path):
         server.wait(10)
         time.sleep(0.5)
         server = _start_server_process(port, ckpt, options)
-        thread.join(180)
-        assert not thread.is_alive()
+        for t in threads:
+            t.join(180)
+        assert not any(t.is_alive() for t in threads)
     finally:
         server.send_signal(signal.SIGTERM)
         out, err = server.communicate(timeout=30)
     assert "restored version" in err
-    assert result["summary"]["test_accuracy"] >= 0.95
+    assert len(results) == workers
+    assert all(summary["test_accuracy"] >= 0.95 for summary in results.values()), results
 
 
 def test_sigterm_writes_a_checkpoint_and_restart_resumes_its_version(tmp_path):
