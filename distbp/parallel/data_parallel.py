@@ -151,11 +151,8 @@ class DataParallel:
             offset, n = bucket.offsets[id(p)]
             if bucket.buffer is None:
                 bucket.buffer = np.zeros(sum(size for _, size in bucket.offsets.values()), p.data.dtype)
-            out = bucket.buffer[offset:offset + n]
-            if self._scale != 1.0:
-                np.multiply(g.reshape(-1), self._scale, out=out, casting="same_kind")
-            else:
-                np.copyto(out, g.reshape(-1), casting="same_kind")
+            # the copy into the bucket, scaled on the way (by 1 when the trainer pre-divided the loss)
+            np.multiply(g.reshape(-1), self._scale, out=bucket.buffer[offset:offset + n], casting="same_kind")
             bucket.array = bucket.buffer
         bucket.ready.add(id(p))
         if len(bucket.ready) == len(bucket.params):

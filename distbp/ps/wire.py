@@ -20,11 +20,9 @@ def to_chunks(name, array, chunk_bytes=CHUNK_BYTES):
     if dtype not in DTYPES:
         raise WireError(f"{name}: dtype {dtype} cannot travel (float32 or float64 only)")
     flat = np.ascontiguousarray(array, dtype=DTYPES[dtype]).reshape(-1)
-    per_chunk = max(chunk_bytes // flat.itemsize, 1)
     shape = list(array.shape)
-    for start in range(0, max(flat.size, 1), per_chunk):
-        yield ps_pb2.TensorChunk(name=name, dtype=dtype, shape=shape, offset=start,
-                                 data=flat[start:start + per_chunk].tobytes())
+    for start, stop in chunk_ranges(flat.size, flat.itemsize, chunk_bytes):
+        yield ps_pb2.TensorChunk(name=name, dtype=dtype, shape=shape, offset=start, data=flat[start:stop].tobytes())
 
 
 class Assembler:
