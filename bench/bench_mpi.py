@@ -14,8 +14,8 @@ Jobs, each a set of processes that this script starts (and ends):
              and DataParallel(average=False), so the all-reduce's sum is the mean with no pass to
              divide. Besides training steps (and each step's phases) it times the gradient
              synchronisation alone on a fixed gradient: the DataParallel post-accumulate hooks fed by
-             hand, exactly as the autograd engine fires them (small gradients copied into their flat
-             bucket, large ones reduced in place; each bucket's all-reduce launched when it is full) +
+             hand, exactly as the autograd engine fires them (every gradient already written by its op into
+             its slice of the flat bucket; each bucket's all-reduce launched when it is full) +
              ddp.synchronize(), against one raw mpi4py COMM_WORLD.Allreduce(MPI.IN_PLACE, buf) of a
              contiguous float32 buffer of the same 1,863,690 values (plus diagnostics).
   distbp-1   mpiexec -n 1, the same code: for the scaling efficiency.
@@ -257,11 +257,14 @@ class DistbpJob:
         self.opt.zero_grad(set_to_none=True)
         loss = DF.cross_entropy(self.ddp(self.x), self.y)
         (loss * self.loss_scale).backward()
+        # the premise of the sync measure below: backward wrote every gradient into its bucket slice
+        written = all(p.grad.data is p._grad_dest for p in self.params)
         self.ddp.synchronize()
         err = max(float(np.max(np.abs(p.grad.data - a))) / (float(np.max(np.abs(a))) + 1e-30)
                   for p, a in zip(self.params, avg))
         norm = float(np.sqrt(sum(float(np.sum(p.grad.data.astype(np.float64) ** 2)) for p in self.params)))
-        self.first = {"loss_rank0": float(loss.item()), "grad_norm": norm, "grad_rel_err_vs_local_average": err}
+        self.first = {"loss_rank0": float(loss.item()), "grad_norm": norm, "grad_rel_err_vs_local_average": err,
+                      "grads_written_into_buckets": written}
         self.opt.step()
 
     def train(self, n, acc):
@@ -301,22 +304,26 @@ class DistbpJob:
 
         MPI, world, comm, ddp, params = self.MPI, self.world, self.comm, self.ddp, self.params
         rng = np.random.default_rng(1000 + self.rank)
-        # each rank's gradient as backward from loss * loss_scale leaves it: already divided by the size
+        # each rank's gradient as backward from loss * loss_scale leaves it: already divided by the size,
+        # and (Linear's weight and bias gradients) written by their ops straight into the bucket slices
+        # that DataParallel made their gradient destinations
         scale = np.float32(self.loss_scale)
-        fixed = [distbp.Tensor(rng.standard_normal(p.data.shape, dtype=np.float32) * scale) for p in params]
+        fixed = [rng.standard_normal(p.data.shape, dtype=np.float32) * scale for p in params]
+        dests = [p._grad_dest for p in params]
         order = list(reversed(range(len(params))))  # the order backward finishes them
         clock = self.clock
         self.split = split = [0.0, 0.0]  # seconds in the hooks, in synchronize()
+        Tensor = distbp.Tensor
 
         def sync():
-            # what the autograd engine does for DataParallel during backward: set .grad, fire the
-            # post-accumulate hook (DataParallel._grad_ready: a small gradient copied into its flat bucket,
-            # a large one kept in place; the bucket's all-reduce launched once it is full); then what the
+            # what the autograd engine does for DataParallel during backward once an op has written a
+            # gradient into its destination: set .grad to a Tensor over it, fire the post-accumulate hook
+            # (DataParallel._grad_ready: the bucket's all-reduce launched once it is full); then what the
             # training step does: ddp.synchronize()
             t0 = clock()
             for i in order:
                 p = params[i]
-                p.grad = fixed[i]
+                p.grad = Tensor._from_op(dests[i], None)
                 ddp._grad_ready(p)
             t1 = clock()
             ddp.synchronize()
@@ -324,6 +331,8 @@ class DistbpJob:
             split[1] += clock() - t1
 
         # check it once: every rank must end with the average of every rank's fixed gradient
+        for d, f in zip(dests, fixed):
+            d[...] = f
         sync()
         expect = [np.zeros(p.data.shape, np.float64) for p in params]
         for r in range(self.size):
@@ -333,8 +342,8 @@ class DistbpJob:
         err = max(float(np.max(np.abs(p.grad.data - e))) for p, e in zip(params, expect))
         self.first["sync_check_max_abs_err"] = err
         self.opt.zero_grad(set_to_none=True)
-        for t in fixed:  # large gradients are summed in place, in their own arrays: zeros stay zeros
-            t.data[...] = 0
+        for d in dests:  # zeros stay zeros, however often they are summed
+            d[...] = 0
 
         buf = np.zeros(N_PARAMS, np.float32)  # zeros stay zeros, however often they are summed
         buf2 = np.zeros(N_PARAMS, np.float32)
@@ -905,6 +914,8 @@ def summarize(rounds, finals, ready, wanted):
             (fd["grad_rel_err_vs_local_average"], 1e-5),
         "distbp-2: hand-fed hooks + synchronize() = mean of the ranks' gradients (max abs err)":
             (fd["sync_check_max_abs_err"], 1e-5),
+        "distbp-2: gradients not written by backward into their bucket slices (the sync measure's premise)":
+            (0 if fd["grads_written_into_buckets"] else 1, 0),
         "distbp-2 vs torch-2: first loss (abs diff)": (abs(fd["loss_rank0"] - ft["loss_rank0"]), 1e-4),
         "distbp-2 vs torch-2: first averaged-gradient norm (rel diff)":
             (abs(fd["grad_norm"] - ft["grad_norm"]) / ft["grad_norm"], 1e-4),

@@ -211,6 +211,95 @@ def test_post_accumulate_hook_fires_once_for_a_reused_parameter(rng):
     np.testing.assert_array_equal(calls[0], w.grad.data)
 
 
+# --- gradient destinations -------------------------------------------------------------------------
+
+
+def _reference_grads(build, x):
+    params = build()
+    (build.forward(params, x) ** 2).sum().backward()
+    return [p.grad.data.copy() for p in params]
+
+
+class _TwoLayers:
+    """Linear (weight and bias), then a 2-D matmul with a leaf on the right, then one on the left."""
+
+    def __init__(self, rng):
+        self.values = [rng.standard_normal(s).astype(np.float32) for s in ((5, 4), (5,), (5, 3), (2, 6))]
+
+    def __call__(self):
+        return [Tensor(v.copy(), requires_grad=True) for v in self.values]
+
+    @staticmethod
+    def forward(params, x):
+        w, b, m, left = params
+        return left @ (ops.linear(x, w, b) @ m)  # (2, 6) @ (6, 5) @ (5, 3)
+
+
+def test_gradients_are_written_into_their_destinations(rng):
+    build = _TwoLayers(rng)
+    x = Tensor(rng.standard_normal((6, 4)))
+    expected = _reference_grads(build, x)
+    params = build()
+    dests = [np.full(p.shape, np.nan, np.float32) for p in params]
+    for p, d in zip(params, dests):
+        p.set_grad_destination(d)
+    for step in range(2):  # the same memory again on the next fresh backward
+        for p in params:
+            p.grad = None
+        (build.forward(params, x) ** 2).sum().backward()
+        for p, d, e in zip(params, dests, expected):
+            assert p.grad.data is d  # no copy: .grad is the destination itself
+            np.testing.assert_allclose(d, e, rtol=1e-6, atol=1e-6)
+    (build.forward(params, x) ** 2).sum().backward()  # not fresh: accumulates in place, still there
+    for p, d, e in zip(params, dests, expected):
+        assert p.grad.data is d
+        np.testing.assert_allclose(d, 2 * e, rtol=1e-6, atol=1e-6)
+
+
+def test_a_destination_is_not_offered_where_it_would_be_wrong(rng):
+    """Several contributions, a tensor hook, autograd.grad and create_graph all leave the memory alone."""
+    w = leaf((3, 3), rng)
+    dest = np.full((3, 3), np.nan, np.float32)
+    w.set_grad_destination(dest)
+    x = Tensor(rng.standard_normal((2, 3)))
+    ((x @ w) @ w).sum().backward()  # two contributions: summed by the engine, not written into dest
+    reference = leaf((3, 3), rng)
+    reference.data[...] = w.data
+    ((x @ reference) @ reference).sum().backward()
+    np.testing.assert_allclose(w.grad.data, reference.grad.data, rtol=1e-6)
+    assert np.isnan(dest).all()
+
+    w.grad = None
+    (gw,) = grad((x @ w).sum(), [w])
+    (gw2,) = grad((x @ w).sum(), [w], create_graph=True)
+    assert w.grad is None and np.isnan(dest).all()
+    np.testing.assert_allclose(gw.data, gw2.data)
+
+    h = w.register_hook(lambda g: g * 2)
+    (x @ w).sum().backward()
+    h.remove()
+    assert np.isnan(dest).all() and w.grad.data is not dest
+    np.testing.assert_allclose(w.grad.data, 2 * np.repeat(x.data.sum(0)[:, None], 3, 1), rtol=1e-6)
+
+    w.grad = None
+    (x * w[0]).sum().backward()  # an op that does not write into destinations: .grad is its own array
+    assert w.grad.data is not dest and np.isnan(dest).all()
+
+
+def test_a_gradient_destination_is_checked(rng):
+    w = leaf((3, 2), rng)
+    with pytest.raises(ValueError, match=r"float32\[2, 3\] but the tensor is float32\[3, 2\]"):
+        w.set_grad_destination(np.zeros((2, 3), np.float32))
+    with pytest.raises(ValueError, match=r"float64\[3, 2\]"):
+        w.set_grad_destination(np.zeros((3, 2), np.float64))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        w.set_grad_destination(np.zeros((2, 3), np.float32).T)
+    with pytest.raises(TypeError, match="numpy array"):
+        w.set_grad_destination([[0.0] * 2] * 3)
+    with pytest.raises(RuntimeError, match="leaf"):
+        (w * 2).set_grad_destination(np.zeros((3, 2), np.float32))
+
+
 def test_retain_grad_on_interior_tensor(rng):
     x = leaf((3,), rng)
     y = x * 3.0

@@ -375,31 +375,58 @@ def test_group_aborted_is_a_comm_error():
     assert issubclass(GroupAborted, Exception) and issubclass(UnusedParameters, RuntimeError)
 
 
-def test_large_parameters_are_reduced_in_place_and_averaged():
-    from distbp.parallel.data_parallel import IN_PLACE_BYTES
+class _Scaled(nn.Module):
+    """A layer whose parameter's gradient comes from an elementwise op (no destination: copied in)."""
 
-    widths = (8, 600, 600, 4)  # the 600x600 weight (1.4 MB) is reduced alone, in its own .grad
+    def __init__(self, n):
+        super().__init__()
+        self.gain = nn.Parameter(np.linspace(0.5, 1.5, n).astype(np.float32))
+
+    def forward(self, x):
+        return x * self.gain
+
+
+@pytest.mark.parametrize("cap_mb", [25.0, 1e-9])
+def test_gradients_are_written_into_their_buckets_and_averaged(cap_mb):
     x, y = _data()
-    reference = _mlp(widths=widths)
+
+    def build():
+        distbp.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), _Scaled(16), nn.Linear(16, 4))
+
+    reference = build()
     cross_entropy(reference(Tensor(x)), y).backward()
     expected = _grads(reference)
 
     def body(comm):
-        model = _mlp(widths=widths)
-        ddp = DataParallel(model, comm)
+        model = build()
+        ddp = DataParallel(model, comm, bucket_cap_mb=cap_mb)
         shard = slice(comm.rank * 32, (comm.rank + 1) * 32)
-        cross_entropy(ddp(Tensor(x[shard])), y[shard]).backward()
-        ddp.synchronize()
-        return _grads(model), [b.in_place for b in ddp.buckets]
+        for _ in range(2):  # the second step reuses the bucket memory
+            for p in model.parameters():
+                p.grad = None
+            cross_entropy(ddp(Tensor(x[shard])), y[shard]).backward()
+            # before synchronize: which gradients their ops computed right in their bucket slices
+            written = {n: p.grad.data is ddp._bucket_of[id(p)].views[id(p)] for n, p in model.named_parameters()}
+            ddp.synchronize()
+        synced = _grads(model)
+        in_buckets = all(any(np.shares_memory(p.grad.data, b.buffer) for b in ddp.buckets)
+                         for p in model.parameters())
+        ddp.close()
+        for p in model.parameters():
+            p.grad = None
+        cross_entropy(model(Tensor(x[shard])), y[shard]).backward()  # closed: gradients in arrays of their own
+        detached = not any(np.shares_memory(p.grad.data, b.buffer) for p in model.parameters() for b in ddp.buckets)
+        return synced, written, in_buckets, detached
 
-    for grads, in_place in run_ranks(2, body):
-        assert any(in_place) and not all(in_place)
+    for synced, written, in_buckets, detached in run_ranks(2, body):
+        assert written == {"0.weight": True, "0.bias": True, "2.gain": False, "3.weight": True, "3.bias": True}
+        assert in_buckets and detached
         for name in expected:
-            np.testing.assert_allclose(grads[name], expected[name], rtol=1e-5, atol=1e-7, err_msg=name)
-    assert 600 * 600 * 4 >= IN_PLACE_BYTES
+            np.testing.assert_allclose(synced[name], expected[name], rtol=1e-5, atol=1e-7, err_msg=name)
 
 
-@pytest.mark.parametrize("widths", [(8, 16, 16, 4), (8, 600, 600, 4)])  # flat buckets; and one reduced in place
+@pytest.mark.parametrize("widths", [(8, 16, 16, 4), (8, 600, 600, 4)])
 def test_average_false_sums_and_a_scaled_loss_makes_that_the_mean(widths):
     x, y = _data()
     reference = _mlp(widths=widths)

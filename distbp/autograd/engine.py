@@ -7,6 +7,11 @@ engine counts each leaf's incoming edges, and when the count reaches zero it sto
 leaf's post-accumulate hooks at once, while the rest of backward is still running (data parallelism
 starts communicating there).
 
+A leaf may name an array to receive its gradient (Tensor.set_grad_destination; data parallelism points
+parameters into its flat all-reduce buckets). When a node is the only contributor to such a leaf's fresh
+gradient, the engine offers the array to the node's backward (`ctx.grad_out(i)`); an op that computes
+that gradient with `out=` saves the copy into the bucket, and `.grad` becomes a Tensor over the array.
+
 The engine, not the ops, owns three rules:
   - contributions to a node used several times are summed, never overwritten;
   - a gradient is reduced to its input's broadcast shape and cast to its input's dtype (`sum_to` below);
@@ -142,6 +147,10 @@ def backward(roots, grads=None, retain_graph=None, create_graph=False, inputs=No
         if node.grad_acc is not None:
             shared.add(id(node.grad_acc))
 
+    # Offer gradient destinations only where a gradient starts afresh in plain backward.
+    offer = targets is None and not create_graph and any(
+        leaf._grad_dest is not None for leaf in leaf_edges)
+
     def finish_leaf(leaf, g):
         if leaf._hooks:
             g = _run_hooks(leaf._hooks, g)
@@ -156,8 +165,11 @@ def backward(roots, grads=None, retain_graph=None, create_graph=False, inputs=No
             if g.__class__ is not _ndarray:
                 g = np.asarray(g)
             if leaf.grad is None:
-                # .grad must own its memory: users, optimizers and all-reduce write into it in place.
-                if g.base is not None or id(g) in shared or not g.flags.writeable:
+                # .grad must own its memory: users, optimizers and all-reduce write into it in place
+                # (the leaf's own destination is memory set aside for exactly that).
+                if g is leaf._grad_dest:
+                    pass
+                elif g.base is not None or id(g) in shared or not g.flags.writeable:
                     g = g.copy()
                 shared.add(id(g))
                 leaf.grad = Tensor._from_op(g, None)
@@ -191,7 +203,17 @@ def backward(roots, grads=None, retain_graph=None, create_graph=False, inputs=No
                     i = targets.get(node)
                     if i is not None:
                         captured[i] = g if captured[i] is None else captured[i] + g
+                if offer:
+                    dests = None
+                    for i, p in enumerate(parents):
+                        if (p is not None and not p._is_node and p._grad_dest is not None and p.grad is None
+                                and leaf_edges[p] == 1 and p not in leaf_grads and not p._hooks):
+                            if dests is None:
+                                dests = [None] * len(parents)
+                            dests[i] = p._grad_dest
+                    node.grad_dests = dests
                 results = node.backward(node, g)
+                node.grad_dests = None
                 if len(results) != len(parents):
                     raise RuntimeError(
                         f"{node.name}.backward returned {len(results)} gradients for {len(parents)} inputs"

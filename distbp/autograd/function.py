@@ -28,7 +28,7 @@ _ndarray = np.ndarray
 
 
 class Function:
-    __slots__ = ("parents", "seq", "shape", "dtype", "saved", "hooks", "grad_acc", "_inputs", "_out")
+    __slots__ = ("parents", "seq", "shape", "dtype", "saved", "hooks", "grad_acc", "grad_dests", "_inputs", "_out")
 
     _is_node = True
     save_inputs = False  # forward's input Tensors are kept for backward (as ctx.inputs)
@@ -64,6 +64,7 @@ class Function:
                 ctx.dtype = out.dtype
                 ctx.hooks = None
                 ctx.grad_acc = None
+                ctx.grad_dests = None
                 ctx._inputs = inputs if cls.save_inputs else None
                 ctx._out = out if cls.save_output else None
                 return _Tensor._from_op(out, ctx)
@@ -74,6 +75,15 @@ class Function:
     def needs(self, i):
         """Whether input i needs a gradient (backward may skip computing the others)."""
         return self.parents[i] is not None
+
+    def grad_out(self, i):
+        """The array input i's gradient may be written into (see Tensor.set_grad_destination), or None.
+
+        The engine offers one only in plain backward, when this node is the leaf's sole contributor; a
+        backward that can compute that gradient with `out=` writes it there and returns that very array.
+        """
+        dests = self.grad_dests
+        return None if dests is None else dests[i]
 
     @property
     def inputs(self):

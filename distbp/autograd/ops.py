@@ -614,8 +614,13 @@ class MatMul(Function):
     @staticmethod
     def backward(ctx, g):
         a, b = ctx.inputs
-        ga = g @ b.swapaxes(-1, -2) if ctx.needs(0) else None
-        gb = a.swapaxes(-1, -2) @ g if ctx.needs(1) else None
+        ga = gb = None
+        if ctx.needs(0):
+            out = ctx.grad_out(0) if a.ndim == b.ndim == 2 else None  # no batch dims to sum away
+            ga = g @ b.swapaxes(-1, -2) if out is None else np.matmul(g, b.T, out=out)
+        if ctx.needs(1):
+            out = ctx.grad_out(1) if a.ndim == b.ndim == 2 else None
+            gb = a.swapaxes(-1, -2) @ g if out is None else np.matmul(a.T, g, out=out)
         return ga, gb
 
 
@@ -641,9 +646,11 @@ class Linear(Function):
             g2 = g.reshape(-1, g.shape[-1]) if g.ndim != 2 else g
             if ctx.needs(1):
                 x2 = x.reshape(-1, x.shape[-1]) if x.ndim != 2 else x
-                gw = g2.T @ x2
+                out = ctx.grad_out(1)  # a destination is only offered in plain (numpy) backward
+                gw = g2.T @ x2 if out is None else np.matmul(g2.T, x2, out=out)
             if len(ctx.parents) == 3 and ctx.needs(2):
-                gb = g2.sum(axis=0)
+                out = ctx.grad_out(2)
+                gb = g2.sum(axis=0) if out is None else np.sum(g2, axis=0, out=out)
         return (gx, gw) if len(ctx.parents) == 2 else (gx, gw, gb)
 
 

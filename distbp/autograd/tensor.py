@@ -43,7 +43,7 @@ class Tensor:
     given (np.float64 for gradient checks); integers become int64; booleans stay bool.
     """
 
-    __slots__ = ("data", "requires_grad", "grad", "_node", "_hooks", "_post_hooks", "__weakref__")
+    __slots__ = ("data", "requires_grad", "grad", "_node", "_hooks", "_post_hooks", "_grad_dest", "__weakref__")
 
     _is_node = False
     __hash__ = object.__hash__  # identity: the engine keys leaves by object, and == is elementwise
@@ -56,6 +56,7 @@ class Tensor:
         self._node = None
         self._hooks = None
         self._post_hooks = None
+        self._grad_dest = None
         self.requires_grad = False
         if requires_grad:
             self.requires_grad_(True)
@@ -68,6 +69,7 @@ class Tensor:
         t._node = node
         t._hooks = None
         t._post_hooks = None
+        t._grad_dest = None
         t.requires_grad = node is not None
         return t
 
@@ -189,6 +191,28 @@ class Tensor:
             self._post_hooks = []
         self._post_hooks.append(hook)
         return _HookHandle(self._post_hooks, hook)
+
+    def set_grad_destination(self, array):
+        """Write this leaf's gradient into `array` (same shape and dtype, C-contiguous), or stop (None).
+
+        A backward that starts the gradient afresh (`.grad` is None) offers `array` to the op that computes
+        it; an op that can write its result there does (Linear, 2-D matmul, ...), and `.grad` then holds a
+        Tensor over `array` itself, with no copy. Otherwise `.grad` is a new array, as without a
+        destination. Data parallelism points each parameter at its slice of a flat all-reduce bucket.
+        """
+        if self._node is not None:
+            raise RuntimeError("a gradient destination is for leaf tensors only")
+        if array is not None:
+            if not isinstance(array, np.ndarray):
+                raise TypeError(f"gradient destination: expected a numpy array, got {type(array).__name__}")
+            if array.shape != self.data.shape or array.dtype != self.data.dtype:
+                raise ValueError(
+                    f"gradient destination: the array is {array.dtype}{list(array.shape)} but the tensor is "
+                    f"{self.data.dtype}{list(self.data.shape)}"
+                )
+            if not array.flags.c_contiguous or not array.flags.writeable:
+                raise ValueError("gradient destination: the array must be C-contiguous and writeable")
+        self._grad_dest = array
 
     def retain_grad(self):
         """Keep this non-leaf tensor's gradient in `.grad` after backward."""

@@ -1,13 +1,14 @@
 """DataParallel: every rank holds the whole model; gradients are averaged over ranks during backward.
 
-Parameters are grouped into buckets of about `bucket_cap_mb`, in reverse registration order (roughly
-the order in which backward finishes them); one of 1 MB or more is a bucket of its own, reduced in its
-own `.grad` without a copy. When a parameter's gradient is final (the autograd
-engine's post-accumulate hook) it is copied into its bucket's flat buffer; when a bucket is full its
-all-reduce starts at once, while backward goes on with earlier layers. Buckets are launched strictly in
-index order on every rank (a different order on different ranks would pair the wrong buffers or hang).
-`synchronize()` waits for them all, averages, and leaves each parameter's `.grad` as a view of its
-bucket.
+Parameters are grouped into flat buckets of about `bucket_cap_mb`, in reverse registration order (roughly
+the order in which backward finishes them). Each parameter's gradient is written straight into its slice
+of its bucket: DataParallel makes that slice the parameter's gradient destination, and the ops that
+compute weight gradients (Linear, matmul) write there with `out=`; any other gradient is copied in when
+it is final (the autograd engine's post-accumulate hook). When a bucket is full its all-reduce starts at
+once, while backward goes on with earlier layers. Buckets are launched strictly in index order on every
+rank (a different order on different ranks would pair the wrong buffers or hang). `synchronize()` waits
+for them all and leaves each parameter's `.grad` as a view of its bucket (as PyTorch DDP's
+gradient_as_bucket_view: the next step's backward overwrites it).
 """
 
 import contextlib
@@ -19,9 +20,6 @@ from ..autograd.tensor import Tensor
 from ..comm.base import CommError
 
 
-IN_PLACE_BYTES = 1024 * 1024  # a parameter this large is all-reduced alone, in its own .grad
-
-
 class ModelMismatch(CommError):
     """Ranks hold different models (names, shapes or dtypes differ)."""
 
@@ -31,18 +29,18 @@ class UnusedParameters(RuntimeError):
 
 
 class _Bucket:
-    def __init__(self, index, params, dtype, in_place=False):
+    def __init__(self, index, params, dtype):
         self.index = index
         self.params = params  # (name, parameter) pairs
-        # a large parameter alone: all-reduced in its own .grad, no copy into a flat buffer
-        self.in_place = in_place
-        self.array = None  # what was handed to the all-reduce
         self.offsets = {}
         offset = 0
         for name, p in params:
             self.offsets[id(p)] = (offset, p.data.size)
             offset += p.data.size
-        self.buffer = None if in_place else np.zeros(offset, dtype)
+        self.buffer = np.zeros(offset, dtype)
+        # each parameter's slice of the buffer, shaped like it: where its gradient is written
+        self.views = {id(p): self.buffer[o:o + n].reshape(p.data.shape) for _, p in params
+                      for o, n in [self.offsets[id(p)]]}
         self.wire = None  # float16 copy when compressing
         self.ready = set()
         self.handle = None
@@ -113,28 +111,22 @@ class DataParallel:
                 self.comm.broadcast(arr, root=0)
 
     def _make_buckets(self, cap_bytes):
-        """Buckets in launch order. A parameter of IN_PLACE_BYTES or more is a bucket of its own; the smaller
-        ones fill flat buckets in backward order, across the large ones (a large parameter does not cut a
-        flat bucket short: fewer, fuller all-reduces). Launch order is by each bucket's last parameter to
-        be ready, the same on every rank."""
-        alone = self.compress is None  # compression needs the flat buffer to cast
-        order = list(reversed(self.named))
-        position = {id(p): i for i, (_, p) in enumerate(order)}
+        """Buckets in launch order: parameters in backward order, cut where the next one would pass the cap
+        (or changes dtype). Every parameter's gradient destination is its slice of its bucket."""
         buckets, current, size = [], [], 0
-        for name, p in order:
-            if alone and p.data.nbytes >= IN_PLACE_BYTES:
-                buckets.append(([(name, p)], True))
-                continue
+        for name, p in reversed(self.named):
             if current and (size + p.data.nbytes > cap_bytes or p.data.dtype != current[-1][1].data.dtype):
-                buckets.append((current, False))
+                buckets.append(current)
                 current, size = [], 0
             current.append((name, p))
             size += p.data.nbytes
         if current:
-            buckets.append((current, False))
-        buckets.sort(key=lambda b: position[id(b[0][-1][1])])
-        return [_Bucket(i, params, params[0][1].data.dtype, in_place=in_place)
-                for i, (params, in_place) in enumerate(buckets)]
+            buckets.append(current)
+        buckets = [_Bucket(i, params, params[0][1].data.dtype) for i, params in enumerate(buckets)]
+        for b in buckets:
+            for _, p in b.params:
+                p.set_grad_destination(b.views[id(p)])
+        return buckets
 
     # --- during backward ---
 
@@ -142,18 +134,16 @@ class DataParallel:
         if not self._syncing:
             return
         bucket = self._bucket_of[id(p)]
+        view = bucket.views[id(p)]
         g = p.grad.data
-        if bucket.in_place and g.flags.c_contiguous and g.flags.writeable and g.dtype == p.data.dtype:
-            if self._scale != 1.0:
-                g *= g.dtype.type(self._scale)  # divided by the world size first: the sum is then the mean
-            bucket.array = g
-        else:
-            offset, n = bucket.offsets[id(p)]
-            if bucket.buffer is None:
-                bucket.buffer = np.zeros(sum(size for _, size in bucket.offsets.values()), p.data.dtype)
-            # the copy into the bucket, scaled on the way (by 1 when the trainer pre-divided the loss)
-            np.multiply(g.reshape(-1), self._scale, out=bucket.buffer[offset:offset + n], casting="same_kind")
-            bucket.array = bucket.buffer
+        scale = self._scale  # 1 when the trainer pre-divided the loss: no pass to divide
+        if g is not view:  # not written in place by its op: copied into the bucket (scaled on the way)
+            if scale != 1.0:
+                np.multiply(g, view.dtype.type(scale), out=view, casting="same_kind")
+            else:
+                np.copyto(view, g, casting="same_kind")
+        elif scale != 1.0:
+            view *= view.dtype.type(scale)
         bucket.ready.add(id(p))
         if len(bucket.ready) == len(bucket.params):
             self._launch_ready()
@@ -175,7 +165,7 @@ class DataParallel:
             bucket.wire = bucket.buffer.astype(np.float16)
             bucket.handle = self.comm.iallreduce(bucket.wire, "sum")
         else:
-            bucket.handle = self.comm.iallreduce(bucket.array, "sum")
+            bucket.handle = self.comm.iallreduce(bucket.buffer, "sum")
         self.allreduce_calls += 1
 
     # --- after backward ---
@@ -194,11 +184,7 @@ class DataParallel:
                 )
             for n, p in missing:
                 bucket = self._bucket_of[id(p)]
-                offset, size = bucket.offsets[id(p)]
-                if bucket.buffer is None:
-                    bucket.buffer = np.zeros(sum(s for _, s in bucket.offsets.values()), p.data.dtype)
-                bucket.buffer[offset:offset + size] = 0
-                bucket.array = bucket.buffer
+                bucket.views[id(p)][...] = 0
                 bucket.ready.add(id(p))
             self._launch_ready()
         for bucket in self.buckets:
@@ -209,15 +195,10 @@ class DataParallel:
             if self.compress == "fp16":
                 bucket.buffer[...] = bucket.wire
                 bucket.wire = None
-            if bucket.array is not bucket.buffer:  # reduced in place: .grad already holds the mean
-                p = bucket.params[0][1]
-                if p.grad is None or p.grad.data is not bucket.array:
-                    p.grad = Tensor._from_op(bucket.array, None)
-            else:
-                for _, p in bucket.params:
-                    offset, n = bucket.offsets[id(p)]
-                    p.grad = Tensor._from_op(bucket.buffer[offset:offset + n].reshape(p.data.shape), None)
-            bucket.array = None
+            for _, p in bucket.params:
+                view = bucket.views[id(p)]
+                if p.grad is None or p.grad.data is not view:
+                    p.grad = Tensor._from_op(view, None)
             bucket.ready.clear()
             bucket.handle = None
         self._next_launch = 0
@@ -244,8 +225,11 @@ class DataParallel:
         return self.module.named_parameters()
 
     def close(self):
+        """Detach from the model: no more hooks, and gradients go back to arrays of their own."""
         for h in self._hooks:
             h.remove()
+        for _, p in self.named:
+            p.set_grad_destination(None)
 
 
 def _describe(entry):
