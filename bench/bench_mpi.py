@@ -14,10 +14,12 @@ Jobs, each a set of processes that this script starts (and ends):
              and DataParallel(average=False), so the all-reduce's sum is the mean with no pass to
              divide. Besides training steps (and each step's phases) it times the gradient
              synchronisation alone on a fixed gradient: the DataParallel post-accumulate hooks fed by
-             hand, exactly as the autograd engine fires them (every gradient already written by its op into
-             its slice of the flat bucket; each bucket's all-reduce launched when it is full) +
+             hand, exactly as the autograd engine fires them (every gradient already written by its op
+             into its slice of the flat bucket; each bucket's all-reduce launched when it is full) +
              ddp.synchronize(), against one raw mpi4py COMM_WORLD.Allreduce(MPI.IN_PLACE, buf) of a
-             contiguous float32 buffer of the same 1,863,690 values (plus diagnostics).
+             contiguous float32 buffer of the same 1,863,690 values (plus diagnostics). The buckets are
+             all-reduced in memory the ranks share (distbp's default when they run on one machine);
+             with DISTBP_MPI_SHM=0 in the environment, by MPI's own Iallreduce instead.
   distbp-1   mpiexec -n 1, the same code: for the scaling efficiency.
   torch-2    2 processes of torch.nn.parallel.DistributedDataParallel over gloo (init_method
              tcp://127.0.0.1:<free port>), same network, initial weights, data and optimizer.
@@ -381,7 +383,7 @@ class DistbpJob:
         info = {"ranks": self.size, "threadpools": pools_summary(),
                 "mpi_library": MPI.Get_library_version().strip().splitlines()[0]}
         if self.sync:
-            info.update(first_step=self.first,
+            info.update(first_step=self.first, shared_memory=self.comm.shared_memory,
                         buckets=[{"params": len(b.params), "values": int(sum(p.data.size for _, p in b.params)), "MiB": b.nbytes / 2**20}
                                  for b in self.ddp.buckets])
         return info
@@ -928,7 +930,8 @@ def summarize(rounds, finals, ready, wanted):
     return {"jobs": jobs, "sync_ms": sync_ms, "sync_ms_1rank": sync_ms_1, "sync_split_ms_rank0": split,
             "ratios": ratios, "ratios_paired": paired, "scaling_ceiling_no_sync": ceiling,
             "scaling_ceiling_no_sync_paired": ceiling_paired, "checks": checks, "correctness": correctness,
-            "buckets": ready["distbp-2"]["buckets"], "rank_threads": threads,
+            "buckets": ready["distbp-2"]["buckets"], "shared_memory": ready["distbp-2"]["shared_memory"],
+            "rank_threads": threads,
             "rounds_taken": len(rounds), "rounds_used": len(kept), "only_undisturbed": quiet,
             "foreign_cores_median_used": med(max(x["foreign_cores"] for x in r["train"].values()) for r in kept)}
 
@@ -938,8 +941,9 @@ def print_report(s, cfg):
     print()
     print("=" * W)
     buckets = ", ".join(f"{b['MiB']:.2f} MiB" for b in s["buckets"])
+    where = "in shared memory" if s["shared_memory"] else "by MPI (DISTBP_MPI_SHM=0)"
     print(f"MLP {'-'.join(map(str, SIZES))}: {N_PARAMS:,} float32 params ({4 * N_PARAMS / 2**20:.2f} MiB; distbp "
-          f"buckets: {buckets}), batch {BATCH}/rank, SGD lr {LR}")
+          f"buckets: {buckets}, all-reduced {where}), batch {BATCH}/rank, SGD lr {LR}")
     print(f"1 BLAS thread per rank; median of {s['rounds_used']} interleaved samples per job "
           f"({cfg['steps']} steps each; sync: {cfg['sync_iters']} calls each)")
     if s["only_undisturbed"]:

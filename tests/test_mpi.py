@@ -30,11 +30,13 @@ def mpiexec(n, *args, timeout=90):
 COMMON = ["--dataset", "synthetic", "--synthetic-size", "2000", "--hidden", "32", "--epochs", "2"]
 
 
-@pytest.mark.parametrize("optimizer,lr", [("sgd", "0.05"), ("adam", "0.001")])
-def test_two_mpi_ranks_train_like_one_process_on_the_global_batch(tmp_path, optimizer, lr):
+@pytest.mark.parametrize("optimizer,lr,cap", [("sgd", "0.05", "25"), ("adam", "0.001", "25"),
+                                              ("sgd", "0.05", "0.000001")])  # one bucket per parameter
+def test_two_mpi_ranks_train_like_one_process_on_the_global_batch(tmp_path, optimizer, lr, cap):
     ckpt = tmp_path / "mpi.ckpt"
     code, out, err, _ = mpiexec(2, "-m", "distbp", "train", "--backend", "mpi", *COMMON, "--optimizer", optimizer,
-                                "--lr", lr, "--batch-size", "16", "--checkpoint", str(ckpt), "--progress", "none")
+                                "--lr", lr, "--batch-size", "16", "--checkpoint", str(ckpt), "--progress", "none",
+                                "--bucket-cap-mb", cap)
     assert code == 0, err
     single = Trainer(make_config({"dataset": "synthetic", "synthetic_size": 2000, "hidden": [32], "epochs": 2,
                                   "optimizer": optimizer, "lr": float(lr), "batch_size": 32, "progress": "none"}))
@@ -42,6 +44,25 @@ def test_two_mpi_ranks_train_like_one_process_on_the_global_batch(tmp_path, opti
     arrays, _ = load_safetensors(ckpt)
     for name, p in single.model.named_parameters():
         np.testing.assert_allclose(arrays[f"model/{name}"], p.data, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("ranks,shm", [(2, "1"), (3, "1"), (2, "0")], ids=["2-shm", "3-shm", "2-mpi"])
+def test_allreduce_in_shared_memory_and_through_mpi(ranks, shm, monkeypatch):
+    """Buffers from comm.buffer() are reduced in shared memory (unless DISTBP_MPI_SHM=0), others by MPI."""
+    monkeypatch.setenv("DISTBP_MPI_SHM", shm)
+    code, out, err, _ = mpiexec(ranks, str(HERE / "mpi_collectives.py"))
+    assert code == 0, err
+    shared = shm == "1"
+    assert f"shared_memory={shared} buffers_shared={5 if shared else 0} segments_left=0 ok" in out, out
+
+
+@pytest.mark.parametrize("failure,message", [("fail-create", "No space left on device"),
+                                             ("fail-map", "Cannot allocate memory")])
+def test_a_shared_buffer_that_cannot_be_made_falls_back_to_mpi_on_every_rank(failure, message):
+    code, out, err, _ = mpiexec(3, str(HERE / "mpi_collectives.py"), failure)
+    assert code == 0, err
+    assert "fallback: /dev/shm/distbp-" in out and message in out, out
+    assert "shared_memory=True buffers_shared=0 segments_left=0 ok" in out, out
 
 
 def test_mpi_is_detected_and_only_rank_zero_reports():

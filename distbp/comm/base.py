@@ -58,6 +58,11 @@ class Communicator:
     def __init__(self, timeout=DEFAULT_TIMEOUT):
         self.timeout = timeout
 
+    def buffer(self, size, dtype=np.float32):
+        """A zeroed flat array of `size` that this communicator all-reduces fastest (for buffers that are
+        reduced again and again, as DataParallel's buckets). Collective: every rank asks for the same."""
+        return np.zeros(size, dtype)
+
     def allreduce(self, array, op="sum"):
         """Reduce `array` over ranks in place: op 'sum' or 'mean'."""
         self.iallreduce(array, op).wait()

@@ -1,5 +1,8 @@
 """MPI through mpi4py's buffer methods: contiguous numpy arrays go to MPI directly, never pickled.
 
+Between ranks that all run on one machine, buffers from `buffer()` live in shared memory and are
+all-reduced there (mpi_shm.py), without going through MPI's own copies; DISTBP_MPI_SHM=0 turns that off.
+
 Every collective is started non-blocking and completed by polling, so that one which does not complete
 within the timeout can end the job naming the ranks that never reached it. Those are found only then, at
 no cost to the collectives that do complete: the rank that timed out asks every peer over a second
@@ -7,12 +10,14 @@ communicator which collective it is waiting in; a rank waiting in a collective a
 loop, and a rank that is not (computing, hung, gone) does not answer.
 """
 
+import os
 import pickle
 import time
 
 import numpy as np
 
 from .base import DEFAULT_TIMEOUT, CollectiveTimeout, Communicator, Handle, check_buffer, check_op
+from .mpi_shm import SHM_DIR, SharedBuffer, create_segment
 
 _QUERY, _REPLY = 7, 8
 _COLLECTIVES = ("allreduce", "broadcast", "allgather", "barrier")  # answered as an index
@@ -53,30 +58,67 @@ class _MPIHandle(Handle):
             self.after()
 
     def wait(self):
-        if self._done:
-            return
-        comm = self.comm
-        if comm.timeout is None:
-            self.request.Wait()
+        if not self._done:
+            _complete(self.comm, self.request, self.seq, self.name)
             self._finish()
-            return
-        # Poll without sleeping: MPICH advances a non-blocking collective only inside MPI calls, so a
-        # sleeping rank would stall the transfer for every rank (MPI_Wait spins the same way).
-        deadline = time.monotonic() + comm.timeout
-        polls = 0
-        while not self.request.Test():
-            polls += 1
-            if polls % _ANSWER_EVERY == 0:
-                comm._answer_peers(self.seq, self.name)
-                if time.monotonic() > deadline:
-                    comm._timed_out(self.name, self.seq)
-        self._finish()
+
+
+def _complete(comm, request, seq, name):
+    """Wait for `request`, part of collective #seq; past the communicator's timeout, name who is missing."""
+    if comm.timeout is None:
+        request.Wait()
+        return
+    # Poll without sleeping: MPICH advances a non-blocking collective only inside MPI calls, so a
+    # sleeping rank would stall the transfer for every rank (MPI_Wait spins the same way).
+    deadline = time.monotonic() + comm.timeout
+    polls = 0
+    while not request.Test():
+        polls += 1
+        if polls % _ANSWER_EVERY == 0:
+            comm._answer_peers(seq, name)
+            if time.monotonic() > deadline:
+                comm._timed_out(name, seq)
+
+
+class _SharedAllreduce(Handle):
+    """An all-reduce in shared memory: barrier (every buffer final), each rank reduces its slice into every
+    buffer, barrier (every slice written). Advanced by test() as far as it can go without waiting."""
+
+    def __init__(self, comm, shared, seq, after=None):
+        self.comm, self.shared, self.seq, self.after = comm, shared, seq, after
+        self.request = comm._barriers.Ibarrier()
+        self.phase = 0  # 0: waiting for every buffer; 1: for every slice; 2: done
+
+    def _advance(self, block):
+        while self.phase < 2:
+            if block:
+                _complete(self.comm, self.request, self.seq, "allreduce")
+            elif not self.request.Test():
+                return False
+            if self.phase == 0:
+                self.shared.reduce_my_slice()
+                self.request = self.comm._barriers.Ibarrier()
+                self.phase = 1
+            else:
+                self.request = None
+                self.phase = 2
+                if self.after is not None:
+                    self.after()
+        return True
+
+    def test(self):
+        return self._advance(block=False)
+
+    def wait(self):
+        self._advance(block=True)
 
 
 class MPICommunicator(Communicator):
     backend = "mpi"
 
-    def __init__(self, comm=None, timeout=DEFAULT_TIMEOUT):
+    def __init__(self, comm=None, timeout=DEFAULT_TIMEOUT, shared_memory=None):
+        """shared_memory: all-reduce `buffer()`s in memory shared by the ranks when they all run on one
+        machine (default: yes, unless the environment has DISTBP_MPI_SHM=0)."""
         super().__init__(timeout)
         MPI = self.MPI = _mpi()
         base = comm if comm is not None else MPI.COMM_WORLD
@@ -86,6 +128,16 @@ class MPICommunicator(Communicator):
         self._seq = 0
         self._sends = []  # (request, buffer) of questions and answers not known to be delivered
         self._half_op = None
+        if shared_memory is None:
+            shared_memory = os.environ.get("DISTBP_MPI_SHM", "1") != "0"
+        node = base.Split_type(MPI.COMM_TYPE_SHARED)
+        one_machine = node.Get_size() == self.size
+        node.Free()
+        can = bool(shared_memory) and one_machine and self.size > 1 and os.path.isdir(SHM_DIR)
+        self.shared_memory = all(self.allgather(can))  # the same answer on every rank, or none uses it
+        self.shared_memory_error = None  # why a buffer() could not be shared, if one could not
+        self._barriers = base.Dup() if self.shared_memory else None  # the shared all-reduce's barriers
+        self._shared = {}  # (address, size, dtype) of each shared buffer handed out -> its SharedBuffer
 
     # --- finding the ranks that did not arrive ---
 
@@ -133,17 +185,23 @@ class MPICommunicator(Communicator):
 
     # --- collectives ---
 
+    def buffer(self, size, dtype=np.float32):
+        dtype = np.dtype(dtype)
+        if not self.shared_memory or dtype.kind != "f" or dtype.itemsize < 4:
+            return super().buffer(size, dtype)
+        segment, error = create_segment(self, size * dtype.itemsize)
+        if segment is None:  # e.g. /dev/shm is full: the same buffer, reduced by MPI instead
+            self.shared_memory_error = error
+            return super().buffer(size, dtype)
+        shared = SharedBuffer(segment, size, dtype, self.rank, self.size)
+        self._shared[_key(shared.mine)] = shared
+        return shared.mine
+
     def iallreduce(self, array, op="sum"):
         check_buffer(array, "allreduce")
         check_op(op)
         seq = self._arrive()
         MPI = self.MPI
-        if array.dtype == np.float16:
-            if self._half_op is None:
-                self._half_op = MPI.Op.Create(_half_sum, commute=True)
-            request = self.comm.Iallreduce(MPI.IN_PLACE, [array.view(np.int16), MPI.SHORT], op=self._half_op)
-        else:
-            request = self.comm.Iallreduce(MPI.IN_PLACE, array, op=MPI.SUM)
         after = None
         if op == "mean":
             size = self.size
@@ -151,6 +209,15 @@ class MPICommunicator(Communicator):
             def after():
                 array[...] /= size
 
+        shared = self._shared.get(_key(array)) if self._shared else None
+        if shared is not None:
+            return _SharedAllreduce(self, shared, seq, after)
+        if array.dtype == np.float16:
+            if self._half_op is None:
+                self._half_op = MPI.Op.Create(_half_sum, commute=True)
+            request = self.comm.Iallreduce(MPI.IN_PLACE, [array.view(np.int16), MPI.SHORT], op=self._half_op)
+        else:
+            request = self.comm.Iallreduce(MPI.IN_PLACE, array, op=MPI.SUM)
         return _MPIHandle(self, request, "allreduce", seq, after)
 
     def broadcast(self, array, root=0):
@@ -184,6 +251,11 @@ class MPICommunicator(Communicator):
             if not request.Test():
                 request.Cancel()
         self._sends = []
+        self._shared.clear()  # arrays already handed out keep their memory mapped
+
+
+def _key(array):
+    return array.ctypes.data, array.size, array.dtype.str
 
 
 def launched_by_mpi(environ):

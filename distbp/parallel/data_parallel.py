@@ -29,7 +29,7 @@ class UnusedParameters(RuntimeError):
 
 
 class _Bucket:
-    def __init__(self, index, params, dtype):
+    def __init__(self, index, params, dtype, comm):
         self.index = index
         self.params = params  # (name, parameter) pairs
         self.offsets = {}
@@ -37,7 +37,7 @@ class _Bucket:
         for name, p in params:
             self.offsets[id(p)] = (offset, p.data.size)
             offset += p.data.size
-        self.buffer = np.zeros(offset, dtype)
+        self.buffer = comm.buffer(offset, dtype)  # shared memory between the ranks of one machine (MPI)
         # each parameter's slice of the buffer, shaped like it: where its gradient is written
         self.views = {id(p): self.buffer[o:o + n].reshape(p.data.shape) for _, p in params
                       for o, n in [self.offsets[id(p)]]}
@@ -122,7 +122,7 @@ class DataParallel:
             size += p.data.nbytes
         if current:
             buckets.append(current)
-        buckets = [_Bucket(i, params, params[0][1].data.dtype) for i, params in enumerate(buckets)]
+        buckets = [_Bucket(i, params, params[0][1].data.dtype, self.comm) for i, params in enumerate(buckets)]
         for b in buckets:
             for _, p in b.params:
                 p.set_grad_destination(b.views[id(p)])

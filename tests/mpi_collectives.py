@@ -1,0 +1,86 @@
+"""Run under mpiexec by test_mpi.py: the MPI communicator's all-reduces, shared-memory and MPI, checked.
+
+Prints one line "shared_memory=<bool> buffers_shared=<n> segments_left=<n> ok" from rank 0 when every
+check holds, preceded by "fallback: <why>" when a shared buffer could not be made; raises (a non-zero
+exit) on the first check that fails. An argument injects a failure in making the shared segments:
+  fail-create  rank 0 cannot reserve the segment (as when /dev/shm is full)
+  fail-map     the last rank cannot map it
+"""
+
+import os
+import sys
+
+import numpy as np
+
+from distbp.comm import mpi_communicator
+
+
+def expected_sum(size, n, dtype, salt):
+    return sum(np.arange(n, dtype=np.float64) * (r + 1) + salt for r in range(size)).astype(dtype)
+
+
+def inject(kind, rank, size):
+    import errno
+
+    from distbp.comm import mpi_shm
+
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+    def cannot_map(fd, length):
+        raise OSError(errno.ENOMEM, "Cannot allocate memory (injected)")
+
+    if kind == "fail-create" and rank == 0:
+        mpi_shm.os.posix_fallocate = no_space
+    if kind == "fail-map" and rank == size - 1:
+        mpi_shm.mmap = type("mmap", (), {"mmap": staticmethod(cannot_map)})
+
+
+def main():
+    comm = mpi_communicator(timeout=20)
+    rank, size = comm.rank, comm.size
+    if len(sys.argv) > 1:
+        inject(sys.argv[1], rank, size)
+    buffers = []
+    # sizes smaller than the number of ranks, not a multiple of a cache line, and large
+    for n, dtype in [(1, np.float32), (2, np.float32), (17, np.float64), (1000, np.float32),
+                     (1_000_003, np.float32)]:
+        b = comm.buffer(n, dtype)
+        assert b.shape == (n,) and b.dtype == dtype and not b.any(), "a buffer starts zeroed"
+        buffers.append(b)
+    shared = [b for b in buffers if comm._shared.get((b.ctypes.data, b.size, b.dtype.str)) is not None]
+    for step in range(3):  # the same memory reduced again and again, as DataParallel's buckets
+        handles = []
+        for i, b in enumerate(buffers):
+            b[...] = np.arange(b.size) * (rank + 1) + step + i
+            handles.append(comm.iallreduce(b, "sum"))
+        plain = np.full(5, float(rank), np.float32)  # an ordinary array in between: MPI's own all-reduce
+        comm.allreduce(plain, "mean")
+        np.testing.assert_allclose(plain, np.full(5, (size - 1) / 2))
+        for h in reversed(handles):  # completion in any order
+            h.test()
+        for h in handles:
+            h.wait()
+            h.wait()  # waiting twice is harmless
+        for i, b in enumerate(buffers):
+            np.testing.assert_allclose(b, expected_sum(size, b.size, b.dtype, step + i), rtol=1e-6,
+                                       err_msg=f"buffer {i} step {step}")
+        digests = comm.allgather([b.tobytes() for b in buffers])
+        assert all(d == digests[0] for d in digests), "every rank ends with the same bits"
+    b = buffers[3]
+    b[...] = rank
+    comm.iallreduce(b, "mean").wait()
+    np.testing.assert_allclose(b, np.full(b.size, (size - 1) / 2))
+    comm.barrier()
+    creator = comm.allgather(os.getpid())[0]  # segments are named after rank 0's process
+    leftovers = [f for f in os.listdir("/dev/shm") if f.startswith(f"distbp-{creator}-")]
+    if rank == 0:
+        if comm.shared_memory_error:
+            print(f"fallback: {comm.shared_memory_error}", flush=True)
+        print(f"shared_memory={comm.shared_memory} buffers_shared={len(shared)} "
+              f"segments_left={len(leftovers)} ok", flush=True)
+    comm.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
