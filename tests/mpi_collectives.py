@@ -9,6 +9,7 @@ exit) on the first check that fails. An argument injects a failure in making the
 
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -67,6 +68,33 @@ def main():
                                        err_msg=f"buffer {i} step {step}")
         digests = comm.allgather([b.tobytes() for b in buffers])
         assert all(d == digests[0] for d in digests), "every rank ends with the same bits"
+    # Ranks that advance in-flight all-reduces at different moments (DataParallel's hooks test() them):
+    # here rank 0 launches the second buffer late, while the others push the first one on meanwhile.
+    first, second = buffers[3], buffers[4]
+    first[...] = rank + 1
+    pending = comm.iallreduce(first)
+    if rank == 0:
+        time.sleep(0.3)
+    else:
+        start = time.monotonic()
+        while time.monotonic() - start < 0.2:
+            pending.test()
+    second[...] = rank + 1
+    later = comm.iallreduce(second)
+    if rank == 0:
+        time.sleep(0.1)
+    pending.wait()
+    total = size * (size + 1) / 2
+    assert (first == total).all(), f"rank {rank}: the first buffer is not complete when its wait returns"
+    if shared:  # the barriers of two all-reduces of one shared buffer would pair up wrongly: refused
+        try:
+            comm.iallreduce(second)
+        except RuntimeError as e:
+            assert "still being all-reduced" in str(e)
+        else:
+            raise AssertionError(f"rank {rank}: a second all-reduce of a shared buffer in flight was allowed")
+    later.wait()
+    assert (second == total).all(), f"rank {rank}: the second buffer"
     b = buffers[3]
     b[...] = rank
     comm.iallreduce(b, "mean").wait()

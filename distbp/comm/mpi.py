@@ -82,11 +82,16 @@ def _complete(comm, request, seq, name):
 
 class _SharedAllreduce(Handle):
     """An all-reduce in shared memory: barrier (every buffer final), each rank reduces its slice into every
-    buffer, barrier (every slice written). Advanced by test() as far as it can go without waiting."""
+    buffer, barrier (every slice written). Advanced by test() as far as it can go without waiting.
+
+    Barriers match by their order on a communicator, and ranks advance in-flight all-reduces at different
+    moments, so each shared buffer has a communicator of its own: its barriers then alternate between
+    the two kinds in the same order on every rank, whatever the other buffers do."""
 
     def __init__(self, comm, shared, seq, after=None):
+        shared.in_flight = True
         self.comm, self.shared, self.seq, self.after = comm, shared, seq, after
-        self.request = comm._barriers.Ibarrier()
+        self.request = shared.barriers.Ibarrier()
         self.phase = 0  # 0: waiting for every buffer; 1: for every slice; 2: done
 
     def _advance(self, block):
@@ -97,11 +102,12 @@ class _SharedAllreduce(Handle):
                 return False
             if self.phase == 0:
                 self.shared.reduce_my_slice()
-                self.request = self.comm._barriers.Ibarrier()
+                self.request = self.shared.barriers.Ibarrier()
                 self.phase = 1
             else:
                 self.request = None
                 self.phase = 2
+                self.shared.in_flight = False
                 if self.after is not None:
                     self.after()
         return True
@@ -136,7 +142,7 @@ class MPICommunicator(Communicator):
         can = bool(shared_memory) and one_machine and self.size > 1 and os.path.isdir(SHM_DIR)
         self.shared_memory = all(self.allgather(can))  # the same answer on every rank, or none uses it
         self.shared_memory_error = None  # why a buffer() could not be shared, if one could not
-        self._barriers = base.Dup() if self.shared_memory else None  # the shared all-reduce's barriers
+        self._base = base
         self._shared = {}  # (address, size, dtype) of each shared buffer handed out -> its SharedBuffer
 
     # --- finding the ranks that did not arrive ---
@@ -194,12 +200,16 @@ class MPICommunicator(Communicator):
             self.shared_memory_error = error
             return super().buffer(size, dtype)
         shared = SharedBuffer(segment, size, dtype, self.rank, self.size)
+        shared.barriers = self._base.Dup()  # every rank is here (create_segment gathered them all)
         self._shared[_key(shared.mine)] = shared
         return shared.mine
 
     def iallreduce(self, array, op="sum"):
         check_buffer(array, "allreduce")
         check_op(op)
+        shared = self._shared.get(_key(array)) if self._shared else None
+        if shared is not None and shared.in_flight:
+            raise RuntimeError("allreduce: this buffer is still being all-reduced; wait() for that first")
         seq = self._arrive()
         MPI = self.MPI
         after = None
@@ -209,7 +219,6 @@ class MPICommunicator(Communicator):
             def after():
                 array[...] /= size
 
-        shared = self._shared.get(_key(array)) if self._shared else None
         if shared is not None:
             return _SharedAllreduce(self, shared, seq, after)
         if array.dtype == np.float16:
@@ -251,6 +260,8 @@ class MPICommunicator(Communicator):
             if not request.Test():
                 request.Cancel()
         self._sends = []
+        for shared in self._shared.values():
+            shared.barriers.Free()
         self._shared.clear()  # arrays already handed out keep their memory mapped
 
 

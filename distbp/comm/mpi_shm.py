@@ -37,6 +37,8 @@ class SharedBuffer:
         cuts = [min(size, _round_up(size * r // ranks, step)) for r in range(ranks)] + [size]
         self.slice = slice(cuts[rank], cuts[rank + 1])
         self.others = [b for r, b in enumerate(self.blocks) if r != rank]
+        self.barriers = None  # the MPI communicator this buffer's all-reduces synchronise on
+        self.in_flight = False
 
     def reduce_my_slice(self):
         """Sum this rank's slice over every rank's buffer and write it into all of them (between barriers)."""
