@@ -5,6 +5,7 @@ check holds, preceded by "fallback: <why>" when a shared buffer could not be mad
 exit) on the first check that fails. An argument injects a failure in making the shared segments:
   fail-create  rank 0 cannot reserve the segment (as when /dev/shm is full)
   fail-map     the last rank cannot map it
+  limit-3      at most 3 shared buffers: the later ones are plain arrays, reduced by MPI
 """
 
 import os
@@ -31,6 +32,10 @@ def inject(kind, rank, size):
     def cannot_map(fd, length):
         raise OSError(errno.ENOMEM, "Cannot allocate memory (injected)")
 
+    if kind == "limit-3":
+        from distbp.comm import mpi
+
+        mpi._MAX_SHARED_BUFFERS = 3
     if kind == "fail-create" and rank == 0:
         mpi_shm.os.posix_fallocate = no_space
     if kind == "fail-map" and rank == size - 1:
@@ -86,7 +91,7 @@ def main():
     pending.wait()
     total = size * (size + 1) / 2
     assert (first == total).all(), f"rank {rank}: the first buffer is not complete when its wait returns"
-    if shared:  # the barriers of two all-reduces of one shared buffer would pair up wrongly: refused
+    if any(b is second for b in shared):  # two all-reduces of one shared buffer at once: refused
         try:
             comm.iallreduce(second)
         except RuntimeError as e:

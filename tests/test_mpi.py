@@ -30,9 +30,13 @@ def mpiexec(n, *args, timeout=90):
 COMMON = ["--dataset", "synthetic", "--synthetic-size", "2000", "--hidden", "32", "--epochs", "2"]
 
 
-@pytest.mark.parametrize("optimizer,lr,cap", [("sgd", "0.05", "25"), ("adam", "0.001", "25"),
-                                              ("sgd", "0.05", "0.000001")])  # one bucket per parameter
-def test_two_mpi_ranks_train_like_one_process_on_the_global_batch(tmp_path, optimizer, lr, cap):
+@pytest.mark.parametrize("optimizer,lr,cap,shm", [
+    ("sgd", "0.05", "25", "1"), ("adam", "0.001", "25", "1"),
+    ("sgd", "0.05", "0.000001", "1"),  # one bucket per parameter
+    ("sgd", "0.05", "25", "0"),  # MPI's own all-reduce instead of shared memory
+])
+def test_two_mpi_ranks_train_like_one_process_on_the_global_batch(tmp_path, optimizer, lr, cap, shm, monkeypatch):
+    monkeypatch.setenv("DISTBP_MPI_SHM", shm)
     ckpt = tmp_path / "mpi.ckpt"
     code, out, err, _ = mpiexec(2, "-m", "distbp", "train", "--backend", "mpi", *COMMON, "--optimizer", optimizer,
                                 "--lr", lr, "--batch-size", "16", "--checkpoint", str(ckpt), "--progress", "none",
@@ -63,6 +67,12 @@ def test_a_shared_buffer_that_cannot_be_made_falls_back_to_mpi_on_every_rank(fai
     assert code == 0, err
     assert "fallback: /dev/shm/distbp-" in out and message in out, out
     assert "shared_memory=True buffers_shared=0 segments_left=0 ok" in out, out
+
+
+def test_shared_buffers_past_the_limit_are_reduced_by_mpi():
+    code, out, err, _ = mpiexec(2, str(HERE / "mpi_collectives.py"), "limit-3")
+    assert code == 0, err
+    assert "shared_memory=True buffers_shared=3 segments_left=0 ok" in out, out
 
 
 def test_mpi_is_detected_and_only_rank_zero_reports():

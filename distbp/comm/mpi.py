@@ -22,6 +22,9 @@ from .mpi_shm import SHM_DIR, SharedBuffer, create_segment
 _QUERY, _REPLY = 7, 8
 _COLLECTIVES = ("allreduce", "broadcast", "allgather", "barrier")  # answered as an index
 _ANSWER_EVERY = 1024  # polls between looks for a peer's question (about a millisecond)
+# Each shared buffer has an MPI communicator of its own, and MPICH has about 2,000 of them: past this
+# many (a tiny bucket cap on a large model), further buffers are plain arrays reduced by MPI.
+_MAX_SHARED_BUFFERS = 512
 
 
 def _mpi():
@@ -193,7 +196,8 @@ class MPICommunicator(Communicator):
 
     def buffer(self, size, dtype=np.float32):
         dtype = np.dtype(dtype)
-        if not self.shared_memory or dtype.kind != "f" or dtype.itemsize < 4:
+        if (not self.shared_memory or dtype.kind != "f" or dtype.itemsize < 4
+                or len(self._shared) >= _MAX_SHARED_BUFFERS):
             return super().buffer(size, dtype)
         segment, error = create_segment(self, size * dtype.itemsize)
         if segment is None:  # e.g. /dev/shm is full: the same buffer, reduced by MPI instead
