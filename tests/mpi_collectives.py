@@ -6,6 +6,9 @@ exit) on the first check that fails. An argument injects a failure in making the
   fail-create  rank 0 cannot reserve the segment (as when /dev/shm is full)
   fail-map     the last rank cannot map it
   limit-3      at most 3 shared buffers: the later ones are plain arrays, reduced by MPI
+Two more arguments run a scenario of their own instead:
+  sizes-differ rank 0 asks for a buffer of another size than the others: refused on every rank
+  late         rank 1 reaches buffer() after the timeout: rank 0 times out, and no file is left behind
 """
 
 import os
@@ -14,7 +17,7 @@ import time
 
 import numpy as np
 
-from distbp.comm import mpi_communicator
+from distbp.comm import CollectiveTimeout, mpi_communicator
 
 
 def expected_sum(size, n, dtype, salt):
@@ -42,9 +45,39 @@ def inject(kind, rank, size):
         mpi_shm.mmap = type("mmap", (), {"mmap": staticmethod(cannot_map)})
 
 
+def scenario(kind, comm):
+    rank = comm.rank
+    if rank == 0:
+        print(f"creator {os.getpid()}", flush=True)
+    if kind == "sizes-differ":
+        try:
+            comm.buffer(1000 if rank == 0 else 2000)
+        except ValueError as e:
+            assert "different sizes" in str(e), e
+            print(f"rank {rank} refused: {e}", flush=True)
+        comm.barrier()
+        return 0
+    if kind == "late":
+        comm.timeout = 2.0
+        if rank == 1:
+            time.sleep(3.0)
+        try:
+            comm.buffer(1000)
+            outcome = "made"
+        except CollectiveTimeout as e:
+            outcome = f"timed out: {e}"
+        except OSError as e:  # a late rank finds the file already gone
+            outcome = f"gave up: {e}"
+        print(f"rank {rank} {outcome}", flush=True)
+        time.sleep(3.0)  # every rank past buffer() before the test looks in /dev/shm
+        os._exit(0)  # the group is out of step after a timeout: no MPI_Finalize
+
+
 def main():
     comm = mpi_communicator(timeout=20)
     rank, size = comm.rank, comm.size
+    if len(sys.argv) > 1 and sys.argv[1] in ("sizes-differ", "late"):
+        return scenario(sys.argv[1], comm)
     if len(sys.argv) > 1:
         inject(sys.argv[1], rank, size)
     buffers = []
@@ -54,7 +87,7 @@ def main():
         b = comm.buffer(n, dtype)
         assert b.shape == (n,) and b.dtype == dtype and not b.any(), "a buffer starts zeroed"
         buffers.append(b)
-    shared = [b for b in buffers if comm._shared.get((b.ctypes.data, b.size, b.dtype.str)) is not None]
+    shared = [b for b in buffers if comm.is_shared(b)]
     for step in range(3):  # the same memory reduced again and again, as DataParallel's buckets
         handles = []
         for i, b in enumerate(buffers):
@@ -63,7 +96,7 @@ def main():
         plain = np.full(5, float(rank), np.float32)  # an ordinary array in between: MPI's own all-reduce
         comm.allreduce(plain, "mean")
         np.testing.assert_allclose(plain, np.full(5, (size - 1) / 2))
-        for h in reversed(handles):  # completion in any order
+        for h in reversed(handles):  # progress on some, in any order
             h.test()
         for h in handles:
             h.wait()
@@ -73,6 +106,24 @@ def main():
                                        err_msg=f"buffer {i} step {step}")
         digests = comm.allgather([b.tobytes() for b in buffers])
         assert all(d == digests[0] for d in digests), "every rank ends with the same bits"
+    # Completion in opposite orders on odd and even ranks, with nothing polled before: each wait must
+    # advance the other all-reduces in flight, or both ranks would wait for each other until the timeout.
+    x, y = buffers[3], buffers[4]
+    x[...], y[...] = rank, 2 * rank
+    hx, hy = comm.iallreduce(x), comm.iallreduce(y)
+    for h in (hx, hy) if rank % 2 == 0 else (hy, hx):
+        h.wait()
+    assert (x == size * (size - 1) / 2).all() and (y == size * (size - 1)).all(), f"rank {rank}: opposite orders"
+    # A blocking collective before the wait on some ranks, after it on the others.
+    x[...] = 1
+    hx = comm.iallreduce(x)
+    if rank % 2 == 0:
+        comm.barrier()
+    hx.wait()
+    if rank % 2 == 1:
+        comm.barrier()
+    assert (x == size).all(), f"rank {rank}: barrier between"
+
     # Ranks that advance in-flight all-reduces at different moments (DataParallel's hooks test() them):
     # here rank 0 launches the second buffer late, while the others push the first one on meanwhile.
     first, second = buffers[3], buffers[4]
@@ -104,6 +155,15 @@ def main():
     b[...] = rank
     comm.iallreduce(b, "mean").wait()
     np.testing.assert_allclose(b, np.full(b.size, (size - 1) / 2))
+    # A released buffer keeps its values and is all-reduced by MPI from then on; a new one is shared again.
+    released = buffers[2]
+    comm.release(released)
+    assert not comm.is_shared(released)
+    released[...] = 1
+    comm.allreduce(released)
+    assert (released == size).all(), f"rank {rank}: a released buffer"
+    again = comm.buffer(17, np.float64)
+    assert comm.is_shared(again) == bool(shared), f"rank {rank}: a buffer after a release"
     comm.barrier()
     creator = comm.allgather(os.getpid())[0]  # segments are named after rank 0's process
     leftovers = [f for f in os.listdir("/dev/shm") if f.startswith(f"distbp-{creator}-")]

@@ -69,6 +69,26 @@ def test_a_shared_buffer_that_cannot_be_made_falls_back_to_mpi_on_every_rank(fai
     assert "shared_memory=True buffers_shared=0 segments_left=0 ok" in out, out
 
 
+def test_shared_buffers_of_different_sizes_are_refused_on_every_rank():
+    code, out, err, _ = mpiexec(2, str(HERE / "mpi_collectives.py"), "sizes-differ")
+    assert code == 0, err
+    for rank in (0, 1):
+        assert f"rank {rank} refused: buffer: the ranks asked for different sizes (bytes per rank: [4000, 8000])" in out
+    _assert_no_segments_left(out)
+
+
+def test_a_rank_late_for_a_shared_buffer_times_out_and_leaves_no_file_behind():
+    code, out, err, _ = mpiexec(2, str(HERE / "mpi_collectives.py"), "late")
+    assert "rank 0 timed out: rank 0: allgather" in out and "rank(s) [1] did not arrive" in out, out + err
+    _assert_no_segments_left(out)
+
+
+def _assert_no_segments_left(out):
+    creator = out.split("creator ", 1)[1].split()[0]
+    left = [f for f in os.listdir("/dev/shm") if f.startswith(f"distbp-{creator}-")]
+    assert not left, left
+
+
 def test_shared_buffers_past_the_limit_are_reduced_by_mpi():
     code, out, err, _ = mpiexec(2, str(HERE / "mpi_collectives.py"), "limit-3")
     assert code == 0, err

@@ -63,6 +63,9 @@ class Communicator:
         reduced again and again, as DataParallel's buckets). Collective: every rank asks for the same."""
         return np.zeros(size, dtype)
 
+    def release(self, array):
+        """Give back a buffer() that will not be all-reduced again (collective, like buffer())."""
+
     def allreduce(self, array, op="sum"):
         """Reduce `array` over ranks in place: op 'sum' or 'mean'."""
         self.iallreduce(array, op).wait()

@@ -22,9 +22,10 @@ from .mpi_shm import SHM_DIR, SharedBuffer, create_segment
 _QUERY, _REPLY = 7, 8
 _COLLECTIVES = ("allreduce", "broadcast", "allgather", "barrier")  # answered as an index
 _ANSWER_EVERY = 1024  # polls between looks for a peer's question (about a millisecond)
-# Each shared buffer has an MPI communicator of its own, and MPICH has about 2,000 of them: past this
-# many (a tiny bucket cap on a large model), further buffers are plain arrays reduced by MPI.
+# Each shared buffer has an MPI communicator of its own, and MPICH has about 2,000 per process: past
+# this many live in the process (a tiny bucket cap on a large model), more are plain arrays reduced by MPI.
 _MAX_SHARED_BUFFERS = 512
+_live_shared_buffers = 0
 
 
 def _mpi():
@@ -62,30 +63,34 @@ class _MPIHandle(Handle):
 
     def wait(self):
         if not self._done:
-            _complete(self.comm, self.request, self.seq, self.name)
+            _complete(self.comm, self.request.Test, self.seq, self.name)
             self._finish()
 
 
-def _complete(comm, request, seq, name):
-    """Wait for `request`, part of collective #seq; past the communicator's timeout, name who is missing."""
-    if comm.timeout is None:
-        request.Wait()
-        return
+def _complete(comm, done, seq, name):
+    """Poll `done()` until it is true, for collective #seq; past the communicator's timeout, name who is
+    missing. Every poll also advances the shared-memory all-reduces in flight: they move only when
+    polled, and a peer may need one of them to progress before it can reach this collective."""
     # Poll without sleeping: MPICH advances a non-blocking collective only inside MPI calls, so a
     # sleeping rank would stall the transfer for every rank (MPI_Wait spins the same way).
-    deadline = time.monotonic() + comm.timeout
+    deadline = None if comm.timeout is None else time.monotonic() + comm.timeout
+    in_flight = comm._in_flight
     polls = 0
-    while not request.Test():
+    while not done():
+        if in_flight:
+            for handle in in_flight[:]:  # a completed one leaves the list
+                handle.test()
         polls += 1
         if polls % _ANSWER_EVERY == 0:
             comm._answer_peers(seq, name)
-            if time.monotonic() > deadline:
+            if deadline is not None and time.monotonic() > deadline:
                 comm._timed_out(name, seq)
 
 
 class _SharedAllreduce(Handle):
     """An all-reduce in shared memory: barrier (every buffer final), each rank reduces its slice into every
-    buffer, barrier (every slice written). Advanced by test() as far as it can go without waiting.
+    buffer, barrier (every slice written). It advances only when polled: by its test(), its wait(), or
+    any wait of the same communicator (which polls every shared all-reduce in flight).
 
     Barriers match by their order on a communicator, and ranks advance in-flight all-reduces at different
     moments, so each shared buffer has a communicator of its own: its barriers then alternate between
@@ -96,12 +101,12 @@ class _SharedAllreduce(Handle):
         self.comm, self.shared, self.seq, self.after = comm, shared, seq, after
         self.request = shared.barriers.Ibarrier()
         self.phase = 0  # 0: waiting for every buffer; 1: for every slice; 2: done
+        comm._in_flight.append(self)
 
-    def _advance(self, block):
+    def test(self):
+        """Advance as far as possible without waiting; True once done."""
         while self.phase < 2:
-            if block:
-                _complete(self.comm, self.request, self.seq, "allreduce")
-            elif not self.request.Test():
+            if not self.request.Test():
                 return False
             if self.phase == 0:
                 self.shared.reduce_my_slice()
@@ -111,15 +116,14 @@ class _SharedAllreduce(Handle):
                 self.request = None
                 self.phase = 2
                 self.shared.in_flight = False
+                self.comm._in_flight.remove(self)
                 if self.after is not None:
                     self.after()
         return True
 
-    def test(self):
-        return self._advance(block=False)
-
     def wait(self):
-        self._advance(block=True)
+        if self.phase < 2:
+            _complete(self.comm, self.test, self.seq, "allreduce")
 
 
 class MPICommunicator(Communicator):
@@ -137,6 +141,7 @@ class MPICommunicator(Communicator):
         self._seq = 0
         self._sends = []  # (request, buffer) of questions and answers not known to be delivered
         self._half_op = None
+        self._in_flight = []  # shared-memory all-reduces started and not yet complete
         if shared_memory is None:
             shared_memory = os.environ.get("DISTBP_MPI_SHM", "1") != "0"
         node = base.Split_type(MPI.COMM_TYPE_SHARED)
@@ -195,9 +200,10 @@ class MPICommunicator(Communicator):
     # --- collectives ---
 
     def buffer(self, size, dtype=np.float32):
+        global _live_shared_buffers
         dtype = np.dtype(dtype)
         if (not self.shared_memory or dtype.kind != "f" or dtype.itemsize < 4
-                or len(self._shared) >= _MAX_SHARED_BUFFERS):
+                or _live_shared_buffers >= _MAX_SHARED_BUFFERS):
             return super().buffer(size, dtype)
         segment, error = create_segment(self, size * dtype.itemsize)
         if segment is None:  # e.g. /dev/shm is full: the same buffer, reduced by MPI instead
@@ -206,7 +212,26 @@ class MPICommunicator(Communicator):
         shared = SharedBuffer(segment, size, dtype, self.rank, self.size)
         shared.barriers = self._base.Dup()  # every rank is here (create_segment gathered them all)
         self._shared[_key(shared.mine)] = shared
+        _live_shared_buffers += 1
         return shared.mine
+
+    def is_shared(self, array):
+        """Whether `array` is a buffer() that this communicator all-reduces in shared memory."""
+        return _key(array) in self._shared
+
+    def release(self, array):
+        """Give back a buffer() that will not be all-reduced again (collective, like buffer()). The array
+        stays valid memory; it is simply no longer shared with the other ranks."""
+        global _live_shared_buffers
+        shared = self._shared.get(_key(array))
+        if shared is None:
+            return
+        if shared.in_flight:
+            raise RuntimeError("release: this buffer is still being all-reduced; wait() for that first")
+        del self._shared[_key(array)]
+        shared.barriers.Free()
+        shared.others = []  # this rank no longer writes into the other ranks' copies
+        _live_shared_buffers -= 1
 
     def iallreduce(self, array, op="sum"):
         check_buffer(array, "allreduce")
@@ -264,9 +289,9 @@ class MPICommunicator(Communicator):
             if not request.Test():
                 request.Cancel()
         self._sends = []
-        for shared in self._shared.values():
-            shared.barriers.Free()
-        self._shared.clear()  # arrays already handed out keep their memory mapped
+        for shared in list(self._shared.values()):
+            if not shared.in_flight:
+                self.release(shared.mine)  # arrays already handed out keep their memory mapped
 
 
 def _key(array):

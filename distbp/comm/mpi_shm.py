@@ -8,10 +8,14 @@ memory traffic: about 0.9 ms instead of 1.8 ms for 7 MB on two ranks here. DataP
 communicator for its bucket buffers (`Communicator.buffer`), so backward writes the gradients straight
 into shared memory.
 
-The segment is a file in /dev/shm. Rank 0 creates it and the other ranks map it. The file is unlinked
-as soon as every rank has mapped it, so the memory lives exactly as long as the arrays that view it, and
-nothing is left behind when a rank dies. Each slice is summed by one rank and copied to the others, so
-every rank ends with the same bits.
+The segment is a file in /dev/shm. Rank 0 creates it and the other ranks map it. Rank 0 unlinks the
+file as soon as every rank has mapped it (or as soon as creating it failed on some rank), so the memory
+lives exactly as long as the arrays that view it. Only a rank 0 killed in those few milliseconds leaves
+a file behind.
+
+Each slice is summed by one rank and copied to the others, so every rank ends with the same bits. The
+plain numpy loads and stores are ordered by the MPI barriers around them: the barrier of a shared-memory
+MPI library is built on atomic operations that act as memory fences.
 """
 
 import mmap
@@ -52,38 +56,50 @@ class SharedBuffer:
 
 
 def create_segment(comm, nbytes_per_rank):
-    """Collective over `comm` (one machine): a shared mmap of comm.size blocks, or None on every rank.
+    """Collective over `comm` (one machine): (a shared mmap of comm.size blocks, None), or (None, why not)
+    on every rank alike. Ranks asking for different sizes get a ValueError, every one of them.
 
-    `comm` is distbp's MPICommunicator: its allgather times out instead of hanging on a missing rank.
+    `comm` is distbp's MPICommunicator: its allgather times out instead of hanging on a missing rank. The
+    file's name is unlinked by rank 0 once every rank has answered, and also if a collective fails.
     """
     total = _round_up(max(nbytes_per_rank, 1), _PAGE) * comm.size
-    path, segment, error = None, None, None
-    if comm.rank == 0:
-        path = os.path.join(SHM_DIR, f"distbp-{os.getpid()}-{uuid.uuid4().hex[:12]}")
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    path, segment, error, created = None, None, None, False
+    try:
+        if comm.rank == 0:
+            path = os.path.join(SHM_DIR, f"distbp-{os.getpid()}-{uuid.uuid4().hex[:12]}")
             try:
-                # reserve the pages now: a full /dev/shm fails here, instead of a SIGBUS on first touch
-                os.posix_fallocate(fd, 0, total)
-                segment = mmap.mmap(fd, total)
-            finally:
-                os.close(fd)
-        except OSError as e:
-            error = f"{path}: {e}"
-            _unlink(path)
-    path, created_error = comm.allgather((path, error) if comm.rank == 0 else None)[0]
-    if comm.rank != 0 and created_error is None:
-        try:
-            fd = os.open(path, os.O_RDWR)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                created = True
+                try:
+                    # reserve the pages now: a full /dev/shm fails here, not with a SIGBUS on first touch
+                    os.posix_fallocate(fd, 0, total)
+                    segment = mmap.mmap(fd, total)
+                finally:
+                    os.close(fd)
+            except (OSError, ValueError) as e:
+                error = f"{path}: {e}"
+        asked = comm.allgather((nbytes_per_rank, path, error))
+        sizes = [n for n, _, _ in asked]
+        if len(set(sizes)) > 1:
+            raise ValueError(f"buffer: the ranks asked for different sizes (bytes per rank: {sizes})")
+        _, path, created_error = asked[0]
+        if comm.rank != 0 and created_error is None:
             try:
-                segment = mmap.mmap(fd, total)
-            finally:
-                os.close(fd)
-        except OSError as e:
-            error = f"{path}: {e}"
-    errors = [e for e in comm.allgather(error) if e]
-    if comm.rank == 0 and created_error is None:
-        _unlink(path)  # every rank has it mapped (or gave up): the name is no longer needed
+                fd = os.open(path, os.O_RDWR)
+                try:
+                    segment = mmap.mmap(fd, total)
+                finally:
+                    os.close(fd)
+            except (OSError, ValueError) as e:
+                error = f"{path}: {e}"
+        errors = [e for e in comm.allgather(error) if e]
+    except BaseException:
+        if segment is not None:
+            segment.close()
+        raise
+    finally:
+        if created:
+            _unlink(path)  # every rank has it mapped, gave up, or the collective failed: the name can go
     if errors:
         if segment is not None:
             segment.close()
