@@ -383,7 +383,8 @@ class DistbpJob:
         info = {"ranks": self.size, "threadpools": pools_summary(),
                 "mpi_library": MPI.Get_library_version().strip().splitlines()[0]}
         if self.sync:
-            info.update(first_step=self.first, shared_memory=self.comm.shared_memory,
+            info.update(first_step=self.first,
+                        shared_memory=all(self.comm.is_shared(b.buffer) for b in self.ddp.buckets),
                         buckets=[{"params": len(b.params), "values": int(sum(p.data.size for _, p in b.params)), "MiB": b.nbytes / 2**20}
                                  for b in self.ddp.buckets])
         return info
@@ -941,7 +942,7 @@ def print_report(s, cfg):
     print()
     print("=" * W)
     buckets = ", ".join(f"{b['MiB']:.2f} MiB" for b in s["buckets"])
-    where = "in shared memory" if s["shared_memory"] else "by MPI (DISTBP_MPI_SHM=0)"
+    where = "in shared memory" if s["shared_memory"] else "by MPI's Iallreduce"
     print(f"MLP {'-'.join(map(str, SIZES))}: {N_PARAMS:,} float32 params ({4 * N_PARAMS / 2**20:.2f} MiB; distbp "
           f"buckets: {buckets}, all-reduced {where}), batch {BATCH}/rank, SGD lr {LR}")
     print(f"1 BLAS thread per rank; median of {s['rounds_used']} interleaved samples per job "

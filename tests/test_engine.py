@@ -286,6 +286,30 @@ def test_a_destination_is_not_offered_where_it_would_be_wrong(rng):
     assert w.grad.data is not dest and np.isnan(dest).all()
 
 
+def test_a_backward_that_raises_leaves_no_destination_offered(rng):
+    w = leaf((2, 3), rng)
+    dest = np.full((2, 3), np.nan, np.float32)
+    w.set_grad_destination(dest)
+    out = ops.linear(Tensor(rng.standard_normal((4, 3))), w)
+    loss = (out ** 2).sum()
+    failing = type(out._node)
+
+    class Fails(failing):
+        __slots__ = ()
+
+        @staticmethod
+        def backward(ctx, g):
+            raise FloatingPointError("injected")
+
+    out._node.__class__ = Fails
+    with pytest.raises(FloatingPointError):
+        loss.backward(retain_graph=True)
+    out._node.__class__ = failing
+    assert out._node.grad_dests is None
+    (gw,) = grad(loss, [w])  # over the retained graph: returned, not written into the destination
+    assert np.isnan(dest).all() and not np.shares_memory(gw.data, dest)
+
+
 def test_a_gradient_destination_is_checked(rng):
     w = leaf((3, 2), rng)
     with pytest.raises(ValueError, match=r"float32\[2, 3\] but the tensor is float32\[3, 2\]"):
@@ -298,6 +322,8 @@ def test_a_gradient_destination_is_checked(rng):
         w.set_grad_destination([[0.0] * 2] * 3)
     with pytest.raises(RuntimeError, match="leaf"):
         (w * 2).set_grad_destination(np.zeros((3, 2), np.float32))
+    with pytest.raises(ValueError, match="overlaps the tensor's own data"):
+        w.set_grad_destination(w.data)
 
 
 def test_retain_grad_on_interior_tensor(rng):

@@ -257,6 +257,83 @@ def test_no_sync_accumulation_equals_the_large_batch():
             np.testing.assert_allclose(grads[name], expected[name], rtol=1e-5, atol=1e-7, err_msg=name)
 
 
+def test_a_parameter_used_only_under_no_sync_keeps_what_it_accumulated():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head, self.extra = nn.Linear(4, 4), nn.Linear(4, 2), nn.Linear(4, 2)
+
+        def forward(self, x, use_extra):
+            h = self.body(x)
+            return self.head(h) + self.extra(h) if use_extra else self.head(h)
+
+    x = np.random.default_rng(3).standard_normal((2, 8, 4)).astype(np.float32)
+
+    def build():
+        distbp.manual_seed(0)
+        return TwoHeads()
+
+    reference = build()
+    for micro, use in ((0, True), (1, False)):  # the global batch: both ranks' halves of each micro-batch
+        reference(Tensor(x[micro]), use).sum().backward()
+    expected = {n: g / 2 for n, g in _grads(reference).items()}  # DataParallel averages over 2 ranks
+
+    def body(comm):
+        model = build()
+        ddp = DataParallel(model, comm, allow_unused=True)
+        mine = slice(comm.rank * 4, comm.rank * 4 + 4)
+        for _ in range(2):  # the second step starts from .grad set to None again
+            for p in model.parameters():
+                p.grad = None
+            with ddp.no_sync():
+                model(Tensor(x[0][mine]), True).sum().backward()
+            model(Tensor(x[1][mine]), False).sum().backward()  # extra gets nothing here
+            ddp.synchronize()
+        return _grads(model)
+
+    for grads in run_ranks(2, body):
+        for name in expected:
+            np.testing.assert_allclose(grads[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_a_second_backward_before_synchronize_is_an_error():
+    x, y = _data()
+
+    def body(comm):
+        model = _mlp()
+        ddp = DataParallel(model, comm)
+        cross_entropy(ddp(Tensor(x[:8])), y[:8]).backward()
+        with pytest.raises(RuntimeError, match=r"parameter 4\.weight got a second gradient before synchronize\(\)"):
+            cross_entropy(ddp(Tensor(x[:8])), y[:8]).backward()
+        return True
+
+    assert run_ranks(1, body) == [True]
+
+
+def test_close_gives_the_buckets_back_and_compression_does_not_take_shared_ones():
+    class Recording(LocalCommunicator):
+        def __init__(self):
+            super().__init__()
+            self.made, self.released = [], []
+
+        def buffer(self, size, dtype=np.float32):
+            self.made.append(super().buffer(size, dtype))
+            return self.made[-1]
+
+        def release(self, array):
+            self.released.append(array)
+
+    comm = Recording()
+    ddp = DataParallel(_mlp(), comm, bucket_cap_mb=1e-9)
+    assert len(comm.made) == len(ddp.buckets) == 6
+    ddp.close()
+    assert [id(a) for a in comm.released] == [id(a) for a in comm.made]
+    DataParallel(_mlp(), Recording(), compress="fp16").close()
+    fp16 = Recording()
+    DataParallel(_mlp(), fp16, compress="fp16")
+    assert fp16.made == []
+
+
 def test_fp16_compression_is_close_to_full_precision():
     x, y = _data()
 

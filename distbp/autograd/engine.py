@@ -252,6 +252,7 @@ def backward(roots, grads=None, retain_graph=None, create_graph=False, inputs=No
     except BaseException:
         for node in nodes:
             node.grad_acc = None
+            node.grad_dests = None  # a node that raised must not keep its offer for a later backward
         raise
     finally:
         state.graph, state.enabled = saved_graph, saved_enabled

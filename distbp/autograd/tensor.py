@@ -212,6 +212,8 @@ class Tensor:
                 )
             if not array.flags.c_contiguous or not array.flags.writeable:
                 raise ValueError("gradient destination: the array must be C-contiguous and writeable")
+            if np.shares_memory(array, self.data):
+                raise ValueError("gradient destination: the array overlaps the tensor's own data")
         self._grad_dest = array
 
     def retain_grad(self):

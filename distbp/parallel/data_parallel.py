@@ -29,7 +29,7 @@ class UnusedParameters(RuntimeError):
 
 
 class _Bucket:
-    def __init__(self, index, params, dtype, comm):
+    def __init__(self, index, params, dtype, comm, shared):
         self.index = index
         self.params = params  # (name, parameter) pairs
         self.offsets = {}
@@ -37,7 +37,8 @@ class _Bucket:
         for name, p in params:
             self.offsets[id(p)] = (offset, p.data.size)
             offset += p.data.size
-        self.buffer = comm.buffer(offset, dtype)  # shared memory between the ranks of one machine (MPI)
+        # shared memory between the ranks of one machine (MPI), unless compressed copies travel instead
+        self.buffer = comm.buffer(offset, dtype) if shared else np.zeros(offset, dtype)
         # each parameter's slice of the buffer, shaped like it: where its gradient is written
         self.views = {id(p): self.buffer[o:o + n].reshape(p.data.shape) for _, p in params
                       for o, n in [self.offsets[id(p)]]}
@@ -62,6 +63,11 @@ class DataParallel:
         over every gradient to divide it by the world size. False: .grad is the sum over ranks, with no
         pass of its own -- the mean too, when every gradient comes from a loss already multiplied by
         1 / world_size before backward (what distbp's trainer does: one scalar multiply instead).
+
+    Between backward and synchronize() the gradients belong to the all-reduce: a bucket may be in flight
+    (in shared memory, other ranks read and write it), so read or change `.grad` only after
+    synchronize(); to change gradients before they are reduced, change the loss. A second backward
+    before synchronize() is an error (outside no_sync()).
     """
 
     def __init__(self, model, comm, bucket_cap_mb=25.0, allow_unused=False, compress=None, tracer=None,
@@ -77,6 +83,8 @@ class DataParallel:
         self._broadcast_state()
         self.buckets = self._make_buckets(bucket_cap_mb * 1024 * 1024)
         self._bucket_of = {id(p): b for b in self.buckets for _, p in b.params}
+        self._name_of = {id(p): n for n, p in self.named}
+        self._accumulated = set()  # ids of parameters that got a gradient under no_sync() since synchronize()
         self._next_launch = 0
         self._syncing = True
         self.average = average
@@ -122,7 +130,8 @@ class DataParallel:
             size += p.data.nbytes
         if current:
             buckets.append(current)
-        buckets = [_Bucket(i, params, params[0][1].data.dtype, self.comm) for i, params in enumerate(buckets)]
+        shared = self.compress is None  # with compression, a float16 copy of the bucket is what is reduced
+        buckets = [_Bucket(i, params, params[0][1].data.dtype, self.comm, shared) for i, params in enumerate(buckets)]
         for b in buckets:
             for _, p in b.params:
                 p.set_grad_destination(b.views[id(p)])
@@ -132,8 +141,15 @@ class DataParallel:
 
     def _grad_ready(self, p):
         if not self._syncing:
+            self._accumulated.add(id(p))  # its .grad holds a gradient for the next synchronize()
             return
         bucket = self._bucket_of[id(p)]
+        if id(p) in bucket.ready:
+            raise RuntimeError(
+                f"DataParallel: parameter {self._name_of[id(p)]} got a second gradient before synchronize() "
+                "(its bucket may already be in flight): call synchronize() after every backward, or "
+                "accumulate inside no_sync()"
+            )
         view = bucket.views[id(p)]
         g = p.grad.data
         scale = self._scale  # 1 when the trainer pre-divided the loss: no pass to divide
@@ -184,7 +200,13 @@ class DataParallel:
                 )
             for n, p in missing:
                 bucket = self._bucket_of[id(p)]
-                bucket.views[id(p)][...] = 0
+                view = bucket.views[id(p)]
+                if id(p) not in self._accumulated or p.grad is None:
+                    view[...] = 0
+                elif p.grad.data is not view:  # used under no_sync() only: what it accumulated there
+                    np.multiply(p.grad.data, view.dtype.type(self._scale), out=view, casting="same_kind")
+                elif self._scale != 1.0:
+                    view *= view.dtype.type(self._scale)
                 bucket.ready.add(id(p))
             self._launch_ready()
         for bucket in self.buckets:
@@ -202,6 +224,7 @@ class DataParallel:
             bucket.ready.clear()
             bucket.handle = None
         self._next_launch = 0
+        self._accumulated.clear()
 
     @contextlib.contextmanager
     def no_sync(self):
@@ -230,6 +253,8 @@ class DataParallel:
             h.remove()
         for _, p in self.named:
             p.set_grad_destination(None)
+        for bucket in self.buckets:  # collective, like buffer(): every rank closes its DataParallel
+            self.comm.release(bucket.buffer)
 
 
 def _describe(entry):
