@@ -21,6 +21,7 @@ from .mpi_shm import SHM_DIR, SharedBuffer, create_segment
 
 _QUERY, _REPLY = 7, 8
 _COLLECTIVES = ("allreduce", "broadcast", "allgather", "barrier")  # answered as an index
+_YIELD_EVERY = 64  # polls between offers of the core to another runnable process (a no-op if none)
 _ANSWER_EVERY = 1024  # polls between looks for a peer's question (about a millisecond)
 # Each shared buffer has an MPI communicator of its own, and MPICH has about 2,000 per process: past
 # this many live in the process (a tiny bucket cap on a large model), more are plain arrays reduced by MPI.
@@ -81,6 +82,8 @@ def _complete(comm, done, seq, name):
             for handle in in_flight[:]:  # a completed one leaves the list
                 handle.test()
         polls += 1
+        if polls % _YIELD_EVERY == 0:
+            os.sched_yield()  # more ranks than cores: let a peer that still computes have this core
         if polls % _ANSWER_EVERY == 0:
             comm._answer_peers(seq, name)
             if deadline is not None and time.monotonic() > deadline:
