@@ -67,15 +67,9 @@ def create_segment(comm, nbytes_per_rank):
     try:
         if comm.rank == 0:
             path = os.path.join(SHM_DIR, f"distbp-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+            created = True  # a fresh name of this process's: rank 0 unlinks it whatever happens
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-                created = True
-                try:
-                    # reserve the pages now: a full /dev/shm fails here, not with a SIGBUS on first touch
-                    os.posix_fallocate(fd, 0, total)
-                    segment = mmap.mmap(fd, total)
-                finally:
-                    os.close(fd)
+                segment = _map(path, total, create=True)
             except (OSError, ValueError) as e:
                 error = f"{path}: {e}"
         asked = comm.allgather((nbytes_per_rank, path, error))
@@ -85,11 +79,7 @@ def create_segment(comm, nbytes_per_rank):
         _, path, created_error = asked[0]
         if comm.rank != 0 and created_error is None:
             try:
-                fd = os.open(path, os.O_RDWR)
-                try:
-                    segment = mmap.mmap(fd, total)
-                finally:
-                    os.close(fd)
+                segment = _map(path, total, create=False)
             except (OSError, ValueError) as e:
                 error = f"{path}: {e}"
         errors = [e for e in comm.allgather(error) if e]
@@ -105,6 +95,17 @@ def create_segment(comm, nbytes_per_rank):
             segment.close()
         return None, errors[0]
     return segment, None
+
+
+def _map(path, total, create):
+    """A shared mmap of the `total` bytes of the file at `path`, which create=True makes (exclusively)."""
+    fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
+    try:
+        if create:  # reserve the pages now: a full /dev/shm fails here, not with a SIGBUS on first touch
+            os.posix_fallocate(fd, 0, total)
+        return mmap.mmap(fd, total)
+    finally:
+        os.close(fd)
 
 
 def _unlink(path):

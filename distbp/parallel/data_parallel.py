@@ -150,22 +150,25 @@ class DataParallel:
                 "(its bucket may already be in flight): call synchronize() after every backward, or "
                 "accumulate inside no_sync()"
             )
-        view = bucket.views[id(p)]
-        g = p.grad.data
-        scale = self._scale  # 1 when the trainer pre-divided the loss: no pass to divide
-        if g is not view:  # not written in place by its op: copied into the bucket (scaled on the way)
-            if scale != 1.0:
-                np.multiply(g, view.dtype.type(scale), out=view, casting="same_kind")
-            else:
-                np.copyto(view, g, casting="same_kind")
-        elif scale != 1.0:
-            view *= view.dtype.type(scale)
+        self._into_bucket(p.grad.data, bucket.views[id(p)])
         bucket.ready.add(id(p))
         if len(bucket.ready) == len(bucket.params):
             self._launch_ready()
         for b in self.buckets[: self._next_launch]:  # let the backend make progress on what is in flight
             if b.handle is not None:
                 b.handle.test()
+
+    def _into_bucket(self, g, view):
+        """Put gradient `g` in its bucket slice `view`, divided by the world size if the mean is wanted (no
+        pass when the trainer pre-divided the loss, none to copy when its op wrote it there already)."""
+        scale = self._scale
+        if g is not view:  # not written in place by its op: copied in, scaled on the way
+            if scale != 1.0:
+                np.multiply(g, view.dtype.type(scale), out=view, casting="same_kind")
+            else:
+                np.copyto(view, g, casting="same_kind")
+        elif scale != 1.0:
+            view *= view.dtype.type(scale)
 
     def _launch_ready(self):
         while self._next_launch < len(self.buckets):
@@ -201,12 +204,10 @@ class DataParallel:
             for n, p in missing:
                 bucket = self._bucket_of[id(p)]
                 view = bucket.views[id(p)]
-                if id(p) not in self._accumulated or p.grad is None:
+                if id(p) in self._accumulated and p.grad is not None:
+                    self._into_bucket(p.grad.data, view)  # used under no_sync() only: what it accumulated
+                else:
                     view[...] = 0
-                elif p.grad.data is not view:  # used under no_sync() only: what it accumulated there
-                    np.multiply(p.grad.data, view.dtype.type(self._scale), out=view, casting="same_kind")
-                elif self._scale != 1.0:
-                    view *= view.dtype.type(self._scale)
                 bucket.ready.add(id(p))
             self._launch_ready()
         for bucket in self.buckets:
