@@ -215,19 +215,46 @@ def test_a_repeated_sync_push_counts_once():
     shard.stop()
 
 
+def _values_of(messages):
+    """name -> float32 values of serialized PullReplies (one chunk each), in message order."""
+    values = {}
+    for m in messages:
+        _, chunk = decode_message(m, {1: "version"}, 2)
+        values.setdefault(chunk.name, []).append(np.frombuffer(chunk.data, np.float32))
+    return {n: np.concatenate(v) for n, v in values.items()}
+
+
 def test_a_version_is_encoded_once_for_all_its_pulls():
     from distbp.optim import SGD
 
     arrays = {"w": np.ones((3, 4), np.float32)}
     shard = _shard_of(arrays, lambda ps: SGD(ps, lr=1.0))
     shard.register(0, shard.signature)
-    first = shard.pull_messages(0, 0, lambda: True)
-    assert shard.pull_messages(0, 0, lambda: True) is first
+    first = list(shard.pull_messages(0, 0, lambda: True))
+    again = list(shard.pull_messages(0, 0, lambda: True))
+    assert len(first) == len(again) == 1 and again[0] is first[0]  # the same bytes, not encoded twice
     _push_arrays(shard, {"w": np.full((3, 4), 0.5, np.float32)})
-    second = shard.pull_messages(0, 1, lambda: True)
-    assert second is not first
-    _, chunk = decode_message(second[0], {1: "version"}, 2)
-    np.testing.assert_array_equal(np.frombuffer(chunk.data, np.float32), np.full(12, 0.5, np.float32))
+    second = list(shard.pull_messages(0, 1, lambda: True))
+    assert second[0] is not first[0]
+    np.testing.assert_array_equal(_values_of(second)["w"], np.full(12, 0.5, np.float32))
+    shard.stop()
+
+
+def test_a_pull_encodes_a_message_when_it_is_sent_and_keeps_its_version_across_a_step():
+    # w is two chunks: the first goes on the wire before the second is encoded; a push that steps the
+    # parameters in between does not change what the pull still has to send
+    from distbp.optim import SGD
+
+    w = np.arange(700 * 1000, dtype=np.float32).reshape(700, 1000)
+    shard = _shard_of({"w": w}, lambda ps: SGD(ps, lr=1.0))
+    shard.register(0, shard.signature)
+    reader = shard.pull_messages(0, 0, lambda: True)
+    head = next(reader)
+    assert len(shard._encoded.messages) == 1
+    _push_arrays(shard, {"w": np.ones((700, 1000), np.float32)})
+    assert shard.version == 1
+    np.testing.assert_array_equal(_values_of([head, *reader])["w"], w.reshape(-1))
+    np.testing.assert_array_equal(_values_of(shard.pull_messages(0, 1, lambda: True))["w"], w.reshape(-1) - 1)
     shard.stop()
 
 

@@ -51,7 +51,7 @@ class Shard:
         self.clocks = {}  # worker id -> pushes applied (bounded staleness)
         self.pending = {}  # sync: worker id -> gradients for the current version
         self.step_started = None
-        self._encoded = (None, [])  # (version, its PullReplies): see pull_messages
+        self._encoded = None  # the current version's _Encoding, made by its first pull
         self.started = False  # sync and bounded: the first version is served once every worker joined
         self.stopping = False
         if checkpoint and Path(checkpoint).exists():
@@ -173,6 +173,7 @@ class Shard:
 
         contributions: [name -> [gradient per piece]]; the arrays may be read-only views of messages.
         """
+        self._retire_encoding()
         scale = 1.0 / len(contributions)
         for name, pieces in self.pieces.items():
             for k, piece in enumerate(pieces):
@@ -188,7 +189,6 @@ class Shard:
         if self.schedule is not None:
             self.schedule.step()
         self.version += 1
-        self._encoded = (None, [])  # the old version's messages go as soon as no pull is sending them
         self.pending = {}
         self.step_started = None
         self.cond.notify_all()
@@ -212,13 +212,20 @@ class Shard:
 
     # --- pulls ---
 
-    def pull_messages(self, worker_id, min_version, is_active):
-        """Block until this worker may read parameters of version >= min_version; return them as serialized
-        PullReplies.
+    def _retire_encoding(self):
+        """Before the parameters change (lock held): pulls still sending the current version finish it with
+        its own values, and the next pull encodes the new one."""
+        if self._encoded is not None:
+            self._encoded.finish()
+            self._encoded = None
 
-        A version is encoded once, by its first pull, and its messages are kept until the next step: the
-        other workers of a synchronous step are served the same bytes, and no pull holds the lock while
-        it sends.
+    def pull_messages(self, worker_id, min_version, is_active):
+        """Block until this worker may read parameters of version >= min_version; return an iterator over
+        them as serialized PullReplies.
+
+        A version is encoded once, message by message as its first reader reaches each, and the messages are
+        kept until the next step: the other workers of a synchronous step are served the same bytes, and the
+        first message is on the wire while the next is encoded. No pull holds the lock while it sends.
         """
         with self.cond:
             while True:
@@ -230,10 +237,9 @@ class Shard:
                     raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
                                    f"worker {worker_id} is not taking part (register again to rejoin)")
                 if ready:
-                    if self._encoded[0] != self.version:
-                        self._encoded = (self.version, [
-                            m for n, p in self.params.items() for m in encode_chunks(n, p.data, [(1, self.version)], 2)])
-                    return self._encoded[1]
+                    if self._encoded is None:
+                        self._encoded = _Encoding(self.version, self.params)
+                    return self._encoded.reader(self.cond)
                 if not is_active() or self.stopping:
                     raise _Refused(grpc.StatusCode.CANCELLED, "the pull was cancelled")
                 self.cond.wait(0.5)
@@ -287,13 +293,13 @@ class Shard:
                 piece_state.update(scalars.get(name, {}))
                 if piece_state:
                     state[piece] = piece_state
+        self._retire_encoding()
         for name, p in self.params.items():
             p.data[...] = arrays[f"param/{name}"]
         self.optimizer.state = state
         if meta.get("schedule") and self.schedule is not None:
             self.schedule.load_state_dict(meta["schedule"])
         self.version = version
-        self._encoded = (None, [])
         self.started = False  # wait for the workers to come back
         log.info("shard %d: restored version %d from %s", self.shard, self.version, path)
 
@@ -301,6 +307,41 @@ class Shard:
         with self.cond:
             self.stopping = True
             self.cond.notify_all()
+
+
+class _Encoding:
+    """The PullReplies of one version, encoded in order as readers first reach them (under the shard's lock).
+
+    The shard calls finish() before it changes the parameters, so a reader still sending this version
+    gets this version's values to the end.
+    """
+
+    def __init__(self, version, params):
+        self.messages = []
+        self._source = (m for n, p in params.items() for m in encode_chunks(n, p.data, [(1, version)], 2))
+
+    def _message(self, i):
+        """Message i, encoding up to it if needed (lock held); None past the last one."""
+        while len(self.messages) <= i and self._source is not None:
+            message = next(self._source, None)
+            if message is None:
+                self._source = None
+            else:
+                self.messages.append(message)
+        return self.messages[i] if i < len(self.messages) else None
+
+    def finish(self):
+        self._message(math.inf)
+
+    def reader(self, lock):
+        i = 0
+        while True:
+            with lock:
+                message = self._message(i)
+            if message is None:
+                return
+            yield message
+            i += 1
 
 
 class _Refused(Exception):
