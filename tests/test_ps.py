@@ -90,7 +90,7 @@ def test_large_tensors_travel_in_chunks_below_the_limit():
     np.testing.assert_array_equal(flat, array.reshape(-1))
 
 
-@pytest.mark.parametrize("ints", [[(1, 0), (2, 0)], [(1, 3), (2, 1_000_000)], [(1, 2**31 - 1), (2, 2**40)]])
+@pytest.mark.parametrize("ints", [[(1, 0), (2, 0)], [(1, 3), (2, 1_000_000)], [(1, 2**31 - 1), (2, 2**40), (4, 2**40 + 1)]])
 @pytest.mark.parametrize("size", [0, 1, 5, 524_287, 524_288, 524_289, 1_500_000])
 def test_hand_encoded_push_parses_as_protobuf_with_aligned_data(ints, size):
     array = np.arange(size, dtype=np.float32)
@@ -99,14 +99,16 @@ def test_hand_encoded_push_parses_as_protobuf_with_aligned_data(ints, size):
     got = []
     for message in messages:
         parsed = ps_pb2.PushRequest.FromString(message)
-        assert (parsed.worker_id, parsed.version) == tuple(v for _, v in ints)
+        fields = dict(ints)
+        assert (parsed.worker_id, parsed.version, parsed.sequence) == (fields[1], fields[2], fields.get(4, 0))
         assert parsed.chunk.name == "layer.weight" and list(parsed.chunk.shape) == [size]
         assert parsed.chunk.padding.count(0) == len(parsed.chunk.padding)
         if parsed.chunk.data:
             assert message.endswith(parsed.chunk.data)  # written last: it starts where the rest ends
             assert (len(message) - len(parsed.chunk.data)) % ALIGN == 0
         got.append(np.frombuffer(parsed.chunk.data, np.float32))
-        head, chunk = decode_message(message, {1: "worker_id", 2: "version"}, 3)
+        head, chunk = decode_message(message, {1: "worker_id", 2: "version", 4: "sequence"}, 3)
+        assert head == {"worker_id": fields[1], "version": fields[2], "sequence": fields.get(4, 0)}
         assert chunk.offset == parsed.chunk.offset and bytes(chunk.data) == parsed.chunk.data
     np.testing.assert_array_equal(np.concatenate(got), array)
 
@@ -213,6 +215,60 @@ def test_a_repeated_sync_push_counts_once():
     assert shard.push(1, 0, iter(chunks(3.0))) == 1
     np.testing.assert_array_equal(shard.params["w"].data, np.full(4, -2.0, np.float32))  # -(1 + 3) / 2
     shard.stop()
+
+
+def test_a_numbered_async_push_sent_again_is_applied_once():
+    from distbp.optim import SGD
+
+    shard = _shard_of({"w": np.zeros(4, np.float32)}, lambda ps: SGD(ps, lr=1.0))
+    shard.register(0, shard.signature)
+    chunks = lambda value: list(to_chunks("w", np.full(4, value, np.float32)))  # noqa: E731
+    assert shard.push(0, 0, iter(chunks(1.0)), sequence=1) == 1
+    assert shard.push(0, 0, iter(chunks(1.0)), sequence=1) == 1  # the retry: not applied again
+    assert shard.push(0, 1, iter(chunks(2.0)), sequence=2) == 2
+    assert shard.pushes == 2
+    np.testing.assert_array_equal(shard.params["w"].data, np.full(4, -3.0, np.float32))
+    shard.push(0, 2, iter(chunks(4.0)))  # not numbered (another client): always applied
+    shard.push(0, 3, iter(chunks(4.0)))
+    np.testing.assert_array_equal(shard.params["w"].data, np.full(4, -11.0, np.float32))
+    shard.register(0, shard.signature)  # a rejoining worker numbers its pushes from 1 again
+    assert shard.push(0, 4, iter(chunks(1.0)), sequence=1) == 5
+    np.testing.assert_array_equal(shard.params["w"].data, np.full(4, -12.0, np.float32))
+    shard.stop()
+
+
+def test_a_push_pull_retried_after_its_reply_was_lost_is_applied_once(monkeypatch):
+    # the server applies the push, then the call fails as if the connection dropped: the client retries
+    # the same push, which must not be applied a second time
+    import distbp.ps.server as server_module
+
+    class LosesTheFirstReply(server_module.Servicer):
+        lost = 0
+
+        def PushPull(self, request_iterator, context):
+            if not LosesTheFirstReply.lost:
+                LosesTheFirstReply.lost += 1
+                self._push(request_iterator)
+                context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset (test)")
+            yield from super().PushPull(request_iterator, context)
+
+    monkeypatch.setattr(server_module, "Servicer", LosesTheFirstReply)
+    config = make_config({"epochs": 1, "progress": "none", "optimizer": "sgd", "momentum": 0.0, "lr": 0.5,
+                          "schedule": "constant"})
+    addresses, (shard,), stop = start_servers(config, 1, 1, mode="async")
+    try:
+        named = _named(config)
+        client = PSClient(addresses, named, retry_seconds=10.0)
+        client.register()
+        before = {n: p.data.copy() for n, p in shard.params.items()}
+        grads = {n: np.full(p.data.shape, 0.25, p.data.dtype) for n, p in named}
+        pulled = client.push_pull(grads)
+        assert LosesTheFirstReply.lost == 1 and shard.pushes == 1 and shard.version == 1
+        for n, value in before.items():
+            np.testing.assert_array_equal(pulled[n], value - np.float32(0.5) * np.float32(0.25))
+            np.testing.assert_array_equal(shard.params[n].data, pulled[n])
+    finally:
+        stop()
 
 
 def _values_of(messages):

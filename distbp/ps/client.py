@@ -76,6 +76,7 @@ class PSClient:
         self.pool = ThreadPoolExecutor(max_workers=max(len(self.stubs) - 1, 1), thread_name_prefix="distbp-ps-client")
         self.worker_id = -1
         self.versions = [0] * len(self.stubs)
+        self.pushes = 0  # numbers this registration's pushes, so a shard applies a retried one once
 
     def _call(self, what, shard, fn):
         """fn() with retries and backoff while the shard is unavailable."""
@@ -109,6 +110,7 @@ class PSClient:
             ps_pb2.RegisterRequest(worker_name=name, requested_id=requested_id, signature=self.signature),
             metadata=self.metadata))
         self.worker_id = first.worker_id
+        self.pushes = 0
         replies = [first] + [self._call("register", s, lambda s=s: self.stubs[s].Register(
             ps_pb2.RegisterRequest(worker_name=name, requested_id=first.worker_id, signature=self.signature),
             metadata=self.metadata)) for s in range(1, len(self.stubs))]
@@ -121,10 +123,13 @@ class PSClient:
 
     def push(self, grads):
         """Push name -> gradient array to the shards that own them, all shards at once."""
+        self.pushes += 1
+        sequence = self.pushes
 
         def one(shard):
             call = self._push[shard]
-            return self._call("push", shard, lambda: call(self._requests(shard, grads), metadata=self.metadata)).version
+            return self._call("push", shard, lambda: call(self._requests(shard, grads, sequence),
+                                                          metadata=self.metadata)).version
 
         return self._each(one)
 
@@ -146,17 +151,20 @@ class PSClient:
     def push_pull(self, grads, out=None):
         """push(grads), then the parameters it leads to, in one call per shard: in sync mode those of the
         next version (once every worker pushed), otherwise the current ones. Returns what pull returns."""
+        self.pushes += 1
+        sequence = self.pushes
 
         def one(shard):
             call = self._push_pull[shard]
             return self._call("push+pull", shard, lambda: self._receive(
-                shard, call(self._requests(shard, grads), metadata=self.metadata), out))
+                shard, call(self._requests(shard, grads, sequence), metadata=self.metadata), out))
 
         return self._merge(self._each(one))
 
-    def _requests(self, shard, grads):
-        """Serialized PushRequests for the gradients of the parameters `shard` holds."""
-        ints = [(1, self.worker_id), (2, self.versions[shard])]
+    def _requests(self, shard, grads, sequence):
+        """Serialized PushRequests for the gradients of the parameters `shard` holds: push number `sequence`
+        (the same in a retry)."""
+        ints = [(1, self.worker_id), (2, self.versions[shard]), (4, sequence)]
         for name, owner in self.owner.items():
             if owner == shard:
                 yield from encode_chunks(name, grads[name], ints, 3)

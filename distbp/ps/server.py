@@ -49,6 +49,7 @@ class Shard:
         self.pushes = 0
         self.active = set()  # worker ids taking part
         self.clocks = {}  # worker id -> pushes applied (bounded staleness)
+        self.sequences = {}  # worker id -> number of its last push applied (or kept for the step)
         self.pending = {}  # sync: worker id -> gradients for the current version
         self.step_started = None
         self._encoded = None  # the current version's _Encoding, made by its first pull
@@ -79,6 +80,7 @@ class Shard:
                                    "with its own id (--ps-worker-id)")
                 wid = free[0]
             self.active.add(wid)
+            self.sequences.pop(wid, None)  # the worker numbers its pushes from 1 again
             self.clocks[wid] = max(self.clocks.values(), default=0) if self.started else 0
             if len(self.active) >= self.expected:
                 self.started = True
@@ -112,8 +114,12 @@ class Shard:
 
     # --- pushes ---
 
-    def push(self, worker_id, version, chunks):
-        """Validate a whole push, then apply it (async) or keep it for the step (sync); returns the version."""
+    def push(self, worker_id, version, chunks, sequence=0):
+        """Validate a whole push, then apply it (async) or keep it for the step (sync); returns the version.
+
+        sequence: the worker's push number (0: not numbered). A number already applied is a retry whose
+        reply was lost: it is not applied again.
+        """
         assembler = Assembler(self.expected_shapes, copy=False)
         try:
             for chunk in chunks:
@@ -126,12 +132,17 @@ class Shard:
         except WireError as e:
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"bad push from worker {worker_id}: {e}") from None
         with self.cond:
+            if sequence and worker_id in self.active and sequence <= self.sequences.get(worker_id, 0):
+                log.info("shard %d: worker %d sent push %d again; it was applied once", self.shard, worker_id, sequence)
+                return self.version
             if self.mode == "sync" and worker_id in self.pending and version == self.version:
                 # the same push again: a retry whose first reply was lost. It counts once, as the first.
                 log.info("shard %d: worker %d pushed for version %d again; the first push counts",
                          self.shard, worker_id, version)
                 return self.version
             self._check_push(worker_id, version)
+            if sequence:
+                self.sequences[worker_id] = sequence
             if self.mode == "sync":
                 if not self.pending:
                     self.step_started = time.monotonic()
@@ -403,14 +414,15 @@ class Servicer(ps_pb2_grpc.ParameterServerServicer):
                 if first is None:
                     first = head
                 elif head != first:
-                    raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "bad push: worker id or version changes mid-stream")
+                    raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                                   "bad push: worker id, version or sequence changes mid-stream")
                 yield chunk
 
         gen = chunks()
         head = next(gen, None)
         if head is None:
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "bad push: no tensors")
-        version = self.shard.push(first["worker_id"], first["version"], _prepend(head, gen))
+        version = self.shard.push(first["worker_id"], first["version"], _prepend(head, gen), first["sequence"])
         return first["worker_id"], first["version"], version
 
     def Status(self, request, context):
@@ -420,7 +432,7 @@ class Servicer(ps_pb2_grpc.ParameterServerServicer):
                                       shard=s.shard, num_shards=s.num_shards, parameters=list(s.params))
 
 
-_PUSH_INTS = {1: "worker_id", 2: "version"}
+_PUSH_INTS = {1: "worker_id", 2: "version", 4: "sequence"}
 
 
 def _identity(data):
