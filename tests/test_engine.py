@@ -256,6 +256,76 @@ def test_gradients_are_written_into_their_destinations(rng):
         np.testing.assert_allclose(d, 2 * e, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "x_shape, w_shape, bias, stride, padding",
+    [
+        ((3, 2, 6, 6), (4, 2, 3, 3), True, 1, 0),
+        ((2, 3, 7, 7), (5, 3, 3, 3), True, 2, 1),  # padded and strided
+        ((2, 3, 9, 10), (4, 3, 2, 3), False, (2, 1), (1, 0)),  # rectangular everything, no bias
+        ((2, 6, 5, 5), (4, 6, 1, 1), True, 1, 0),  # 1x1
+        ((1, 2, 5, 4), (3, 2, 3, 2), True, (1, 2), (0, 1)),  # one image: a single product
+    ],
+    ids=["plain", "s2-p1", "rect-no-bias", "1x1", "n1"],
+)
+def test_conv2d_gradients_are_written_into_their_destinations(rng, x_shape, w_shape, bias, stride, padding):
+    # conv2d supports stride and padding (int or pair); it has no groups or dilation to cover
+    values = [rng.standard_normal(w_shape).astype(np.float32)]
+    if bias:
+        values.append(rng.standard_normal(w_shape[0]).astype(np.float32))
+    xs = [rng.standard_normal(x_shape).astype(np.float32) for _ in range(2)]
+
+    def loss(params, x):
+        out = ops.conv2d(x, *params, stride=stride, padding=padding)
+        return (out * out).sum()
+
+    expected = []  # per step: the gradients computed without destinations (and the input's)
+    for xv in xs:
+        params = [Tensor(v.copy(), requires_grad=True) for v in values]
+        x = Tensor(xv.copy(), requires_grad=True)
+        loss(params, x).backward()
+        expected.append([p.grad.data.copy() for p in params] + [x.grad.data.copy()])
+
+    params = [Tensor(v.copy(), requires_grad=True) for v in values]
+    dests = [np.full(v.shape, np.nan, np.float32) for v in values]
+    for p, d in zip(params, dests):
+        p.set_grad_destination(d)
+    for xv, want in zip(xs, expected):  # two steps: the same memory again on the next fresh backward
+        for p in params:
+            p.grad = None
+        x = Tensor(xv.copy(), requires_grad=True)
+        loss(params, x).backward()
+        for p, d, e in zip(params, dests, want):
+            assert np.shares_memory(p.grad.data, d)
+            assert p.grad.data is d  # written by the op itself: no copy on the way
+            assert p.grad.dtype == np.float32
+            np.testing.assert_allclose(d, e, rtol=1e-6)
+        np.testing.assert_allclose(x.grad.data, want[-1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("scratch_bytes", [None, 1, 4 * 4 * 27 * 4], ids=["default", "one-by-one", "chunks"])
+def test_conv2d_weight_gradient_is_the_batch_sum_of_products_bit_for_bit(rng, monkeypatch, scratch_bytes):
+    # written into a destination, or not, the sums are those of the stacked (N, O, C*kh*kw) product
+    if scratch_bytes is not None:  # a weight of 4x27 floats: one product at a time, or 3 per batched matmul
+        monkeypatch.setattr(ops, "_CONV_SCRATCH_BYTES", scratch_bytes)
+    xv = rng.standard_normal((11, 3, 7, 7)).astype(np.float32)
+    w = Tensor(rng.standard_normal((4, 3, 3, 3)), requires_grad=True)
+    b = Tensor(rng.standard_normal(4), requires_grad=True)
+    gout = rng.standard_normal((11, 4, 4, 4)).astype(np.float32)
+    cols = ops._unfold_array(xv, (3, 3), (2, 2), (1, 1))
+    g = gout.reshape(11, 4, -1)
+    want_w = (g @ cols.swapaxes(-1, -2)).sum(axis=0).reshape(4, 3, 3, 3)
+    want_b = gout.sum(axis=(0, 2, 3))
+    for dest in (False, True):
+        w.grad = b.grad = None
+        dests = [np.full(p.shape, np.nan, np.float32) if dest else None for p in (w, b)]
+        w.set_grad_destination(dests[0])
+        b.set_grad_destination(dests[1])
+        ops.conv2d(Tensor(xv), w, b, stride=2, padding=1).backward(gout)
+        assert (w.grad.data is dests[0] and b.grad.data is dests[1]) if dest else w.grad.data.base is None
+        np.testing.assert_array_equal(w.grad.data, want_w)
+        np.testing.assert_array_equal(b.grad.data, want_b)
+
+
 def test_a_destination_is_not_offered_where_it_would_be_wrong(rng):
     """Several contributions, a tensor hook, autograd.grad and create_graph all leave the memory alone."""
     w = leaf((3, 3), rng)

@@ -503,6 +503,47 @@ def test_gradients_are_written_into_their_buckets_and_averaged(cap_mb):
             np.testing.assert_allclose(synced[name], expected[name], rtol=1e-5, atol=1e-7, err_msg=name)
 
 
+@pytest.mark.parametrize("cap_mb", [25.0, 1e-9])
+def test_conv_gradients_are_written_into_their_buckets(cap_mb):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((16, 2, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 3, 16)
+
+    def build():
+        distbp.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(2, 4, 3, stride=1, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(24, 3))
+
+    reference = build()
+    cross_entropy(reference(Tensor(x)), y).backward()
+    expected = _grads(reference)
+
+    def body(comm):
+        model = build()
+        ddp = DataParallel(model, comm, bucket_cap_mb=cap_mb)
+        shard = slice(comm.rank * 8, (comm.rank + 1) * 8)
+        written = []
+        for _ in range(2):  # the second step reuses the bucket memory
+            for p in model.parameters():
+                p.grad = None
+            cross_entropy(ddp(Tensor(x[shard])), y[shard]).backward()
+            # before synchronize: computed by their ops right in their bucket slices, conv layers included
+            written.append({n: p.grad.data is ddp._bucket_of[id(p)].views[id(p)]
+                            for n, p in model.named_parameters()})
+            ddp.synchronize()
+        shared = {n: any(np.shares_memory(p.grad.data, b.buffer) for b in ddp.buckets)
+                  for n, p in model.named_parameters()}
+        synced = _grads(model)
+        ddp.close()
+        return synced, written, shared
+
+    for synced, written, shared in run_ranks(2, body):
+        assert written == [{n: True for n in expected}] * 2
+        assert all(shared.values())
+        for name in expected:
+            np.testing.assert_allclose(synced[name], expected[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
 @pytest.mark.parametrize("widths", [(8, 16, 16, 4), (8, 600, 600, 4)])
 def test_average_false_sums_and_a_scaled_loss_makes_that_the_mean(widths):
     x, y = _data()

@@ -907,6 +907,79 @@ class Fold(Function):
         return (xp().unfold(g, kernel, stride, padding),)
 
 
+class ConvCols(Function):
+    """conv2d's contraction: weight (O, C, kh, kw) times unfolded columns (N, C*kh*kw, L), plus bias (O,).
+
+    The result is (N, O, L). Weight and bias are inputs of this one node, with no reshape between them and
+    it, so their gradients can be written straight into gradient destinations (`ctx.grad_out`).
+    """
+
+    __slots__ = ()
+    save_inputs = True
+
+    @staticmethod
+    def forward(ctx, cols, w, b=None):
+        out = w.reshape(w.shape[0], -1) @ cols
+        if b is not None:
+            out += b[:, None]
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        cols, w = ctx.inputs[:2]
+        has_bias = len(ctx.parents) == 3
+        gcols = gw = gb = None
+        if ctx.needs(0):
+            gcols = w.reshape(w.shape[0], -1).swapaxes(-1, -2) @ g
+        if ctx.needs(1):
+            if state.graph:
+                gw = (g @ cols.swapaxes(-1, -2)).sum(axis=0).reshape(w.shape)
+            else:  # a destination is only offered in plain (numpy) backward
+                gw = _conv_weight_grad(g, cols, w, ctx.grad_out(1))
+        if has_bias and ctx.needs(2):
+            out = None if state.graph else ctx.grad_out(2)
+            gb = g.sum(axis=(0, 2)) if out is None else np.sum(g, axis=(0, 2), out=out)
+        return (gcols, gw, gb) if has_bias else (gcols, gw)
+
+
+_CONV_SCRATCH_BYTES = 1 << 20  # bound on the per-image products _conv_weight_grad keeps at once
+
+
+def _conv_weight_grad(g, cols, w, out=None):
+    """sum over n of g[n] @ cols[n].T, in the weight's shape: into `out` (a destination) or a new array.
+
+    The per-image products are added up in batch order, the very sums `(g @ cols.swapaxes(-1, -2)).sum(0)`
+    does, bit for bit, without its (N, O, C*kh*kw) stack: the first product is written by BLAS straight into
+    the (O, C*kh*kw) view of the result, later ones go through a scratch of at most _CONV_SCRATCH_BYTES (a
+    few images per batched matmul, so small products do not pay a Python step each) or, for a weight too
+    large for two in that bound, one product's worth, added in place.
+    """
+    if out is None or not out.flags.c_contiguous:  # a destination is C-contiguous (set_grad_destination)
+        out = np.empty(w.shape, g.dtype)
+    o2 = out.reshape(w.shape[0], -1)  # so this is a view of it
+    n = g.shape[0]
+    if n == 0:
+        o2[...] = 0
+        return out
+    np.matmul(g[0], cols[0].T, out=o2)
+    if n == 1:
+        return out
+    per = builtins.max(1, builtins.min(n - 1, _CONV_SCRATCH_BYTES // builtins.max(o2.nbytes, 1) - 1))
+    if per == 1:
+        scratch = np.empty_like(o2)
+        for i in range(1, n):
+            np.matmul(g[i], cols[i].T, out=scratch)
+            o2 += scratch
+        return out
+    stack = np.empty((per + 1,) + o2.shape, o2.dtype)  # stack[0]: the sum so far, then the next products
+    for i in range(1, n, per):
+        j = builtins.min(n, i + per)
+        stack[0] = o2
+        np.matmul(g[i:j], cols[i:j].swapaxes(-1, -2), out=stack[1 : 1 + j - i])
+        np.sum(stack[: 1 + j - i], axis=0, out=o2)  # in order: stack[0] + stack[1] + ...
+    return out
+
+
 class MaxPoolTiles(Function):
     """Max pooling over non-overlapping kh x kw windows that tile the image exactly.
 
@@ -1531,13 +1604,13 @@ def conv2d(x, weight, bias=None, stride=1, padding=0):
         raise TypeError(f"conv2d: input dtype {x.data.dtype} differs from weight dtype {weight.data.dtype}")
     stride, padding = _pair2(stride, "stride"), _pair2(padding, "padding")
     cols = unfold(x, (kh, kw), stride, padding)  # (N, C*kh*kw, L)
-    out = matmul(reshape(weight, (o, c * kh * kw)), cols)  # (N, O, L)
-    out = reshape(out, (n, o, _out_size(h, kh, stride[0], padding[0]), _out_size(w, kw, stride[1], padding[1])))
     if bias is not None:
         if bias.data.shape != (o,):
             raise ValueError(f"conv2d: bias of shape {bias.data.shape} does not match {o} output channels")
-        out = out + reshape(bias, (1, o, 1, 1))
-    return out
+        if bias.data.dtype != weight.data.dtype:
+            raise TypeError(f"conv2d: bias dtype {bias.data.dtype} differs from weight dtype {weight.data.dtype}")
+    out = ConvCols.apply(cols, weight) if bias is None else ConvCols.apply(cols, weight, bias)  # (N, O, L)
+    return reshape(out, (n, o, _out_size(h, kh, stride[0], padding[0]), _out_size(w, kw, stride[1], padding[1])))
 
 
 def _pool(x, kernel_size, stride, padding, reduce, pad_value):
