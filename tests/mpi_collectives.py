@@ -9,6 +9,7 @@ exit) on the first check that fails. An argument injects a failure in making the
 Two more arguments run a scenario of their own instead:
   sizes-differ rank 0 asks for a buffer of another size than the others: refused on every rank
   late         rank 1 reaches buffer() after the timeout: rank 0 times out, and no file is left behind
+  mixed        rank 0 all-reduces a shared buffer, rank 1 a plain array: both time out naming the mismatch
 """
 
 import os
@@ -71,12 +72,24 @@ def scenario(kind, comm):
         print(f"rank {rank} {outcome}", flush=True)
         time.sleep(3.0)  # every rank past buffer() before the test looks in /dev/shm
         os._exit(0)  # the group is out of step after a timeout: no MPI_Finalize
+    if kind == "mixed":
+        shared = comm.buffer(1000)
+        assert comm.is_shared(shared)
+        comm.timeout = 2.0
+        try:
+            comm.allreduce(shared if rank == 0 else np.zeros(1000, np.float32))
+            outcome = "completed"
+        except CollectiveTimeout as e:
+            outcome = f"timed out: {e}"
+        print(f"rank {rank} {outcome}", flush=True)
+        time.sleep(1.0)  # both ranks past their timeout before either leaves
+        os._exit(0)  # out of step after a timeout: no MPI_Finalize
 
 
 def main():
     comm = mpi_communicator(timeout=20)
     rank, size = comm.rank, comm.size
-    if len(sys.argv) > 1 and sys.argv[1] in ("sizes-differ", "late"):
+    if len(sys.argv) > 1 and sys.argv[1] in ("sizes-differ", "late", "mixed"):
         return scenario(sys.argv[1], comm)
     if len(sys.argv) > 1:
         inject(sys.argv[1], rank, size)

@@ -83,6 +83,14 @@ def test_a_rank_late_for_a_shared_buffer_times_out_and_leaves_no_file_behind():
     _assert_no_segments_left(out)
 
 
+def test_a_shared_buffer_reduced_against_a_plain_array_times_out_naming_the_mismatch():
+    code, out, err, seconds = mpiexec(2, str(HERE / "mpi_collectives.py"), "mixed", timeout=60)
+    for rank in (0, 1):
+        assert f"rank {rank} timed out: rank {rank}: allreduce" in out, out + err
+    assert out.count("though every rank waits in it: the ranks called it with arguments that do not match") == 2
+    _assert_no_segments_left(out)
+
+
 def _assert_no_segments_left(out):
     creator = out.split("creator ", 1)[1].split()[0]
     left = [f for f in os.listdir("/dev/shm") if f.startswith(f"distbp-{creator}-")]

@@ -192,7 +192,16 @@ class MPICommunicator(Communicator):
                 waiting[source] = (int(answer[0]), _COLLECTIVES[int(answer[1])])
             else:
                 time.sleep(0.001)
+        while time.monotonic() < grace:  # peers that time out a moment later get their answer from us too
+            self._answer_peers(seq, name)
+            time.sleep(0.001)
         missing = [r for r in range(self.size) if r != self.rank and waiting.get(r) != (seq, name)]
+        if not missing and len(waiting) == self.size - 1:
+            raise CollectiveTimeout(
+                f"rank {self.rank}: {name} (collective #{seq}) did not complete within {self.timeout:g} s, "
+                f"though every rank waits in it: the ranks called it with arguments that do not match (an "
+                f"all-reduce of a comm.buffer() array on some ranks and of another array on others, or "
+                f"different sizes, dtypes or ops)")
         elsewhere = "".join(f"; rank {r} waits in {waiting[r][1]} (collective #{waiting[r][0]})"
                             for r in missing if r in waiting)
         raise CollectiveTimeout(
