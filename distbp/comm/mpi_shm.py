@@ -4,7 +4,8 @@ MPICH's all-reduce of a large array between processes of one machine pipes the d
 shared cells: it copies in, copies out, reduces, and does the same again for the result. When every
 rank's buffer already lives in one shared segment, no pipe is needed. Between two barriers, each rank
 sums its own slice of everyone's buffers and writes that sum back into every buffer. That halves the
-memory traffic: about 0.9 ms instead of 1.8 ms for 7 MB on two ranks here. DataParallel asks the
+memory traffic, and summing a cache-sized piece at a time saves another pass: about 0.55 ms instead of
+1.45 ms (MPI's Allreduce) for 7 MB on two ranks here. DataParallel asks the
 communicator for its bucket buffers (`Communicator.buffer`), so backward writes the gradients straight
 into shared memory.
 
@@ -27,6 +28,7 @@ import numpy as np
 SHM_DIR = "/dev/shm"
 _PAGE = 4096
 _LINE = 64  # slices start on cache-line boundaries: two ranks never write one line
+_PIECE_BYTES = 256 * 1024  # reduce_my_slice's unit: fits a core's L2 with the piece it adds
 
 
 class SharedBuffer:
@@ -45,14 +47,19 @@ class SharedBuffer:
         self.in_flight = False
 
     def reduce_my_slice(self):
-        """Sum this rank's slice over every rank's buffer and write it into all of them (between barriers)."""
-        part = self.mine[self.slice]
-        if part.size == 0:
-            return
-        for other in self.others:
-            np.add(part, other[self.slice], out=part)
-        for other in self.others:
-            other[self.slice] = part
+        """Sum this rank's slice over every rank's buffer and write it into all of them (between barriers).
+
+        A piece at a time, small enough to stay in the core's cache between its sum and its copies: the
+        copies then read the sum from cache, not memory."""
+        start, stop = self.slice.start, self.slice.stop
+        step = max(_PIECE_BYTES // self.mine.itemsize, 1)
+        for a in range(start, stop, step):
+            b = min(a + step, stop)
+            part = self.mine[a:b]
+            for other in self.others:
+                np.add(part, other[a:b], out=part)
+            for other in self.others:
+                other[a:b] = part
 
 
 def create_segment(comm, nbytes_per_rank):
