@@ -10,6 +10,7 @@ Two more arguments run a scenario of their own instead:
   sizes-differ rank 0 asks for a buffer of another size than the others: refused on every rank
   late         rank 1 reaches buffer() after the timeout: rank 0 times out, and no file is left behind
   mixed        rank 0 all-reduces a shared buffer, rank 1 a plain array: both time out naming the mismatch
+  late-allreduce  rank 1 reaches a matching shared all-reduce after rank 0's timeout: rank 0 names it late
 """
 
 import os
@@ -72,6 +73,19 @@ def scenario(kind, comm):
         print(f"rank {rank} {outcome}", flush=True)
         time.sleep(3.0)  # every rank past buffer() before the test looks in /dev/shm
         os._exit(0)  # the group is out of step after a timeout: no MPI_Finalize
+    if kind == "late-allreduce":
+        shared = comm.buffer(1000)  # rank 0 stops advancing it once it timed out: rank 1 then waits, and answers
+        comm.timeout = 2.0
+        if rank == 1:
+            time.sleep(2.5)
+        try:
+            comm.allreduce(shared)
+            outcome = "completed"
+        except CollectiveTimeout as e:
+            outcome = f"timed out: {e}"
+        print(f"rank {rank} {outcome}", flush=True)
+        time.sleep(3.0)  # rank 0 past its grace period before either leaves
+        os._exit(0)  # out of step after a timeout: no MPI_Finalize
     if kind == "mixed":
         shared = comm.buffer(1000)
         assert comm.is_shared(shared)
@@ -89,7 +103,7 @@ def scenario(kind, comm):
 def main():
     comm = mpi_communicator(timeout=20)
     rank, size = comm.rank, comm.size
-    if len(sys.argv) > 1 and sys.argv[1] in ("sizes-differ", "late", "mixed"):
+    if len(sys.argv) > 1 and sys.argv[1] in ("sizes-differ", "late", "mixed", "late-allreduce"):
         return scenario(sys.argv[1], comm)
     if len(sys.argv) > 1:
         inject(sys.argv[1], rank, size)

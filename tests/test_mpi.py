@@ -87,8 +87,15 @@ def test_a_shared_buffer_reduced_against_a_plain_array_times_out_naming_the_mism
     code, out, err, seconds = mpiexec(2, str(HERE / "mpi_collectives.py"), "mixed", timeout=60)
     for rank in (0, 1):
         assert f"rank {rank} timed out: rank {rank}: allreduce" in out, out + err
-    assert out.count("though every rank waits in it: the ranks called it with arguments that do not match") == 2
+    assert out.count("though every rank has waited in it as long: the ranks called it with arguments that do not "
+                     "match") == 2
     _assert_no_segments_left(out)
+
+
+def test_a_rank_that_reaches_a_collective_after_the_timeout_is_named_late_not_mismatched():
+    code, out, err, seconds = mpiexec(2, str(HERE / "mpi_collectives.py"), "late-allreduce", timeout=60)
+    assert "rank 0 timed out: rank 0: allreduce (collective #7) did not complete within 2 s; rank(s) [1] reached " \
+           "it only after that" in out, out + err
 
 
 def _assert_no_segments_left(out):

@@ -90,7 +90,8 @@ def test_large_tensors_travel_in_chunks_below_the_limit():
     np.testing.assert_array_equal(flat, array.reshape(-1))
 
 
-@pytest.mark.parametrize("ints", [[(1, 0), (2, 0)], [(1, 3), (2, 1_000_000)], [(1, 2**31 - 1), (2, 2**40), (4, 2**40 + 1)]])
+@pytest.mark.parametrize("ints", [[(1, 0), (2, 0)], [(1, 3), (2, 1_000_000)], [(1, 2**31 - 1), (2, 2**40), (4, 2**40 + 1)],
+                                  [(1, 1), (2, -1), (4, 2**64 - 1)]])
 @pytest.mark.parametrize("size", [0, 1, 5, 524_287, 524_288, 524_289, 1_500_000])
 def test_hand_encoded_push_parses_as_protobuf_with_aligned_data(ints, size):
     array = np.arange(size, dtype=np.float32)
@@ -107,7 +108,7 @@ def test_hand_encoded_push_parses_as_protobuf_with_aligned_data(ints, size):
             assert message.endswith(parsed.chunk.data)  # written last: it starts where the rest ends
             assert (len(message) - len(parsed.chunk.data)) % ALIGN == 0
         got.append(np.frombuffer(parsed.chunk.data, np.float32))
-        head, chunk = decode_message(message, {1: "worker_id", 2: "version", 4: "sequence"}, 3)
+        head, chunk = decode_message(message, {1: "worker_id", 2: "version", 4: "sequence"}, 3, unsigned=(4,))
         assert head == {"worker_id": fields[1], "version": fields[2], "sequence": fields.get(4, 0)}
         assert chunk.offset == parsed.chunk.offset and bytes(chunk.data) == parsed.chunk.data
     np.testing.assert_array_equal(np.concatenate(got), array)
@@ -214,6 +215,24 @@ def test_a_repeated_sync_push_counts_once():
     assert shard.pushes == 1 and shard.version == 0
     assert shard.push(1, 0, iter(chunks(3.0))) == 1
     np.testing.assert_array_equal(shard.params["w"].data, np.full(4, -2.0, np.float32))  # -(1 + 3) / 2
+    shard.stop()
+
+
+def test_a_numbered_sync_push_retried_after_its_step_is_not_stale():
+    # the reply to worker 0's push was lost, and the step happened meanwhile: its retry is answered with
+    # the new version, not refused as a stale push (which would make the worker rejoin and skip a step)
+    from distbp.optim import SGD
+
+    shard = _shard_of({"w": np.zeros(4, np.float32)}, lambda ps: SGD(ps, lr=1.0))
+    shard.mode, shard.expected = "sync", 2
+    for wid in (0, 1):
+        shard.register(wid, shard.signature)
+    chunks = lambda value: list(to_chunks("w", np.full(4, value, np.float32)))  # noqa: E731
+    assert shard.push(0, 0, iter(chunks(1.0)), sequence=1) == 0
+    assert shard.push(1, 0, iter(chunks(3.0)), sequence=1) == 1
+    assert shard.push(0, 0, iter(chunks(1.0)), sequence=1) == 1  # the retry
+    assert shard.pushes == 2 and shard.version == 1
+    np.testing.assert_array_equal(shard.params["w"].data, np.full(4, -2.0, np.float32))
     shard.stop()
 
 
@@ -557,8 +576,9 @@ def test_mutual_tls_refuses_a_client_without_a_certificate(tmp_path):
         stop()
 
 
-def _push(stub, worker_id, version, chunks):
-    return stub.Push(iter([ps_pb2.PushRequest(worker_id=worker_id, version=version, chunk=c) for c in chunks]))
+def _push(stub, worker_id, version, chunks, sequence=0):
+    return stub.Push(iter([ps_pb2.PushRequest(worker_id=worker_id, version=version, chunk=c, sequence=sequence)
+                           for c in chunks]))
 
 
 def _grad_chunks(shard, tweak=None):
@@ -618,6 +638,23 @@ def test_each_bad_push_is_rejected_and_leaves_the_state_untouched(kind):
             np.testing.assert_array_equal(shard.params[name].data, value)
         _push(stub, wid, 0, _grad_chunks(shard))  # and a good push still works
         assert shard.version == 1
+    finally:
+        stop()
+
+
+def test_push_numbers_travel_as_uint64_from_any_client():
+    # a client in another language may number its pushes from anywhere in uint64: read as a negative
+    # int64, the first of them would pass for a retry and be dropped
+    config = make_config({"epochs": 1, "progress": "none"})
+    addresses, (shard,), stop = start_servers(config, 1, 1, mode="async")
+    try:
+        client = PSClient(addresses, _named(config))
+        wid = client.register().worker_id
+        stub = client.stubs[0]
+        assert _push(stub, wid, 0, _grad_chunks(shard), sequence=2**63 + 1).version == 1
+        assert _push(stub, wid, 1, _grad_chunks(shard), sequence=2**63 + 1).version == 1  # its retry
+        assert _push(stub, wid, 1, _grad_chunks(shard), sequence=2**64 - 1).version == 2
+        assert shard.pushes == 2
     finally:
         stop()
 

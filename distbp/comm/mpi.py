@@ -145,6 +145,7 @@ class MPICommunicator(Communicator):
         self._sends = []  # (request, buffer) of questions and answers not known to be delivered
         self._half_op = None
         self._in_flight = []  # shared-memory all-reduces started and not yet complete
+        self._asked = {}  # peer -> (collective #, its index) of the last question it asked: it timed out there
         if shared_memory is None:
             shared_memory = os.environ.get("DISTBP_MPI_SHM", "1") != "0"
         node = base.Split_type(MPI.COMM_TYPE_SHARED)
@@ -173,6 +174,7 @@ class MPICommunicator(Communicator):
         while self._control.Iprobe(source=self.MPI.ANY_SOURCE, tag=_QUERY, status=status):
             source = status.Get_source()
             self._control.Recv(question, source=source, tag=_QUERY)
+            self._asked[source] = (int(question[0]), int(question[1]))
             self._send([seq, _COLLECTIVES.index(name)], source, _REPLY)
 
     def _timed_out(self, name, seq):
@@ -192,16 +194,24 @@ class MPICommunicator(Communicator):
                 waiting[source] = (int(answer[0]), _COLLECTIVES[int(answer[1])])
             else:
                 time.sleep(0.001)
-        while time.monotonic() < grace:  # peers that time out a moment later get their answer from us too
-            self._answer_peers(seq, name)
+        here = (seq, _COLLECTIVES.index(name))
+        peers = [r for r in range(self.size) if r != self.rank]
+        stuck = lambda: [r for r in peers if self._asked.get(r) == here]  # noqa: E731 -- timed out here too
+        while time.monotonic() < grace and len(stuck()) < len(peers):
+            self._answer_peers(seq, name)  # a peer timing out a moment later gets its answer from us too
             time.sleep(0.001)
-        missing = [r for r in range(self.size) if r != self.rank and waiting.get(r) != (seq, name)]
-        if not missing and len(waiting) == self.size - 1:
+        missing = [r for r in peers if waiting.get(r) != (seq, name)]
+        if not missing:
+            late = [r for r in peers if r not in stuck()]
+            mismatch = ("the ranks called it with arguments that do not match (an all-reduce of a comm.buffer() "
+                        "array on some ranks and of another array on others, or different sizes, dtypes or ops)")
+            if late:  # they wait in it now, but may just have come late
+                raise CollectiveTimeout(
+                    f"rank {self.rank}: {name} (collective #{seq}) did not complete within {self.timeout:g} s; "
+                    f"rank(s) {late} reached it only after that, or {mismatch}")
             raise CollectiveTimeout(
                 f"rank {self.rank}: {name} (collective #{seq}) did not complete within {self.timeout:g} s, "
-                f"though every rank waits in it: the ranks called it with arguments that do not match (an "
-                f"all-reduce of a comm.buffer() array on some ranks and of another array on others, or "
-                f"different sizes, dtypes or ops)")
+                f"though every rank has waited in it as long: {mismatch}")
         elsewhere = "".join(f"; rank {r} waits in {waiting[r][1]} (collective #{waiting[r][0]})"
                             for r in missing if r in waiting)
         raise CollectiveTimeout(

@@ -408,7 +408,7 @@ class Servicer(ps_pb2_grpc.ParameterServerServicer):
             nonlocal first
             for data in request_iterator:
                 try:
-                    head, chunk = decode_message(data, _PUSH_INTS, 3)
+                    head, chunk = decode_message(data, _PUSH_INTS, 3, unsigned=(4,))
                 except WireError as e:
                     raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"bad push: {e}") from None
                 if first is None:
@@ -432,7 +432,7 @@ class Servicer(ps_pb2_grpc.ParameterServerServicer):
                                       shard=s.shard, num_shards=s.num_shards, parameters=list(s.params))
 
 
-_PUSH_INTS = {1: "worker_id", 2: "version", 4: "sequence"}
+_PUSH_INTS = {1: "worker_id", 2: "version", 4: "sequence"}  # sequence is a uint64
 
 
 def _identity(data):

@@ -266,14 +266,16 @@ def _decode_chunk(buf, start, end):
     return chunk
 
 
-def decode_message(data, ints, chunk_field):
-    """(dict of the int fields `ints` {number: name}, Chunk) from a serialized PushRequest or PullReply."""
+def decode_message(data, ints, chunk_field, unsigned=()):
+    """(dict of the int fields `ints` {number: name}, Chunk) from a serialized PushRequest or PullReply.
+
+    The int fields are signed (int32, int64) except the numbers in `unsigned` (uint64)."""
     buf = memoryview(data)
     values = {name: 0 for name in ints.values()}
     chunk = None
     for number, kind, value in _fields(buf, 0, len(buf)):
         if number in ints and kind == 0:
-            values[ints[number]] = _signed(value)
+            values[ints[number]] = value if number in unsigned else _signed(value)
         elif number == chunk_field and kind == 2:
             chunk = _decode_chunk(buf, *value)
     if chunk is None:
