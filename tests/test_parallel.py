@@ -463,6 +463,19 @@ class _Scaled(nn.Module):
         return x * self.gain
 
 
+def _steps_noting_gradients_written_in_buckets(model, ddp, x, y, steps=2):
+    """Train `steps` steps on (x, y) (the second reuses the bucket memory); for each, which parameters'
+    gradients their ops computed right in their bucket slices (looked at before synchronize)."""
+    written = []
+    for _ in range(steps):
+        for p in model.parameters():
+            p.grad = None
+        cross_entropy(ddp(Tensor(x)), y).backward()
+        written.append({n: p.grad.data is ddp._bucket_of[id(p)].views[id(p)] for n, p in model.named_parameters()})
+        ddp.synchronize()
+    return written
+
+
 @pytest.mark.parametrize("cap_mb", [25.0, 1e-9])
 def test_gradients_are_written_into_their_buckets_and_averaged(cap_mb):
     x, y = _data()
@@ -479,13 +492,7 @@ def test_gradients_are_written_into_their_buckets_and_averaged(cap_mb):
         model = build()
         ddp = DataParallel(model, comm, bucket_cap_mb=cap_mb)
         shard = slice(comm.rank * 32, (comm.rank + 1) * 32)
-        for _ in range(2):  # the second step reuses the bucket memory
-            for p in model.parameters():
-                p.grad = None
-            cross_entropy(ddp(Tensor(x[shard])), y[shard]).backward()
-            # before synchronize: which gradients their ops computed right in their bucket slices
-            written = {n: p.grad.data is ddp._bucket_of[id(p)].views[id(p)] for n, p in model.named_parameters()}
-            ddp.synchronize()
+        written = _steps_noting_gradients_written_in_buckets(model, ddp, x[shard], y[shard])[-1]
         synced = _grads(model)
         in_buckets = all(any(np.shares_memory(p.grad.data, b.buffer) for b in ddp.buckets)
                          for p in model.parameters())
@@ -522,15 +529,7 @@ def test_conv_gradients_are_written_into_their_buckets(cap_mb):
         model = build()
         ddp = DataParallel(model, comm, bucket_cap_mb=cap_mb)
         shard = slice(comm.rank * 8, (comm.rank + 1) * 8)
-        written = []
-        for _ in range(2):  # the second step reuses the bucket memory
-            for p in model.parameters():
-                p.grad = None
-            cross_entropy(ddp(Tensor(x[shard])), y[shard]).backward()
-            # before synchronize: computed by their ops right in their bucket slices, conv layers included
-            written.append({n: p.grad.data is ddp._bucket_of[id(p)].views[id(p)]
-                            for n, p in model.named_parameters()})
-            ddp.synchronize()
+        written = _steps_noting_gradients_written_in_buckets(model, ddp, x[shard], y[shard])
         shared = {n: any(np.shares_memory(p.grad.data, b.buffer) for b in ddp.buckets)
                   for n, p in model.named_parameters()}
         synced = _grads(model)

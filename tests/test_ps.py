@@ -201,15 +201,21 @@ def test_a_shard_needs_a_new_optimizer_over_its_own_parameters():
         Shard({"w": mine}, used)
 
 
-def test_a_repeated_sync_push_counts_once():
-    # a client retries a push whose reply was lost (the connection dropped while it waited for the step)
+def _sync_shard_of_two_workers():
+    """A sync shard of w = zeros(4) (SGD, lr 1) with workers 0 and 1 registered, and chunks(v): w's
+    gradient full of v, as chunks."""
     from distbp.optim import SGD
 
     shard = _shard_of({"w": np.zeros(4, np.float32)}, lambda ps: SGD(ps, lr=1.0))
     shard.mode, shard.expected = "sync", 2
     for wid in (0, 1):
         shard.register(wid, shard.signature)
-    chunks = lambda value: list(to_chunks("w", np.full(4, value, np.float32)))  # noqa: E731
+    return shard, lambda value: list(to_chunks("w", np.full(4, value, np.float32)))
+
+
+def test_a_repeated_sync_push_counts_once():
+    # a client retries a push whose reply was lost (the connection dropped while it waited for the step)
+    shard, chunks = _sync_shard_of_two_workers()
     assert shard.push(0, 0, iter(chunks(1.0))) == 0
     assert shard.push(0, 0, iter(chunks(5.0))) == 0  # the retry: no error, not counted
     assert shard.pushes == 1 and shard.version == 0
@@ -221,13 +227,7 @@ def test_a_repeated_sync_push_counts_once():
 def test_a_numbered_sync_push_retried_after_its_step_is_not_stale():
     # the reply to worker 0's push was lost, and the step happened meanwhile: its retry is answered with
     # the new version, not refused as a stale push (which would make the worker rejoin and skip a step)
-    from distbp.optim import SGD
-
-    shard = _shard_of({"w": np.zeros(4, np.float32)}, lambda ps: SGD(ps, lr=1.0))
-    shard.mode, shard.expected = "sync", 2
-    for wid in (0, 1):
-        shard.register(wid, shard.signature)
-    chunks = lambda value: list(to_chunks("w", np.full(4, value, np.float32)))  # noqa: E731
+    shard, chunks = _sync_shard_of_two_workers()
     assert shard.push(0, 0, iter(chunks(1.0)), sequence=1) == 0
     assert shard.push(1, 0, iter(chunks(3.0)), sequence=1) == 1
     assert shard.push(0, 0, iter(chunks(1.0)), sequence=1) == 1  # the retry
