@@ -15,7 +15,7 @@ import pytest
 from distbp.autograd import Tensor
 from distbp.comm import run_ranks
 from distbp.ps.client import PSClient, PSError, PSStep
-from distbp.ps.server import serve
+from distbp.ps.server import _Refused, serve
 from distbp.ps.v1 import ps_pb2
 from distbp.ps.wire import (ALIGN, CHUNK_BYTES, Assembler, WireError, assign_shards, chunk_ranges, decode_message,
                             encode_chunks, to_chunks)
@@ -253,6 +253,26 @@ def test_a_numbered_async_push_sent_again_is_applied_once():
     shard.register(0, shard.signature)  # a rejoining worker numbers its pushes from 1 again
     assert shard.push(0, 4, iter(chunks(1.0)), sequence=1) == 5
     np.testing.assert_array_equal(shard.params["w"].data, np.full(4, -12.0, np.float32))
+    shard.stop()
+
+
+def test_a_push_in_flight_when_its_worker_registers_again_is_refused():
+    # a worker process dies mid-push and its successor registers with the same id before the old push
+    # is applied: the old push (with a high number) must neither count nor make the new pushes look old
+    from distbp.optim import SGD
+
+    shard = _shard_of({"w": np.zeros(4, np.float32)}, lambda ps: SGD(ps, lr=1.0))
+    shard.register(0, shard.signature)
+
+    def old_chunks():
+        yield from to_chunks("w", np.full(4, 5.0, np.float32))
+        shard.register(0, shard.signature)  # the successor joins while the old push is still arriving
+
+    with pytest.raises(_Refused) as err:
+        shard.push(0, 0, old_chunks(), sequence=57)
+    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION and "registered again" in err.value.message
+    assert shard.push(0, 0, iter(to_chunks("w", np.ones(4, np.float32))), sequence=1) == 1
+    np.testing.assert_array_equal(shard.params["w"].data, np.full(4, -1.0, np.float32))
     shard.stop()
 
 

@@ -50,6 +50,7 @@ class Shard:
         self.active = set()  # worker ids taking part
         self.clocks = {}  # worker id -> pushes applied (bounded staleness)
         self.sequences = {}  # worker id -> number of its last push applied (or kept for the step)
+        self.registrations = {}  # worker id -> how many times it registered
         self.pending = {}  # sync: worker id -> gradients for the current version
         self.step_started = None
         self._encoded = None  # the current version's _Encoding, made by its first pull
@@ -81,6 +82,7 @@ class Shard:
                 wid = free[0]
             self.active.add(wid)
             self.sequences.pop(wid, None)  # the worker numbers its pushes from 1 again
+            self.registrations[wid] = self.registrations.get(wid, 0) + 1
             self.clocks[wid] = max(self.clocks.values(), default=0) if self.started else 0
             if len(self.active) >= self.expected:
                 self.started = True
@@ -120,6 +122,7 @@ class Shard:
         sequence: the worker's push number (0: not numbered). A number already applied is a retry whose
         reply was lost: it is not applied again.
         """
+        registration = self.registrations.get(worker_id)  # a push of an earlier registration must not count
         assembler = Assembler(self.expected_shapes, copy=False)
         try:
             for chunk in chunks:
@@ -132,6 +135,9 @@ class Shard:
         except WireError as e:
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"bad push from worker {worker_id}: {e}") from None
         with self.cond:
+            if self.registrations.get(worker_id) != registration:
+                raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"worker {worker_id} registered again while this push was in flight: not applied")
             if sequence and worker_id in self.active and sequence <= self.sequences.get(worker_id, 0):
                 log.info("shard %d: worker %d sent push %d again; it was applied once", self.shard, worker_id, sequence)
                 return self.version
