@@ -332,6 +332,7 @@ add("conv2d-rect", [N(2, 3, 9, 10), N(4, 3, 2, 3)],
 add("conv2d-1x1", [N(2, 6, 5, 5), N(4, 6, 1, 1), N(4)], ops.conv2d, F.conv2d, atol=ATOL_SUM)
 POOLS = [
     ("k2", dict(kernel_size=2)),  # tiling fast path
+    ("rect-tiles", dict(kernel_size=(2, 4))),  # tiling fast path, windows wider than tall
     ("k2-s1", dict(kernel_size=2, stride=1)),
     ("k3-s2-p1", dict(kernel_size=3, stride=2, padding=1)),
     ("rect", dict(kernel_size=(2, 3), stride=(2, 1), padding=(1, 1))),

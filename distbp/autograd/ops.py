@@ -1006,16 +1006,29 @@ class MaxPoolTiles(Function):
     def backward(ctx, g):
         kh, kw = ctx.saved
         x, out = ctx._inputs[0].data, ctx._out  # the winner mask is a constant in either mode
-        mask = np.zeros(x.shape, x.dtype)
-        free = np.ones(out.shape, bool)
+        n, c, oh, ow = out.shape
+        if not isinstance(g, np.ndarray):  # create_graph: the gradient is a Tensor expression of g
+            mask = np.zeros(x.shape, x.dtype)
+            free = np.ones(out.shape, bool)
+            for i in range(kh):
+                for j in range(kw):
+                    hit = (x[:, :, i::kh, j::kw] == out) & free
+                    mask[:, :, i::kh, j::kw] = hit
+                    free &= ~hit
+            spread = xp().broadcast_to(g.reshape(n, c, oh, 1, ow, 1), (n, c, oh, kh, ow, kw)).reshape(x.shape)
+            return (spread * mask,)
+        # one window position at a time, over arrays of the output's size: every element of the gradient
+        # is written once (g where that position holds the window's first maximum, else 0)
+        grad = np.empty(x.shape, x.dtype)
+        free = np.ones(out.shape, bool)  # windows whose maximum is still to be found
+        hit = np.empty(out.shape, bool)
         for i in range(kh):
             for j in range(kw):
-                hit = (x[:, :, i::kh, j::kw] == out) & free
-                mask[:, :, i::kh, j::kw] = hit
-                free &= ~hit
-        n, c, oh, ow = out.shape
-        spread = xp().broadcast_to(g.reshape(n, c, oh, 1, ow, 1), (n, c, oh, kh, ow, kw)).reshape(x.shape)
-        return (spread * mask,)
+                np.equal(x[:, :, i::kh, j::kw], out, out=hit)
+                hit &= free
+                np.multiply(g, hit, out=grad[:, :, i::kh, j::kw])
+                free ^= hit  # hit is within free: this clears it
+        return (grad,)
 
 
 class MaxOverWindow(Function):
