@@ -1007,28 +1007,26 @@ class MaxPoolTiles(Function):
         kh, kw = ctx.saved
         x, out = ctx._inputs[0].data, ctx._out  # the winner mask is a constant in either mode
         n, c, oh, ow = out.shape
-        if not isinstance(g, np.ndarray):  # create_graph: the gradient is a Tensor expression of g
-            mask = np.zeros(x.shape, x.dtype)
-            free = np.ones(out.shape, bool)
-            for i in range(kh):
-                for j in range(kw):
-                    hit = (x[:, :, i::kh, j::kw] == out) & free
-                    mask[:, :, i::kh, j::kw] = hit
-                    free &= ~hit
-            spread = xp().broadcast_to(g.reshape(n, c, oh, 1, ow, 1), (n, c, oh, kh, ow, kw)).reshape(x.shape)
-            return (spread * mask,)
-        # one window position at a time, over arrays of the output's size: every element of the gradient
-        # is written once (g where that position holds the window's first maximum, else 0)
-        grad = np.empty(x.shape, x.dtype)
+        plain = isinstance(g, np.ndarray)  # else create_graph: the gradient is a Tensor expression of g
+        # one window position at a time, over arrays of the output's size, each element written once: the
+        # gradient itself (g where that position holds the window's first maximum, else 0), or in
+        # create_graph the winner mask that g is multiplied by
+        result = np.empty(x.shape, x.dtype)
         free = np.ones(out.shape, bool)  # windows whose maximum is still to be found
         hit = np.empty(out.shape, bool)
         for i in range(kh):
             for j in range(kw):
                 np.equal(x[:, :, i::kh, j::kw], out, out=hit)
                 hit &= free
-                np.multiply(g, hit, out=grad[:, :, i::kh, j::kw])
+                if plain:
+                    np.multiply(g, hit, out=result[:, :, i::kh, j::kw])
+                else:
+                    result[:, :, i::kh, j::kw] = hit
                 free ^= hit  # hit is within free: this clears it
-        return (grad,)
+        if plain:
+            return (result,)
+        spread = xp().broadcast_to(g.reshape(n, c, oh, 1, ow, 1), (n, c, oh, kh, ow, kw)).reshape(x.shape)
+        return (spread * result,)
 
 
 class MaxOverWindow(Function):

@@ -185,21 +185,20 @@ class MPICommunicator(Communicator):
             if peer != self.rank:
                 self._send([seq, _COLLECTIVES.index(name)], peer, _QUERY)
         waiting = {}  # peer -> (collective #, its name) it waits in
+        here = (seq, _COLLECTIVES.index(name))
+        peers = [r for r in range(self.size) if r != self.rank]
+        stuck = lambda: [r for r in peers if self._asked.get(r) == here]  # noqa: E731 -- timed out here too
         grace = time.monotonic() + min(2.0, max(self.timeout, 0.1))
-        while len(waiting) < self.size - 1 and time.monotonic() < grace:
-            self._answer_peers(seq, name)  # a peer that timed out too is asking the same
+        # until every peer has answered us and asked us in turn: a peer timing out a moment later gets
+        # its answer from us too
+        while time.monotonic() < grace and (len(waiting) < len(peers) or len(stuck()) < len(peers)):
+            self._answer_peers(seq, name)
             if self._control.Iprobe(source=self.MPI.ANY_SOURCE, tag=_REPLY, status=status):
                 source = status.Get_source()
                 self._control.Recv(answer, source=source, tag=_REPLY)
                 waiting[source] = (int(answer[0]), _COLLECTIVES[int(answer[1])])
             else:
                 time.sleep(0.001)
-        here = (seq, _COLLECTIVES.index(name))
-        peers = [r for r in range(self.size) if r != self.rank]
-        stuck = lambda: [r for r in peers if self._asked.get(r) == here]  # noqa: E731 -- timed out here too
-        while time.monotonic() < grace and len(stuck()) < len(peers):
-            self._answer_peers(seq, name)  # a peer timing out a moment later gets its answer from us too
-            time.sleep(0.001)
         missing = [r for r in peers if waiting.get(r) != (seq, name)]
         if not missing:
             late = [r for r in peers if r not in stuck()]

@@ -123,8 +123,7 @@ class PSClient:
 
     def push(self, grads):
         """Push name -> gradient array to the shards that own them, all shards at once."""
-        self.pushes += 1
-        sequence = self.pushes
+        sequence = self._number_push()
 
         def one(shard):
             call = self._push[shard]
@@ -151,8 +150,7 @@ class PSClient:
     def push_pull(self, grads, out=None):
         """push(grads), then the parameters it leads to, in one call per shard: in sync mode those of the
         next version (once every worker pushed), otherwise the current ones. Returns what pull returns."""
-        self.pushes += 1
-        sequence = self.pushes
+        sequence = self._number_push()
 
         def one(shard):
             call = self._push_pull[shard]
@@ -160,6 +158,11 @@ class PSClient:
                 shard, call(self._requests(shard, grads, sequence), metadata=self.metadata), out))
 
         return self._merge(self._each(one))
+
+    def _number_push(self):
+        """The next push's number: the same for every shard and every retry of that push."""
+        self.pushes += 1
+        return self.pushes
 
     def _requests(self, shard, grads, sequence):
         """Serialized PushRequests for the gradients of the parameters `shard` holds: push number `sequence`
