@@ -532,6 +532,30 @@ def test_numpy_float64_scalars_and_arrays_do_not_promote(rng):
         assert y.dtype == np.float32
 
 
+def test_integer_and_boolean_tensors_give_float32_where_the_result_is_floating():
+    i, b = Tensor([1, 2, 3]), Tensor([True, False])
+    floating = {
+        "int + float": i + 0.5, "float * int": 1.5 * i, "int / int": i / 2, "int / int tensor": i / Tensor([2, 2, 2]),
+        "bool + float": b + 0.5, "int ** float": i ** 0.5, "exp": ops.exp(i), "log": ops.log(i),
+        "sqrt": ops.sqrt(i), "tanh": ops.tanh(i), "sigmoid": ops.sigmoid(i), "mean": i.mean(), "var": i.var(),
+        "softmax": ops.softmax(i), "log_softmax": ops.log_softmax(i),
+    }
+    assert {k: str(v.dtype) for k, v in floating.items()} == {k: "float32" for k in floating}
+    np.testing.assert_allclose((i / 2).data, [0.5, 1.0, 1.5])
+    integral = {"int + int": i + 1, "int * bool": i * b[0], "sum": i.sum(), "int ** int": i ** 2, "neg": -i}
+    assert {k: str(v.dtype) for k, v in integral.items()} == {k: "int64" for k in integral}
+
+
+def test_axes_out_of_range_are_refused_not_wrapped(rng):
+    x = Tensor(rng.standard_normal((2, 3)))
+    for bad in (lambda: x.unsqueeze(3), lambda: x.unsqueeze(-4), lambda: x.transpose(1, 2),
+                lambda: x.transpose((2, 3)), lambda: x.swapaxes(0, 2)):
+        with pytest.raises(ValueError, match="out of range"):
+            bad()
+    assert x.unsqueeze(2).shape == (2, 3, 1) and x.unsqueeze(-3).shape == (1, 2, 3)
+    assert x.transpose(-1, -2).shape == (3, 2)
+
+
 def test_tensor_construction_defaults_to_float32():
     assert Tensor([1.0, 2.0]).dtype == np.float32
     assert Tensor(np.zeros(3)).dtype == np.float32
@@ -551,3 +575,129 @@ def test_in_place_assignment_into_graph_tensor_is_refused(rng):
     with no_grad():
         x[0] = 1.0
     assert x.data[0] == 1.0
+
+
+# --- in-place changes ------------------------------------------------------------------------------
+#
+# A tensor that an op saved for backward and that is then changed in place would give a wrong gradient;
+# as in PyTorch, every tensor over the same data shares a version counter and backward refuses a change.
+
+
+def _changed_in_place(fn):
+    with pytest.raises(RuntimeError, match="changed in place"):
+        fn()
+
+
+def test_an_input_changed_in_place_after_use_is_refused(rng):
+    w = leaf((3,), rng)
+    x = Tensor(rng.standard_normal(3))
+    y = (w * x).sum()
+    x[0] = 100.0  # x needs no grad: the assignment is allowed, but Mul saved x
+    _changed_in_place(y.backward)
+
+
+def test_a_leaf_changed_under_no_grad_after_use_is_refused(rng):
+    w = leaf((3,), rng)
+    y = (w * w).sum()
+    with no_grad():
+        w[0] = 10.0
+    _changed_in_place(y.backward)
+
+
+def test_a_saved_output_changed_through_a_detached_alias_is_refused(rng):
+    x = leaf((2,), rng)
+    y = x.exp()  # Exp saves its output
+    alias = y.detach()
+    alias[0] = 0.0
+    _changed_in_place(lambda: y.sum().backward())
+
+
+def test_a_saved_input_changed_through_a_view_is_refused(rng):
+    w = leaf((2, 3), rng)
+    x = Tensor(rng.standard_normal((2, 3)))
+    y = (w * x).sum()
+    row = x[0]  # a numpy view of x's data: the change reaches x
+    row[1] = 5.0
+    _changed_in_place(y.backward)
+
+
+def test_an_optimizer_step_between_forward_and_a_retained_backward_is_refused(rng):
+    lin = nn.Linear(2, 2)
+    opt = optim.SGD(lin.parameters(), lr=0.1)
+    loss = lin(Tensor(rng.standard_normal((1, 2)))).sum()
+    loss.backward(retain_graph=True)
+    opt.step()  # the weights Linear saved are now other values
+    _changed_in_place(loss.backward)
+
+
+def test_changes_after_backward_or_to_unsaved_tensors_are_fine(rng):
+    w = leaf((3,), rng)
+    x = Tensor(rng.standard_normal(3))
+    y = (w + x).sum()  # Add saves nothing
+    x[0] = 7.0
+    y.backward()
+    np.testing.assert_array_equal(w.grad.data, np.ones(3, np.float32))
+    z = (w * x).sum()
+    z.backward()
+    x[1] = 3.0  # after backward: nothing needs it any more
+    with no_grad():
+        w -= 0.1 * w.grad
+    assert w._version[0] == 1
+
+
+def test_in_place_operators_update_under_no_grad(rng):
+    w = leaf((3,), rng)
+    before = w.data.copy()
+    data = w.data
+    with no_grad():
+        w -= 0.5
+        w *= 2.0
+        w += Tensor(np.ones(3, np.float32))
+        w /= 4.0
+    assert w.data is data and w.is_leaf and w.requires_grad  # the same tensor, changed in place
+    np.testing.assert_allclose(w.data, ((before - 0.5) * 2 + 1) / 4, rtol=1e-6)
+    assert w.data.dtype == np.float32
+
+
+def test_in_place_operator_on_a_leaf_that_requires_grad_is_refused(rng):
+    w = leaf((3,), rng)
+    with pytest.raises(RuntimeError, match="no_grad"):
+        w += 1.0
+
+
+def test_in_place_operator_with_gradients_builds_a_new_tensor(rng):
+    w = leaf((3,), rng)
+    acc = Tensor(np.zeros(3, np.float32))
+    acc += w * 2.0  # acc needs no grad but the right side does: the sum must stay differentiable
+    y = w * 1.0
+    y += w  # a non-leaf: y is rebound to y + w
+    (acc.sum() + y.sum()).backward()
+    np.testing.assert_array_equal(w.grad.data, np.full(3, 4.0, np.float32))
+
+
+def test_in_place_operator_errors_name_the_problem():
+    i = Tensor([1, 2, 3])
+    with pytest.raises(TypeError, match="int64"):
+        i /= 2
+    x = Tensor(np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match=r"\(3,\)"):
+        x += np.ones((2, 3), np.float32)
+
+
+# --- hooks' results -----------------------------------------------------------------------------------
+
+
+def test_a_hook_that_changes_the_gradient_dtype_or_shape_is_refused(rng):
+    w = leaf((2, 3), rng)
+    w.register_hook(lambda g: g.astype(np.float64))
+    with pytest.raises(ValueError, match="float64"):
+        (w * 2.0).sum().backward()
+    v = leaf((2, 3), rng)
+    y = v * 2.0
+    y.register_hook(lambda g: g.sum(axis=0))
+    with pytest.raises(ValueError, match=r"\[3\]"):
+        y.sum().backward()
+    u = leaf((2,), rng)
+    u.register_hook(lambda g: g.tolist())
+    with pytest.raises(TypeError, match="list"):
+        u.sum().backward()

@@ -205,6 +205,21 @@ def test_reassigning_and_deleting_attributes_updates_registration():
     assert "plain" not in m.state_dict()
 
 
+def test_a_registered_name_keeps_its_kind():
+    lin = nn.Linear(3, 2)
+    with pytest.raises(TypeError, match="parameter 'weight'"):
+        lin.weight = Tensor(np.zeros((2, 3), np.float32), requires_grad=True)
+    assert [n for n, _ in lin.named_parameters()] == ["weight", "bias"]
+    m = nn.Module()
+    m.register_buffer("scale", np.ones(2, np.float32))
+    m.scale = np.full(2, 5.0, np.float32)  # a buffer stays a buffer, with the new value
+    np.testing.assert_array_equal(dict(m.named_buffers())["scale"], [5.0, 5.0])
+    assert "scale" in m.state_dict()
+    m.sub = nn.Linear(1, 1)
+    with pytest.raises(TypeError, match="submodule 'sub'"):
+        m.sub = 3
+
+
 def test_setattr_before_super_init_is_a_clear_error():
     class Bad(nn.Module):
         def __init__(self):
@@ -460,6 +475,18 @@ def test_flatten(rng, start):
     compare_with_torch(nn.Flatten(start), torch.nn.Flatten(start), randn(rng, 2, 3, 4, 5))
 
 
+def test_flatten_of_an_empty_batch():
+    assert nn.Flatten()(Tensor(np.zeros((0, 3, 2, 2), np.float32))).shape == (0, 12)
+
+
+@pytest.mark.parametrize("pool", [nn.MaxPool2d, nn.AvgPool2d])
+def test_pooling_padding_over_half_the_kernel_is_refused(rng, pool):
+    with pytest.raises(ValueError, match="at most half the kernel"):
+        pool(2, stride=2, padding=2)(Tensor(randn(rng, 1, 1, 4, 4)))
+    with pytest.raises(ValueError, match="pair of ints"):
+        pool(2.5)(Tensor(randn(rng, 1, 1, 4, 4)))
+
+
 @pytest.mark.parametrize(
     "make_d,make_t",
     [
@@ -485,6 +512,12 @@ def test_layer_norm(rng, shape):
     d.bias.data[...] = randn(rng, *d.bias.shape)
     x = randn(rng, 2, 3, 4, 6) * 2 + 1 if shape != 8 else randn(rng, 2, 5, 8) * 2 + 1
     compare_with_torch(d, t, x)
+
+
+def test_layer_norm_refuses_mixed_dtypes(rng):
+    d = nn.LayerNorm(4).to(np.float64)
+    with pytest.raises(TypeError, match="float64 but the input is float32"):
+        d(Tensor(randn(rng, 2, 4)))
 
 
 def test_layer_norm_without_affine(rng):

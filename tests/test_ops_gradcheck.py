@@ -433,3 +433,11 @@ def test_gradcheck_refuses_float32_inputs():
     x = Tensor(np.ones(3), requires_grad=True)
     with pytest.raises(TypeError, match="float64"):
         gradcheck(ops.exp, [x])
+
+
+def test_gradcheck_perturbs_non_contiguous_inputs_in_place(rng):
+    x = Tensor(rng.standard_normal((3, 4)).T, requires_grad=True, dtype=np.float64)  # Fortran order
+    assert not x.data.flags.c_contiguous
+    assert gradcheck(ops.exp, [x])
+    strided = Tensor(rng.standard_normal((4, 6))[:, ::2], requires_grad=True, dtype=np.float64)
+    assert gradcheck(lambda t: t * t, [strided])

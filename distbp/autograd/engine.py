@@ -75,9 +75,24 @@ def _seed(root, grad, create_graph):
 def _run_hooks(hooks, g):
     for hook in hooks:
         replaced = hook(g)
-        if replaced is not None:
-            g = replaced
+        if replaced is None:
+            continue
+        if isinstance(g, _ndarray) and isinstance(replaced, Tensor):
+            replaced = replaced.data  # plain backward computes on arrays
+        elif isinstance(g, Tensor) and isinstance(replaced, _ndarray):
+            replaced = Tensor._from_op(replaced, None)  # create_graph backward computes on Tensors
+        if not isinstance(replaced, (_ndarray, Tensor)):
+            raise TypeError(f"the hook {_hook_name(hook)} returned a {type(replaced).__name__}; "
+                            "a hook returns the gradient (an array) or None")
+        if replaced.shape != g.shape or replaced.dtype != g.dtype:
+            raise ValueError(f"the hook {_hook_name(hook)} changed the gradient from {g.dtype}{list(g.shape)} to "
+                             f"{replaced.dtype}{list(replaced.shape)}; a hook may change its values only")
+        g = replaced
     return g
+
+
+def _hook_name(hook):
+    return getattr(hook, "__qualname__", None) or repr(hook)
 
 
 def backward(roots, grads=None, retain_graph=None, create_graph=False, inputs=None, allow_unused=False):

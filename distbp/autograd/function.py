@@ -28,11 +28,13 @@ _ndarray = np.ndarray
 
 
 class Function:
-    __slots__ = ("parents", "seq", "shape", "dtype", "saved", "hooks", "grad_acc", "grad_dests", "_inputs", "_out")
+    __slots__ = ("parents", "seq", "shape", "dtype", "saved", "hooks", "grad_acc", "grad_dests", "_inputs", "_out",
+                 "_versions", "_out_version")
 
     _is_node = True
     save_inputs = False  # forward's input Tensors are kept for backward (as ctx.inputs)
     save_output = False  # forward's output is kept for backward (as ctx.out)
+    output_views_input = False  # forward may return a view of its first input's array (reshape, slicing)
 
     @staticmethod
     def forward(ctx, *arrays, **options):
@@ -65,10 +67,26 @@ class Function:
                 ctx.hooks = None
                 ctx.grad_acc = None
                 ctx.grad_dests = None
-                ctx._inputs = inputs if cls.save_inputs else None
-                ctx._out = out if cls.save_output else None
-                return _Tensor._from_op(out, ctx)
-        return _Tensor._from_op(out, None)
+                result = _Tensor._from_op(out, ctx)
+                if cls.output_views_input and out.base is not None:
+                    result._version = inputs[0]._shared_version()
+                # What backward reads, with the versions it had (see _check_versions).
+                if cls.save_inputs:
+                    ctx._inputs = inputs
+                    ctx._versions = [0 if t._version is None else t._version[0] for t in inputs]
+                else:
+                    ctx._inputs = None
+                if cls.save_output:
+                    ctx._out = out
+                    box = result._shared_version()
+                    ctx._out_version = (box, box[0])
+                else:
+                    ctx._out = None
+                return result
+        result = _Tensor._from_op(out, None)
+        if cls.output_views_input and out.base is not None:
+            result._version = inputs[0]._shared_version()
+        return result
 
     # --- what backward reads -----------------------------------------------------------------------
 
@@ -87,17 +105,40 @@ class Function:
 
     @property
     def inputs(self):
-        if state.graph:
-            return self._inputs
+        arrays = self.input_arrays
+        return self._inputs if state.graph else arrays
+
+    @property
+    def input_arrays(self):
+        """The saved inputs' arrays in either mode (for constants such as masks), checked like `inputs`."""
+        for i, (t, saved) in enumerate(zip(self._inputs, self._versions)):
+            if (0 if t._version is None else t._version[0]) != saved:
+                raise RuntimeError(self._changed(f"its input {i}", t.data, t._version[0], saved))
         return [t.data for t in self._inputs]
 
     @property
+    def out_array(self):
+        """The saved output's array in either mode, refused if it was changed in place since forward."""
+        box, saved = self._out_version
+        if box[0] != saved:
+            raise RuntimeError(self._changed("its output", self._out, box[0], saved))
+        return self._out
+
+    @property
     def out(self):
+        out = self.out_array
         if state.graph:
             # A new Tensor over the same array whose node is this one: gradients flowing into it in a
             # later backward reach this node, exactly as through the original output.
-            return _Tensor._from_op(self._out, self)
-        return self._out
+            return _Tensor._from_op(out, self)
+        return out
+
+    def _changed(self, what, array, version, saved):
+        return (
+            f"{self.name} needs {what} (shape {list(array.shape)}, {array.dtype}) to compute gradients, but it was "
+            f"changed in place after {self.name} used it (it is at version {version}, {self.name} saw version "
+            f"{saved}): change a copy instead, or change it only after backward"
+        )
 
     @property
     def freed(self):
@@ -108,6 +149,8 @@ class Function:
         self.parents = None
         self._inputs = None
         self._out = None
+        self._versions = None
+        self._out_version = None
         self.saved = None
 
     @property

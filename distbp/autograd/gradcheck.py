@@ -60,15 +60,14 @@ def gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-3, seed=0):
     for i, a in zip(checked, analytic):
         x = inputs[i].data
         numeric = np.zeros(x.shape)
-        flat = x.reshape(-1)  # a view: perturbing it perturbs the input
-        for k in range(flat.size):
-            orig = flat[k]
-            flat[k] = orig + eps
+        for k in np.ndindex(x.shape):  # element by element in the input itself, whatever its strides
+            orig = x[k]
+            x[k] = orig + eps
             up = contracted()
-            flat[k] = orig - eps
+            x[k] = orig - eps
             down = contracted()
-            flat[k] = orig
-            numeric.reshape(-1)[k] = (up - down) / (2 * eps)
+            x[k] = orig
+            numeric[k] = (up - down) / (2 * eps)
         got = np.zeros(x.shape) if a is None else a.data
         if got.shape != x.shape:
             raise GradcheckError(f"gradcheck: gradient of input {i} has shape {got.shape}, input has {x.shape}")

@@ -348,7 +348,7 @@ class Clip(Function):
 
     @staticmethod
     def backward(ctx, g):
-        x = ctx._inputs[0].data  # the mask is a constant, in either mode
+        x = ctx.input_arrays[0]  # the mask is a constant, in either mode
         lo, hi = ctx.saved
         inside = np.ones(x.shape, bool)
         if lo is not None:
@@ -486,6 +486,7 @@ class Var(Function):
 
 class Reshape(Function):
     __slots__ = ()
+    output_views_input = True
 
     @staticmethod
     def forward(ctx, x, shape):
@@ -499,6 +500,7 @@ class Reshape(Function):
 
 class Transpose(Function):
     __slots__ = ()
+    output_views_input = True
 
     @staticmethod
     def forward(ctx, x, axes):
@@ -512,6 +514,7 @@ class Transpose(Function):
 
 class BroadcastTo(Function):
     __slots__ = ()
+    output_views_input = True
 
     @staticmethod
     def forward(ctx, x, shape):
@@ -526,6 +529,7 @@ class GetItem(Function):
     """x[index]: basic slicing and integer-array (advanced) indexing."""
 
     __slots__ = ()
+    output_views_input = True
 
     @staticmethod
     def forward(ctx, x, index):
@@ -1005,7 +1009,7 @@ class MaxPoolTiles(Function):
     @staticmethod
     def backward(ctx, g):
         kh, kw = ctx.saved
-        x, out = ctx._inputs[0].data, ctx._out  # the winner mask is a constant in either mode
+        x, out = ctx.input_arrays[0], ctx.out_array  # the winner mask is a constant in either mode
         n, c, oh, ow = out.shape
         plain = isinstance(g, np.ndarray)  # else create_graph: the gradient is a Tensor expression of g
         # one window position at a time, over arrays of the output's size, each element written once: the
@@ -1041,7 +1045,7 @@ class MaxOverWindow(Function):
 
     @staticmethod
     def backward(ctx, g):
-        cols = ctx._inputs[0].data  # the winner mask is a constant in either mode
+        cols = ctx.input_arrays[0]  # the winner mask is a constant in either mode
         winner = np.zeros(cols.shape, cols.dtype)
         np.put_along_axis(winner, cols.argmax(axis=2)[:, :, None], 1, axis=2)
         n, c, _, oh, ow = cols.shape
@@ -1168,15 +1172,31 @@ def _pair(a, b, name):
             elif fb:
                 a = _const(a.data, db)
         return a, b
-    if ta:
-        return a, _const(b, a.data.dtype)
-    if tb:
-        return _const(a, b.data.dtype), b
-    return Tensor(a), Tensor(b)
+    elif ta:
+        b = _const(b, a.data.dtype)
+    elif tb:
+        a = _const(a, b.data.dtype)
+    else:
+        return Tensor(a), Tensor(b)
+    # an integer or boolean tensor with a float constant: both float, as numpy would make float64
+    if a.data.dtype.kind != "f" and b.data.dtype.kind == "f":
+        a = _const(a.data, b.data.dtype)
+    elif b.data.dtype.kind != "f" and a.data.dtype.kind == "f":
+        b = _const(b.data, a.data.dtype)
+    return a, b
 
 
 def _tensor(x):
     return x if isinstance(x, Tensor) else Tensor(x)
+
+
+def _floating(x):
+    """x as a Tensor for an op whose result is floating point: integer and boolean data become float32
+    (numpy would compute in float64). They never require grad, so the cast needs no graph."""
+    x = _tensor(x)
+    if x.data.dtype.kind != "f":
+        return Tensor._from_op(x.data.astype(np.float32), None)
+    return x
 
 
 def _broadcast_error(name, a, b):
@@ -1206,6 +1226,9 @@ def mul(a, b):
 
 
 def div(a, b):
+    a, b = _pair(a, b, "div")
+    if a.data.dtype.kind != "f":  # true division of integers is float32, as in PyTorch
+        a, b = _floating(a), _floating(b)
     return _binary(Div, "div", a, b)
 
 
@@ -1216,28 +1239,28 @@ def neg(x):
 def pow(x, p):
     p = _number(p)
     if isinstance(p, (int, float)) and not isinstance(p, bool) and isinstance(x, Tensor):
-        return PowScalar.apply(x, p=p)
+        return PowScalar.apply(_floating(x) if isinstance(p, float) else x, p=p)
     return _binary(Pow, "pow", x, p)
 
 
 def exp(x):
-    return Exp.apply(_tensor(x))
+    return Exp.apply(_floating(x))
 
 
 def log(x):
-    return Log.apply(_tensor(x))
+    return Log.apply(_floating(x))
 
 
 def sqrt(x):
-    return Sqrt.apply(_tensor(x))
+    return Sqrt.apply(_floating(x))
 
 
 def tanh(x):
-    return Tanh.apply(_tensor(x))
+    return Tanh.apply(_floating(x))
 
 
 def sigmoid(x):
-    return Sigmoid.apply(_tensor(x))
+    return Sigmoid.apply(_floating(x))
 
 
 def relu(x):
@@ -1245,13 +1268,13 @@ def relu(x):
 
 
 def erf(x):
-    return Erf.apply(_tensor(x))
+    return Erf.apply(_floating(x))
 
 
 def gelu(x, approximate="none"):
     if approximate not in ("none", "tanh"):
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', not {approximate!r}")
-    return Gelu.apply(_tensor(x), approximate=approximate)
+    return Gelu.apply(_floating(x), approximate=approximate)
 
 
 def abs(x):
@@ -1309,7 +1332,7 @@ def sum(x, axis=None, keepdims=False):
 
 
 def mean(x, axis=None, keepdims=False):
-    x = _tensor(x)
+    x = _floating(x)
     axes = _axes(axis, x.data.ndim)
     if x.data.size == 0:
         raise ValueError("mean of an empty tensor")
@@ -1332,7 +1355,7 @@ def min(x, axis=None, keepdims=False):
 
 def var(x, axis=None, keepdims=False, correction=0):
     """Variance over axes; correction=1 gives the unbiased estimate (numpy's ddof)."""
-    x = _tensor(x)
+    x = _floating(x)
     return Var.apply(x, axes=_axes(axis, x.data.ndim), keepdims=keepdims, correction=correction)
 
 
@@ -1349,6 +1372,8 @@ def reshape(x, shape):
 def transpose(x, axes=None):
     x = _tensor(x)
     ndim = x.data.ndim
+    if axes is not None and any(not -ndim <= a < ndim for a in axes):
+        raise ValueError(f"transpose: axes {tuple(axes)} are out of range for a {ndim}-d tensor")
     axes = tuple(reversed(range(ndim))) if axes is None else tuple(a % ndim for a in axes)
     if sorted(axes) != list(range(ndim)):
         raise ValueError(f"transpose: axes {axes} are not a permutation of a {ndim}-d tensor's axes")
@@ -1357,7 +1382,10 @@ def transpose(x, axes=None):
 
 def swapaxes(x, a, b):
     x = _tensor(x)
-    axes = list(range(x.data.ndim))
+    ndim = x.data.ndim
+    if not (-ndim <= a < ndim and -ndim <= b < ndim):
+        raise ValueError(f"swapaxes: axes {a} and {b} are out of range for a {ndim}-d tensor")
+    axes = list(range(ndim))
     axes[a], axes[b] = axes[b], axes[a]
     return transpose(x, axes)
 
@@ -1377,6 +1405,9 @@ def squeeze(x, axis=None):
 def unsqueeze(x, axis):
     x = _tensor(x)
     shape = list(x.data.shape)
+    if not -len(shape) - 1 <= axis <= len(shape):
+        raise ValueError(f"unsqueeze: axis {axis} is out of range for a {len(shape)}-d tensor "
+                         f"(from {-len(shape) - 1} to {len(shape)})")
     axis = axis % (len(shape) + 1)
     shape.insert(axis, 1)
     return reshape(x, tuple(shape))
@@ -1512,13 +1543,13 @@ def linear(x, weight, bias=None):
 
 
 def softmax(x, axis=-1):
-    x = _tensor(x)
+    x = _floating(x)
     _axes(axis, x.data.ndim)
     return Softmax.apply(x, axis=axis)
 
 
 def log_softmax(x, axis=-1):
-    x = _tensor(x)
+    x = _floating(x)
     _axes(axis, x.data.ndim)
     return LogSoftmax.apply(x, axis=axis)
 
@@ -1570,16 +1601,17 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     if bias is not None and weight is None:
         raise ValueError("layer_norm: a bias needs a weight")
     params = [p for p in (weight, bias) if p is not None]
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and p.data.dtype != x.data.dtype:
+            raise TypeError(f"layer_norm: {name} is {p.data.dtype} but the input is {x.data.dtype}")
     return LayerNorm.apply(x, *params, axes=axes, eps=float(eps))
 
 
 def _pair2(v, name):
-    if isinstance(v, int):
-        return (v, v)
-    v = tuple(int(a) for a in v)
-    if len(v) != 2:
-        raise ValueError(f"{name} must be an int or a pair, got {v}")
-    return v
+    v = (v, v) if isinstance(v, (int, np.integer)) else tuple(v) if isinstance(v, (tuple, list)) else (v,)
+    if len(v) != 2 or not all(isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in v):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    return tuple(int(a) for a in v)
 
 
 def unfold(x, kernel_size, stride=1, padding=0, pad_value=0.0):
@@ -1631,6 +1663,9 @@ def _pool(x, kernel_size, stride, padding, reduce, pad_value):
     kernel = _pair2(kernel_size, "kernel_size")
     stride = kernel if stride is None else _pair2(stride, "stride")
     padding = _pair2(padding, "padding")
+    if padding[0] > kernel[0] // 2 or padding[1] > kernel[1] // 2:
+        raise ValueError(f"pooling: padding {padding} must be at most half the kernel {kernel} "
+                         "(else some windows hold only padding)")
     n, c, h, w = x.data.shape
     oh, ow = _out_size(h, kernel[0], stride[0], padding[0]), _out_size(w, kernel[1], stride[1], padding[1])
     if kernel == stride and padding == (0, 0) and h % kernel[0] == 0 and w % kernel[1] == 0:

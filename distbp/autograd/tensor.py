@@ -43,7 +43,10 @@ class Tensor:
     given (np.float64 for gradient checks); integers become int64; booleans stay bool.
     """
 
-    __slots__ = ("data", "requires_grad", "grad", "_node", "_hooks", "_post_hooks", "_grad_dest", "__weakref__")
+    # _version: None until the data is first changed in place or shared (detach, a view op), then a one-item
+    # list shared by every tensor over that memory; backward compares it with what each op saved.
+    __slots__ = ("data", "requires_grad", "grad", "_node", "_hooks", "_post_hooks", "_grad_dest", "_version",
+                 "__weakref__")
 
     _is_node = False
     __hash__ = object.__hash__  # identity: the engine keys leaves by object, and == is elementwise
@@ -57,6 +60,7 @@ class Tensor:
         self._hooks = None
         self._post_hooks = None
         self._grad_dest = None
+        self._version = None
         self.requires_grad = False
         if requires_grad:
             self.requires_grad_(True)
@@ -70,8 +74,24 @@ class Tensor:
         t._hooks = None
         t._post_hooks = None
         t._grad_dest = None
+        t._version = None
         t.requires_grad = node is not None
         return t
+
+    # --- in-place changes ------------------------------------------------------------------------------
+
+    def _shared_version(self):
+        """The version counter, made now if this tensor never had one, for another tensor over the same data."""
+        if self._version is None:
+            self._version = [0]
+        return self._version
+
+    def _bump_version(self):
+        """Record an in-place change of the data: a graph that saved this tensor can no longer use it."""
+        if self._version is None:
+            self._version = [1]
+        else:
+            self._version[0] += 1
 
     # --- basic properties ----------------------------------------------------------------------------
 
@@ -140,8 +160,10 @@ class Tensor:
         return self.data.tolist()
 
     def detach(self):
-        """The same data as a new leaf that requires no gradient."""
-        return Tensor._from_op(self.data, None)
+        """The same data as a new leaf that requires no gradient (an in-place change to it counts for both)."""
+        t = Tensor._from_op(self.data, None)
+        t._version = self._shared_version()
+        return t
 
     def requires_grad_(self, flag=True):
         if self._node is not None and not flag:
@@ -300,6 +322,48 @@ class Tensor:
                 "assign under no_grad() or into .data"
             )
         self.data[index] = value.data if isinstance(value, Tensor) else value
+        self._bump_version()
+
+    # x += y and friends change x's data in place, as in PyTorch, when no gradient is involved (an optimizer
+    # update under no_grad). When one is (grad mode on, x or y requires grad), the result is a new tensor and
+    # the name is rebound: differentiable, but other references to x keep the old value. A leaf that
+    # requires grad is refused, as in PyTorch: its gradient would describe a tensor that no longer exists.
+    def _in_place(self, other, op, ufunc, symbol):
+        if state.enabled and (self.requires_grad or (isinstance(other, Tensor) and other.requires_grad)):
+            if self.requires_grad and self._node is None:
+                raise RuntimeError(
+                    f"x {symbol}= ... on a leaf tensor that requires grad, with grad mode on: do it under "
+                    f"no_grad() (an optimizer update) or write x = x {symbol} ... (a new tensor)"
+                )
+            return op(self, other)
+        raw = other.data if isinstance(other, Tensor) else other
+        try:
+            ufunc(self.data, raw, out=self.data, casting="same_kind")
+        except TypeError:
+            result = np.result_type(self.data, raw)
+            raise TypeError(
+                f"x {symbol}= ...: the result is {result}, which cannot be stored in place in a {self.data.dtype} "
+                "tensor"
+            ) from None
+        except ValueError as e:
+            raise ValueError(
+                f"x {symbol}= ...: a tensor of shape {self.data.shape} cannot take the result in place "
+                f"({np.shape(raw)} operand): {e}"
+            ) from None
+        self._bump_version()
+        return self
+
+    def __iadd__(self, other):
+        return self._in_place(other, _ops.add, np.add, "+")
+
+    def __isub__(self, other):
+        return self._in_place(other, _ops.sub, np.subtract, "-")
+
+    def __imul__(self, other):
+        return self._in_place(other, _ops.mul, np.multiply, "*")
+
+    def __itruediv__(self, other):
+        return self._in_place(other, _ops.div, np.true_divide, "/")
 
     # comparisons: no gradient, boolean results
     def __lt__(self, other):
@@ -346,7 +410,8 @@ class Tensor:
         return _ops.reshape(self, shape)
 
     def flatten(self, start_axis=0):
-        return _ops.reshape(self, self.data.shape[:start_axis] + (-1,))
+        shape = self.data.shape
+        return _ops.reshape(self, shape[:start_axis] + (int(np.prod(shape[start_axis:])),))
 
     def transpose(self, *axes):
         if len(axes) == 1 and isinstance(axes[0], (tuple, list)):

@@ -37,6 +37,16 @@ class Module:
     def __setattr__(self, name, value):
         if "_parameters" not in self.__dict__:
             raise RuntimeError(f"{type(self).__name__}.__init__ must call super().__init__() before setting attributes")
+        # A registered name takes only another Parameter or Module (or None): silently unregistering a
+        # parameter over a plain value would drop it from the optimizer and the state_dict.
+        registered = "parameter" if name in self._parameters else "submodule" if name in self._modules else None
+        if registered and value is not None and not isinstance(value, (Parameter, Module)):
+            raise TypeError(f"cannot assign a {type(value).__name__} to {registered} {name!r} of "
+                            f"{type(self).__name__} (a Parameter, a Module or None is expected)")
+        if name in self._buffers and not isinstance(value, (Parameter, Module)):
+            self._buffers[name] = value
+            object.__setattr__(self, name, value)
+            return
         for table in (self._parameters, self._modules, self._buffers):
             table.pop(name, None)
         if isinstance(value, Parameter):
@@ -199,6 +209,7 @@ class Module:
             current = targets[name]
             if isinstance(current, Tensor):
                 current.data[...] = arr
+                current._bump_version()
             else:
                 current[...] = arr
         return missing, unexpected

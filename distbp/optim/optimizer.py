@@ -82,6 +82,7 @@ class Optimizer:
                     f"{type(self).__name__}: gradient {g.shape} {g.dtype} does not match its parameter "
                     f"{p.data.shape} {p.data.dtype}"
                 )
+            p._bump_version()  # the update is an in-place change: a graph that saved p can no longer use it
             yield p.data, g, self.state.setdefault(p, {})
 
     # --- state -----------------------------------------------------------------------------------------

@@ -113,6 +113,7 @@ class DataParallel:
     def _broadcast_state(self):
         for _, p in self.named:
             self.comm.broadcast(p.data, root=0)
+            p._bump_version()
         for _, b in self.module.named_buffers():
             arr = b.data if isinstance(b, Tensor) else b
             if isinstance(arr, np.ndarray) and arr.flags.c_contiguous and arr.flags.writeable:

@@ -256,6 +256,7 @@ class PSStep:
         for name, p in named:
             if name not in direct:
                 p.data[...] = arrays[name]
+            p._bump_version()  # changed in place, as by an optimizer step
 
     def all_sum(self, values):
         return list(values)
