@@ -1,12 +1,14 @@
 """safetensors files, written atomically and read without running any code.
 
 The layout: an 8-byte little-endian header length, a JSON header naming each array's dtype, shape and
-byte range (plus free-form string "__metadata__"), then the raw little-endian bytes. Writing goes to a
+byte range (plus free-form string "__metadata__"), then the raw little-endian bytes, which the byte ranges
+cover exactly (no overlap, gap or trailing byte: the reader refuses a file that breaks this). Writing goes to a
 temporary file in the same directory, is flushed to disk, then renamed over the old file: a crash at any
 point leaves either the old file or the new one, never a torn one.
 """
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -92,17 +94,51 @@ def load_safetensors(path):
     if not isinstance(metadata, dict):
         raise CheckpointError(f"{path}: not a valid checkpoint: '__metadata__' is not a JSON object")
     body = memoryview(raw)[8 + n:]
-    arrays = {}
+    entries = []  # (begin, end, name, dtype, shape)
     for name, info in header.items():
         try:
             dtype = np.dtype(_DTYPES[info["dtype"]]).newbyteorder("<")
-            shape = tuple(int(s) for s in info["shape"])
-            begin, end = (int(o) for o in info["data_offsets"])
-            if any(s < 0 for s in shape):
-                raise ValueError("negative dimension")
-        except (KeyError, TypeError, ValueError):
+            shape, offsets = info["shape"], info["data_offsets"]
+        except (KeyError, TypeError):
             raise CheckpointError(f"{path}: entry {name!r} has a malformed description {info!r}") from None
-        if not 0 <= begin <= end <= len(body) or end - begin != int(np.prod(shape)) * dtype.itemsize:
-            raise CheckpointError(f"{path}: entry {name!r} has byte range {begin}..{end} that does not fit")
+        if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
+            raise CheckpointError(f"{path}: entry {name!r} has shape {shape!r}: dimensions must be integers >= 0")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+            raise CheckpointError(f"{path}: entry {name!r} has data_offsets {offsets!r}: expected [begin, end], "
+                                  "integers >= 0")
+        begin, end = offsets
+        # Python ints: a crafted shape must not wrap around as np.prod's int64 would
+        size = math.prod(shape) * dtype.itemsize
+        if not begin <= end <= len(body) or end - begin != size:
+            raise CheckpointError(
+                f"{path}: entry {name!r} has byte range {begin}..{end} that does not fit its shape {shape} "
+                f"and dtype {info['dtype']} ({size} bytes) in a data section of {len(body)} bytes"
+            )
+        entries.append((begin, end, name, dtype, tuple(shape)))
+    _check_layout(path, entries, len(body))
+    arrays = {}
+    for begin, end, name, dtype, shape in entries:
         arrays[name] = np.frombuffer(body[begin:end], dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
     return arrays, metadata
+
+
+def _is_count(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_layout(path, entries, data_bytes):
+    """The format requires the byte ranges to tile the data section exactly: no overlap (two arrays sharing
+    bytes), no gap and no trailing bytes (data no entry accounts for, as a damaged or tampered file has)."""
+    covered, previous = 0, None
+    for begin, end, name, _, _ in sorted(entries, key=lambda e: (e[0], e[1])):
+        if begin < covered:
+            raise CheckpointError(f"{path}: entry {name!r} (bytes {begin}..{end}) overlaps entry {previous!r} "
+                                  f"(which ends at byte {covered})")
+        if begin > covered:
+            after = f"after entry {previous!r}" if previous is not None else "at the start of the data"
+            raise CheckpointError(f"{path}: entry {name!r} starts at byte {begin}, leaving bytes {covered}..{begin} "
+                                  f"{after} unaccounted for")
+        covered, previous = end, name
+    if covered != data_bytes:
+        after = f"after the last entry {previous!r}" if previous is not None else "with no entries"
+        raise CheckpointError(f"{path}: {data_bytes - covered} trailing bytes in the data section {after}")

@@ -353,6 +353,89 @@ def test_wrong_header(tmp_path, content, words):
     assert_snapshots_equal(snapshot(model, optimizer), before)
 
 
+def _entry(shape, begin, end, dtype="F32"):
+    return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
+
+
+# the safetensors format: the byte ranges tile the data section exactly; shapes are lists of integers >= 0
+BAD_LAYOUTS = [
+    pytest.param({"a": _entry([2], 0, 8), "b": _entry([2], 0, 8)}, 8, "'b'.*overlaps.*'a'", id="same-range"),
+    pytest.param({"a": _entry([2], 0, 8), "b": _entry([2], 4, 12)}, 12, "'b'.*overlaps.*'a'", id="overlap"),
+    pytest.param({"a": _entry([4], 0, 16), "b": _entry([0], 8, 8)}, 16, "'b'.*overlaps.*'a'",
+                 id="empty-inside-other"),
+    pytest.param({"a": _entry([2], 0, 8), "b": _entry([2], 16, 24)}, 24, "'b'.*bytes 8..16.*'a'", id="gap"),
+    pytest.param({"a": _entry([2], 8, 16)}, 16, "'a'.*bytes 0..8", id="gap-at-start"),
+    pytest.param({"a": _entry([2], 0, 8)}, 16, "8 trailing bytes.*'a'", id="trailing-bytes"),
+    pytest.param({}, 8, "8 trailing bytes", id="data-without-entries"),
+    pytest.param({"a": _entry([2.7], 0, 8)}, 8, "'a'.*shape", id="float-dimension"),
+    pytest.param({"a": _entry([2.0], 0, 8)}, 8, "'a'.*shape", id="integral-float-dimension"),
+    pytest.param({"a": _entry([True, 2], 0, 8)}, 8, "'a'.*shape", id="bool-dimension"),
+    pytest.param({"a": _entry(["2"], 0, 8)}, 8, "'a'.*shape", id="string-dimension"),
+    pytest.param({"a": _entry([-2], 0, 8)}, 8, "'a'.*shape", id="negative-dimension"),
+    pytest.param({"a": _entry(2, 0, 8)}, 8, "'a'.*shape", id="shape-not-list"),
+    pytest.param({"a": {"dtype": "F32", "shape": [2], "data_offsets": ["0", "8"]}}, 8, "'a'.*data_offsets",
+                 id="string-offsets"),
+    pytest.param({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0.0, 8.0]}}, 8, "'a'.*data_offsets",
+                 id="float-offsets"),
+    pytest.param({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8, 8]}}, 8, "'a'.*data_offsets",
+                 id="three-offsets"),
+    pytest.param({"a": _entry([2], 8, 0)}, 8, "'a'.*does not fit", id="end-before-begin"),
+    # 2**64 elements: a size computed in int64 wraps to 0 and would "fit" the empty range
+    pytest.param({"a": _entry([2**32, 2**32], 0, 0)}, 0, "'a'.*does not fit", id="huge-shape"),
+    pytest.param({"a": _entry([2**62, 4], 0, 0, "U8")}, 0, "'a'.*does not fit", id="huge-shape-u8"),
+]
+
+
+@pytest.mark.parametrize("header, body_bytes, words", BAD_LAYOUTS)
+def test_bad_layout_is_refused_naming_the_entry(tmp_path, header, body_bytes, words):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(_with_header(header, bytes(body_bytes)))
+    with pytest.raises(CheckpointError, match=words):
+        load_safetensors(path)
+
+
+def test_entries_in_any_header_order_and_empty_ones_load(tmp_path):
+    a, b = np.arange(2, dtype=np.float32), np.arange(3, dtype=np.int64)
+    header = {"b": _entry([3], 8, 32, "I64"), "e": _entry([0, 5], 8, 8), "a": _entry([2], 0, 8),
+              "z": _entry([0], 32, 32)}
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(_with_header(header, a.tobytes() + b.tobytes()))
+    got, _ = load_safetensors(path)
+    assert _same(got["a"], a) and _same(got["b"], b)
+    assert got["e"].shape == (0, 5) and got["z"].shape == (0,)
+
+
+def _tampered(path, change):
+    """The checkpoint at path with its header passed through change(header) and its data kept as is."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    change(header)
+    out = path.with_name("tampered.safetensors")
+    out.write_bytes(_with_header(header, raw[8 + n:]))
+    return out
+
+
+@pytest.mark.parametrize("how", ["shared-range", "trailing-bytes"])
+def test_tampered_checkpoint_is_refused_unchanged(good_checkpoint, how):
+    def share(header):  # one array's entry pointed at another's bytes: both would load, one silently wrong
+        header["optim/1/exp_avg_sq"]["data_offsets"] = header["optim/1/exp_avg"]["data_offsets"]
+
+    if how == "shared-range":
+        path = _tampered(good_checkpoint, share)
+        words = "'optim/1/exp_avg(_sq)?' .*overlaps"
+    else:
+        path = good_checkpoint.with_name("tampered.safetensors")
+        path.write_bytes(good_checkpoint.read_bytes() + bytes(64))
+        words = "64 trailing bytes"
+    model, optimizer = make(seed=5)
+    train(model, optimizer, 2)
+    before = snapshot(model, optimizer)
+    with pytest.raises(CheckpointError, match=words):
+        load_checkpoint(path, model, optimizer)
+    assert_snapshots_equal(snapshot(model, optimizer), before)
+
+
 # --- atomic writes under SIGKILL -------------------------------------------------------------------------
 
 # The writer loads distbp/serialization.py by file path: the same code, without importing the whole package
