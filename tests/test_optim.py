@@ -426,6 +426,17 @@ def test_non_parameters_rejected():
         optim.SGD([{"params": [p]}, {"params": [p]}], lr=0.1)
 
 
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_parameter_listed_twice_in_one_group_rejected(name):
+    p, q = _p(), _p()
+    with pytest.raises(ValueError, match="position 2 of the group.*more than once"):
+        getattr(optim, name)([p, q, p], lr=0.1)
+    opt = getattr(optim, name)([q], lr=0.1)
+    with pytest.raises(ValueError, match="position 1 of the group.*more than once"):
+        opt.add_param_group({"params": [p, p]})
+    assert len(opt.param_groups) == 1  # the refused group was not half-added
+
+
 def test_bad_betas_in_param_group_rejected():
     with pytest.raises(ValueError, match="betas"):
         optim.Adam([{"params": [_p()], "betas": (1.5, 0.999)}])

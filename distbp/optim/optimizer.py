@@ -36,6 +36,12 @@ class Optimizer:
                 raise TypeError(f"{type(self).__name__}: expected parameters, got {type(p).__name__}")
             if not p.requires_grad:
                 raise ValueError(f"{type(self).__name__}: a parameter of shape {p.shape} does not require grad")
+        seen = set()
+        for i, p in enumerate(params):
+            if id(p) in seen:  # it would be stepped once per listing
+                raise ValueError(f"{type(self).__name__}: the parameter at position {i} of the group (shape {p.shape}) "
+                                 "is listed more than once")
+            seen.add(id(p))
         known = {id(p) for g in self.param_groups for p in g["params"]}
         if any(id(p) in known for p in params):
             raise ValueError(f"{type(self).__name__}: a parameter appears in more than one group")
