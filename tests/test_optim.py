@@ -377,6 +377,109 @@ def test_load_state_dict_missing_sections_and_unknown_index():
     _assert_opt_unchanged(b, snap)
 
 
+def _drop(key):
+    def change(sd):
+        del sd["state"][1][key]
+    return change
+
+
+def _set_state(key, value):
+    def change(sd):
+        sd["state"][1][key] = value
+    return change
+
+
+def _set_group(key, value):
+    def change(sd):
+        sd["param_groups"][0][key] = value
+    return change
+
+
+BAD_ADAM_STATES = [
+    pytest.param(_drop("exp_avg_sq"), r"parameter 1 lacks \['exp_avg_sq'\]", id="no-exp_avg_sq"),
+    pytest.param(_drop("exp_avg"), r"parameter 1 lacks \['exp_avg'\]", id="no-exp_avg"),
+    pytest.param(_drop("step"), r"parameter 1 lacks \['step'\]", id="no-step"),
+    pytest.param(_set_state("step", -1), "'step' for parameter 1 is -1", id="negative-step"),
+    pytest.param(_set_state("step", 2.5), "'step' for parameter 1 is 2.5", id="float-step"),
+    pytest.param(_set_state("step", True), "'step' for parameter 1 is True", id="bool-step"),
+    pytest.param(_set_state("step", "1"), "'step' for parameter 1 is '1'", id="string-step"),
+    pytest.param(_set_state("exp_avg", np.zeros(3, np.int32)), "'exp_avg' for parameter 1 has dtype int32",
+                 id="int-array"),
+    pytest.param(_set_state("exp_avg", 0.0), "'exp_avg' for parameter 1 is a float, not an array", id="not-array"),
+    pytest.param(_set_state("exp_avg_sq", np.zeros((3, 1), np.float32)), r"'exp_avg_sq' for parameter 1 has shape",
+                 id="wrong-shape"),
+    pytest.param(_set_state("momentum_buffer", np.zeros(3, np.float32)), "parameter 1 has entries "
+                 r"\['momentum_buffer'\] that Adam does not keep", id="unknown-entry"),
+    pytest.param(_set_group("lr", -1.0), "learning rate", id="negative-lr"),
+    pytest.param(_set_group("betas", (0.9, "x")), "betas", id="bad-betas"),
+    pytest.param(_set_group("momentum", 0.9), "unknown hyper-parameters", id="unknown-hyper-parameter"),
+    pytest.param(lambda sd: sd["param_groups"][0].update(params=[1, 1]), "index 1 more than once",
+                 id="index-twice"),
+    pytest.param(lambda sd: sd["state"].update({"1": sd["state"][1]}), "index 1 more than once",
+                 id="state-twice"),
+]
+
+
+@pytest.mark.parametrize("change, words", BAD_ADAM_STATES)
+def test_load_state_dict_refuses_state_step_cannot_use(change, words):
+    a, b, pb = _adam_pair([(2,), (3,)], [(2,), (3,)])
+    for p in pb:
+        p.grad = Tensor(np.ones(p.shape, np.float32))
+    sd = copy.deepcopy(a.state_dict())
+    change(sd)
+    snap = _snapshot(b)
+    with pytest.raises((ValueError, TypeError, KeyError), match=words):
+        b.load_state_dict(sd)
+    _assert_opt_unchanged(b, snap)
+    with pytest.raises((ValueError, TypeError, KeyError), match=words):
+        b.check_state_dict(sd)
+    _assert_opt_unchanged(b, snap)
+    b.step()  # the refused state left a working optimizer
+
+
+def test_load_state_dict_adam_without_any_state_for_a_parameter():
+    # a parameter with no gradient yet has no state at all: that is not a missing entry
+    a, b, pb = _adam_pair([(2,), (3,)], [(2,), (3,)])
+    sd = a.state_dict()
+    del sd["state"][1]
+    b.load_state_dict(sd)
+    assert pb[1] not in b.state and b.state[pb[0]]["step"] == 1
+    for p in pb:
+        p.grad = Tensor(np.ones(p.shape, np.float32))
+    b.step()
+    assert b.state[pb[1]]["step"] == 1 and b.state[pb[0]]["step"] == 2
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_load_state_dict_sgd_momentum_buffer_stays_optional(momentum):
+    ps = [nn.Parameter(np.ones(s, np.float32)) for s in [(2,), (3,)]]
+    src = optim.SGD(ps, lr=0.1, momentum=momentum)
+    ps[0].grad = Tensor(np.ones(2, np.float32))  # only parameter 0 steps
+    src.step()
+    sd = src.state_dict()
+    assert ("momentum_buffer" in sd["state"][0]) == bool(momentum) and 1 not in sd["state"]
+    sd["state"][1] = {}  # state made by a step without momentum
+    qs = [nn.Parameter(np.ones(s, np.float32)) for s in [(2,), (3,)]]
+    dst = optim.SGD(qs, lr=0.5, momentum=momentum)
+    dst.load_state_dict(sd)
+    assert dst.state[qs[1]] == {} and dst.param_groups[0]["lr"] == 0.1
+    for q in qs:
+        q.grad = Tensor(np.ones(q.shape, np.float32))
+    dst.step()
+    bad = copy.deepcopy(src.state_dict())
+    bad["state"][0] = {"exp_avg": np.zeros(2, np.float32)}
+    with pytest.raises(ValueError, match=r"parameter 0 has entries \['exp_avg'\] that SGD does not keep"):
+        dst.load_state_dict(bad)
+
+
+def test_load_state_dict_counts_come_back_as_ints():
+    a, b, pb = _adam_pair([(2,), (3,)], [(2,), (3,)])
+    sd = a.state_dict()
+    sd["state"][0]["step"] = np.int64(4)
+    b.load_state_dict(sd)
+    assert type(b.state[pb[0]]["step"]) is int and b.state[pb[0]]["step"] == 4
+
+
 # --- hyper-parameter validation ----------------------------------------------------------------------
 
 

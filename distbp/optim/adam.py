@@ -4,22 +4,25 @@ import math
 
 import numpy as np
 
-from .optimizer import Optimizer
+from .optimizer import Optimizer, is_real
 
 
 class Adam(Optimizer):
     decoupled = False
+    state_entries = {"step": "count", "exp_avg": "array", "exp_avg_sq": "array"}
+    state_all_or_none = True  # step() makes all three at a parameter's first step and then needs them all
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
     def _validate(self, group):
         super()._validate(group)
-        betas = tuple(group["betas"])
-        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-            raise ValueError(f"{type(self).__name__}: betas must be two numbers in [0, 1), got {group['betas']}")
-        group["betas"] = betas
-        if group["eps"] < 0:
+        betas = group["betas"]
+        two = isinstance(betas, (tuple, list)) and len(betas) == 2
+        if not two or not all(is_real(b) and 0 <= b < 1 for b in betas):
+            raise ValueError(f"{type(self).__name__}: betas must be two numbers in [0, 1), got {betas!r}")
+        group["betas"] = tuple(betas)
+        if not is_real(group["eps"]) or group["eps"] < 0:
             raise ValueError(f"{type(self).__name__}: invalid eps {group['eps']}")
 
     def step(self):

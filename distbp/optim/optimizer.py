@@ -16,6 +16,13 @@ class Optimizer:
     Subclasses implement `step()` and list their hyper-parameters in `defaults`.
     """
 
+    # The per-parameter state step() keeps, name -> "array" (shaped like its parameter) or "count" (an
+    # integer >= 0); loading refuses other names. None: not declared, anything loads.
+    state_entries = None
+    # True: a parameter's state holds all of state_entries or nothing (made together at its first step);
+    # False: any of them may be absent (made when first needed)
+    state_all_or_none = False
+
     def __init__(self, params, defaults):
         self.defaults = dict(defaults)
         self.state = {}  # parameter -> dict of arrays and counters
@@ -60,10 +67,10 @@ class Optimizer:
     def _validate(self, group):
         """Check one group's hyper-parameters (after defaults are filled in); subclasses add their own."""
         lr = group.get("lr")
-        if not isinstance(lr, numbers.Real) or isinstance(lr, bool) or lr < 0:
+        if not is_real(lr) or lr < 0:
             raise ValueError(f"{type(self).__name__}: invalid learning rate {lr!r}")
         wd = group.get("weight_decay", 0)
-        if not isinstance(wd, numbers.Real) or wd < 0:
+        if not is_real(wd) or wd < 0:
             raise ValueError(f"{type(self).__name__}: invalid weight_decay {wd!r}")
 
     def zero_grad(self, set_to_none=True):
@@ -117,46 +124,113 @@ class Optimizer:
 
     def load_state_dict(self, state_dict):
         """Restore hyper-parameters and per-parameter state; any mismatch is named before anything changes."""
-        groups = state_dict.get("param_groups")
-        if groups is None or "state" not in state_dict:
+        hyper, entries_of = self._check_state_dict(state_dict)
+        new_state = {p: self._copied_state(entries, p) for p, entries in entries_of}
+        for own, values in zip(self.param_groups, hyper):
+            own.update(values)
+        self.state = new_state
+
+    def check_state_dict(self, state_dict):
+        """Raise, naming the first problem, if load_state_dict would refuse state_dict; changes nothing.
+
+        For loaders that must check every part of a file (model, optimizer, schedule) before changing any.
+        """
+        self._check_state_dict(state_dict)
+
+    def _check_state_dict(self, state_dict):
+        """(each group's hyper-parameters as they would be after loading, [(parameter, its saved state)])."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"optimizer state_dict is a {type(state_dict).__name__}, not a dict")
+        groups, states = state_dict.get("param_groups"), state_dict.get("state")
+        if groups is None or states is None:
             raise KeyError("optimizer state_dict needs 'state' and 'param_groups'")
+        if not isinstance(groups, (list, tuple)) or not isinstance(states, dict):
+            raise TypeError("optimizer state_dict: 'param_groups' must be a list and 'state' a dict")
         if len(groups) != len(self.param_groups):
             raise ValueError(
                 f"optimizer state_dict has {len(groups)} parameter groups, this optimizer {len(self.param_groups)}"
             )
         by_index = {}
+        hyper = []
         for i, (saved, own) in enumerate(zip(groups, self.param_groups)):
+            if not isinstance(saved, dict) or not isinstance(saved.get("params"), (list, tuple)):
+                raise ValueError(f"optimizer state_dict group {i} is not a dict with a 'params' list")
             if len(saved["params"]) != len(own["params"]):
                 raise ValueError(
                     f"optimizer state_dict group {i} has {len(saved['params'])} parameters, "
                     f"this optimizer {len(own['params'])}"
                 )
             for idx, p in zip(saved["params"], own["params"]):
+                idx = _index(idx)
+                if idx in by_index:
+                    raise ValueError(f"optimizer state_dict lists parameter index {idx} more than once")
                 by_index[idx] = p
-        new_state = {}
-        for idx, entries in state_dict["state"].items():
-            idx = int(idx)
+            unknown = set(saved) - set(self.defaults) - {"params"}
+            if unknown:
+                raise KeyError(f"optimizer state_dict group {i} has unknown hyper-parameters {sorted(unknown)}")
+            values = {k: v for k, v in own.items() if k != "params"}
+            values.update({k: _plain(copy.deepcopy(v)) for k, v in saved.items() if k != "params"})
+            self._validate(values)
+            hyper.append(values)
+        entries_of, loaded = [], set()
+        for idx, entries in states.items():
+            idx = _index(idx)
             if idx not in by_index:
                 raise KeyError(f"optimizer state_dict has state for unknown parameter index {idx}")
-            p = by_index[idx]
-            restored = {}
-            for k, v in entries.items():
-                if isinstance(v, (np.ndarray, Tensor)):
-                    arr = np.array(v.data if isinstance(v, Tensor) else v, copy=True)
-                    if arr.shape != p.data.shape:
-                        raise ValueError(
-                            f"optimizer state {k!r} for parameter {idx} has shape {arr.shape}, "
-                            f"the parameter {p.data.shape}"
-                        )
-                    restored[k] = arr.astype(p.data.dtype, copy=False)
-                else:
-                    restored[k] = v
-            new_state[p] = restored
-        for saved, own in zip(groups, self.param_groups):
-            for k, v in saved.items():
-                if k != "params":
-                    own[k] = copy.deepcopy(v)
-        self.state = new_state
+            if idx in loaded:  # under both 1 and "1"
+                raise ValueError(f"optimizer state_dict has state for parameter index {idx} more than once")
+            loaded.add(idx)
+            self.check_param_state(entries, by_index[idx], f"parameter {idx}")
+            entries_of.append((by_index[idx], entries))
+        return hyper, entries_of
+
+    def _copied_state(self, entries, param):
+        """Checked entries as the optimizer keeps them: arrays copied in the parameter's dtype, counters ints."""
+        kinds = self.state_entries or {}
+        copied = {}
+        for key, value in entries.items():
+            if isinstance(value, (np.ndarray, Tensor)):
+                copied[key] = np.array(value.data if isinstance(value, Tensor) else value, dtype=param.data.dtype)
+            elif kinds.get(key) == "count":
+                copied[key] = int(value)
+            else:
+                copied[key] = copy.deepcopy(value)
+        return copied
+
+    def check_param_state(self, entries, param, where):
+        """Raise unless entries (name -> array or number) is state step() can use for param; where names it.
+
+        Arrays must be floating point and shaped like param; counters integers >= 0; the entries those of
+        `state_entries`, all of them if `state_all_or_none`.
+        """
+        if not isinstance(entries, dict):
+            raise TypeError(f"optimizer state for {where} is a {type(entries).__name__}, not a dict")
+        name, declared = type(self).__name__, self.state_entries
+        if declared is not None:
+            unknown = [k for k in entries if k not in declared]
+            if unknown:
+                raise ValueError(f"optimizer state for {where} has entries {unknown} that {name} does not keep "
+                                 f"(it keeps {list(declared)})")
+            missing = [k for k in declared if k not in entries]
+            if entries and missing and self.state_all_or_none:
+                raise ValueError(f"optimizer state for {where} lacks {missing}: {name} needs {list(declared)} "
+                                 "together")
+        for key, value in entries.items():
+            is_array = isinstance(value, (np.ndarray, Tensor))
+            kind = declared[key] if declared is not None else ("array" if is_array else None)
+            if kind == "array":
+                if not is_array:
+                    raise TypeError(f"optimizer state {key!r} for {where} is a {type(value).__name__}, not an array")
+                arr = value.data if isinstance(value, Tensor) else value
+                if arr.dtype.kind != "f":
+                    raise TypeError(f"optimizer state {key!r} for {where} has dtype {arr.dtype}, not floating point")
+                if arr.shape != param.data.shape:
+                    raise ValueError(
+                        f"optimizer state {key!r} for {where} has shape {arr.shape}, the parameter {param.data.shape}"
+                    )
+            elif kind == "count":
+                if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
+                    raise ValueError(f"optimizer state {key!r} for {where} is {value!r}, not an integer >= 0")
 
     def __repr__(self):
         lines = [f"{type(self).__name__} ("]
@@ -164,6 +238,20 @@ class Optimizer:
             hp = ", ".join(f"{k}={v}" for k, v in g.items() if k != "params")
             lines.append(f"  group {i}: {len(g['params'])} parameters, {hp}")
         return "\n".join(lines) + "\n)"
+
+
+def is_real(value):
+    """A real number, and not a bool (True would pass as 1)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _index(idx):
+    """A parameter index of a state_dict: an int, or its decimal string (JSON object keys are strings)."""
+    if isinstance(idx, str) and idx.isdecimal():
+        return int(idx)
+    if isinstance(idx, numbers.Integral) and not isinstance(idx, bool) and idx >= 0:
+        return int(idx)
+    raise ValueError(f"optimizer state_dict: parameter index {idx!r} is not an integer >= 0")
 
 
 def _plain(value):

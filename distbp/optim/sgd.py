@@ -2,18 +2,22 @@
 
 import numpy as np
 
-from .optimizer import Optimizer, axpy
+from .optimizer import Optimizer, axpy, is_real
 
 
 class SGD(Optimizer):
+    state_entries = {"momentum_buffer": "array"}  # made at the first step with momentum, so it may be absent
+
     def __init__(self, params, lr=0.01, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False):
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
                                       weight_decay=weight_decay, nesterov=nesterov))
 
     def _validate(self, group):
         super()._validate(group)
-        if group["momentum"] < 0:
-            raise ValueError(f"SGD: invalid momentum {group['momentum']}")
+        if not is_real(group["momentum"]) or group["momentum"] < 0:
+            raise ValueError(f"SGD: invalid momentum {group['momentum']!r}")
+        if not is_real(group["dampening"]):
+            raise ValueError(f"SGD: invalid dampening {group['dampening']!r}")
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("SGD: nesterov needs momentum > 0 and dampening = 0")
 
