@@ -436,6 +436,140 @@ def test_tampered_checkpoint_is_refused_unchanged(good_checkpoint, how):
     assert_snapshots_equal(snapshot(model, optimizer), before)
 
 
+# --- state the optimizer, schedule or counters cannot use -------------------------------------------------
+
+
+def _rewritten(path, change):
+    """The checkpoint at path re-saved (a well-formed file) after change(arrays, meta) edits its contents."""
+    arrays, metadata = load_safetensors(path)
+    meta = json.loads(metadata["distbp"])
+    change(arrays, meta)
+    out = path.with_name("edited.safetensors")
+    save_safetensors(out, arrays, {"distbp": json.dumps(meta)})
+    return out
+
+
+def _drop_array(key):
+    return lambda arrays, meta: arrays.pop(key)
+
+
+def _set_scalar(idx, key, value):
+    return lambda arrays, meta: meta["optimizer"]["scalars"][idx].__setitem__(key, value)
+
+
+def _set_group(key, value):
+    return lambda arrays, meta: meta["optimizer"]["param_groups"][0].__setitem__(key, value)
+
+
+BAD_OPTIMIZER_STATES = [
+    pytest.param(_drop_array("optim/1/exp_avg_sq"), r"parameter 1 lacks \['exp_avg_sq'\]", id="no-exp_avg_sq"),
+    pytest.param(_set_scalar("2", "step", -3), "'step' for parameter 2 is -3", id="negative-step"),
+    pytest.param(_set_scalar("2", "step", 1.5), "'step' for parameter 2 is 1.5", id="float-step"),
+    pytest.param(lambda arrays, meta: arrays.__setitem__("optim/0/exp_avg", np.zeros((32, 64), np.int32)),
+                 "'exp_avg' for parameter 0 has dtype int32", id="int-array"),
+    pytest.param(lambda arrays, meta: arrays.__setitem__("optim/0/momentum_buffer", np.zeros((32, 64), np.float32)),
+                 r"parameter 0 has entries \['momentum_buffer'\] that Adam does not keep", id="foreign-entry"),
+    pytest.param(_set_group("lr", -0.5), "learning rate", id="negative-lr"),
+    pytest.param(_set_group("eps", "tiny"), "eps", id="string-eps"),
+]
+
+
+@pytest.mark.parametrize("change, words", BAD_OPTIMIZER_STATES)
+def test_optimizer_state_that_step_cannot_use_is_refused_unchanged(good_checkpoint, change, words):
+    path = _rewritten(good_checkpoint, change)
+    model, optimizer = make(seed=6)
+    train(model, optimizer, 2)
+    before = snapshot(model, optimizer)
+    called = []
+    with pytest.raises(CheckpointError, match=words) as err:
+        load_checkpoint(path, model, optimizer, check_state=called.append)
+    assert "edited.safetensors" in str(err.value)
+    assert_snapshots_equal(snapshot(model, optimizer), before)
+    assert called == []  # refused before the caller's part of the state was looked at
+    train(model, optimizer, 1)  # and the optimizer still steps
+
+
+def test_sgd_checkpoint_without_momentum_buffers_loads(tmp_path):
+    # SGD without momentum keeps no buffer: an empty state is not a missing entry
+    manual_seed(0)
+    model = models.mlp((64,), 10, (32,))
+    optimizer = optim.SGD(model.parameters(), lr=0.1)
+    train(model, optimizer, 2)
+    save_checkpoint(tmp_path / "ck", model, optimizer, {"step": 2})
+    manual_seed(1)
+    model2 = models.mlp((64,), 10, (32,))
+    optimizer2 = optim.SGD(model2.parameters(), lr=0.3)
+    assert load_checkpoint(tmp_path / "ck", model2, optimizer2) == {"step": 2}
+    assert optimizer2.param_groups[0]["lr"] == 0.1
+    assert all(not entries for entries in optimizer2.state.values())
+    train(model, optimizer, 1, seed=3)
+    train(model2, optimizer2, 1, seed=3)
+    for name, value in model.state_dict().items():
+        assert _same(model2.state_dict()[name], value), name
+
+
+def test_check_state_refusal_changes_nothing(good_checkpoint):
+    model, optimizer = make(seed=7)
+    train(model, optimizer, 2)
+    before = snapshot(model, optimizer)
+
+    def refuse(state):
+        assert state == {"step": 1}
+        raise CheckpointError("not this one")
+
+    with pytest.raises(CheckpointError, match="not this one"):
+        load_checkpoint(good_checkpoint, model, optimizer, check_state=refuse)
+    assert_snapshots_equal(snapshot(model, optimizer), before)
+
+
+def _trainer(checkpoint, **overrides):
+    from distbp.train import Trainer, make_config
+
+    values = dict(dataset="synthetic", synthetic_size=64, hidden=[8], epochs=2, batch_size=16, optimizer="adam",
+                  lr=1e-2, warmup_steps=2, progress="none", checkpoint=str(checkpoint), **overrides)
+    return Trainer(make_config(values))
+
+
+def _trainer_snapshot(trainer):
+    return (snapshot(trainer.model, trainer.optimizer), trainer.schedule.state_dict(),
+            [g["lr"] for g in trainer.optimizer.param_groups], (trainer.step, trainer.epoch, trainer.batch))
+
+
+def _edit_state(key, value):
+    def change(arrays, meta):
+        meta["state"][key] = value
+    return change
+
+
+BAD_RESUME_STATES = [
+    pytest.param(_edit_state("world_size", 4), "written by 4 ranks", id="other-world-size"),
+    pytest.param(_edit_state("model", "cnn"), "checkpoint of model 'cnn'", id="other-model-name"),
+    pytest.param(_edit_state("step", -1), "step is -1", id="negative-step"),
+    pytest.param(_edit_state("batch", 2.5), "batch is 2.5", id="float-batch"),
+    pytest.param(_edit_state("schedule", {"last_step": 3}), "schedule state", id="schedule-without-base-lrs"),
+    pytest.param(_edit_state("schedule", {"last_step": -3, "base_lrs": [0.01]}), "last_step -3",
+                 id="negative-schedule-step"),
+    pytest.param(_edit_state("schedule", {"last_step": 3, "base_lrs": [0.01, 0.02]}), "base_lrs",
+                 id="schedule-of-two-groups"),
+    pytest.param(_edit_state("rng", {"bit_generator": "PCG64"}), "generator state", id="rng-state-damaged"),
+    pytest.param(_drop_array("optim/1/exp_avg_sq"), r"lacks \['exp_avg_sq'\]", id="no-exp_avg_sq"),
+]
+
+
+@pytest.mark.parametrize("change, words", BAD_RESUME_STATES)
+def test_resume_from_a_checkpoint_it_cannot_restore_changes_nothing(tmp_path, change, words):
+    written = _trainer(tmp_path / "run.ckpt", max_steps=3)
+    written.fit()
+    path = _rewritten(tmp_path / "run.ckpt", change)
+    trainer = _trainer(path, seed=5)
+    before = _trainer_snapshot(trainer)
+    with pytest.raises(CheckpointError, match=words):
+        trainer.resume()
+    after = _trainer_snapshot(trainer)
+    assert_snapshots_equal(after[0], before[0])
+    assert after[1:] == before[1:]
+
+
 # --- atomic writes under SIGKILL -------------------------------------------------------------------------
 
 # The writer loads distbp/serialization.py by file path: the same code, without importing the whole package

@@ -30,3 +30,12 @@ def get_rng_state():
 
 def set_rng_state(state):
     default_rng().bit_generator.state = state
+
+
+def check_rng_state(state):
+    """Raise ValueError unless set_rng_state(state) would take it; changes nothing."""
+    probe = type(default_rng().bit_generator)(0)  # a throwaway generator of the same kind
+    try:
+        probe.state = state
+    except (TypeError, ValueError, KeyError, OverflowError) as e:
+        raise ValueError(f"not a {type(probe).__name__} generator state ({type(e).__name__}: {e})") from None

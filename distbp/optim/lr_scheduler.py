@@ -1,6 +1,9 @@
 """Learning-rate schedules in closed form: the rate at step t depends on t alone, so resuming is exact."""
 
 import math
+import numbers
+
+from .optimizer import is_real
 
 
 class LRScheduler:
@@ -30,9 +33,22 @@ class LRScheduler:
         return {"last_step": self.last_step, "base_lrs": list(self.base_lrs)}
 
     def load_state_dict(self, state):
-        self.last_step = int(state["last_step"])
-        self.base_lrs = list(state["base_lrs"])
+        self.last_step, self.base_lrs = self.check_state_dict(state)
         self._apply()
+
+    def check_state_dict(self, state):
+        """(last_step, base_lrs) of a state_dict, or ValueError naming what is wrong; changes nothing."""
+        if not isinstance(state, dict) or "last_step" not in state or "base_lrs" not in state:
+            raise ValueError("schedule state is not a dict with 'last_step' and 'base_lrs'")
+        last_step, base_lrs = state["last_step"], state["base_lrs"]
+        if not isinstance(last_step, numbers.Integral) or isinstance(last_step, bool) or last_step < 0:
+            raise ValueError(f"schedule state: last_step {last_step!r} is not an integer >= 0")
+        groups = len(self.optimizer.param_groups)
+        if (not isinstance(base_lrs, (list, tuple)) or len(base_lrs) != groups
+                or not all(is_real(lr) and lr >= 0 for lr in base_lrs)):
+            raise ValueError(f"schedule state: base_lrs {base_lrs!r} is not {groups} learning rates >= 0 "
+                             "(one per parameter group)")
+        return int(last_step), list(base_lrs)
 
 
 class StepLR(LRScheduler):

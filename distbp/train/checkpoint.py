@@ -42,11 +42,14 @@ def save_checkpoint(path, model, optimizer, state):
     save_safetensors(path, arrays, {"distbp": json.dumps(meta)})
 
 
-def load_checkpoint(path, model, optimizer):
+def load_checkpoint(path, model, optimizer, check_state=None):
     """Restore model and optimizer from `path` and return the saved `state`.
 
-    A checkpoint of another model (different parameter names or shapes) is refused, naming the first
-    difference, before anything is changed.
+    Everything is checked before anything changes: a checkpoint of another model (different parameter
+    names or shapes), or with optimizer state the optimizer cannot use, is refused naming the first
+    problem, and model and optimizer are left as they were. check_state(state), if given, is called
+    after those checks and before any change: a caller that restores more from `state` (counters, a
+    schedule) checks it there and raises CheckpointError to refuse the file.
     """
     arrays, metadata = load_safetensors(path)
     try:
@@ -59,6 +62,8 @@ def load_checkpoint(path, model, optimizer):
     missing = [k for k in ("signature", "optimizer", "state") if k not in meta]
     if missing:
         raise CheckpointError(f"{path}: damaged checkpoint metadata: no {missing[0]!r}")
+    if not isinstance(meta["state"], dict):
+        raise CheckpointError(f"{path}: damaged checkpoint metadata: the saved state is not an object")
     saved_opt = meta.get("optimizer_type")
     if saved_opt is not None and saved_opt != type(optimizer).__name__:
         raise CheckpointError(
@@ -90,13 +95,22 @@ def load_checkpoint(path, model, optimizer):
         groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["optimizer"]["param_groups"]]
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{path}: damaged checkpoint metadata ({type(e).__name__}: {e})") from None
-    model_backup, optimizer_backup = model.state_dict(), optimizer.state_dict()
+    opt_state_dict = {"state": opt_state, "param_groups": groups}
     try:
+        optimizer.check_state_dict(opt_state_dict)
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: does not fit this run: {_reason(e)}") from None
+    if check_state is not None:
+        check_state(meta["state"])
+    try:
+        # checks every array before copying any, so a refusal here leaves the model as it was
         model.load_state_dict(model_arrays)
-        optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
-    except (KeyError, ValueError, TypeError, AttributeError) as e:
-        # either load may fail after the other succeeded: put both back, so a refused checkpoint changes nothing
-        model.load_state_dict(model_backup)
-        optimizer.load_state_dict(optimizer_backup)
-        raise CheckpointError(f"{path}: does not fit this run: {e}") from None
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: does not fit this run: {_reason(e)}") from None
+    optimizer.load_state_dict(opt_state_dict)  # checked above: cannot fail half-way
     return meta["state"]
+
+
+def _reason(error):
+    # str() of a KeyError is the repr of its argument, quotes and all
+    return error.args[0] if isinstance(error, KeyError) and error.args else str(error)

@@ -11,7 +11,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from .. import models, nn, optim
-from ..autograd import Tensor, get_rng_state, manual_seed, no_grad, set_rng_state
+from ..autograd import Tensor, check_rng_state, get_rng_state, manual_seed, no_grad, set_rng_state
 from ..autograd.ops import cross_entropy
 from ..data import BatchLoader, CharDataset, ShardSampler, load_digits, load_idx_dir, load_synthetic, load_text
 from ..data.datasets import DataError
@@ -127,14 +127,8 @@ class Trainer:
         if self.config.checkpoint and self.is_main:
             save_checkpoint(self.config.checkpoint, self.model, self.optimizer, self._state())
 
-    def resume(self):
-        path = self.config.checkpoint
-        if not path:
-            raise ConfigError("config: 'resume' needs 'checkpoint' (the file to resume from)")
-        if not Path(path).exists():
-            self._say(f"no checkpoint at {path} yet: starting from the beginning")
-            return False
-        state = load_checkpoint(path, self.model, self.optimizer)
+    def _check_state(self, path, state):
+        """Refuse a checkpoint's saved state that resume() could not restore whole (before anything changes)."""
         if state.get("model") != self.config.model:
             raise CheckpointError(f"{path}: checkpoint of model {state.get('model')!r}, not {self.config.model!r}")
         if state.get("world_size", 1) != self.strategy.world_size:
@@ -142,6 +136,24 @@ class Trainer:
                 f"{path}: written by {state.get('world_size')} ranks; resume with the same world size "
                 f"(now {self.strategy.world_size}): the data order depends on it"
             )
+        for key in ("step", "epoch", "batch"):
+            value = state.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise CheckpointError(f"{path}: damaged checkpoint state: {key} is {value!r}, not an integer >= 0")
+        try:
+            self.schedule.check_state_dict(state.get("schedule"))
+            check_rng_state(state.get("rng"))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: damaged checkpoint state: {e}") from None
+
+    def resume(self):
+        path = self.config.checkpoint
+        if not path:
+            raise ConfigError("config: 'resume' needs 'checkpoint' (the file to resume from)")
+        if not Path(path).exists():
+            self._say(f"no checkpoint at {path} yet: starting from the beginning")
+            return False
+        state = load_checkpoint(path, self.model, self.optimizer, check_state=lambda s: self._check_state(path, s))
         self.step, self.epoch, self.batch = state["step"], state["epoch"], state["batch"]
         self.schedule.load_state_dict(state["schedule"])
         set_rng_state(state["rng"])
