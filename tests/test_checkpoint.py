@@ -570,6 +570,103 @@ def test_resume_from_a_checkpoint_it_cannot_restore_changes_nothing(tmp_path, ch
     assert after[1:] == before[1:]
 
 
+def _ps_shard(checkpoint=None):
+    from distbp.nn import Parameter
+    from distbp.ps.server import Shard
+
+    rng = np.random.default_rng(0)
+    params = {"w": Parameter(rng.standard_normal((3, 4)).astype(np.float32)),
+              "b": Parameter(rng.standard_normal(4).astype(np.float32))}
+    optimizer = optim.Adam(list(params.values()), lr=0.01)
+    schedule = optim.StepLR(optimizer, 2, 0.5)
+    return Shard(params, optimizer, schedule, mode="async", checkpoint=checkpoint)
+
+
+def _ps_snapshot(shard):
+    state = {name: [{k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in shard.optimizer.state[p].items()}
+                    for p in pieces if p in shard.optimizer.state]
+             for name, pieces in shard.pieces.items()}
+    return ({n: p.data.copy() for n, p in shard.params.items()}, state, shard.version,
+            shard.schedule.state_dict(), [g["lr"] for g in shard.optimizer.param_groups])
+
+
+def _ps_equal(a, b):
+    assert a[0].keys() == b[0].keys() and all(_same(a[0][n], b[0][n]) for n in a[0])
+    assert a[1].keys() == b[1].keys()
+    for name in a[1]:
+        assert len(a[1][name]) == len(b[1][name])
+        for sa, sb in zip(a[1][name], b[1][name]):
+            assert sa.keys() == sb.keys()
+            for k in sa:
+                assert _same(sa[k], sb[k]) if isinstance(sa[k], np.ndarray) else sa[k] == sb[k], f"{name}/{k}"
+    assert a[2:] == b[2:]
+
+
+def _ps_steps(shard, steps, seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        for pieces in shard.pieces.values():
+            for piece in pieces:
+                piece.grad = Tensor(rng.standard_normal(piece.shape).astype(np.float32))
+        shard.optimizer.step()
+        shard.schedule.step()
+        shard.version += 1
+
+
+BAD_PS_CHECKPOINTS = [
+    pytest.param(lambda arrays, meta: arrays.pop("optim/w/exp_avg_sq"), r"'w' lacks \['exp_avg_sq'\]",
+                 id="no-exp_avg_sq"),
+    pytest.param(lambda arrays, meta: meta["scalars"]["b"].__setitem__("step", -2), "'step' for parameter 'b'",
+                 id="negative-step"),
+    pytest.param(lambda arrays, meta: arrays.__setitem__("optim/b/exp_avg", np.zeros(4, np.int64)), "dtype int64",
+                 id="int-array"),
+    pytest.param(lambda arrays, meta: meta.__setitem__("version", 2.5), "version 2.5", id="float-version"),
+    pytest.param(lambda arrays, meta: meta.__setitem__("version", -1), "version -1", id="negative-version"),
+    pytest.param(lambda arrays, meta: meta.__setitem__("schedule", {"last_step": "2", "base_lrs": [0.01]}),
+                 "last_step '2'", id="schedule-damaged"),
+    pytest.param(lambda arrays, meta: arrays.__setitem__("param/b", np.zeros(4, np.float64)), "'b'.*dtype",
+                 id="float64-parameter"),
+]
+
+
+@pytest.mark.parametrize("change, words", BAD_PS_CHECKPOINTS)
+def test_parameter_server_restore_refuses_unchanged(tmp_path, change, words):
+    path = tmp_path / "shard.safetensors"
+    first = _ps_shard()
+    try:
+        _ps_steps(first, 3, seed=1)
+        first.save(path)
+    finally:
+        first.stop()
+    arrays, metadata = load_safetensors(path)
+    meta = json.loads(metadata["distbp-ps"])
+    change(arrays, meta)
+    save_safetensors(path, arrays, {"distbp-ps": json.dumps(meta)})
+    shard = _ps_shard()
+    try:
+        _ps_steps(shard, 2, seed=2)
+        before = _ps_snapshot(shard)
+        with pytest.raises(CheckpointError, match=words):
+            shard.restore(path)
+        _ps_equal(_ps_snapshot(shard), before)
+    finally:
+        shard.stop()
+
+
+def test_parameter_server_restore_round_trip(tmp_path):
+    path = tmp_path / "shard.safetensors"
+    first, again = _ps_shard(), None
+    try:
+        _ps_steps(first, 3, seed=1)
+        first.save(path)
+        again = _ps_shard(checkpoint=path)
+        _ps_equal(_ps_snapshot(again), _ps_snapshot(first))
+    finally:
+        first.stop()
+        if again is not None:
+            again.stop()
+
+
 # --- atomic writes under SIGKILL -------------------------------------------------------------------------
 
 # The writer loads distbp/serialization.py by file path: the same code, without importing the whole package

@@ -292,30 +292,43 @@ class Shard:
         arrays, metadata = load_safetensors(path)
         try:
             meta = json.loads(metadata["distbp-ps"])
-            version, scalars = int(meta["version"]), meta["scalars"]
+            version, scalars = meta["version"], meta["scalars"]
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: not a distbp parameter-server checkpoint") from None
         if meta.get("signature") != self.signature or meta.get("shard") != self.shard:
             raise CheckpointError(f"{path}: checkpoint of another model or shard")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise CheckpointError(f"{path}: damaged checkpoint: version {version!r} is not an integer >= 0")
+        if not isinstance(scalars, dict) or not all(isinstance(v, dict) for v in scalars.values()):
+            raise CheckpointError(f"{path}: damaged checkpoint: the optimizer counters are not objects by parameter")
+        schedule = meta.get("schedule") if self.schedule is not None else None
+        if schedule:
+            try:
+                self.schedule.check_state_dict(schedule)
+            except ValueError as e:
+                raise CheckpointError(f"{path}: damaged checkpoint: {e}") from None
         state = {}
         for name, p in self.params.items():
             value = arrays.get(f"param/{name}")
-            if value is None or value.shape != p.data.shape:
-                raise CheckpointError(f"{path}: parameter {name!r} is missing or has another shape")
+            if value is None or value.shape != p.data.shape or value.dtype != p.data.dtype:
+                raise CheckpointError(f"{path}: parameter {name!r} is missing or has another shape or dtype")
             entries = {k.split("/", 2)[2]: v for k, v in arrays.items() if k.startswith(f"optim/{name}/")}
-            if any(v.shape != p.data.shape for v in entries.values()):
-                raise CheckpointError(f"{path}: optimizer state of {name!r} has another shape")
+            entries.update(scalars.get(name, {}))
+            try:  # the state of the whole parameter, as save() joined it, before it is cut into pieces
+                self.optimizer.check_param_state(entries, p, f"parameter {name!r}")
+            except (ValueError, TypeError) as e:
+                raise CheckpointError(f"{path}: does not fit this shard's optimizer: {e}") from None
             for piece, (a, b) in zip(self.pieces[name], self.ranges[name]):
-                piece_state = {k: v.reshape(-1)[a:b].astype(p.data.dtype) for k, v in entries.items()}
-                piece_state.update(scalars.get(name, {}))
+                piece_state = {k: (v.reshape(-1)[a:b].astype(p.data.dtype) if isinstance(v, np.ndarray) else v)
+                               for k, v in entries.items()}
                 if piece_state:
                     state[piece] = piece_state
         self._retire_encoding()
         for name, p in self.params.items():
             p.data[...] = arrays[f"param/{name}"]
         self.optimizer.state = state
-        if meta.get("schedule") and self.schedule is not None:
-            self.schedule.load_state_dict(meta["schedule"])
+        if schedule:
+            self.schedule.load_state_dict(schedule)
         self.version = version
         self.started = False  # wait for the workers to come back
         log.info("shard %d: restored version %d from %s", self.shard, self.version, path)
