@@ -113,9 +113,29 @@ def build_parser():
     return parser
 
 
+def _end_mpi_job(code):
+    """Under mpiexec, end every rank of the job. A rank that fails before it starts MPI (a bad option, a
+    missing config file) would otherwise leave its peers waiting in MPI's start-up for it, forever."""
+    from .comm.mpi import launched_by_mpi
+
+    if not launched_by_mpi(os.environ):
+        return
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return
+    sys.stderr.flush()
+    MPI.COMM_WORLD.Abort(code)
+
+
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        if e.code:  # a usage error (--help exits 0 and ends only this rank)
+            _end_mpi_job(e.code)
+        raise
     try:
         if args.command == "train":
             from .train.launch import run
@@ -141,6 +161,8 @@ def main(argv=None):
             print(f"wrote {out}")
     except USER_ERRORS as e:
         print(f"distbp: error: {e}", file=sys.stderr)
+        if args.command == "train":
+            _end_mpi_job(2)
         return 2
     except RankFailed as e:  # the threads backend: one rank's error stopped them all
         if not isinstance(e.error, USER_ERRORS):

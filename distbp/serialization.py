@@ -27,6 +27,21 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit, with the reason."""
 
 
+def _remove_stale_temporaries(path):
+    """Delete temporary files of `path` left by writers that were killed mid-write (their process is gone):
+    a job preempted again and again would otherwise pile them up beside the checkpoint."""
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # alive (another user's process): leave it
+
+
 def save_safetensors(path, arrays, metadata=None):
     """Write name -> array as a safetensors file, atomically (temporary file, fsync, rename)."""
     path = Path(path)
@@ -47,6 +62,7 @@ def save_safetensors(path, arrays, metadata=None):
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the format aligns the data to 8 bytes
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as fh:

@@ -701,6 +701,20 @@ def _check_consistent(path):
     return i
 
 
+def test_a_write_removes_temporary_files_of_writers_that_died(tmp_path):
+    path = tmp_path / "ck.safetensors"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".{path.name}.tmp-{int(dead.stdout)}"  # a writer killed mid-write
+    stale.write_bytes(b"torn")
+    other = tmp_path / ".other.safetensors.tmp-1"  # another file's, and pid 1 is alive
+    other.write_bytes(b"x")
+    live = tmp_path / f".{path.name}.tmp-1"
+    live.write_bytes(b"x")
+    save_safetensors(path, {"a": np.ones(3, np.float32)})
+    assert not stale.exists() and other.exists() and live.exists()
+    np.testing.assert_array_equal(load_safetensors(path)[0]["a"], np.ones(3, np.float32))
+
+
 def test_atomic_write_survives_sigkill(tmp_path):
     """SIGKILL a process that rewrites a ~60 MB checkpoint in a loop, at random moments: the file at the path
     must always load and hold one complete version. Odd rounds wait for a write to begin (its temporary file

@@ -160,10 +160,18 @@ def test_wrong_type(tmp_path, text, key, words):
     ("hidden = [64, 0]", "hidden"),
     ("momentum = 1.5", "momentum"),
     ("max_steps = -3", "max_steps"),
+    ("lr = nan", "lr"),  # nan passes every comparison
+    ("timeout = nan", "timeout"),
+    ("grad_clip = inf", "grad_clip"),
 ])
 def test_out_of_range(tmp_path, text, key):
     msg = _toml_error(tmp_path, text + "\n")
     assert f"'{key}'" in msg and "must be" in msg
+
+
+def test_nan_on_the_command_line_is_refused():
+    with pytest.raises(ConfigError, match="'lr' must be a finite number, got nan"):
+        config_from(["--lr", "nan"])
 
 
 def test_in_range_edges_accepted():

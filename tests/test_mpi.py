@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -141,6 +142,58 @@ def test_ranks_started_with_different_configs_stop_at_start_up():
     done = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert "lr = 0.2 but rank 0 with 0.1" in done.stderr
+
+
+def _mpmd(first, second, timeout=60, cwd=None):
+    """Two ranks of one job started with their own arguments: (exit code, stderr, seconds)."""
+    base = [sys.executable, "-m", "distbp", "train", "--backend", "mpi", "--progress", "none", "--timeout", "20"]
+    command = [MPIEXEC, "-n", "1", *first[:-1], *base, *first[-1], ":", "-n", "1", *second[:-1], *base, *second[-1]]
+    start = time.monotonic()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    return done.returncode, done.stderr, time.monotonic() - start
+
+
+def test_a_rank_refusing_its_options_ends_the_job_at_once():
+    # it fails before MPI starts, and its peer would otherwise wait in MPI's start-up for ever
+    code, err, seconds = _mpmd([["--epochs", "1"]], [["--epochs", "1", "--hidden", "-3"]])
+    assert code != 0 and seconds < 15, err
+    assert "'hidden' must be >= 1" in err
+
+
+def test_tracing_on_one_rank_only_is_refused_at_start_up(tmp_path):
+    code, err, seconds = _mpmd([["--epochs", "1", "--trace", str(tmp_path / "t.json")]], [["--epochs", "1"]])
+    assert code != 0 and seconds < 15, err
+    assert "tracing = False but rank 0 with True" in err
+
+
+def test_ranks_resuming_from_different_checkpoints_are_refused(tmp_path):
+    # the same relative path names a checkpoint at step 5 for rank 0 and nothing for rank 1 (node-local disks)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    code, _, err, _ = mpiexec(2, "-m", "distbp", "train", *COMMON, "--batch-size", "16", "--max-steps", "5",
+                              "--checkpoint", str(tmp_path / "a" / "run.ckpt"))
+    assert code == 0, err
+    args = [*COMMON, "--batch-size", "16", "--checkpoint", "run.ckpt", "--resume"]
+    code, err, seconds = _mpmd(["-wdir", str(tmp_path / "a"), args], ["-wdir", str(tmp_path / "b"), args])
+    assert code != 0 and seconds < 30, err
+    assert "rank 1 starts at step 0 but rank 0 at step 5" in err
+
+
+def test_ctrl_c_ends_every_rank_quietly():
+    command = [MPIEXEC, "-n", "2", sys.executable, "-m", "distbp", "train", "--dataset", "synthetic",
+               "--synthetic-size", "20000", "--epochs", "50", "--progress", "plain", "--log-every", "1"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while "step" not in proc.stdout.readline():  # training has begun
+            assert proc.poll() is None, proc.stderr.read()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
 
 
 def test_the_one_machine_launch_script_trains(tmp_path):

@@ -1,5 +1,6 @@
 """Data parallelism in the single-process test mode: communicators on threads, DataParallel, the trainer."""
 
+import json
 import threading
 import time
 
@@ -13,6 +14,7 @@ from distbp.autograd.ops import cross_entropy
 from distbp.comm import CollectiveTimeout, GroupAborted, LocalCommunicator, RankFailed, ThreadGroup, run_ranks
 from distbp.parallel import DataParallel, ModelMismatch, UnusedParameters
 from distbp.train import Trainer, make_config
+from distbp.train.checkpoint import load_safetensors
 from distbp.train.steps import AllReduceStep, allreduce_step
 
 # --- communicators --------------------------------------------------------------------------------
@@ -192,6 +194,36 @@ def test_broadcast_makes_parameters_identical_at_start():
             np.testing.assert_array_equal(other[name], value)
 
 
+def test_frozen_parameters_are_broadcast_and_checked_too():
+    def body(comm):
+        model = _mlp(seed=comm.rank)
+        first = next(model.parameters())
+        first.requires_grad_(False)  # frozen: no gradient, but every replica must still hold rank 0's values
+        DataParallel(model, comm)
+        return first.data.copy()
+
+    ranks = run_ranks(2, body)
+    np.testing.assert_array_equal(ranks[1], ranks[0])
+
+    def frozen_on_one_rank(comm):
+        model = _mlp()
+        next(model.parameters()).requires_grad_(comm.rank == 0)
+        DataParallel(model, comm)
+
+    with pytest.raises(RankFailed, match=r"\(frozen\)"):
+        run_ranks(2, frozen_on_one_rank, timeout=20)
+
+
+@pytest.mark.parametrize("option,values", [("bucket_cap_mb", (25.0, 1.0)), ("compress", (None, "fp16")),
+                                           ("allow_unused", (False, True)), ("average", (True, False))])
+def test_ranks_given_different_options_fail_naming_the_option(option, values):
+    def body(comm):
+        DataParallel(_mlp(), comm, **{option: values[comm.rank]})
+
+    with pytest.raises(RankFailed, match=f"rank 1 was given {option}="):
+        run_ranks(2, body, timeout=20)
+
+
 def test_different_models_fail_on_every_rank_naming_the_difference():
     failures = []
 
@@ -308,6 +340,24 @@ def test_a_second_backward_before_synchronize_is_an_error():
         return True
 
     assert run_ranks(1, body) == [True]
+
+
+@pytest.mark.parametrize("allow_unused", [False, True])
+def test_a_second_synchronize_after_one_backward_is_an_error(allow_unused):
+    x, y = _data()
+
+    def body(comm):
+        ddp = DataParallel(_mlp(), comm, allow_unused=allow_unused)
+        cross_entropy(ddp(Tensor(x[:8])), y[:8]).backward()
+        ddp.synchronize()
+        reduced = [p.grad.data.copy() for p in ddp.parameters()]
+        with pytest.raises(RuntimeError, match="no parameter received a gradient since the last synchronize"):
+            ddp.synchronize()
+        for p, g in zip(ddp.parameters(), reduced):  # left as they were (allow_unused used to zero them)
+            np.testing.assert_array_equal(p.grad.data, g)
+        return True
+
+    assert run_ranks(2, body) == [True, True]
 
 
 def test_close_gives_the_buckets_back_and_compression_does_not_take_shared_ones():
@@ -439,6 +489,23 @@ def test_only_rank_zero_writes_checkpoints_metrics_and_progress(tmp_path):
     spans = {(e["pid"], e["name"]) for e in events if e["ph"] == "X"}
     for rank in (0, 1):
         assert {(rank, "forward"), (rank, "backward"), (rank, "allreduce bucket 0")} <= spans
+
+
+def test_resume_with_dropout_restores_every_ranks_random_stream(tmp_path):
+    text = "".join(f"y{i % 5} = {i}\n" for i in range(500))
+    corpus = tmp_path / "t.txt"
+    corpus.write_text(text)
+    common = dict(model="charlm", text_file=str(corpus), block_size=16, d_model=16, n_heads=2, n_layers=1,
+                  dropout=0.3, epochs=2, batch_size=4, sample_length=0)
+    whole = _train_ranks(2, **common)
+    ckpt = tmp_path / "lm.ckpt"
+    _train_ranks(2, **common, checkpoint=str(ckpt), max_steps=9)
+    _, meta = load_safetensors(ckpt)
+    rngs = json.loads(meta["distbp"])["state"]["rng"]
+    assert len(rngs) == 2 and rngs[0] != rngs[1]  # each rank draws its own dropout masks
+    resumed = _train_ranks(2, **common, checkpoint=str(ckpt), resume=True)
+    for name, value in _params(whole[0]).items():
+        np.testing.assert_array_equal(_params(resumed[0])[name], value, err_msg=name)
 
 
 def test_resume_needs_the_same_world_size(tmp_path):

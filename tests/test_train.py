@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from distbp.train import Trainer, load_checkpoint, make_config
+from distbp.train import CheckpointError, ConfigError, Trainer, load_checkpoint, make_config
 from distbp.train.checkpoint import load_safetensors
 
 
@@ -78,6 +78,53 @@ def test_resume_with_dropout_replays_the_same_random_stream(tmp_path):
     resumed, _ = fit(**common, checkpoint=str(ckpt), resume=True)
     for name, value in _params(whole.model).items():
         np.testing.assert_array_equal(_params(resumed.model)[name], value, err_msg=name)
+
+
+def test_resuming_a_finished_run_trains_nothing_and_keeps_its_checkpoint(tmp_path):
+    ckpt = tmp_path / "run.ckpt"
+    first, _ = fit(epochs=2, checkpoint=str(ckpt), max_steps=10)
+    written = ckpt.read_bytes()
+    again, summary = fit(epochs=2, checkpoint=str(ckpt), max_steps=10, resume=True)  # a requeued job
+    assert again.step == 10 and summary["steps"] == 10
+    assert ckpt.read_bytes() == written
+    assert summary["test_accuracy"] > 0.2  # evaluated, not nan
+    for name, value in _params(first.model).items():
+        np.testing.assert_array_equal(_params(again.model)[name], value)
+
+
+@pytest.mark.parametrize("key,value", [("batch_size", 16), ("seed", 7), ("dataset", "synthetic")])
+def test_resume_with_another_data_order_is_refused(tmp_path, key, value):
+    ckpt = tmp_path / "run.ckpt"
+    fit(epochs=1, checkpoint=str(ckpt), max_steps=5)
+    with pytest.raises(CheckpointError, match=f"written with {key} = .*this run has {value!r}"):
+        fit(epochs=1, checkpoint=str(ckpt), resume=True, **{key: value})
+
+
+@pytest.mark.parametrize("key", ["checkpoint", "metrics", "trace"])
+def test_an_output_path_that_cannot_be_written_is_refused_before_training(tmp_path, key):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ConfigError, match=f"'{key}' is .* but .*afile is not a directory"):
+        fit(epochs=1, **{key: str(tmp_path / "afile" / "out")})
+    with pytest.raises(ConfigError, match="is a directory"):
+        fit(epochs=1, **{key: str(tmp_path)})
+
+
+def test_a_new_run_can_start_from_a_checkpoints_weights(tmp_path):
+    ckpt = tmp_path / "run.ckpt"
+    first, _ = fit(epochs=1, checkpoint=str(ckpt), optimizer="adam", lr=1e-3, seed=3)
+    # other settings: batch size, optimizer, seed and schedule need not match, only the model
+    settings = {"epochs": 1, "batch_size": 16, "lr": 1e-3, "momentum": 0.0, "max_steps": 1, "progress": "none"}
+    warm = Trainer(make_config({**settings, "init_from": str(ckpt)}))
+    warm.fit()
+    cold = Trainer(make_config(settings))
+    cold.fit()
+    assert warm.step == 1 and not any(warm.optimizer.state.values())  # SGD without momentum: no state
+    # one small step away from the checkpoint's weights, where a fresh initialisation is far from them
+    for name, value in _params(first.model).items():
+        assert np.abs(_params(warm.model)[name] - value).max() < 0.01, name
+    assert all(np.abs(_params(cold.model)[n] - v).max() > 0.1 for n, v in _params(first.model).items())
+    with pytest.raises(CheckpointError, match="different model"):
+        fit(epochs=1, hidden=[16], init_from=str(ckpt))
 
 
 def test_checkpoint_holds_weights_optimizer_and_position(tmp_path):

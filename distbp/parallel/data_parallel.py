@@ -79,7 +79,10 @@ class DataParallel:
         self.module, self.comm = model, comm
         self.allow_unused, self.compress, self.tracer = allow_unused, compress, tracer
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self._check_same_model()
+        # the options every rank must share: the buckets, and what travels in them, must pair up
+        options = {"bucket_cap_mb": float(bucket_cap_mb), "compress": compress, "allow_unused": bool(allow_unused),
+                   "average": bool(average)}
+        self._check_same_model(options)
         self._broadcast_state()
         self.buckets = self._make_buckets(bucket_cap_mb * 1024 * 1024)
         self._bucket_of = {id(p): b for b in self.buckets for _, p in b.params}
@@ -94,11 +97,17 @@ class DataParallel:
 
     # --- start-up ---
 
-    def _check_same_model(self):
-        mine = [(n, tuple(p.data.shape), str(p.data.dtype)) for n, p in self.named]
-        everyone = self.comm.allgather(mine)
-        reference = everyone[0]
-        for rank, theirs in enumerate(everyone[1:], 1):
+    def _check_same_model(self, options):
+        """Every rank holds the same parameters (frozen ones too) and was given the same options."""
+        mine = [(n, tuple(p.data.shape), str(p.data.dtype), bool(p.requires_grad))
+                for n, p in self.module.named_parameters()]
+        everyone = self.comm.allgather((mine, options))
+        reference, reference_options = everyone[0]
+        for rank, (theirs, their_options) in enumerate(everyone[1:], 1):
+            for key, value in their_options.items():
+                if value != reference_options[key]:
+                    raise ModelMismatch(f"DataParallel: rank {rank} was given {key}={value!r} but rank 0 "
+                                        f"{key}={reference_options[key]!r}: every rank must use the same options")
             if theirs == reference:
                 continue
             for i in range(max(len(reference), len(theirs))):
@@ -111,7 +120,7 @@ class DataParallel:
                     )
 
     def _broadcast_state(self):
-        for _, p in self.named:
+        for _, p in self.module.named_parameters():  # frozen ones too: every replica runs rank 0's model
             self.comm.broadcast(p.data, root=0)
             p._bump_version()
         for _, b in self.module.named_buffers():
@@ -194,6 +203,10 @@ class DataParallel:
         """Wait for every bucket, average, and point each parameter's .grad at its averaged gradient."""
         if not self._syncing:
             return
+        if self.buckets and not self._accumulated and not any(b.ready for b in self.buckets):
+            # a second call after one backward: its gradients would be reduced again (allow_unused: zeroed)
+            raise RuntimeError("DataParallel: synchronize(): no parameter received a gradient since the last "
+                               "synchronize(); call it once after each backward")
         missing = [(n, p) for n, p in self.named if id(p) not in self._bucket_of[id(p)].ready]
         if missing:
             if not self.allow_unused:
@@ -262,5 +275,5 @@ class DataParallel:
 def _describe(entry):
     if entry is None:
         return "absent"
-    name, shape, dtype = entry
-    return f"{name} {list(shape)} {dtype}"
+    name, shape, dtype, trainable = entry
+    return f"{name} {list(shape)} {dtype}{'' if trainable else ' (frozen)'}"

@@ -42,15 +42,8 @@ def save_checkpoint(path, model, optimizer, state):
     save_safetensors(path, arrays, {"distbp": json.dumps(meta)})
 
 
-def load_checkpoint(path, model, optimizer, check_state=None):
-    """Restore model and optimizer from `path` and return the saved `state`.
-
-    Everything is checked before anything changes: a checkpoint of another model (different parameter
-    names or shapes), or with optimizer state the optimizer cannot use, is refused naming the first
-    problem, and model and optimizer are left as they were. check_state(state), if given, is called
-    after those checks and before any change: a caller that restores more from `state` (counters, a
-    schedule) checks it there and raises CheckpointError to refuse the file.
-    """
+def _read(path):
+    """(arrays, metadata) of a distbp checkpoint, its format and metadata checked."""
     arrays, metadata = load_safetensors(path)
     try:
         meta = json.loads(metadata["distbp"])
@@ -64,11 +57,11 @@ def load_checkpoint(path, model, optimizer, check_state=None):
         raise CheckpointError(f"{path}: damaged checkpoint metadata: no {missing[0]!r}")
     if not isinstance(meta["state"], dict):
         raise CheckpointError(f"{path}: damaged checkpoint metadata: the saved state is not an object")
-    saved_opt = meta.get("optimizer_type")
-    if saved_opt is not None and saved_opt != type(optimizer).__name__:
-        raise CheckpointError(
-            f"{path}: checkpoint of a run with optimizer {saved_opt}, this run uses {type(optimizer).__name__}"
-        )
+    return arrays, meta
+
+
+def _check_model(path, meta, model):
+    """Refuse a checkpoint of another model: parameter names, shapes and dtypes must be the same."""
     saved, own = meta["signature"], model_signature(model)
     if not isinstance(saved, dict):
         raise CheckpointError(f"{path}: damaged checkpoint metadata: the model signature is not an object")
@@ -83,6 +76,35 @@ def load_checkpoint(path, model, optimizer, check_state=None):
     extra = [n for n in saved if n not in own]
     if extra:
         raise CheckpointError(f"{path}: checkpoint of a different model: it has extra parameter {extra[0]!r}")
+
+
+def load_weights(path, model):
+    """Only the model's parameters and buffers from a checkpoint, for a new run that starts from them
+    (its optimizer, schedule and position start afresh). Checked like load_checkpoint's."""
+    arrays, meta = _read(path)
+    _check_model(path, meta, model)
+    try:
+        model.load_state_dict({k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")})
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: does not fit this model: {_reason(e)}") from None
+
+
+def load_checkpoint(path, model, optimizer, check_state=None):
+    """Restore model and optimizer from `path` and return the saved `state`.
+
+    Everything is checked before anything changes: a checkpoint of another model (different parameter
+    names or shapes), or with optimizer state the optimizer cannot use, is refused naming the first
+    problem, and model and optimizer are left as they were. check_state(state), if given, is called
+    after those checks and before any change: a caller that restores more from `state` (counters, a
+    schedule) checks it there and raises CheckpointError to refuse the file.
+    """
+    arrays, meta = _read(path)
+    saved_opt = meta.get("optimizer_type")
+    if saved_opt is not None and saved_opt != type(optimizer).__name__:
+        raise CheckpointError(
+            f"{path}: checkpoint of a run with optimizer {saved_opt}, this run uses {type(optimizer).__name__}"
+        )
+    _check_model(path, meta, model)
     try:
         model_arrays = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}
         opt_state = {}

@@ -5,6 +5,7 @@ the validation are all derived from it, so a key cannot exist in one place and n
 """
 
 import difflib
+import math
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -94,6 +95,9 @@ FIELDS = (
     Field("checkpoint_every", int, 0, "write the checkpoint every N steps (0: at the end of each epoch)",
           minimum=0),
     Field("resume", bool, False, "continue from --checkpoint if it exists"),
+    Field("init_from", str, None, "start a new run from the weights of this checkpoint (the optimizer, "
+          "schedule and position start afresh; with resume, only when there is nothing to resume)",
+          nullable=True),
     Field("metrics", str, None, "write metrics as JSON lines to this file", nullable=True),
     Field("progress", str, "auto", "progress display", choices=("auto", "bar", "plain", "none")),
 )
@@ -119,6 +123,8 @@ def _coerce_scalar(f, value, where):
         ok = isinstance(value, str)
     if not ok:
         raise ConfigError(f"{where}: '{f.name}' must be {_type_name(f)}, got {value!r} ({type(value).__name__})")
+    if f.type is float and not math.isfinite(value):  # nan passes every bound check
+        raise ConfigError(f"{where}: '{f.name}' must be a finite number, got {value}")
     if f.choices and value not in f.choices:
         raise ConfigError(f"{where}: '{f.name}' must be one of {', '.join(f.choices)}; got {value!r}")
     if f.minimum is not None and (value < f.minimum or (f.exclusive_minimum and value == f.minimum)):

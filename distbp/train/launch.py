@@ -47,13 +47,18 @@ def _run_mpi(config, stream):
     except BaseException as e:  # end every rank now, rather than leave them waiting for this one
         if isinstance(e, SystemExit) and not e.code:
             raise
+        if isinstance(e, KeyboardInterrupt):  # Ctrl-C reaches every rank: no traceback, the shell's code
+            sys.stderr.write(f"distbp: rank {comm.rank} of {comm.size} interrupted\n")
+            sys.stderr.flush()
+            comm.abort(130)
+            raise SystemExit(130) from None  # reported: the command must not report it again
         detail = "" if isinstance(e, (GroupAborted,)) else "".join(traceback.format_exception_only(type(e), e)).strip()
         sys.stderr.write(f"distbp: rank {comm.rank} of {comm.size} failed: {detail}\n")
         if not _is_user_error(e):
             traceback.print_exc()
         sys.stderr.flush()
         comm.abort(1)
-        raise
+        raise SystemExit(1) from None  # reported: the command must not report it again
 
 
 def _is_user_error(e):
@@ -70,9 +75,9 @@ def _run_ps(config, stream):
 
     if not config.ps:
         raise ConfigError("config: backend 'ps' needs 'ps' (the parameter servers' HOST:PORT addresses)")
-    if config.checkpoint:
-        raise ConfigError("config: with backend 'ps' the servers checkpoint the parameters "
-                          "(distbp ps serve --checkpoint); drop 'checkpoint' from the worker")
+    if config.checkpoint or config.init_from:
+        raise ConfigError("config: with backend 'ps' the servers hold the parameters and checkpoint them "
+                          "(distbp ps serve --checkpoint-path); drop 'checkpoint' and 'init_from' from the worker")
     try:
         addresses = parse_addresses(config.ps)
     except ValueError as e:

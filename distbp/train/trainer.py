@@ -3,6 +3,7 @@
 """
 
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from ..autograd import Tensor, check_rng_state, get_rng_state, manual_seed, no_g
 from ..autograd.ops import cross_entropy
 from ..data import BatchLoader, CharDataset, ShardSampler, load_digits, load_idx_dir, load_synthetic, load_text
 from ..data.datasets import DataError
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
 from .config import ConfigError, to_dict
 from .progress import MetricsLog, Progress
 from .steps import LocalStep
@@ -116,16 +117,19 @@ class Trainer:
 
     # --- checkpoints ---
 
-    def _state(self):
+    def _state(self, rngs):
         return {
             "step": self.step, "epoch": self.epoch, "batch": self.batch, "model": self.config.model,
-            "rng": _jsonable(get_rng_state()), "schedule": self.schedule.state_dict(),
+            "rng": rngs, "schedule": self.schedule.state_dict(),
             "world_size": self.strategy.world_size, "config": to_dict(self.config),
         }
 
     def save(self):
-        if self.config.checkpoint and self.is_main:
-            save_checkpoint(self.config.checkpoint, self.model, self.optimizer, self._state())
+        """Every rank calls this at the same points: each rank's dropout generator goes into the file."""
+        if self.config.checkpoint:
+            rngs = self.strategy.gather(_jsonable(get_rng_state()))
+            if self.is_main:
+                save_checkpoint(self.config.checkpoint, self.model, self.optimizer, self._state(rngs))
 
     def _check_state(self, path, state):
         """Refuse a checkpoint's saved state that resume() could not restore whole (before anything changes)."""
@@ -142,9 +146,29 @@ class Trainer:
                 raise CheckpointError(f"{path}: damaged checkpoint state: {key} is {value!r}, not an integer >= 0")
         try:
             self.schedule.check_state_dict(state.get("schedule"))
-            check_rng_state(state.get("rng"))
+            for rng in self._rank_rngs(state):
+                check_rng_state(rng)
         except ValueError as e:
             raise CheckpointError(f"{path}: damaged checkpoint state: {e}") from None
+        saved = state.get("config")
+        if isinstance(saved, dict):
+            for key in _RESUME_KEYS:
+                mine = getattr(self.config, key)
+                theirs = tuple(saved[key]) if isinstance(saved.get(key), list) else saved.get(key)
+                if key in saved and theirs != mine:
+                    raise CheckpointError(
+                        f"{path}: written with {key} = {theirs!r}, this run has {mine!r}; resume with the same "
+                        "value (the data order and the schedule depend on it), or start a new run"
+                    )
+
+    def _rank_rngs(self, state):
+        """Each rank's saved generator state (a checkpoint of one rank may hold the state alone)."""
+        rngs = state.get("rng")
+        if isinstance(rngs, dict):
+            rngs = [rngs]
+        if not isinstance(rngs, list) or len(rngs) != self.strategy.world_size:
+            raise ValueError(f"rng holds no generator state for each of the {self.strategy.world_size} ranks")
+        return rngs
 
     def resume(self):
         path = self.config.checkpoint
@@ -156,7 +180,7 @@ class Trainer:
         state = load_checkpoint(path, self.model, self.optimizer, check_state=lambda s: self._check_state(path, s))
         self.step, self.epoch, self.batch = state["step"], state["epoch"], state["batch"]
         self.schedule.load_state_dict(state["schedule"])
-        set_rng_state(state["rng"])
+        set_rng_state(self._rank_rngs(state)[self.strategy.rank])
         self._say(f"resumed from {path} at step {self.step} (epoch {self.epoch + 1}, batch {self.batch})")
         return True
 
@@ -198,11 +222,17 @@ class Trainer:
 
     def _fit(self):
         cfg = self.config
-        if cfg.resume:
-            self.resume()
+        resumed = self.resume() if cfg.resume else False
+        if cfg.init_from and not resumed:
+            load_weights(cfg.init_from, self.model)
+            self._say(f"starting from the weights of {cfg.init_from}")
         if self.batch >= self.steps_per_epoch:
             self.epoch, self.batch = self.epoch + 1, 0
         self._check_same_run()
+        if self.is_main:
+            for key in ("checkpoint", "metrics", "trace"):
+                if getattr(cfg, key):
+                    _check_writable(key, getattr(cfg, key))
         self.tracer = Tracer(self.strategy.rank) if cfg.trace else None
         self.strategy.prepare(self.model, self.optimizer, self.tracer)
         metrics = MetricsLog(cfg.metrics if self.is_main else None, append=cfg.resume)
@@ -214,7 +244,11 @@ class Trainer:
         started = time.perf_counter()
         running, seen = 0.0, 0
         test_loss = accuracy = float("nan")
-        stopped = False
+        finished = self.step >= stop_at or self.epoch >= cfg.epochs  # resumed from the run's last checkpoint
+        if finished:
+            self._say(f"the run already ended at step {self.step}: nothing to train")
+            test_loss, accuracy = self.evaluate()
+        stopped = finished
         while self.epoch < cfg.epochs and not stopped:
             for x, y in self.loader.batches(self.epoch, self.batch):
                 loss = self._train_step(x, y)
@@ -241,7 +275,7 @@ class Trainer:
                 self.epoch, self.batch = self.epoch + 1, 0
                 if not cfg.checkpoint_every:
                     self.save()
-        if stopped:
+        if stopped and not finished:
             self.save()
         if seen:
             test_loss, accuracy = self._log_eval(metrics, progress, running / seen)
@@ -289,9 +323,15 @@ class Trainer:
         if self.strategy.world_size == 1:
             return
         mine = {**to_dict(self.config), "train examples": len(self.split.train),
-                "parameters": self.model.num_parameters()}
+                "parameters": self.model.num_parameters(), "tracing": bool(self.config.trace),
+                "position": (self.step, self.epoch, self.batch)}
         everyone = self.strategy.gather(mine)
         for rank, theirs in enumerate(everyone):
+            if theirs["position"] != everyone[0]["position"]:
+                raise ConfigError(
+                    f"rank {rank} starts at step {theirs['position'][0]} but rank 0 at step "
+                    f"{everyone[0]['position'][0]}: resuming ranks must all read the same checkpoint"
+                )
             for key in mine:
                 if theirs.get(key) != everyone[0].get(key) and key not in _PER_RANK_KEYS:
                     raise ConfigError(
@@ -318,8 +358,25 @@ class Trainer:
         return prompt + "".join(vocab[c] for c in out)
 
 
-# Keys that may legitimately differ between ranks (file paths that only rank 0 writes).
+# Keys that may legitimately differ between ranks (file paths that only rank 0 writes; whether tracing is on
+# must agree, as its events are gathered).
 _PER_RANK_KEYS = {"metrics", "trace", "progress"}
+# Keys a resumed run must share with its checkpoint: the data, its order and the number of steps.
+_RESUME_KEYS = ("dataset", "synthetic_size", "max_chars", "block_size", "batch_size", "seed")
+
+
+def _check_writable(key, path):
+    """Refuse, before any training, an output path that cannot be written (its parents are made as needed)."""
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"config: '{key}' is {path}, which is a directory, not a file")
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"config: '{key}' is {path}, but {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"config: '{key}' is {path}, but {parent} is not writable")
 
 
 def _jsonable(state):
