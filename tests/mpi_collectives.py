@@ -11,6 +11,8 @@ Two more arguments run a scenario of their own instead:
   late         rank 1 reaches buffer() after the timeout: rank 0 times out, and no file is left behind
   mixed        rank 0 all-reduces a shared buffer, rank 1 a plain array: both time out naming the mismatch
   late-allreduce  rank 1 reaches a matching shared all-reduce after rank 0's timeout: rank 0 names it late
+  checked-<case>  with check_collectives, rank 1 makes another call than rank 0 (case: size, dtype, op,
+                  kind, root, shared): every rank stops naming the difference
 """
 
 import os
@@ -100,11 +102,37 @@ def scenario(kind, comm):
         os._exit(0)  # out of step after a timeout: no MPI_Finalize
 
 
+def checked(case, comm):
+    """Rank 0 all-reduces 8 float32 values (a sum); rank 1 makes the call `case` changes."""
+    from distbp.comm import CommError
+
+    comm.check_collectives = True
+    shared = comm.buffer(8)
+    plain = np.ones(8, np.float32)
+    other = {"size": lambda: comm.allreduce(np.ones(9, np.float32)),
+             "dtype": lambda: comm.allreduce(np.ones(8, np.float64)),
+             "op": lambda: comm.allreduce(plain, "mean"),
+             "kind": comm.barrier,
+             "root": lambda: comm.broadcast(plain, root=1),
+             "shared": lambda: comm.allreduce(shared)}[case]
+    call = (lambda: comm.broadcast(plain, root=0)) if case == "root" else (lambda: comm.allreduce(plain))
+    try:
+        (call if comm.rank == 0 else other)()
+        outcome = "completed"
+    except CommError as e:
+        outcome = f"refused: {e}"
+    print(f"rank {comm.rank} {outcome}", flush=True)
+    comm.allreduce(np.ones(2, np.float32))  # the check's own exchange matched: the ranks are in step after it
+    return 0
+
+
 def main():
     comm = mpi_communicator(timeout=20)
     rank, size = comm.rank, comm.size
     if len(sys.argv) > 1 and sys.argv[1] in ("sizes-differ", "late", "mixed", "late-allreduce"):
         return scenario(sys.argv[1], comm)
+    if len(sys.argv) > 1 and sys.argv[1].startswith("checked-"):
+        return checked(sys.argv[1][len("checked-"):], comm)
     if len(sys.argv) > 1:
         inject(sys.argv[1], rank, size)
     buffers = []

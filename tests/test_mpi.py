@@ -99,6 +99,23 @@ def test_a_rank_that_reaches_a_collective_after_the_timeout_is_named_late_not_mi
            "it only after that" in out, out + err
 
 
+@pytest.mark.parametrize("case,words", [
+    ("size", "rank 1 calls allreduce of 9 float32 op sum but rank 0 allreduce of 8 float32 op sum"),
+    ("dtype", "rank 1 calls allreduce of 8 float64"),
+    ("op", "rank 1 calls allreduce of 8 float32 op mean"),
+    ("kind", "rank 1 calls barrier but rank 0 allreduce"),
+    ("root", "rank 1 calls broadcast of 8 float32 root 1 but rank 0 broadcast of 8 float32 root 0"),
+    ("shared", "a comm.buffer()"),
+])
+def test_checked_collectives_name_a_mismatched_call_on_every_rank(case, words):
+    # without the check MPI gives garbage (another size or dtype), or a rank returns from a barrier with
+    # the other's all-reduce unfinished
+    code, out, err, seconds = mpiexec(2, str(HERE / "mpi_collectives.py"), f"checked-{case}", timeout=60)
+    assert code == 0, err
+    for rank in (0, 1):
+        assert f"rank {rank} refused: collective #" in out and words in out, out + err
+
+
 def _assert_no_segments_left(out):
     creator = out.split("creator ", 1)[1].split()[0]
     left = [f for f in os.listdir("/dev/shm") if f.startswith(f"distbp-{creator}-")]

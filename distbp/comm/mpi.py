@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from .base import DEFAULT_TIMEOUT, CollectiveTimeout, Communicator, Handle, check_buffer, check_op
+from .base import DEFAULT_TIMEOUT, CollectiveTimeout, CommError, Communicator, Handle, check_buffer, check_op
 from .mpi_shm import SHM_DIR, SharedBuffer, create_segment
 
 _QUERY, _REPLY = 7, 8
@@ -132,9 +132,15 @@ class _SharedAllreduce(Handle):
 class MPICommunicator(Communicator):
     backend = "mpi"
 
-    def __init__(self, comm=None, timeout=DEFAULT_TIMEOUT, shared_memory=None):
+    def __init__(self, comm=None, timeout=DEFAULT_TIMEOUT, shared_memory=None, check_collectives=None):
         """shared_memory: all-reduce `buffer()`s in memory shared by the ranks when they all run on one
-        machine (default: yes, unless the environment has DISTBP_MPI_SHM=0)."""
+        machine (default: yes, unless the environment has DISTBP_MPI_SHM=0).
+
+        check_collectives: before every collective, the ranks compare what they are about to do (which
+        collective, buffer size and dtype, op, root) and all stop naming the first difference. MPI itself
+        does not check: mismatched calls give garbage, a crash or a hang. It costs one small blocking
+        exchange per collective (so an all-reduce no longer overlaps what follows its start): a debugging
+        aid, off unless the environment has DISTBP_CHECK_COLLECTIVES=1."""
         super().__init__(timeout)
         MPI = self.MPI = _mpi()
         base = comm if comm is not None else MPI.COMM_WORLD
@@ -146,6 +152,9 @@ class MPICommunicator(Communicator):
         self._half_op = None
         self._in_flight = []  # shared-memory all-reduces started and not yet complete
         self._asked = {}  # peer -> (collective #, its index) of the last question it asked: it timed out there
+        if check_collectives is None:
+            check_collectives = os.environ.get("DISTBP_CHECK_COLLECTIVES", "0") not in ("", "0")
+        self.check_collectives = bool(check_collectives)
         if shared_memory is None:
             shared_memory = os.environ.get("DISTBP_MPI_SHM", "1") != "0"
         node = base.Split_type(MPI.COMM_TYPE_SHARED)
@@ -159,9 +168,24 @@ class MPICommunicator(Communicator):
 
     # --- finding the ranks that did not arrive ---
 
-    def _arrive(self):
+    def _arrive(self, name=None, array=None, detail=0):
+        """The next collective's number; with check_collectives, first compare the call with every rank's."""
         self._seq += 1
+        if self.check_collectives and name is not None:
+            self._check_same_call(name, array, detail)
         return self._seq
+
+    def _check_same_call(self, name, array, detail):
+        shared = array is not None and _key(array) in self._shared
+        mine = np.array([_COLLECTIVES.index(name), -1 if array is None else array.size,
+                         -1 if array is None else _DTYPE_CODES.get(array.dtype.str, 0), detail, shared], np.int64)
+        everyone = np.zeros((self.size, mine.size), np.int64)
+        _MPIHandle(self, self.comm.Iallgather(mine, everyone), name, self._seq).wait()
+        for rank in range(1, self.size):
+            if (everyone[rank] != everyone[0]).any():
+                raise CommError(f"collective #{self._seq}: rank {rank} calls {_describe_call(everyone[rank])} but "
+                                f"rank 0 {_describe_call(everyone[0])}; every rank must make the same calls "
+                                "in the same order")
 
     def _send(self, values, dest, tag):
         self._sends = [(r, b) for r, b in self._sends if not r.Test()]
@@ -260,7 +284,7 @@ class MPICommunicator(Communicator):
         shared = self._shared.get(_key(array)) if self._shared else None
         if shared is not None and shared.in_flight:
             raise RuntimeError("allreduce: this buffer is still being all-reduced; wait() for that first")
-        seq = self._arrive()
+        seq = self._arrive("allreduce", array, _OPS.index(op))
         MPI = self.MPI
         after = None
         if op == "mean":
@@ -283,13 +307,13 @@ class MPICommunicator(Communicator):
         check_buffer(array, "broadcast")
         if not 0 <= root < self.size:
             raise ValueError(f"broadcast: root {root} is not a rank of a group of {self.size}")
-        seq = self._arrive()
+        seq = self._arrive("broadcast", array, root)
         _MPIHandle(self, self.comm.Ibcast(array, root=root), "broadcast", seq).wait()
 
     def allgather(self, obj):
         data = np.frombuffer(pickle.dumps(obj), dtype=np.uint8)
         sizes = np.zeros(self.size, np.int64)
-        seq = self._arrive()
+        seq = self._arrive("allgather")
         _MPIHandle(self, self.comm.Iallgather(np.array([data.size], np.int64), sizes), "allgather", seq).wait()
         out = np.empty(int(sizes.sum()), np.uint8)
         seq = self._arrive()
@@ -299,7 +323,7 @@ class MPICommunicator(Communicator):
         return [pickle.loads(out[offsets[i]:offsets[i + 1]].tobytes()) for i in range(self.size)]
 
     def barrier(self):
-        seq = self._arrive()
+        seq = self._arrive("barrier")
         _MPIHandle(self, self.comm.Ibarrier(), "barrier", seq).wait()
 
     def abort(self, code=1, message=None):
@@ -317,6 +341,22 @@ class MPICommunicator(Communicator):
 
 def _key(array):
     return array.ctypes.data, array.size, array.dtype.str
+
+
+_OPS = ("sum", "mean")
+_DTYPE_CODES = {np.dtype(t).str: i for i, t in enumerate((np.float16, np.float32, np.float64, np.int8, np.int16,
+                                                           np.int32, np.int64, np.uint8, np.bool_), 1)}
+
+
+def _describe_call(values):
+    kind, size, dtype, detail, shared = (int(v) for v in values)
+    name = _COLLECTIVES[kind]
+    if size < 0:
+        return name
+    dtype_name = next((np.dtype(s).name for s, c in _DTYPE_CODES.items() if c == dtype), "another dtype")
+    extra = f" op {_OPS[detail]}" if name == "allreduce" else f" root {detail}"
+    where = ", a comm.buffer()" if shared else ""
+    return f"{name} of {size} {dtype_name}{extra}{where}"
 
 
 def launched_by_mpi(environ):
