@@ -24,8 +24,15 @@ for ((i = 0; i < ${#server_opts[@]}; i++)); do
   if [ "${server_opts[$i]}" = "--token" ]; then token_opts=(--ps-token "${server_opts[$((i + 1))]}"); fi
 done
 pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done; }
-trap cleanup EXIT INT TERM
+worker_pids=()
+# background jobs of a script ignore Ctrl-C's SIGINT: on it (or SIGTERM), end workers and servers ourselves
+cleanup() {
+  kill "${worker_pids[@]}" "${pids[@]}" 2>/dev/null || true
+  for p in "${worker_pids[@]}" "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+trap 'cleanup; exit 130' INT
+trap 'cleanup; exit 143' TERM
 addresses=""
 for ((s = 0; s < servers; s++)); do
   port=$((base + s))
@@ -42,7 +49,6 @@ for ((s = 0; s < servers; s++)); do
   pids+=($!)
   addresses+="${addresses:+,}127.0.0.1:$port"
 done
-worker_pids=()
 for ((w = 0; w < workers; w++)); do
   progress=none
   [ "$w" = 0 ] && progress=auto

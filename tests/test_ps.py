@@ -883,3 +883,263 @@ def test_a_taken_port_is_a_one_line_error():
         assert "Traceback" not in done.stderr
     finally:
         stop()
+
+
+# --- lifecycle and misuse (from a review) ----------------------------------------------------------
+
+
+def test_async_schedule_spans_every_push_of_every_worker():
+    # the shard steps once per push: W times a round, so the schedule must be W times as long
+    config = make_config({"epochs": 2, "progress": "none", "lr": 0.1, "momentum": 0.0})
+    shard = build_shard(config, workers=4, mode="async")
+    lrs = []
+    for _ in range(4):  # each worker's whole run, one after the other: 4 times the steps of a sync run
+        for _ in range(_rounds(config, 4)):
+            shard.schedule.step()
+        lrs.append(shard.optimizer.param_groups[0]["lr"])
+    assert lrs[0] > 0.07 and lrs[1] > 0.04 and lrs[2] > 0.01, lrs  # the cosine spans all of them
+    assert lrs[3] < 1e-6
+    shard.stop()
+
+
+def _rounds(config, workers):
+    from distbp.data import BatchLoader, ShardSampler
+    from distbp.train.trainer import build_data
+
+    split = build_data(config)
+    return config.epochs * len(BatchLoader(split.train, config.batch_size, ShardSampler(len(split.train), 0, workers)))
+
+
+def test_a_push_of_a_superseded_registration_is_aborted():
+    shard, chunks = _sync_shard_of_two_workers()
+    shard.mode = "async"
+    _, old = shard.register(0, shard.signature)
+    _, new = shard.register(0, shard.signature)  # another process took id 0 (the first one stalled)
+    assert old != new and old and new
+    with pytest.raises(_Refused) as refused:
+        shard.push(0, shard.version, iter(chunks(1.0)), sequence=7, registration=old)
+    assert refused.value.code == grpc.StatusCode.ABORTED and "registered again" in refused.value.message
+    np.testing.assert_array_equal(shard.params["w"].data, np.zeros(4, np.float32))
+    assert shard.push(0, shard.version, iter(chunks(1.0)), sequence=1, registration=new) == 1
+    shard.stop()
+
+
+def test_two_processes_given_one_worker_id_the_older_one_stops():
+    config = make_config({"epochs": 1, "progress": "none"})
+    addresses, shards, stop = start_servers(config, workers=2, mode="async")
+    try:
+        named = _named(config)
+        first, second = PSClient(addresses, named), PSClient(addresses, named)
+        first.register(requested_id=1)
+        second.register(requested_id=1)
+        grads = {n: np.zeros_like(p.data) for n, p in named}
+        with pytest.raises(PSError, match="ABORTED.*registered again") as refused:
+            first.push(grads)
+        assert refused.value.code == grpc.StatusCode.ABORTED
+        second.push(grads)
+        assert shards[0].pushes == 1
+    finally:
+        stop()
+
+
+def test_a_stopping_server_refuses_pushes_and_pulls_as_unavailable():
+    shard, chunks = _sync_shard_of_two_workers()
+    shard.stop()
+    for attempt in (lambda: shard.push(0, 0, iter(chunks(1.0))), lambda: shard.pull_messages(0, 1, lambda: True)):
+        with pytest.raises(_Refused) as refused:
+            attempt()
+        assert refused.value.code == grpc.StatusCode.UNAVAILABLE  # workers retry, and rejoin the restart
+    assert shard.version == 0 and not shard.pending
+
+
+def test_a_pull_for_a_future_version_is_refused():
+    shard, _ = _sync_shard_of_two_workers()
+    with pytest.raises(_Refused) as refused:
+        _within(5, lambda: shard.pull_messages(0, 5, lambda: True))
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT and "in the future" in refused.value.message
+    shard.stop()
+
+
+def test_a_sync_shard_missing_workers_starts_without_them_after_the_timeout():
+    from distbp.optim import SGD
+
+    shard = _shard_of({"w": np.zeros(4, np.float32)}, lambda ps: SGD(ps, lr=1.0), sync_timeout=0.3)
+    shard.mode, shard.expected = "sync", 2
+    shard.register(0, shard.signature)  # worker 1 never comes (dropped before a server restart, say)
+    start = time.monotonic()
+    messages = _within(5, lambda: shard.pull_messages(0, 0, lambda: True))
+    assert time.monotonic() - start < 5 and shard.started
+    assert _values_of(messages)["w"].shape == (4,)
+    shard.stop()
+
+
+def _within(seconds, fn):
+    """fn()'s result, failing (not hanging) if it takes longer than `seconds`."""
+    result, error = [], []
+
+    def run():
+        try:
+            result.append(fn())
+        except BaseException as e:  # re-raised in the test's thread
+            error.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if error:
+        raise error[0]
+    assert result, f"still waiting after {seconds} s"
+    return result[0]
+
+
+def test_bounded_mode_drops_a_worker_that_holds_the_others_back():
+    from distbp.optim import SGD
+
+    shard = _shard_of({"w": np.zeros(4, np.float32)}, lambda ps: SGD(ps, lr=1.0), sync_timeout=0.3)
+    shard.mode, shard.expected, shard.staleness = "bounded", 2, 1
+    for wid in (0, 1):
+        shard.register(wid, shard.signature)
+    for _ in range(3):  # worker 0 runs ahead; worker 1 is dead
+        shard.push(0, shard.version, iter(to_chunks("w", np.ones(4, np.float32))))
+    start = time.monotonic()
+    _within(5, lambda: shard.pull_messages(0, 0, lambda: True))  # waits for worker 1 until it is dropped
+    assert 0.2 < time.monotonic() - start < 5 and shard.active == {0}
+    shard.stop()
+
+
+def test_a_failed_periodic_checkpoint_does_not_fail_the_push(tmp_path, caplog):
+    from distbp.optim import SGD
+
+    (tmp_path / "afile").write_text("")
+    shard = _shard_of({"w": np.zeros(4, np.float32)}, lambda ps: SGD(ps, lr=1.0),
+                      checkpoint=str(tmp_path / "afile" / "ps.ckpt"), checkpoint_every=1)
+    shard.register(0, shard.signature)
+    assert shard.push(0, 0, iter(to_chunks("w", np.ones(4, np.float32)))) == 1
+    assert "could not write the checkpoint of version 1" in caplog.text
+    shard.stop()
+
+
+def test_a_worker_given_the_shards_in_the_wrong_order_takes_no_worker_id():
+    config = make_config({"epochs": 1, "progress": "none"})
+    addresses, shards, stop = start_servers(config, num_shards=2, workers=2)
+    try:
+        with pytest.raises(PSError, match="is shard 1 of 2, but it is address 0"):
+            PSClient(list(reversed(addresses)), _named(config)).register()
+        assert all(not s.active for s in shards)
+    finally:
+        stop()
+
+
+def test_shards_in_different_modes_are_refused():
+    config = make_config({"epochs": 1, "progress": "none"})
+    shard0 = build_shard(config, 0, 2, 2, mode="sync")
+    shard1 = build_shard(config, 1, 2, 2, mode="async")
+    servers = [serve(s, "127.0.0.1", 0) for s in (shard0, shard1)]
+    try:
+        with pytest.raises(PSError, match="runs in sync mode, .* in async mode"):
+            PSClient([f"127.0.0.1:{port}" for _, port in servers], _named(config)).register()
+    finally:
+        for s, (server, _) in zip((shard0, shard1), servers):
+            s.stop()
+            server.stop(0)
+
+
+def test_a_worker_with_other_training_settings_is_refused_naming_the_setting():
+    from distbp.train.config import ps_settings
+
+    config = make_config({"epochs": 1, "progress": "none", "lr": 0.1})
+    addresses, _, stop = start_servers(config)
+    try:
+        other = make_config({"epochs": 1, "progress": "none", "lr": 0.003, "optimizer": "adam"})
+        with pytest.raises(PSError, match="FAILED_PRECONDITION: the worker has optimizer = 'adam' but the server 'sgd'"):
+            PSClient(addresses, _named(config), settings=ps_settings(other)).register()
+        PSClient(addresses, _named(config), settings=ps_settings(config)).register()
+    finally:
+        stop()
+
+
+def _serve_args(**overrides):
+    import argparse
+
+    values = dict(port=0, workers=1, staleness=2, checkpoint_every_versions=0, sync_timeout=60.0, tls_cert=None,
+                  tls_key=None, tls_client_ca=None, checkpoint_path=None)
+    return argparse.Namespace(**{**values, **overrides})
+
+
+@pytest.mark.parametrize("overrides,words", [
+    (dict(port=70000), "--port must be in [0, 65535]"), (dict(port=-1), "--port"),
+    (dict(workers=0), "--workers must be >= 1"), (dict(staleness=-1), "--staleness must be >= 0"),
+    (dict(checkpoint_every_versions=-1), "--checkpoint-every-versions"),
+    (dict(sync_timeout=0.0), "--sync-timeout must be a positive"), (dict(sync_timeout=float("nan")), "--sync-timeout"),
+    (dict(tls_key="k.pem"), "need --tls-cert"), (dict(tls_client_ca="ca.pem"), "need --tls-cert"),
+    (dict(tls_cert="c.pem"), "--tls-cert needs --tls-key"),
+    (dict(tls_cert="missing-c.pem", tls_key="missing-k.pem"), "missing-c.pem"),
+])
+def test_server_options_that_cannot_work_are_refused(overrides, words):
+    from distbp.train.config import ConfigError
+    from distbp.train.ps_service import check_server_options
+
+    with pytest.raises(ConfigError, match=re_escape(words)):
+        check_server_options(make_config({"progress": "none"}), _serve_args(**overrides))
+
+
+def re_escape(text):
+    import re
+
+    return re.escape(text)
+
+
+@pytest.mark.parametrize("key,value,words", [("checkpoint", "x.ckpt", "checkpoint: options of distbp train"),
+                                             ("resume", True, "resume"), ("grad_clip", 1.0, "grad_clip")])
+def test_server_refuses_options_it_would_ignore(key, value, words):
+    from distbp.train.config import ConfigError
+    from distbp.train.ps_service import check_server_options
+
+    with pytest.raises(ConfigError, match=words):
+        check_server_options(make_config({"progress": "none", key: value}), _serve_args())
+
+
+def test_server_refuses_an_unwritable_checkpoint_path_at_start(tmp_path):
+    from distbp.train.config import ConfigError
+    from distbp.train.ps_service import check_server_options
+
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ConfigError, match="--checkpoint-path is .* not a directory"):
+        check_server_options(make_config({"progress": "none"}), _serve_args(checkpoint_path=str(tmp_path / "afile/x")))
+
+
+@pytest.mark.parametrize("overrides,words", [
+    (dict(grad_clip=1.0), "grad_clip is not supported with backend 'ps'"),
+    (dict(ps_tls_cert="c.pem"), "needs both 'ps_tls_cert' and 'ps_tls_key'"),
+    (dict(ps_tls_ca="missing-ca.pem"), "missing-ca.pem"),
+    (dict(init_from="w.ckpt"), "drop 'checkpoint' and 'init_from'"),
+])
+def test_worker_options_that_cannot_work_are_refused(overrides, words):
+    from distbp.train.config import ConfigError
+    from distbp.train.launch import run
+
+    with pytest.raises(ConfigError, match=words):
+        run(make_config({"progress": "none", "backend": "ps", "ps": "127.0.0.1:1", **overrides}))
+
+
+def test_ctrl_c_stops_the_whole_cluster_script(tmp_path):
+    script = ROOT / "launch" / "ps_cluster.sh"
+    env = {**os.environ, "PYTHON": sys.executable, "BASE_PORT": str(_free_port())}
+    proc = subprocess.Popen(["bash", str(script), "1", "2", "--mode", "sync", "--", "--epochs", "200",
+                             "--progress", "plain", "--log-every", "1"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        while "step" not in proc.stdout.readline():  # the workers train
+            assert proc.poll() is None, proc.stderr.read()
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(children) == 3  # a server and two workers
+        start = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+        assert time.monotonic() - start < 15 and proc.returncode == 130
+        for pid in children:
+            assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

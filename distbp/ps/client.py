@@ -49,8 +49,9 @@ class PSClient:
     """Connections to every shard (one per address, in shard order)."""
 
     def __init__(self, addresses, named_params, token=None, tls_ca=None, retry_seconds=60.0, tls_cert=None,
-                 tls_key=None):
+                 tls_key=None, settings=None):
         self.addresses = list(addresses)
+        self.settings = json.dumps(settings) if settings else ""  # checked against the servers' at register
         self.params = dict(named_params)
         self.signature = model_signature(named_params)
         self.owner = assign_shards({n: p.data.size for n, p in self.params.items()}, len(self.addresses))
@@ -75,6 +76,7 @@ class PSClient:
                                            response_deserializer=_identity) for c in self.channels]
         self.pool = ThreadPoolExecutor(max_workers=max(len(self.stubs) - 1, 1), thread_name_prefix="distbp-ps-client")
         self.worker_id = -1
+        self.registrations = [0] * len(self.stubs)  # each shard's token for this registration
         self.versions = [0] * len(self.stubs)
         self.pushes = 0  # numbers this registration's pushes, so a shard applies a retried one once
 
@@ -106,18 +108,30 @@ class PSClient:
         return [first] + [f.result() for f in others]
 
     def register(self, requested_id=-1, name="worker"):
-        first = self._call("register", 0, lambda: self.stubs[0].Register(
-            ps_pb2.RegisterRequest(worker_name=name, requested_id=requested_id, signature=self.signature),
-            metadata=self.metadata))
+        # the addresses are checked first: a worker refused after registering would hold a worker id
+        statuses = self.status()
+        for s, status in enumerate(statuses):
+            if status.num_shards != len(self.stubs) or status.shard != s:
+                raise PSError(f"the server at {self.addresses[s]} is shard {status.shard} of {status.num_shards}, "
+                              f"but it is address {s} of {len(self.stubs)} given")
+            if status.mode != statuses[0].mode:
+                raise PSError(f"the shards disagree: {self.addresses[0]} runs in {statuses[0].mode} mode, "
+                              f"{self.addresses[s]} in {status.mode} mode")
+
+        def request(wid):
+            return ps_pb2.RegisterRequest(worker_name=name, requested_id=wid, signature=self.signature,
+                                          settings=self.settings)
+
+        first = self._call("register", 0, lambda: self.stubs[0].Register(request(requested_id), metadata=self.metadata))
         self.worker_id = first.worker_id
         self.pushes = 0
         replies = [first] + [self._call("register", s, lambda s=s: self.stubs[s].Register(
-            ps_pb2.RegisterRequest(worker_name=name, requested_id=first.worker_id, signature=self.signature),
-            metadata=self.metadata)) for s in range(1, len(self.stubs))]
+            request(first.worker_id), metadata=self.metadata)) for s in range(1, len(self.stubs))]
         for s, reply in enumerate(replies):
-            if reply.num_shards != len(self.stubs) or reply.shard != s:
-                raise PSError(f"the server at {self.addresses[s]} is shard {reply.shard} of {reply.num_shards}, "
-                              f"but it is address {s} of {len(self.stubs)} given")
+            if reply.num_workers != first.num_workers:
+                raise PSError(f"the shards disagree: {self.addresses[0]} expects {first.num_workers} workers, "
+                              f"{self.addresses[s]} {reply.num_workers}")
+        self.registrations = [r.registration for r in replies]
         self.versions = [r.version for r in replies]
         return first
 
@@ -167,7 +181,7 @@ class PSClient:
     def _requests(self, shard, grads, sequence):
         """Serialized PushRequests for the gradients of the parameters `shard` holds: push number `sequence`
         (the same in a retry)."""
-        ints = [(1, self.worker_id), (2, self.versions[shard]), (4, sequence)]
+        ints = [(1, self.worker_id), (2, self.versions[shard]), (4, sequence), (5, self.registrations[shard])]
         for name, owner in self.owner.items():
             if owner == shard:
                 yield from encode_chunks(name, grads[name], ints, 3)
@@ -214,9 +228,9 @@ class PSStep:
     loss_scale = 1.0  # the servers average the workers' gradients
 
     def __init__(self, addresses, token=None, tls_ca=None, retry_seconds=60.0, requested_id=-1, tls_cert=None,
-                 tls_key=None):
+                 tls_key=None, settings=None):
         self.options = dict(token=token, tls_ca=tls_ca, retry_seconds=retry_seconds, tls_cert=tls_cert,
-                            tls_key=tls_key)
+                            tls_key=tls_key, settings=settings)
         self.addresses, self.requested_id = addresses, requested_id
         self.client = None
 

@@ -10,6 +10,7 @@ Modes:
 """
 
 import json
+import secrets
 import logging
 import math
 import threading
@@ -32,7 +33,7 @@ class Shard:
     """The state of one shard and the rules of the chosen mode; the gRPC servicer is a thin layer on it."""
 
     def __init__(self, params, optimizer, schedule=None, mode="sync", workers=1, staleness=2, sync_timeout=60.0,
-                 shard=0, num_shards=1, signature="", checkpoint=None, checkpoint_every=0):
+                 shard=0, num_shards=1, signature="", checkpoint=None, checkpoint_every=0, settings=None):
         if mode not in MODES:
             raise ValueError(f"parameter server: mode must be one of {MODES}, not {mode!r}")
         if workers < 1:
@@ -42,6 +43,7 @@ class Shard:
         self.ranges, self.pieces = self._cut_into_pieces(params, optimizer)
         self.mode, self.expected, self.staleness, self.sync_timeout = mode, workers, staleness, sync_timeout
         self.shard, self.num_shards, self.signature = shard, num_shards, signature
+        self.settings = settings or {}  # training settings a worker must share (see register)
         self.checkpoint, self.checkpoint_every = checkpoint, checkpoint_every
         self.expected_shapes = {n: (p.data.shape, p.data.dtype) for n, p in params.items()}
         self.cond = threading.Condition()
@@ -50,11 +52,13 @@ class Shard:
         self.active = set()  # worker ids taking part
         self.clocks = {}  # worker id -> pushes applied (bounded staleness)
         self.sequences = {}  # worker id -> number of its last push applied (or kept for the step)
-        self.registrations = {}  # worker id -> how many times it registered
+        self.registrations = {}  # worker id -> the token of its latest registration (random, never 0)
         self.pending = {}  # sync: worker id -> gradients for the current version
         self.step_started = None
         self._encoded = None  # the current version's _Encoding, made by its first pull
         self.started = False  # sync and bounded: the first version is served once every worker joined
+        self.waiting_since = None  # not started: when the first worker joined (the others get sync_timeout)
+        self.last_push = {}  # worker id -> time of its last push or registration (bounded: finds the dead)
         self.stopping = False
         if checkpoint and Path(checkpoint).exists():
             self.restore(checkpoint)
@@ -63,10 +67,16 @@ class Shard:
 
     # --- membership ---
 
-    def register(self, requested_id, signature):
+    def register(self, requested_id, signature, settings=None):
+        """(worker id, registration token) for a joining worker."""
         if signature != self.signature:
             raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
                            "the worker's model differs from the server's (parameter names, shapes or dtypes)")
+        for key, value in (settings or {}).items():
+            if key in self.settings and self.settings[key] != value:
+                raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"the worker has {key} = {value!r} but the server {self.settings[key]!r}: give the "
+                               "servers and the workers the same training options")
         with self.cond:
             if requested_id >= 0:
                 if requested_id >= self.expected:
@@ -82,13 +92,17 @@ class Shard:
                 wid = free[0]
             self.active.add(wid)
             self.sequences.pop(wid, None)  # the worker numbers its pushes from 1 again
-            self.registrations[wid] = self.registrations.get(wid, 0) + 1
+            # random, not counted: a token from before a server restart cannot match by chance
+            self.registrations[wid] = secrets.randbits(63) + 1
             self.clocks[wid] = max(self.clocks.values(), default=0) if self.started else 0
+            self.last_push[wid] = time.monotonic()
             if len(self.active) >= self.expected:
                 self.started = True
+            elif not self.started and self.waiting_since is None:
+                self.waiting_since = time.monotonic()
             log.info("shard %d: worker %d joined (%d taking part)", self.shard, wid, len(self.active))
             self.cond.notify_all()
-            return wid
+            return wid, self.registrations[wid]
 
     # --- the optimizer's pieces ---
 
@@ -116,13 +130,15 @@ class Shard:
 
     # --- pushes ---
 
-    def push(self, worker_id, version, chunks, sequence=0):
+    def push(self, worker_id, version, chunks, sequence=0, registration=0):
         """Validate a whole push, then apply it (async) or keep it for the step (sync); returns the version.
 
         sequence: the worker's push number (0: not numbered). A number already applied is a retry whose
         reply was lost: it is not applied again.
+        registration: the token of the registration the push belongs to (0: not checked). Another one than
+        the worker id's latest means another process has registered as this worker since: refused.
         """
-        registration = self.registrations.get(worker_id)  # a push of an earlier registration must not count
+        registration_at_start = self.registrations.get(worker_id)  # a push in flight across a re-registration
         assembler = Assembler(self.expected_shapes, copy=False)
         try:
             for chunk in chunks:
@@ -135,7 +151,14 @@ class Shard:
         except WireError as e:
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"bad push from worker {worker_id}: {e}") from None
         with self.cond:
-            if self.registrations.get(worker_id) != registration:
+            if self.stopping:  # after the final checkpoint: the push would be acknowledged, then lost
+                raise _Refused(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry after its restart")
+            if registration and worker_id in self.active and registration != self.registrations.get(worker_id):
+                raise _Refused(grpc.StatusCode.ABORTED,
+                               f"worker {worker_id} has been registered again since this worker registered (by "
+                               "another process given the same id, or one that replaced this one while it was "
+                               "stalled): this process must stop")
+            if self.registrations.get(worker_id) != registration_at_start:
                 raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
                                f"worker {worker_id} registered again while this push was in flight: not applied")
             if sequence and worker_id in self.active and sequence <= self.sequences.get(worker_id, 0):
@@ -158,6 +181,7 @@ class Shard:
             else:
                 self._step([grads])
                 self.clocks[worker_id] = self.clocks.get(worker_id, 0) + 1
+            self.last_push[worker_id] = time.monotonic()
             self.pushes += 1
             return self.version
 
@@ -210,22 +234,47 @@ class Shard:
         self.step_started = None
         self.cond.notify_all()
         if self.checkpoint and self.checkpoint_every and self.version % self.checkpoint_every == 0:
-            self.save(self.checkpoint)
+            try:
+                self.save(self.checkpoint)
+            except (OSError, CheckpointError) as e:  # the step stands; training goes on without this save
+                log.error("shard %d: could not write the checkpoint of version %d: %s", self.shard, self.version, e)
 
     def _watch_stragglers(self):
         while not self.stopping:
             time.sleep(0.05)
             with self.cond:
-                if self.mode != "sync" or self.step_started is None:
-                    continue
-                if time.monotonic() - self.step_started < self.sync_timeout:
-                    continue
-                late = sorted(self.active - set(self.pending))
+                try:
+                    self._drop_stragglers(time.monotonic())
+                except Exception:  # the monitor must outlive any one failure, or no one is ever dropped again
+                    log.exception("shard %d: the straggler monitor failed; it goes on", self.shard)
+
+    def _drop_stragglers(self, now):
+        """(lock held) Workers that hold the others up for longer than sync_timeout stop taking part."""
+        if not self.started and self.waiting_since is not None and now - self.waiting_since >= self.sync_timeout:
+            # a restarted server (or a first start) whose missing workers never come: go on without them
+            log.warning("shard %d: starting with worker(s) %s of %d: the others did not join within %g s",
+                        self.shard, sorted(self.active), self.expected, self.sync_timeout)
+            self.started, self.waiting_since = True, None
+            self.cond.notify_all()
+        if self.mode == "sync" and self.step_started is not None and now - self.step_started >= self.sync_timeout:
+            late = sorted(self.active - set(self.pending))
+            for wid in late:
+                self.active.discard(wid)
+            log.warning("shard %d: dropped worker(s) %s from version %d: no push within %g s",
+                        self.shard, late, self.version, self.sync_timeout)
+            self._step(list(self.pending.values()))
+        if self.mode == "bounded" and self.active:
+            clocks = {w: self.clocks.get(w, 0) for w in self.active}
+            slowest = min(clocks.values())
+            if max(clocks.values()) - slowest > self.staleness:  # someone waits for the slowest
+                late = sorted(w for w, c in clocks.items()
+                              if c == slowest and now - self.last_push.get(w, now) >= self.sync_timeout)
                 for wid in late:
                     self.active.discard(wid)
-                log.warning("shard %d: dropped worker(s) %s from version %d: no push within %g s",
-                            self.shard, late, self.version, self.sync_timeout)
-                self._step(list(self.pending.values()))
+                if late:
+                    log.warning("shard %d: dropped worker(s) %s: no push within %g s while others waited for "
+                                "them", self.shard, late, self.sync_timeout)
+                    self.cond.notify_all()
 
     # --- pulls ---
 
@@ -245,6 +294,9 @@ class Shard:
         first message is on the wire while the next is encoded. No pull holds the lock while it sends.
         """
         with self.cond:
+            if min_version > self.version + 1:  # no push of this worker's can lead there: it would wait for ever
+                raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"version {min_version} is in the future: the server is at {self.version}")
             while True:
                 ready = self.version >= min_version and (self.started or self.mode == "async")
                 if ready and self.mode == "bounded" and worker_id in self.clocks and self.active:
@@ -257,7 +309,9 @@ class Shard:
                     if self._encoded is None:
                         self._encoded = _Encoding(self.version, self.params)
                     return self._encoded.reader(self.cond)
-                if not is_active() or self.stopping:
+                if self.stopping:  # UNAVAILABLE: the worker retries, and rejoins the restarted server
+                    raise _Refused(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+                if not is_active():
                     raise _Refused(grpc.StatusCode.CANCELLED, "the pull was cancelled")
                 self.cond.wait(0.5)
 
@@ -330,7 +384,8 @@ class Shard:
         if schedule:
             self.schedule.load_state_dict(schedule)
         self.version = version
-        self.started = False  # wait for the workers to come back
+        self.started = False  # wait for the workers to come back (sync_timeout at most once one has)
+        self.waiting_since = None
         log.info("shard %d: restored version %d from %s", self.shard, self.version, path)
 
     def stop(self):
@@ -386,11 +441,17 @@ class Servicer(ps_pb2_grpc.ParameterServerServicer):
 
     def Register(self, request, context):
         try:
-            wid = self.shard.register(request.requested_id, request.signature)
+            settings = json.loads(request.settings) if request.settings else None
+            if settings is not None and not isinstance(settings, dict):
+                raise ValueError("not a JSON object")
+            wid, registration = self.shard.register(request.requested_id, request.signature, settings)
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad settings in the registration: {e}")
         except _Refused as e:
             context.abort(e.code, e.message)
         s = self.shard
         return ps_pb2.RegisterReply(worker_id=wid, num_workers=s.expected, version=s.version, mode=s.mode,
+                                    registration=registration,
                                     shard=s.shard, num_shards=s.num_shards)
 
     def Push(self, request_iterator, context):
@@ -427,7 +488,7 @@ class Servicer(ps_pb2_grpc.ParameterServerServicer):
             nonlocal first
             for data in request_iterator:
                 try:
-                    head, chunk = decode_message(data, _PUSH_INTS, 3, unsigned=(4,))
+                    head, chunk = decode_message(data, _PUSH_INTS, 3, unsigned=(4, 5))
                 except WireError as e:
                     raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"bad push: {e}") from None
                 if first is None:
@@ -441,7 +502,8 @@ class Servicer(ps_pb2_grpc.ParameterServerServicer):
         head = next(gen, None)
         if head is None:
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "bad push: no tensors")
-        version = self.shard.push(first["worker_id"], first["version"], _prepend(head, gen), first["sequence"])
+        version = self.shard.push(first["worker_id"], first["version"], _prepend(head, gen), first["sequence"],
+                                  first["registration"])
         return first["worker_id"], first["version"], version
 
     def Status(self, request, context):
@@ -451,7 +513,7 @@ class Servicer(ps_pb2_grpc.ParameterServerServicer):
                                       shard=s.shard, num_shards=s.num_shards, parameters=list(s.params))
 
 
-_PUSH_INTS = {1: "worker_id", 2: "version", 4: "sequence"}  # sequence is a uint64
+_PUSH_INTS = {1: "worker_id", 2: "version", 4: "sequence", 5: "registration"}  # the last two are uint64
 
 
 def _identity(data):
@@ -536,8 +598,10 @@ def serve(shard, host="127.0.0.1", port=0, token=None, tls=None, threads=None):
     address = f"{host}:{port}"
     try:
         bound = _bind(server, address, tls)
-    except RuntimeError:  # grpc's way of saying the port is taken
-        raise OSError(f"cannot listen on {address}: the address is in use or not this machine's") from None
+    except RuntimeError:  # grpc's way of saying the port is taken, or that the certificate or key is bad
+        why = "the address is in use or not this machine's" + (
+            ", or the TLS certificate and key do not belong together" if tls else "")
+        raise OSError(f"cannot listen on {address}: {why}") from None
     if bound == 0:
         raise OSError(f"cannot listen on {address}")
     server.start()

@@ -6,6 +6,7 @@ the validation are all derived from it, so a key cannot exist in one place and n
 
 import difflib
 import math
+import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -204,3 +205,40 @@ def resolve(config):
 
 def to_dict(config):
     return {f.name: (list(v) if isinstance(v := getattr(config, f.name), tuple) else v) for f in fields(config)}
+
+
+def check_writable(what, path):
+    """Refuse an output file that cannot be written (its missing parent directories are made when written),
+    before any work is done; `what` names it in the message."""
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"{what} is {path}, which is a directory, not a file")
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{what} is {path}, but {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} is {path}, but {parent} is not writable")
+
+
+def check_pem(what, path):
+    """Refuse a TLS certificate or key file that is missing or not PEM, naming it (before any connection)."""
+    try:
+        text = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: {e.strerror or e}") from None
+    if b"-----BEGIN " not in text:
+        raise ConfigError(f"{what} {path} is not a PEM file (no -----BEGIN line)")
+
+
+# Settings a parameter-server worker must share with the servers, which build the optimizer and schedule
+# from their own copy of the options: checked when the worker registers.
+PS_SHARED_KEYS = ("dataset", "synthetic_size", "max_chars", "block_size", "epochs", "batch_size", "optimizer", "lr",
+                  "momentum", "weight_decay", "schedule", "warmup_steps", "seed")
+
+
+def ps_settings(config):
+    """The PS_SHARED_KEYS of `config`, as JSON-able values."""
+    values = to_dict(config)
+    return {key: values[key] for key in PS_SHARED_KEYS}

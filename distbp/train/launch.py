@@ -6,7 +6,7 @@ import traceback
 from threadpoolctl import threadpool_limits
 
 from ..comm import GroupAborted, RankFailed, detect_backend, mpi_communicator, run_ranks
-from .config import ConfigError
+from .config import ConfigError, check_pem, ps_settings
 from .steps import LocalStep, allreduce_step
 from .trainer import Trainer
 
@@ -78,10 +78,19 @@ def _run_ps(config, stream):
     if config.checkpoint or config.init_from:
         raise ConfigError("config: with backend 'ps' the servers hold the parameters and checkpoint them "
                           "(distbp ps serve --checkpoint-path); drop 'checkpoint' and 'init_from' from the worker")
+    if config.grad_clip:
+        raise ConfigError("config: grad_clip is not supported with backend 'ps': a worker would clip its own "
+                          "gradient, not the averaged one (and each shard holds only part of it)")
+    if bool(config.ps_tls_cert) != bool(config.ps_tls_key):
+        raise ConfigError("config: mutual TLS needs both 'ps_tls_cert' and 'ps_tls_key'")
+    for key in ("ps_tls_ca", "ps_tls_cert", "ps_tls_key"):
+        if getattr(config, key):
+            check_pem(f"config: '{key}'", getattr(config, key))
     try:
         addresses = parse_addresses(config.ps)
     except ValueError as e:
         raise ConfigError(f"config: {e}") from None
     step = PSStep(addresses, config.ps_token, config.ps_tls_ca, config.ps_retry_seconds,
-                  requested_id=config.ps_worker_id, tls_cert=config.ps_tls_cert, tls_key=config.ps_tls_key)
+                  requested_id=config.ps_worker_id, tls_cert=config.ps_tls_cert, tls_key=config.ps_tls_key,
+                  settings=ps_settings(config))
     return Trainer(config, step, stream).fit()

@@ -10,7 +10,7 @@ from ..data import BatchLoader, ShardSampler
 from ..ps.client import model_signature
 from ..ps.server import Shard, serve
 from ..ps.wire import assign_shards
-from .config import ConfigError
+from .config import ConfigError, check_pem, check_writable, ps_settings
 from .trainer import build_data, build_model, build_optimizer, build_schedule
 
 
@@ -29,15 +29,50 @@ def build_shard(config, shard=0, num_shards=1, workers=1, mode="sync", staleness
         raise ConfigError(f"ps serve: {num_shards} shards for {len(named)} parameters leaves shard {shard} empty")
     optimizer = build_optimizer(config, list(mine.values()))
     loader = BatchLoader(split.train, config.batch_size, ShardSampler(len(split.train), 0, workers))
-    schedule = build_schedule(config, optimizer, config.epochs * len(loader))
+    # the schedule spans the steps this shard takes: one per round in sync mode, one per push otherwise
+    steps = config.epochs * len(loader) * (1 if mode == "sync" else workers)
+    schedule = build_schedule(config, optimizer, steps)
     return Shard(mine, optimizer, schedule, mode, workers, staleness, sync_timeout, shard, num_shards,
-                 model_signature(named), checkpoint, checkpoint_every)
+                 model_signature(named), checkpoint, checkpoint_every, settings=ps_settings(config))
+
+
+def check_server_options(config, args):
+    """Refuse, before anything starts, options that could not work or would be silently ignored."""
+    for name, value, low, high in (("--port", args.port, 0, 65535), ("--workers", args.workers, 1, None),
+                                   ("--staleness", args.staleness, 0, None),
+                                   ("--checkpoint-every-versions", args.checkpoint_every_versions, 0, None)):
+        if value < low or (high is not None and value > high):
+            raise ConfigError(f"ps serve: {name} must be {f'in [{low}, {high}]' if high is not None else f'>= {low}'}"
+                              f", got {value}")
+    if not args.sync_timeout > 0 or args.sync_timeout != args.sync_timeout or args.sync_timeout == float("inf"):
+        raise ConfigError(f"ps serve: --sync-timeout must be a positive number of seconds, got {args.sync_timeout}")
+    # (the workers' outputs, metrics and trace, are ignored: launch/ps_cluster.sh gives both the same options)
+    training_only = [k for k in ("checkpoint", "init_from") if getattr(config, k)] + (["resume"] if config.resume else [])
+    if training_only:
+        raise ConfigError(f"ps serve: {', '.join(training_only)}: options of distbp train, not of the server "
+                          "(its checkpoint is --checkpoint-path, restored at start)")
+    if config.grad_clip:
+        raise ConfigError("ps serve: grad_clip is not supported with a parameter server (each shard holds only part "
+                          "of the gradient whose norm it needs)")
+    if (args.tls_key or args.tls_client_ca) and not args.tls_cert:
+        raise ConfigError("ps serve: --tls-key and --tls-client-ca need --tls-cert (without it the server would "
+                          "serve plaintext)")
+    if args.tls_cert and not args.tls_key:
+        raise ConfigError("ps serve: --tls-cert needs --tls-key (the certificate's private key)")
+    for option, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key),
+                         ("--tls-client-ca", args.tls_client_ca)):
+        if path is not None:
+            check_pem(f"ps serve: {option}", path)
+    if args.checkpoint_path:
+        check_writable("ps serve: --checkpoint-path", args.checkpoint_path)
 
 
 def run_server(config, args, stream=None):
-    """Serve until SIGTERM or SIGINT; on either, write the checkpoint (if configured) and stop."""
+    """Serve until SIGTERM or SIGINT; on either, stop taking pushes, write the checkpoint (if configured)
+    and stop."""
     stream = stream or sys.stdout
     logging.basicConfig(level=logging.INFO, format="distbp ps: %(message)s")
+    check_server_options(config, args)
     shard = build_shard(config, args.shard, args.num_shards, args.workers, args.mode, args.staleness,
                         args.sync_timeout, args.checkpoint_path, args.checkpoint_every_versions)
     tls = dict(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca) if args.tls_cert else None
@@ -54,10 +89,10 @@ def run_server(config, args, stream=None):
     signal.signal(signal.SIGINT, on_signal)
     while not stop.wait(0.2):
         pass
+    shard.stop()  # from here pushes are refused (UNAVAILABLE: workers retry), so the checkpoint is final
     with shard.cond:
         if args.checkpoint_path:
             shard.save(args.checkpoint_path)
-    shard.stop()
     server.stop(grace=1.0).wait()
     stream.write(f"distbp ps: shard {args.shard} stopped at version {shard.version}\n")
     stream.flush()

@@ -3,7 +3,6 @@
 """
 
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from ..autograd.ops import cross_entropy
 from ..data import BatchLoader, CharDataset, ShardSampler, load_digits, load_idx_dir, load_synthetic, load_text
 from ..data.datasets import DataError
 from .checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
-from .config import ConfigError, to_dict
+from .config import ConfigError, check_writable, to_dict
 from .progress import MetricsLog, Progress
 from .steps import LocalStep
 from .trace import Tracer, write_trace
@@ -232,7 +231,7 @@ class Trainer:
         if self.is_main:
             for key in ("checkpoint", "metrics", "trace"):
                 if getattr(cfg, key):
-                    _check_writable(key, getattr(cfg, key))
+                    check_writable(f"config: '{key}'", getattr(cfg, key))
         self.tracer = Tracer(self.strategy.rank) if cfg.trace else None
         self.strategy.prepare(self.model, self.optimizer, self.tracer)
         metrics = MetricsLog(cfg.metrics if self.is_main else None, append=cfg.resume)
@@ -364,19 +363,6 @@ _PER_RANK_KEYS = {"metrics", "trace", "progress"}
 # Keys a resumed run must share with its checkpoint: the data, its order and the number of steps.
 _RESUME_KEYS = ("dataset", "synthetic_size", "max_chars", "block_size", "batch_size", "seed")
 
-
-def _check_writable(key, path):
-    """Refuse, before any training, an output path that cannot be written (its parents are made as needed)."""
-    target = Path(path)
-    if target.is_dir():
-        raise ConfigError(f"config: '{key}' is {path}, which is a directory, not a file")
-    parent = target.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ConfigError(f"config: '{key}' is {path}, but {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"config: '{key}' is {path}, but {parent} is not writable")
 
 
 def _jsonable(state):

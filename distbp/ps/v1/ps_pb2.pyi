@@ -23,42 +23,48 @@ class TensorChunk(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., padding: _Optional[bytes] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("worker_name", "requested_id", "signature")
+    __slots__ = ("worker_name", "requested_id", "signature", "settings")
     WORKER_NAME_FIELD_NUMBER: _ClassVar[int]
     REQUESTED_ID_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
     worker_name: str
     requested_id: int
     signature: str
-    def __init__(self, worker_name: _Optional[str] = ..., requested_id: _Optional[int] = ..., signature: _Optional[str] = ...) -> None: ...
+    settings: str
+    def __init__(self, worker_name: _Optional[str] = ..., requested_id: _Optional[int] = ..., signature: _Optional[str] = ..., settings: _Optional[str] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("worker_id", "num_workers", "version", "mode", "shard", "num_shards")
+    __slots__ = ("worker_id", "num_workers", "version", "mode", "shard", "num_shards", "registration")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    REGISTRATION_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     num_workers: int
     version: int
     mode: str
     shard: int
     num_shards: int
-    def __init__(self, worker_id: _Optional[int] = ..., num_workers: _Optional[int] = ..., version: _Optional[int] = ..., mode: _Optional[str] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ...) -> None: ...
+    registration: int
+    def __init__(self, worker_id: _Optional[int] = ..., num_workers: _Optional[int] = ..., version: _Optional[int] = ..., mode: _Optional[str] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., registration: _Optional[int] = ...) -> None: ...
 
 class PushRequest(_message.Message):
-    __slots__ = ("worker_id", "version", "chunk", "sequence")
+    __slots__ = ("worker_id", "version", "chunk", "sequence", "registration")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    REGISTRATION_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     version: int
     chunk: TensorChunk
     sequence: int
-    def __init__(self, worker_id: _Optional[int] = ..., version: _Optional[int] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., sequence: _Optional[int] = ...) -> None: ...
+    registration: int
+    def __init__(self, worker_id: _Optional[int] = ..., version: _Optional[int] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., sequence: _Optional[int] = ..., registration: _Optional[int] = ...) -> None: ...
 
 class PushReply(_message.Message):
     __slots__ = ("version",)
