@@ -1143,3 +1143,14 @@ def test_ctrl_c_stops_the_whole_cluster_script(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_checkpoint_of_another_sharding_is_refused(tmp_path):
+    from distbp.serialization import CheckpointError
+
+    config = make_config({"epochs": 1, "progress": "none"})
+    whole = build_shard(config, 0, 1, 1, mode="async")
+    whole.save(tmp_path / "ps.ckpt")
+    whole.stop()
+    with pytest.raises(CheckpointError, match="checkpoint of shard 0 of 1 .* this server is shard 0 of 2"):
+        build_shard(config, 0, 2, 1, mode="async", checkpoint=str(tmp_path / "ps.ckpt"))

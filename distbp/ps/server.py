@@ -335,7 +335,8 @@ class Shard:
                     arrays[f"optim/{name}/{key}"] = whole.reshape(self.params[name].data.shape)
                 else:
                     scalars.setdefault(name, {})[key] = value
-        meta = {"version": self.version, "mode": self.mode, "shard": self.shard, "scalars": scalars,
+        meta = {"version": self.version, "mode": self.mode, "shard": self.shard, "num_shards": self.num_shards,
+                "scalars": scalars,
                 "schedule": self.schedule.state_dict() if self.schedule is not None else None,
                 "signature": self.signature}
         save_safetensors(path, arrays, {"distbp-ps": json.dumps(meta)})
@@ -351,6 +352,11 @@ class Shard:
             raise CheckpointError(f"{path}: not a distbp parameter-server checkpoint") from None
         if meta.get("signature") != self.signature or meta.get("shard") != self.shard:
             raise CheckpointError(f"{path}: checkpoint of another model or shard")
+        saved = {k.split("/", 1)[1] for k in arrays if k.startswith("param/")}
+        if meta.get("num_shards", self.num_shards) != self.num_shards or saved != set(self.params):
+            raise CheckpointError(f"{path}: checkpoint of shard {meta.get('shard')} of {meta.get('num_shards', '?')} "
+                                  f"(parameters {sorted(saved)}), this server is shard {self.shard} of "
+                                  f"{self.num_shards} (parameters {sorted(self.params)})")
         if not isinstance(version, int) or isinstance(version, bool) or version < 0:
             raise CheckpointError(f"{path}: damaged checkpoint: version {version!r} is not an integer >= 0")
         if not isinstance(scalars, dict) or not all(isinstance(v, dict) for v in scalars.values()):
