@@ -76,6 +76,12 @@ def run_server(config, args, stream=None):
     shard = build_shard(config, args.shard, args.num_shards, args.workers, args.mode, args.staleness,
                         args.sync_timeout, args.checkpoint_path, args.checkpoint_every_versions)
     tls = dict(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca) if args.tls_cert else None
+    if args.mode != "sync" and args.workers >= 3 and config.optimizer == "sgd" and config.momentum >= 0.8:
+        # stale gradients add momentum of their own (about 1 - 1/W): with the default 0.9 training can diverge
+        logging.getLogger("distbp.ps").warning(
+            "%s mode with %d workers and momentum %g: each gradient is about %d steps stale, which acts as extra "
+            "momentum; if training diverges, lower --momentum (e.g. 0.5) or --lr", args.mode, args.workers,
+            config.momentum, args.workers - 1)
     server, port = serve(shard, args.host, args.port, args.token, tls)
     stream.write(f"distbp ps: shard {args.shard} of {args.num_shards} ({len(shard.params)} parameters, "
                  f"{args.mode}, {args.workers} workers) serving on {args.host}:{port}, version {shard.version}\n")
