@@ -52,8 +52,9 @@ done
 for ((w = 0; w < workers; w++)); do
   progress=none
   [ "$w" = 0 ] && progress=auto
+  # worker w asks for id w: the worker with id 0 reports, and it is the one whose progress is shown
   OMP_NUM_THREADS=1 "$python" -m distbp train --backend ps --ps "$addresses" "${token_opts[@]}" \
-    --progress "$progress" "$@" &
+    --ps-worker-id "$w" --progress "$progress" "$@" &
   worker_pids+=($!)
 done
 status=0

@@ -832,6 +832,8 @@ def test_the_one_machine_cluster_script_trains(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "stopped at version 23" in done.stdout  # 1,438 digits over 2 workers of 32
     assert (tmp_path / "m.jsonl").read_text().count("test_accuracy") == 1
+    # the worker whose progress is shown is worker 0, the one that reports (whichever registers first)
+    assert done.stdout.count("done: 23 steps") == 1, done.stdout
 
 
 def test_a_restarted_worker_rejoins_with_its_id_and_the_current_parameters():
