@@ -7,6 +7,7 @@ documents every key a TOML config file may hold, and the two are checked by the 
 import argparse
 import os
 import sys
+import threading
 import traceback
 
 # gRPC's core logs its own copy of errors that distbp reports in one line (GRPC_VERBOSITY=ERROR to see them)
@@ -113,34 +114,64 @@ def build_parser():
     return parser
 
 
-def _end_mpi_job(code):
-    """Under mpiexec, end every rank of the job. A rank that fails before it starts MPI (a bad option, a
-    missing config file) would otherwise leave its peers waiting in MPI's start-up for it, forever."""
+def _end_mpi_job(code, backend=None):
+    """Under mpiexec, end every rank of an MPI job. A rank that fails before it starts MPI (a bad option, a
+    missing config file) would otherwise leave its peers waiting in MPI's start-up for it, forever.
+
+    backend: the job's, when known; processes of another backend (parameter-server workers started by
+    mpiexec, say) never start MPI, and joining MPI's start-up would then wait for them: it is given up
+    after a few seconds."""
     from .comm.mpi import launched_by_mpi
 
-    if not launched_by_mpi(os.environ):
+    if backend not in (None, "auto", "mpi") or not launched_by_mpi(os.environ):
         return
+    sys.stderr.flush()
+    if "mpi4py.MPI" not in sys.modules:
+        started = threading.Event()
+
+        def start():
+            try:
+                from mpi4py import MPI  # noqa: F401  (importing it starts MPI)
+            finally:
+                started.set()
+
+        threading.Thread(target=start, daemon=True).start()
+        if not started.wait(10):
+            os._exit(code)  # the peers are not starting MPI: nothing to end
     try:
         from mpi4py import MPI
     except ImportError:
         return
-    sys.stderr.flush()
     MPI.COMM_WORLD.Abort(code)
+
+
+def _option_after(flag, argv):
+    """The value given to `flag` in argv, if any (argparse could not parse the rest)."""
+    for i, word in enumerate(argv):
+        if word == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if word.startswith(flag + "="):
+            return word.split("=", 1)[1]
+    return None
 
 
 def main(argv=None):
     parser = build_parser()
+    backend = None
     try:
         args = parser.parse_args(argv)
+        backend = getattr(args, "backend", None)
     except SystemExit as e:
         if e.code:  # a usage error (--help exits 0 and ends only this rank)
-            _end_mpi_job(e.code)
+            _end_mpi_job(e.code, _option_after("--backend", sys.argv[1:] if argv is None else argv))
         raise
     try:
         if args.command == "train":
             from .train.launch import run
 
-            run(config_from_args(args))
+            config = config_from_args(args)
+            backend = config.backend
+            run(config)
         elif args.command == "ps":
             from .train.ps_service import run_server
 
@@ -162,7 +193,7 @@ def main(argv=None):
     except USER_ERRORS as e:
         print(f"distbp: error: {e}", file=sys.stderr)
         if args.command == "train":
-            _end_mpi_job(2)
+            _end_mpi_job(2, backend)
         return 2
     except RankFailed as e:  # the threads backend: one rank's error stopped them all
         if not isinstance(e.error, USER_ERRORS):

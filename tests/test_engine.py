@@ -538,7 +538,8 @@ def test_integer_and_boolean_tensors_give_float32_where_the_result_is_floating()
         "int + float": i + 0.5, "float * int": 1.5 * i, "int / int": i / 2, "int / int tensor": i / Tensor([2, 2, 2]),
         "bool + float": b + 0.5, "int ** float": i ** 0.5, "exp": ops.exp(i), "log": ops.log(i),
         "sqrt": ops.sqrt(i), "tanh": ops.tanh(i), "sigmoid": ops.sigmoid(i), "mean": i.mean(), "var": i.var(),
-        "softmax": ops.softmax(i), "log_softmax": ops.log_softmax(i),
+        "softmax": ops.softmax(i), "log_softmax": ops.log_softmax(i), "clip float bounds": ops.clip(i, 0.5, 2.5),
+        "bool clip": ops.clip(b, 0.5, None),
     }
     assert {k: str(v.dtype) for k, v in floating.items()} == {k: "float32" for k in floating}
     np.testing.assert_allclose((i / 2).data, [0.5, 1.0, 1.5])
@@ -701,3 +702,65 @@ def test_a_hook_that_changes_the_gradient_dtype_or_shape_is_refused(rng):
     u.register_hook(lambda g: g.tolist())
     with pytest.raises(TypeError, match="list"):
         u.sum().backward()
+
+
+def test_an_op_whose_output_is_a_copy_does_not_share_the_version(rng):
+    w = leaf((3, 4), rng)
+    x = Tensor(rng.standard_normal((3, 4)))
+    y = (w * x).sum()  # Mul saved x
+    flat = x.transpose(1, 0).reshape(12)  # a copy: numpy sets .base on it all the same
+    picked = x[:, [0, 2]]  # advanced indexing: a copy too
+    with no_grad():
+        flat[0] = 100.0
+        picked -= 1.0
+    y.backward()  # x itself is unchanged
+    np.testing.assert_array_equal(w.grad.data, x.data)
+
+
+def test_constants_that_backward_reads_are_the_ones_forward_used(rng):
+    w = leaf((4, 3), rng)
+    idx = Tensor(np.array([0, 1]))
+    w[idx].sum().backward()
+    idx[0] = 3  # after backward: harmless; and before it, see below
+    expected = np.zeros((4, 3), np.float32)
+    expected[[0, 1]] = 1
+    np.testing.assert_array_equal(w.grad.data, expected)
+    w.grad = None
+    idx2 = Tensor(np.array([0, 1]))
+    y = w[idx2].sum()
+    idx2[0] = 3
+    y.backward()
+    np.testing.assert_array_equal(w.grad.data, expected)
+    a = leaf((3,), rng)
+    cond = Tensor(np.array([True, False, False]))
+    z = ops.where(cond, a, 0.0).sum()
+    cond[...] = True
+    z.backward()
+    np.testing.assert_array_equal(a.grad.data, [1.0, 0.0, 0.0])
+    logits = leaf((2, 3), rng)
+    target = np.array([0, 1])
+    loss = ops.cross_entropy(logits, target)
+    target[0] = 2
+    loss.backward()
+    p = np.exp(logits.data) / np.exp(logits.data).sum(-1, keepdims=True)
+    p[[0, 1], [0, 1]] -= 1
+    np.testing.assert_allclose(logits.grad.data, p / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_in_place_operator_with_gradients_keeps_shape_and_dtype(rng):
+    y = leaf((3,), rng) * 1.0
+    with pytest.raises(RuntimeError, match=r"keeps x's shape and dtype"):
+        y += leaf((2, 3), rng)
+    i = Tensor([1, 2, 3])
+    with pytest.raises(RuntimeError, match="keeps x's shape and dtype"):
+        i += leaf((3,), rng)
+
+
+def test_updating_a_parameter_in_place_keeps_the_modules_order(rng):
+    model = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    before = [n for n, _ in model.named_parameters()]
+    model(Tensor(rng.standard_normal((4, 2)))).sum().backward()
+    with no_grad():
+        for layer in (model[0], model[1]):
+            layer.weight -= 0.1 * layer.weight.grad  # rebinds layer.weight to the same Parameter
+    assert [n for n, _ in model.named_parameters()] == before

@@ -966,8 +966,8 @@ def test_a_sync_shard_missing_workers_starts_without_them_after_the_timeout():
     from distbp.optim import SGD
 
     shard = _shard_of({"w": np.zeros(4, np.float32)}, lambda ps: SGD(ps, lr=1.0), sync_timeout=0.3)
-    shard.mode, shard.expected = "sync", 2
-    shard.register(0, shard.signature)  # worker 1 never comes (dropped before a server restart, say)
+    shard.mode, shard.expected, shard.restored = "sync", 2, True  # restarted from its checkpoint
+    shard.register(0, shard.signature)  # worker 1 never comes back (it was dropped before the restart)
     start = time.monotonic()
     messages = _within(5, lambda: shard.pull_messages(0, 0, lambda: True))
     assert time.monotonic() - start < 5 and shard.started
@@ -1045,6 +1045,43 @@ def test_shards_in_different_modes_are_refused():
             server.stop(0)
 
 
+def test_async_warm_up_spans_every_push_too():
+    config = make_config({"epochs": 2, "progress": "none", "lr": 0.1, "warmup_steps": 30})
+    sync, async_ = build_shard(config, workers=3, mode="sync"), build_shard(config, workers=3, mode="async")
+    lrs = []
+    for shard, steps in ((sync, 10), (async_, 30)):  # the same point of the run: 10 rounds
+        for _ in range(steps):
+            shard.schedule.step()
+        lrs.append(shard.optimizer.param_groups[0]["lr"])
+        shard.stop()
+    assert lrs[0] == pytest.approx(lrs[1], rel=0.1) and lrs[0] < 0.05, lrs  # (was 3 times shorter: 0.1)
+
+
+def test_a_first_start_waits_for_every_worker_however_slow():
+    from distbp.optim import SGD
+
+    shard = _shard_of({"w": np.zeros(4, np.float32)}, lambda ps: SGD(ps, lr=1.0), sync_timeout=0.2)
+    shard.mode, shard.expected = "sync", 2
+    shard.register(0, shard.signature)
+    time.sleep(0.6)  # three sync timeouts: a synchronous run still must not start with half its workers
+    assert not shard.started
+    shard.register(1, shard.signature)
+    assert shard.started
+    shard.stop()
+
+
+def test_a_worker_with_equivalent_settings_is_accepted():
+    from distbp.train.config import ps_settings
+
+    config = make_config({"epochs": 1, "progress": "none"})  # dataset and lr left to their defaults
+    addresses, _, stop = start_servers(config)
+    try:
+        same = make_config({"epochs": 1, "progress": "none", "dataset": "digits", "lr": 0.1, "block_size": 8})
+        PSClient(addresses, _named(config), settings=ps_settings(same)).register()
+    finally:
+        stop()
+
+
 def test_a_worker_with_other_training_settings_is_refused_naming_the_setting():
     from distbp.train.config import ps_settings
 
@@ -1075,6 +1112,7 @@ def _serve_args(**overrides):
     (dict(tls_key="k.pem"), "need --tls-cert"), (dict(tls_client_ca="ca.pem"), "need --tls-cert"),
     (dict(tls_cert="c.pem"), "--tls-cert needs --tls-key"),
     (dict(tls_cert="missing-c.pem", tls_key="missing-k.pem"), "missing-c.pem"),
+    (dict(checkpoint_every_versions=5), "--checkpoint-every-versions needs --checkpoint-path"),
 ])
 def test_server_options_that_cannot_work_are_refused(overrides, words):
     from distbp.train.config import ConfigError

@@ -68,7 +68,7 @@ class Function:
                 ctx.grad_acc = None
                 ctx.grad_dests = None
                 result = _Tensor._from_op(out, ctx)
-                if cls.output_views_input and out.base is not None:
+                if cls.output_views_input and np.may_share_memory(out, inputs[0].data):
                     result._version = inputs[0]._shared_version()
                 # What backward reads, with the versions it had (see _check_versions).
                 if cls.save_inputs:
@@ -84,7 +84,7 @@ class Function:
                     ctx._out = None
                 return result
         result = _Tensor._from_op(out, None)
-        if cls.output_views_input and out.base is not None:
+        if cls.output_views_input and np.may_share_memory(out, inputs[0].data):
             result._version = inputs[0]._shared_version()
         return result
 

@@ -533,7 +533,10 @@ class GetItem(Function):
 
     @staticmethod
     def forward(ctx, x, index):
-        ctx.saved = (x.shape, index)
+        # index arrays are kept as copies: a later in-place change to them must not move the gradient
+        kept = tuple(p.copy() if isinstance(p, _ndarray) else p for p in index) if isinstance(index, tuple) \
+            else index.copy() if isinstance(index, _ndarray) else index
+        ctx.saved = (x.shape, kept)
         return x[index]
 
     @staticmethod
@@ -718,7 +721,7 @@ class CrossEntropy(Function):
     def forward(ctx, logits, target, reduction, ignore_index):
         classes = logits.shape[-1]
         flat = logits if logits.ndim == 2 else logits.reshape(-1, classes)
-        t = target if target.ndim == 1 else target.reshape(-1)
+        t = (target if target.ndim == 1 else target.reshape(-1)).copy()  # backward must see these targets
         n = t.shape[0]
         valid = None  # None: every target counts
         if n:
@@ -1299,7 +1302,10 @@ def clip(x, lo=None, hi=None):
     lo, hi = _number(lo), _number(hi)
     if lo is not None and hi is not None and lo > hi:
         raise ValueError(f"clip: lower bound {lo} is above upper bound {hi}")
-    return Clip.apply(_tensor(x), lo=lo, hi=hi)
+    x = _tensor(x)
+    if x.data.dtype.kind != "f" and (isinstance(lo, float) or isinstance(hi, float)):
+        x = _floating(x)  # float bounds on integers: float32, as numpy would make float64
+    return Clip.apply(x, lo=lo, hi=hi)
 
 
 def where(cond, a, b):
@@ -1309,7 +1315,7 @@ def where(cond, a, b):
         raise TypeError(f"where: the condition must be boolean, not {cond.dtype}")
     a, b = _pair(a, b, "where")
     try:
-        return Where.apply(a, b, cond=cond)
+        return Where.apply(a, b, cond=cond.copy())  # backward must see this condition, whatever happens to it
     except ValueError as e:
         raise ValueError(
             f"where: shapes {cond.shape}, {a.data.shape} and {b.data.shape} do not broadcast together"

@@ -335,7 +335,13 @@ class Tensor:
                     f"x {symbol}= ... on a leaf tensor that requires grad, with grad mode on: do it under "
                     f"no_grad() (an optimizer update) or write x = x {symbol} ... (a new tensor)"
                 )
-            return op(self, other)
+            result = op(self, other)
+            if result.data.shape != self.data.shape or result.data.dtype != self.data.dtype:
+                raise RuntimeError(
+                    f"x {symbol}= ...: the result is {result.data.dtype}{list(result.data.shape)}, but x is "
+                    f"{self.data.dtype}{list(self.data.shape)}: an in-place operation keeps x's shape and dtype"
+                )
+            return result
         raw = other.data if isinstance(other, Tensor) else other
         try:
             ufunc(self.data, raw, out=self.data, casting="same_kind")

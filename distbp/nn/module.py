@@ -37,6 +37,8 @@ class Module:
     def __setattr__(self, name, value):
         if "_parameters" not in self.__dict__:
             raise RuntimeError(f"{type(self).__name__}.__init__ must call super().__init__() before setting attributes")
+        if value is not None and (self._parameters.get(name) is value or self._modules.get(name) is value):
+            return  # the same object again (w -= lr * w.grad rebinds the name to w): keep the order
         # A registered name takes only another Parameter or Module (or None): silently unregistering a
         # parameter over a plain value would drop it from the optimizer and the state_dict.
         registered = "parameter" if name in self._parameters else "submodule" if name in self._modules else None

@@ -13,6 +13,7 @@ gradient_as_bucket_view: the next step's backward overwrites it).
 
 import contextlib
 import time
+import zlib
 
 import numpy as np
 
@@ -120,9 +121,20 @@ class DataParallel:
                     )
 
     def _broadcast_state(self):
-        for _, p in self.module.named_parameters():  # frozen ones too: every replica runs rank 0's model
+        unwritable = []
+        for name, p in self.module.named_parameters():  # frozen ones too: every replica runs rank 0's model
+            if not (p.data.flags.c_contiguous and p.data.flags.writeable):
+                unwritable.append((name, p))  # a frozen table mapped read-only from a file, say
+                continue
             self.comm.broadcast(p.data, root=0)
             p._bump_version()
+        # what cannot be overwritten must already be equal: compared by checksum
+        digests = self.comm.allgather([zlib.crc32(np.ascontiguousarray(p.data).view(np.uint8)) for _, p in unwritable])
+        for rank, theirs in enumerate(digests[1:], 1):
+            for (name, _), mine, other in zip(unwritable, digests[0], theirs):
+                if mine != other:
+                    raise ModelMismatch(f"DataParallel: the read-only parameter {name} differs between rank 0 and "
+                                        f"rank {rank}, and cannot be overwritten with rank 0's values")
         for _, b in self.module.named_buffers():
             arr = b.data if isinstance(b, Tensor) else b
             if isinstance(arr, np.ndarray) and arr.flags.c_contiguous and arr.flags.writeable:
@@ -203,8 +215,10 @@ class DataParallel:
         """Wait for every bucket, average, and point each parameter's .grad at its averaged gradient."""
         if not self._syncing:
             return
-        if self.buckets and not self._accumulated and not any(b.ready for b in self.buckets):
-            # a second call after one backward: its gradients would be reduced again (allow_unused: zeroed)
+        if (self.buckets and not self.allow_unused and not self._accumulated
+                and not any(b.ready for b in self.buckets)):
+            # a second call after one backward (with allow_unused, a step without gradients all-reduces
+            # zeros: a rank with no data this step still takes part)
             raise RuntimeError("DataParallel: synchronize(): no parameter received a gradient since the last "
                                "synchronize(); call it once after each backward")
         missing = [(n, p) for n, p in self.named if id(p) not in self._bucket_of[id(p)].ready]

@@ -57,7 +57,8 @@ class Shard:
         self.step_started = None
         self._encoded = None  # the current version's _Encoding, made by its first pull
         self.started = False  # sync and bounded: the first version is served once every worker joined
-        self.waiting_since = None  # not started: when the first worker joined (the others get sync_timeout)
+        self.waiting_since = None  # restarted, not started: when the first worker rejoined (see _drop_stragglers)
+        self.restored = False  # restarted from a checkpoint
         self.last_push = {}  # worker id -> time of its last push or registration (bounded: finds the dead)
         self.stopping = False
         if checkpoint and Path(checkpoint).exists():
@@ -98,8 +99,8 @@ class Shard:
             self.last_push[wid] = time.monotonic()
             if len(self.active) >= self.expected:
                 self.started = True
-            elif not self.started and self.waiting_since is None:
-                self.waiting_since = time.monotonic()
+            elif not self.started and self.restored and self.waiting_since is None:
+                self.waiting_since = time.monotonic()  # after a restart, the missing may never come back
             log.info("shard %d: worker %d joined (%d taking part)", self.shard, wid, len(self.active))
             self.cond.notify_all()
             return wid, self.registrations[wid]
@@ -251,7 +252,7 @@ class Shard:
     def _drop_stragglers(self, now):
         """(lock held) Workers that hold the others up for longer than sync_timeout stop taking part."""
         if not self.started and self.waiting_since is not None and now - self.waiting_since >= self.sync_timeout:
-            # a restarted server (or a first start) whose missing workers never come: go on without them
+            # a restarted server whose missing workers never come back (dropped before): go on without them
             log.warning("shard %d: starting with worker(s) %s of %d: the others did not join within %g s",
                         self.shard, sorted(self.active), self.expected, self.sync_timeout)
             self.started, self.waiting_since = True, None
@@ -392,6 +393,7 @@ class Shard:
         self.version = version
         self.started = False  # wait for the workers to come back (sync_timeout at most once one has)
         self.waiting_since = None
+        self.restored = True
         log.info("shard %d: restored version %d from %s", self.shard, self.version, path)
 
     def stop(self):

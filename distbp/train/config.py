@@ -239,6 +239,26 @@ PS_SHARED_KEYS = ("dataset", "synthetic_size", "max_chars", "block_size", "epoch
 
 
 def ps_settings(config):
-    """The PS_SHARED_KEYS of `config`, as JSON-able values."""
-    values = to_dict(config)
-    return {key: values[key] for key in PS_SHARED_KEYS}
+    """The PS_SHARED_KEYS of `config` as they take effect (see effective_settings)."""
+    return effective_settings(to_dict(config), PS_SHARED_KEYS)
+
+
+def effective_settings(values, keys):
+    """`keys` of a configuration's to_dict() as they take effect, so that equivalent runs compare equal:
+    left-to-default values resolved (the data set, the model's optimizer and learning rate), and keys that
+    do not apply dropped (synthetic_size without the synthetic data, block_size and max_chars without
+    text, momentum without SGD)."""
+    v = dict(values)
+    model = v.get("model") or "mlp"
+    if v.get("dataset") is None:
+        v["dataset"] = "text" if model == "charlm" else "digits"
+    for key, default in MODEL_DEFAULTS.get(model, {}).items():
+        if v.get(key) is None:
+            v[key] = default
+    out = {key: v.get(key) for key in keys}
+    dropped = [("synthetic_size", v["dataset"] != "synthetic"), ("max_chars", v["dataset"] != "text"),
+               ("block_size", v["dataset"] != "text"), ("momentum", v.get("optimizer") != "sgd")]
+    for key, applies_not in dropped:
+        if applies_not:
+            out.pop(key, None)
+    return out

@@ -4,6 +4,7 @@ import logging
 import signal
 import sys
 import threading
+from dataclasses import replace
 
 from ..autograd import manual_seed
 from ..data import BatchLoader, ShardSampler
@@ -30,8 +31,9 @@ def build_shard(config, shard=0, num_shards=1, workers=1, mode="sync", staleness
     optimizer = build_optimizer(config, list(mine.values()))
     loader = BatchLoader(split.train, config.batch_size, ShardSampler(len(split.train), 0, workers))
     # the schedule spans the steps this shard takes: one per round in sync mode, one per push otherwise
-    steps = config.epochs * len(loader) * (1 if mode == "sync" else workers)
-    schedule = build_schedule(config, optimizer, steps)
+    per_round = 1 if mode == "sync" else workers
+    schedule = build_schedule(replace(config, warmup_steps=config.warmup_steps * per_round), optimizer,
+                              config.epochs * len(loader) * per_round)
     return Shard(mine, optimizer, schedule, mode, workers, staleness, sync_timeout, shard, num_shards,
                  model_signature(named), checkpoint, checkpoint_every, settings=ps_settings(config))
 
@@ -65,6 +67,8 @@ def check_server_options(config, args):
             check_pem(f"ps serve: {option}", path)
     if args.checkpoint_path:
         check_writable("ps serve: --checkpoint-path", args.checkpoint_path)
+    elif args.checkpoint_every_versions:
+        raise ConfigError("ps serve: --checkpoint-every-versions needs --checkpoint-path (where to write)")
 
 
 def run_server(config, args, stream=None):

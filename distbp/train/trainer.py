@@ -16,7 +16,7 @@ from ..autograd.ops import cross_entropy
 from ..data import BatchLoader, CharDataset, ShardSampler, load_digits, load_idx_dir, load_synthetic, load_text
 from ..data.datasets import DataError
 from .checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
-from .config import ConfigError, check_writable, to_dict
+from .config import ConfigError, check_writable, effective_settings, to_dict
 from .progress import MetricsLog, Progress
 from .steps import LocalStep
 from .trace import Tracer, write_trace
@@ -151,20 +151,24 @@ class Trainer:
             raise CheckpointError(f"{path}: damaged checkpoint state: {e}") from None
         saved = state.get("config")
         if isinstance(saved, dict):
-            for key in _RESUME_KEYS:
-                mine = getattr(self.config, key)
-                theirs = tuple(saved[key]) if isinstance(saved.get(key), list) else saved.get(key)
-                if key in saved and theirs != mine:
+            theirs = effective_settings(saved, [k for k in _RESUME_KEYS if k in saved])
+            mine = effective_settings(to_dict(self.config), _RESUME_KEYS)
+            for key, value in theirs.items():
+                if key in mine and value != mine[key]:
                     raise CheckpointError(
-                        f"{path}: written with {key} = {theirs!r}, this run has {mine!r}; resume with the same "
+                        f"{path}: written with {key} = {value!r}, this run has {mine[key]!r}; resume with the same "
                         "value (the data order and the schedule depend on it), or start a new run"
                     )
 
     def _rank_rngs(self, state):
         """Each rank's saved generator state (a checkpoint of one rank may hold the state alone)."""
         rngs = state.get("rng")
-        if isinstance(rngs, dict):
-            rngs = [rngs]
+        if isinstance(rngs, dict):  # one rank's state: a checkpoint of one rank, or of distbp before 2026-11-29
+            if self.strategy.world_size > 1 and self.is_main and not getattr(self, "_warned_rng", False):
+                self._warned_rng = True
+                self._say("note: the checkpoint holds rank 0's dropout generator only (an older format): every "
+                          "rank continues from it, so dropout masks differ from an uninterrupted run's")
+            rngs = [rngs] * self.strategy.world_size
         if not isinstance(rngs, list) or len(rngs) != self.strategy.world_size:
             raise ValueError(f"rng holds no generator state for each of the {self.strategy.world_size} ranks")
         return rngs
