@@ -523,12 +523,8 @@ def test_only_rank_zero_writes_checkpoints_metrics_and_progress(tmp_path):
         assert {(rank, "forward"), (rank, "backward"), (rank, "allreduce bucket 0")} <= spans
 
 
-def test_resume_with_dropout_restores_every_ranks_random_stream(tmp_path):
-    text = "".join(f"y{i % 5} = {i}\n" for i in range(500))
-    corpus = tmp_path / "t.txt"
-    corpus.write_text(text)
-    common = dict(model="charlm", text_file=str(corpus), block_size=16, d_model=16, n_heads=2, n_layers=1,
-                  dropout=0.3, epochs=2, batch_size=4, sample_length=0)
+def test_resume_with_dropout_restores_every_ranks_random_stream(tmp_path, tiny_charlm):
+    common = {**tiny_charlm, "batch_size": 4}
     whole = _train_ranks(2, **common)
     ckpt = tmp_path / "lm.ckpt"
     _train_ranks(2, **common, checkpoint=str(ckpt), max_steps=9)

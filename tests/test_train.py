@@ -66,12 +66,8 @@ def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(tmp_path, opti
             np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]), err_msg=key)
 
 
-def test_resume_with_dropout_replays_the_same_random_stream(tmp_path):
-    text = "".join(f"x{i % 7} = {i}\n" for i in range(600))
-    corpus = tmp_path / "t.txt"
-    corpus.write_text(text)
-    common = dict(model="charlm", text_file=str(corpus), block_size=16, d_model=16, n_heads=2, n_layers=1,
-                  dropout=0.2, epochs=2, batch_size=8, sample_length=0)
+def test_resume_with_dropout_replays_the_same_random_stream(tmp_path, tiny_charlm):
+    common = tiny_charlm
     whole, _ = fit(**common)
     ckpt = tmp_path / "lm.ckpt"
     fit(**common, checkpoint=str(ckpt), max_steps=11)
