@@ -185,6 +185,8 @@ def main(argv=None):
             from .train.progress import plot_metrics
 
             out = args.out or str(Path(args.metrics).with_suffix(".png"))
+            if not Path(out).suffix:
+                out += ".png"  # what matplotlib would write, named as it is
             try:
                 plot_metrics(args.metrics, out)
             except ValueError as e:

@@ -251,3 +251,19 @@ def test_plot_default_output_name(trained, tmp_path, capsys):
     png = tmp_path / "run.png"
     assert png.read_bytes()[:8] == PNG_SIGNATURE
     assert str(png) in capsys.readouterr().out
+
+
+def test_plot_names_the_file_it_writes_without_a_suffix(trained, tmp_path, capsys):
+    assert cli.main(["plot", str(trained / "metrics.jsonl"), "-o", str(tmp_path / "curves")]) == 0
+    assert (tmp_path / "curves.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert f"wrote {tmp_path / 'curves.png'}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["plot", "config"])
+def test_a_directory_or_binary_file_where_a_file_is_expected_is_one_line(tmp_path, capsys, command):
+    (tmp_path / "bin").write_bytes(b"\xd0\xff\x00garbage")
+    for target in (tmp_path, tmp_path / "bin"):
+        argv = ["plot", str(target)] if command == "plot" else ["train", "--config", str(target)]
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("distbp: error:") and str(target) in err and "Traceback" not in err

@@ -3,6 +3,7 @@
 import gzip
 import json
 import math
+import re
 import struct
 from collections import Counter
 
@@ -11,7 +12,8 @@ import pytest
 
 from distbp import cli
 from distbp.data import (
-    ArrayDataset, BatchLoader, CharDataset, DataError, ShardSampler, load_digits, load_idx_dir, load_text,
+    ArrayDataset, BatchLoader, CharDataset, DataError, ShardSampler, load_digits, load_idx_dir, load_synthetic,
+    load_text,
     read_idx,
 )
 
@@ -489,3 +491,32 @@ def test_batch_loader_resumes_mid_epoch(drop_last):
 def test_batch_loader_default_sampler_in_order():
     loader = BatchLoader(_index_dataset(7), 3)
     assert [x.tolist() for x, _ in loader] == [[0, 1, 2], [3, 4, 5], [6]]
+
+
+@pytest.mark.parametrize("key,array,dtype,words", [
+    ("train_y", np.array([-1, 0, 1] * 32), np.int8, "train labels must be integers >= 0"),
+    ("train_y", np.linspace(0, 9.9, 96), np.float32, "train labels must be integers >= 0, got float32"),
+    ("test_y", np.full(40, 200), np.uint8, "t10k labels go up to 200, beyond the train labels' 0..9"),
+    ("train_x", np.random.default_rng(0).random((96, 6, 5)), np.float32, "train images are float32, not unsigned"),
+    ("test_x", np.zeros((40, 4, 4)), np.uint8, "t10k images are (4, 4) but train images (6, 5)"),
+    ("test_x", np.zeros((0, 6, 5)), np.uint8, "the t10k files hold no images"),
+], ids=["negative-labels", "float-labels", "test-label-beyond", "float-images", "other-size", "empty-test"])
+def test_idx_files_that_would_train_on_wrong_data_are_refused(tmp_path, key, array, dtype, words):
+    make_mnist_dir(tmp_path / "d")
+    if key == "test_x" and len(array) == 0:
+        write_idx(tmp_path / "d" / MNIST_NAMES["test_y"], np.zeros(0), np.uint8)
+    write_idx(tmp_path / "d" / MNIST_NAMES[key], array, dtype)
+    with pytest.raises(DataError, match=re.escape(words)):
+        load_idx_dir(tmp_path / "d")
+
+
+def test_an_idx_header_whose_size_overflows_is_refused(tmp_path):
+    path = tmp_path / "huge"
+    path.write_bytes(bytes([0, 0, 0x08, 3]) + struct.pack(">3I", 2**31, 2**31, 2**31))
+    with pytest.raises(DataError, match="header says"):
+        read_idx(path)
+
+
+def test_a_tiny_synthetic_data_set_keeps_a_test_split():
+    split = load_synthetic(5)
+    assert len(split.test) >= 1 and len(split.train) >= 1

@@ -3,6 +3,7 @@ and synthetic data. Every data set is a pair of arrays fetched by a batch of ind
 """
 
 import gzip
+import math
 import os
 import struct
 import sysconfig
@@ -42,7 +43,7 @@ class Split:
 
 def _split(x, y, test_fraction, seed, name, input_shape, num_classes, meta=None):
     order = np.random.default_rng(seed).permutation(len(x))
-    n_test = int(round(len(x) * test_fraction))
+    n_test = max(int(round(len(x) * test_fraction)), 1)  # every data set keeps a test split of its own
     test, train = order[:n_test], order[n_test:]
     return Split(ArrayDataset(x[train], y[train], f"{name}/train"), ArrayDataset(x[test], y[test], f"{name}/test"),
                  input_shape, num_classes, meta)
@@ -93,7 +94,7 @@ def read_idx(path):
         raise DataError(f"{path}: truncated IDX header")
     dims = struct.unpack(f">{ndim}I", raw[4:header])
     dtype = np.dtype(_IDX_TYPES[type_code])
-    expected = int(np.prod(dims)) * dtype.itemsize
+    expected = math.prod(dims) * dtype.itemsize  # Python ints: a crafted header must not wrap around
     if len(raw) - header != expected:
         raise DataError(
             f"{path}: IDX header says {dims} ({expected} bytes of data) but the file holds {len(raw) - header}"
@@ -122,11 +123,22 @@ def load_idx_dir(directory, images=True):
             raise DataError(f"{directory}: {prefix} images must be 3-d and labels 1-d, got {x.shape} and {y.shape}")
         if len(x) != len(y):
             raise DataError(f"{directory}: {len(x)} {prefix} images but {len(y)} labels")
+        if not len(x):
+            raise DataError(f"{directory}: the {prefix} files hold no images")
+        if x.dtype != np.uint8:  # pixels are scaled from 0..255
+            raise DataError(f"{directory}: {prefix} images are {x.dtype.name}, not unsigned bytes (0-255)")
+        if y.dtype.kind not in "iu" or y.min() < 0:
+            raise DataError(f"{directory}: {prefix} labels must be integers >= 0, got {y.dtype.name} "
+                            f"from {y.min()} to {y.max()}")
         parts[split] = (x, y)
     h, w = parts["train"][0].shape[1:]
+    if parts["test"][0].shape[1:] != (h, w):
+        raise DataError(f"{directory}: t10k images are {parts['test'][0].shape[1:]} but train images {(h, w)}")
     shape = (1, h, w) if images else (h * w,)
-    labels = np.concatenate([parts["train"][1], parts["test"][1]])
-    num_classes = int(labels.max()) + 1
+    num_classes = int(parts["train"][1].max()) + 1
+    if parts["test"][1].max() >= num_classes:
+        raise DataError(f"{directory}: t10k labels go up to {parts['test'][1].max()}, beyond the train labels' "
+                        f"0..{num_classes - 1}")
 
     def make(x, y, name):
         return ArrayDataset((x.astype(np.float32) / 255.0).reshape((-1,) + shape), y.astype(np.int64), name)

@@ -179,8 +179,10 @@ def load_toml(path):
             data = tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    except OSError as e:  # a directory, no permission
+        raise ConfigError(f"config file {path}: {e.strerror or e}") from None
     flat = {}
     for key, value in data.items():
         items = value.items() if isinstance(value, dict) else [(key, value)]

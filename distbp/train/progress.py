@@ -84,6 +84,10 @@ def read_metrics(path):
         lines = Path(path).read_text().splitlines()
     except FileNotFoundError:
         raise ValueError(f"metrics file {path} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"metrics file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:  # a directory, no permission
+        raise ValueError(f"metrics file {path}: {e.strerror or e}") from None
     for n, line in enumerate(lines, 1):
         if line.strip():
             try:
