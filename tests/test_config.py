@@ -112,6 +112,12 @@ def _toml_error(tmp_path, text):
     return msg
 
 
+def test_a_key_set_in_two_sections_is_refused(tmp_path):
+    path = write(tmp_path, "lr = 0.1\n[optim]\nlr = 0.2\n[model]\nhidden = [8]\n")
+    with pytest.raises(ConfigError, match=r"'lr' is set both in the top level and in \[optim\]"):
+        load_toml(path)
+
+
 def test_unknown_key_with_suggestion(tmp_path):
     msg = _toml_error(tmp_path, "lrr = 0.1\n")
     assert "'lrr'" in msg and "unknown" in msg and "did you mean 'lr'" in msg

@@ -183,11 +183,14 @@ def load_toml(path):
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
     except OSError as e:  # a directory, no permission
         raise ConfigError(f"config file {path}: {e.strerror or e}") from None
-    flat = {}
+    flat, where = {}, {}
     for key, value in data.items():
         items = value.items() if isinstance(value, dict) else [(key, value)]
         for k, v in items:
-            flat[k] = v
+            here = f"[{key}]" if isinstance(value, dict) else "the top level"
+            if k in flat:  # sections are merged: the same key twice would silently take the last one
+                raise ConfigError(f"config file {path}: '{k}' is set both in {where[k]} and in {here}")
+            flat[k], where[k] = v, here
     return flat
 
 
