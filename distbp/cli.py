@@ -8,6 +8,7 @@ import argparse
 import os
 import sys
 import threading
+import time
 import traceback
 
 # gRPC's core logs its own copy of errors that distbp reports in one line (GRPC_VERBOSITY=ERROR to see them)
@@ -126,6 +127,7 @@ def _end_mpi_job(code, backend=None):
     if backend not in (None, "auto", "mpi") or not launched_by_mpi(os.environ):
         return
     sys.stderr.flush()
+    time.sleep(0.3)  # as launch._abort: let mpiexec forward the message before the job is torn down
     if "mpi4py.MPI" not in sys.modules:
         started = threading.Event()
 

@@ -1,6 +1,7 @@
 """Running a training job on the configured backend: one process, thread ranks, or MPI ranks."""
 
 import sys
+import time
 import traceback
 
 from threadpoolctl import threadpool_limits
@@ -49,16 +50,23 @@ def _run_mpi(config, stream):
             raise
         if isinstance(e, KeyboardInterrupt):  # Ctrl-C reaches every rank: no traceback, the shell's code
             sys.stderr.write(f"distbp: rank {comm.rank} of {comm.size} interrupted\n")
-            sys.stderr.flush()
-            comm.abort(130)
+            _abort(comm, 130)
             raise SystemExit(130) from None  # reported: the command must not report it again
         detail = "" if isinstance(e, (GroupAborted,)) else "".join(traceback.format_exception_only(type(e), e)).strip()
         sys.stderr.write(f"distbp: rank {comm.rank} of {comm.size} failed: {detail}\n")
         if not _is_user_error(e):
             traceback.print_exc()
-        sys.stderr.flush()
-        comm.abort(1)
+        _abort(comm, 1)
         raise SystemExit(1) from None  # reported: the command must not report it again
+
+
+def _abort(comm, code):
+    """End every rank, once this rank's message has had a moment to travel: mpiexec forwards a rank's output
+    from a pipe, and an abort tears the job down at once, sometimes before it has read what is there."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    time.sleep(0.3)
+    comm.abort(code)
 
 
 def _is_user_error(e):
