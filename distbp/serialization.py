@@ -117,9 +117,9 @@ def load_safetensors(path):
             shape, offsets = info["shape"], info["data_offsets"]
         except (KeyError, TypeError):
             raise CheckpointError(f"{path}: entry {name!r} has a malformed description {info!r}") from None
-        if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
+        if not isinstance(shape, list) or not all(is_count(s) for s in shape):
             raise CheckpointError(f"{path}: entry {name!r} has shape {shape!r}: dimensions must be integers >= 0")
-        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(is_count(o) for o in offsets):
             raise CheckpointError(f"{path}: entry {name!r} has data_offsets {offsets!r}: expected [begin, end], "
                                   "integers >= 0")
         begin, end = offsets
@@ -138,7 +138,8 @@ def load_safetensors(path):
     return arrays, metadata
 
 
-def _is_count(value):
+def is_count(value):
+    """An integer >= 0, and not a bool (JSON's true would pass as 1)."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 

@@ -50,42 +50,38 @@ class Function:
         out = cls.forward(ctx, *[t.data for t in inputs], **options)
         if out.__class__ is not _ndarray:
             out = np.asarray(out)  # numpy reductions hand back scalars; a Tensor always holds an array
+        node = None
         if state.enabled:
-            record = False
             parents = []
             for t in inputs:
                 if t.requires_grad:
-                    record = True
+                    node = ctx
                     parents.append(t if t._node is None else t._node)
                 else:
                     parents.append(None)
-            if record:
-                ctx.parents = parents
-                ctx.seq = next(_creation)
-                ctx.shape = out.shape
-                ctx.dtype = out.dtype
-                ctx.hooks = None
-                ctx.grad_acc = None
-                ctx.grad_dests = None
-                result = _Tensor._from_op(out, ctx)
-                if cls.output_views_input and np.may_share_memory(out, inputs[0].data):
-                    result._version = inputs[0]._shared_version()
-                # What backward reads, with the versions it had (see _check_versions).
-                if cls.save_inputs:
-                    ctx._inputs = inputs
-                    ctx._versions = [0 if t._version is None else t._version[0] for t in inputs]
-                else:
-                    ctx._inputs = None
-                if cls.save_output:
-                    ctx._out = out
-                    box = result._shared_version()
-                    ctx._out_version = (box, box[0])
-                else:
-                    ctx._out = None
-                return result
-        result = _Tensor._from_op(out, None)
+        result = _Tensor._from_op(out, node)
         if cls.output_views_input and np.may_share_memory(out, inputs[0].data):
             result._version = inputs[0]._shared_version()
+        if node is not None:
+            ctx.parents = parents
+            ctx.seq = next(_creation)
+            ctx.shape = out.shape
+            ctx.dtype = out.dtype
+            ctx.hooks = None
+            ctx.grad_acc = None
+            ctx.grad_dests = None
+            # What backward reads, with the versions it had (checked by input_arrays and out_array).
+            if cls.save_inputs:
+                ctx._inputs = inputs
+                ctx._versions = [0 if t._version is None else t._version[0] for t in inputs]
+            else:
+                ctx._inputs = None
+            if cls.save_output:
+                ctx._out = out
+                box = result._shared_version()
+                ctx._out_version = (box, box[0])
+            else:
+                ctx._out = None
         return result
 
     # --- what backward reads -----------------------------------------------------------------------

@@ -534,9 +534,8 @@ class GetItem(Function):
     @staticmethod
     def forward(ctx, x, index):
         # index arrays are kept as copies: a later in-place change to them must not move the gradient
-        kept = tuple(p.copy() if isinstance(p, _ndarray) else p for p in index) if isinstance(index, tuple) \
-            else index.copy() if isinstance(index, _ndarray) else index
-        ctx.saved = (x.shape, kept)
+        parts = [p.copy() if isinstance(p, _ndarray) else p for p in (index if isinstance(index, tuple) else (index,))]
+        ctx.saved = (x.shape, tuple(parts) if isinstance(index, tuple) else parts[0])
         return x[index]
 
     @staticmethod
@@ -1378,9 +1377,7 @@ def reshape(x, shape):
 def transpose(x, axes=None):
     x = _tensor(x)
     ndim = x.data.ndim
-    if axes is not None and any(not -ndim <= a < ndim for a in axes):
-        raise ValueError(f"transpose: axes {tuple(axes)} are out of range for a {ndim}-d tensor")
-    axes = tuple(reversed(range(ndim))) if axes is None else tuple(a % ndim for a in axes)
+    axes = tuple(reversed(range(ndim))) if axes is None else _axes(tuple(axes), ndim)
     if sorted(axes) != list(range(ndim)):
         raise ValueError(f"transpose: axes {axes} are not a permutation of a {ndim}-d tensor's axes")
     return Transpose.apply(x, axes=axes)
@@ -1389,7 +1386,7 @@ def transpose(x, axes=None):
 def swapaxes(x, a, b):
     x = _tensor(x)
     ndim = x.data.ndim
-    if not (-ndim <= a < ndim and -ndim <= b < ndim):
+    if not (-ndim <= a < ndim and -ndim <= b < ndim):  # (_axes lets a 0-d tensor's axis 0 pass)
         raise ValueError(f"swapaxes: axes {a} and {b} are out of range for a {ndim}-d tensor")
     axes = list(range(ndim))
     axes[a], axes[b] = axes[b], axes[a]

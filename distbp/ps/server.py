@@ -21,7 +21,7 @@ import grpc
 import numpy as np
 
 from ..autograd.tensor import Tensor
-from ..serialization import CheckpointError, load_safetensors, save_safetensors
+from ..serialization import CheckpointError, is_count, load_safetensors, save_safetensors
 from .v1 import ps_pb2, ps_pb2_grpc
 from .wire import Assembler, WireError, chunk_ranges, decode_message, encode_chunks
 
@@ -358,7 +358,7 @@ class Shard:
             raise CheckpointError(f"{path}: checkpoint of shard {meta.get('shard')} of {meta.get('num_shards', '?')} "
                                   f"(parameters {sorted(saved)}), this server is shard {self.shard} of "
                                   f"{self.num_shards} (parameters {sorted(self.params)})")
-        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        if not is_count(version):
             raise CheckpointError(f"{path}: damaged checkpoint: version {version!r} is not an integer >= 0")
         if not isinstance(scalars, dict) or not all(isinstance(v, dict) for v in scalars.values()):
             raise CheckpointError(f"{path}: damaged checkpoint: the optimizer counters are not objects by parameter")

@@ -12,7 +12,7 @@ import json
 
 import numpy as np
 
-from ..serialization import CheckpointError, load_safetensors, save_safetensors  # noqa: F401
+from ..serialization import CheckpointError, is_count, load_safetensors, save_safetensors  # noqa: F401
 
 FORMAT = "distbp-checkpoint-1"
 

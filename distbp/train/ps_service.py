@@ -46,7 +46,7 @@ def check_server_options(config, args):
         if value < low or (high is not None and value > high):
             raise ConfigError(f"ps serve: {name} must be {f'in [{low}, {high}]' if high is not None else f'>= {low}'}"
                               f", got {value}")
-    if not args.sync_timeout > 0 or args.sync_timeout != args.sync_timeout or args.sync_timeout == float("inf"):
+    if not 0 < args.sync_timeout < float("inf"):  # (false for nan too)
         raise ConfigError(f"ps serve: --sync-timeout must be a positive number of seconds, got {args.sync_timeout}")
     # (the workers' outputs, metrics and trace, are ignored: launch/ps_cluster.sh gives both the same options)
     training_only = [k for k in ("checkpoint", "init_from") if getattr(config, k)] + (["resume"] if config.resume else [])

@@ -15,7 +15,7 @@ from ..autograd import Tensor, check_rng_state, get_rng_state, manual_seed, no_g
 from ..autograd.ops import cross_entropy
 from ..data import BatchLoader, CharDataset, ShardSampler, load_digits, load_idx_dir, load_synthetic, load_text
 from ..data.datasets import DataError
-from .checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
+from .checkpoint import CheckpointError, is_count, load_checkpoint, load_weights, save_checkpoint
 from .config import ConfigError, check_writable, effective_settings, to_dict
 from .progress import MetricsLog, Progress
 from .steps import LocalStep
@@ -141,7 +141,7 @@ class Trainer:
             )
         for key in ("step", "epoch", "batch"):
             value = state.get(key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            if not is_count(value):
                 raise CheckpointError(f"{path}: damaged checkpoint state: {key} is {value!r}, not an integer >= 0")
         try:
             self.schedule.check_state_dict(state.get("schedule"))
@@ -364,9 +364,8 @@ class Trainer:
 # Keys that may legitimately differ between ranks (file paths that only rank 0 writes; whether tracing is on
 # must agree, as its events are gathered).
 _PER_RANK_KEYS = {"metrics", "trace", "progress"}
-# Keys a resumed run must share with its checkpoint: the data, its order and the number of steps.
+# Keys a resumed run must share with its checkpoint: the data and its order.
 _RESUME_KEYS = ("dataset", "synthetic_size", "max_chars", "block_size", "batch_size", "seed")
-
 
 
 def _jsonable(state):
