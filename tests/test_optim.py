@@ -503,6 +503,15 @@ def _p():
     pytest.param(lambda: optim.AdamW([_p()], weight_decay=-0.01), "weight_decay", id="adamw-negative-wd"),
     pytest.param(lambda: optim.SGD([{"params": [_p()], "lr": -1.0}], lr=0.1), "learning rate", id="group-negative-lr"),
     pytest.param(lambda: optim.SGD([], lr=0.1), "empty", id="empty-params"),
+    # nan passes every comparison, and one step then makes every parameter nan
+    pytest.param(lambda: optim.SGD([_p()], lr=float("nan")), "learning rate", id="sgd-nan-lr"),
+    pytest.param(lambda: optim.SGD([_p()], lr=float("inf")), "learning rate", id="sgd-inf-lr"),
+    pytest.param(lambda: optim.SGD([_p()], lr=0.1, momentum=float("nan")), "momentum", id="sgd-nan-momentum"),
+    pytest.param(lambda: optim.SGD([_p()], lr=0.1, dampening=float("nan")), "dampening", id="sgd-nan-dampening"),
+    pytest.param(lambda: optim.Adam([_p()], lr=np.float32("nan")), "learning rate", id="adam-nan-lr"),
+    pytest.param(lambda: optim.Adam([_p()], eps=float("nan")), "eps", id="adam-nan-eps"),
+    pytest.param(lambda: optim.AdamW([_p()], weight_decay=float("nan")), "weight_decay", id="adamw-nan-wd"),
+    pytest.param(lambda: optim.Adam([_p()], betas=(float("nan"), 0.999)), "betas", id="adam-nan-beta1"),
 ])
 def test_invalid_hyper_parameters_raise_value_error(factory, match):
     with pytest.raises(ValueError, match=match):
@@ -538,6 +547,19 @@ def test_parameter_listed_twice_in_one_group_rejected(name):
     with pytest.raises(ValueError, match="position 1 of the group.*more than once"):
         opt.add_param_group({"params": [p, p]})
     assert len(opt.param_groups) == 1  # the refused group was not half-added
+
+
+@pytest.mark.parametrize("name,cfg", [("SGD", {}), ("SGD", {"momentum": 0.9, "weight_decay": 0.1}),
+                                      ("Adam", {}), ("AdamW", {"weight_decay": 0.1})])
+def test_a_parameter_with_no_elements_steps(name, cfg):
+    # BLAS refuses empty vectors; torch.optim steps them (a zero-width layer, an empty embedding table)
+    empty, full = nn.Parameter(np.zeros((0, 3), np.float32)), _p()
+    opt = getattr(optim, name)([empty, full], lr=0.1, **cfg)
+    for _ in range(2):
+        empty.grad = Tensor(np.zeros((0, 3), np.float32))
+        full.grad = Tensor(np.ones(3, np.float32))
+        opt.step()
+    assert empty.data.shape == (0, 3) and (full.data < 0).all()
 
 
 def test_bad_betas_in_param_group_rejected():

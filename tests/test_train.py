@@ -1,5 +1,7 @@
 """The training service end to end: accuracy targets on digits, exact resume, charlm, the training step."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -103,6 +105,63 @@ def test_resume_with_another_data_order_is_refused(tmp_path, key, value):
     fit(epochs=1, checkpoint=str(ckpt), max_steps=5)
     with pytest.raises(CheckpointError, match=f"written with {key} = .*this run has {value!r}"):
         fit(epochs=1, checkpoint=str(ckpt), resume=True, **{key: value})
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("lr", 0.01, "written with lr = 0.1, this run has 0.01.*init_from"),
+    ("momentum", 0.5, "written with momentum = 0.9, this run has 0.5"),
+    ("weight_decay", 0.5, "written with weight_decay = 0.0, this run has 0.5"),
+    ("optimizer", "adam", "optimizer SGD, this run uses Adam"),
+])
+def test_resume_with_other_optimizer_settings_is_refused(tmp_path, key, value, match):
+    # the checkpoint's optimizer state and schedule would overwrite them: the new value would be ignored
+    ckpt = tmp_path / "run.ckpt"
+    fit(epochs=1, checkpoint=str(ckpt), max_steps=5, lr=0.1)
+    with pytest.raises(CheckpointError, match=match):
+        fit(epochs=1, checkpoint=str(ckpt), resume=True, **{"lr": 0.1, key: value})
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_metrics_log_the_learning_rate_each_step_used(tmp_path):
+    # cosine over 8 steps: step s (1-based) ran at lr/2 * (1 + cos(pi (s-1) / 8)), so the last one at > 0
+    metrics = tmp_path / "m.jsonl"
+    trainer, _ = fit(epochs=1, batch_size=200, lr=0.1, eval_every=1, metrics=str(metrics))
+    records = _records(metrics)
+    assert [r["step"] for r in records] == list(range(1, 9)) and trainer.steps_per_epoch == 8
+    expected = [0.05 * (1 + np.cos(np.pi * s / 8)) for s in range(8)]
+    np.testing.assert_allclose([r["lr"] for r in records], expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("total", [6, 8, 46, 100])
+def test_the_step_schedule_has_three_stages(total):
+    trainer = Trainer(make_config({"schedule": "step", "lr": 1.0, "progress": "none", "epochs": 1,
+                                   "batch_size": 1, "synthetic_size": total, "dataset": "synthetic"}))
+    lrs = []
+    for _ in range(trainer.total_steps):
+        lrs.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer.schedule.step()
+    levels = sorted(set(lrs), reverse=True)
+    np.testing.assert_allclose(levels, [1.0, 0.1, 0.01])
+    counts = [lrs.count(level) for level in levels]
+    assert max(counts) - min(counts) <= 2, counts
+
+
+def test_a_resumed_run_reports_the_training_loss_of_an_uninterrupted_one(tmp_path):
+    # the mean training loss of an evaluation interval spans the interruption
+    common = dict(epochs=2, batch_size=128, eval_every=6)
+    fit(**common, metrics=str(tmp_path / "whole.jsonl"))
+    ckpt = tmp_path / "run.ckpt"
+    fit(**common, checkpoint=str(ckpt), max_steps=9, metrics=str(tmp_path / "part.jsonl"))
+    fit(**common, checkpoint=str(ckpt), resume=True, metrics=str(tmp_path / "part.jsonl"))
+    whole = {r["step"]: r for r in _records(tmp_path / "whole.jsonl")}
+    part = {r["step"]: r for r in _records(tmp_path / "part.jsonl")}
+    assert 9 in part and 12 in whole
+    for step in whole:
+        assert part[step]["train_loss"] == pytest.approx(whole[step]["train_loss"], rel=1e-12), step
+        assert part[step]["lr"] == whole[step]["lr"], step
 
 
 @pytest.mark.parametrize("key", ["checkpoint", "metrics", "trace"])

@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 
-from .optimizer import Optimizer, is_real
+from .optimizer import Optimizer, is_finite_real
 
 
 class Adam(Optimizer):
@@ -19,10 +19,10 @@ class Adam(Optimizer):
         super()._validate(group)
         betas = group["betas"]
         two = isinstance(betas, (tuple, list)) and len(betas) == 2
-        if not two or not all(is_real(b) and 0 <= b < 1 for b in betas):
+        if not two or not all(is_finite_real(b) and 0 <= b < 1 for b in betas):
             raise ValueError(f"{type(self).__name__}: betas must be two numbers in [0, 1), got {betas!r}")
         group["betas"] = tuple(betas)
-        if not is_real(group["eps"]) or group["eps"] < 0:
+        if not is_finite_real(group["eps"]) or group["eps"] < 0:
             raise ValueError(f"{type(self).__name__}: invalid eps {group['eps']}")
 
     def step(self):

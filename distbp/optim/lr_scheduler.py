@@ -3,7 +3,7 @@
 import math
 import numbers
 
-from .optimizer import is_real
+from .optimizer import is_finite_real
 
 
 class LRScheduler:
@@ -45,7 +45,7 @@ class LRScheduler:
             raise ValueError(f"schedule state: last_step {last_step!r} is not an integer >= 0")
         groups = len(self.optimizer.param_groups)
         if (not isinstance(base_lrs, (list, tuple)) or len(base_lrs) != groups
-                or not all(is_real(lr) and lr >= 0 for lr in base_lrs)):
+                or not all(is_finite_real(lr) and lr >= 0 for lr in base_lrs)):
             raise ValueError(f"schedule state: base_lrs {base_lrs!r} is not {groups} learning rates >= 0 "
                              "(one per parameter group)")
         return int(last_step), list(base_lrs)

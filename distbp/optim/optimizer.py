@@ -1,6 +1,7 @@
 """Optimizer: parameter groups, per-parameter state, and a state_dict that round-trips exactly."""
 
 import copy
+import math
 import numbers
 
 import numpy as np
@@ -67,10 +68,10 @@ class Optimizer:
     def _validate(self, group):
         """Check one group's hyper-parameters (after defaults are filled in); subclasses add their own."""
         lr = group.get("lr")
-        if not is_real(lr) or lr < 0:
+        if not is_finite_real(lr) or lr < 0:
             raise ValueError(f"{type(self).__name__}: invalid learning rate {lr!r}")
         wd = group.get("weight_decay", 0)
-        if not is_real(wd) or wd < 0:
+        if not is_finite_real(wd) or wd < 0:
             raise ValueError(f"{type(self).__name__}: invalid weight_decay {wd!r}")
 
     def zero_grad(self, set_to_none=True):
@@ -240,9 +241,10 @@ class Optimizer:
         return "\n".join(lines) + "\n)"
 
 
-def is_real(value):
-    """A real number, and not a bool (True would pass as 1)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+def is_finite_real(value):
+    """A finite real number, and not a bool (True would pass as 1; a nan hyper-parameter passes every
+    comparison check and turns the parameters into nan at the first step)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _index(idx):
@@ -268,6 +270,8 @@ _AXPY = {np.dtype(np.float32): blas.saxpy, np.dtype(np.float64): blas.daxpy}
 
 def axpy(alpha, x, y):
     """y += alpha * x in place: one BLAS pass, no temporary (the update of every step, on every parameter)."""
+    if y.size == 0:  # BLAS refuses empty vectors
+        return
     routine = _AXPY.get(y.dtype)
     if routine is not None and x.dtype == y.dtype and y.flags.c_contiguous and x.flags.c_contiguous:
         routine(x.reshape(-1), y.reshape(-1), a=alpha)

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from .optimizer import Optimizer, axpy, is_real
+from .optimizer import Optimizer, axpy, is_finite_real
 
 
 class SGD(Optimizer):
@@ -14,9 +14,9 @@ class SGD(Optimizer):
 
     def _validate(self, group):
         super()._validate(group)
-        if not is_real(group["momentum"]) or group["momentum"] < 0:
+        if not is_finite_real(group["momentum"]) or group["momentum"] < 0:
             raise ValueError(f"SGD: invalid momentum {group['momentum']!r}")
-        if not is_real(group["dampening"]):
+        if not is_finite_real(group["dampening"]):
             raise ValueError(f"SGD: invalid dampening {group['dampening']!r}")
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("SGD: nesterov needs momentum > 0 and dampening = 0")

@@ -58,7 +58,8 @@ FIELDS = (
           nullable=True),
     Field("momentum", float, 0.9, "SGD momentum", minimum=0.0, maximum=1.0),
     Field("weight_decay", float, 0.0, "weight decay", minimum=0.0),
-    Field("schedule", str, "cosine", "learning-rate schedule", choices=("constant", "cosine", "step")),
+    Field("schedule", str, "cosine", "learning-rate schedule after the warm-up (cosine falls to 0 at the end; step "
+          "is 10x lower after each third of the steps)", choices=("constant", "cosine", "step")),
     Field("warmup_steps", int, 0, "linear warm-up steps before the schedule", minimum=0),
     Field("grad_clip", float, 0.0, "clip the global gradient norm to this (0: off)", minimum=0.0),
     Field("seed", int, 0, "seed for initialisation, shuffling and dropout", minimum=0),

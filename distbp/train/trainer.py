@@ -15,6 +15,7 @@ from ..autograd import Tensor, check_rng_state, get_rng_state, manual_seed, no_g
 from ..autograd.ops import cross_entropy
 from ..data import BatchLoader, CharDataset, ShardSampler, load_digits, load_idx_dir, load_synthetic, load_text
 from ..data.datasets import DataError
+from ..optim.optimizer import is_finite_real
 from .checkpoint import CheckpointError, is_count, load_checkpoint, load_weights, save_checkpoint
 from .config import ConfigError, check_writable, effective_settings, to_dict
 from .progress import MetricsLog, Progress
@@ -68,7 +69,8 @@ def build_schedule(config, optimizer, total_steps):
     if config.schedule == "cosine":
         after = optim.CosineAnnealingLR(optimizer, decay_steps).lr_at
     elif config.schedule == "step":
-        after = optim.StepLR(optimizer, max(decay_steps // 3, 1), gamma=0.1).lr_at
+        # 10x lower after each third of the decay steps: ceil, so that a remainder does not make a fourth stage
+        after = optim.StepLR(optimizer, -(-decay_steps // 3), gamma=0.1).lr_at
     if config.warmup_steps:
         return optim.LinearWarmupLR(optimizer, config.warmup_steps, after=after)
     return optim.LambdaLR(optimizer, lambda t: 1.0) if after is None else _Closed(optimizer, after)
@@ -111,15 +113,19 @@ class Trainer:
         self.total_steps = config.epochs * self.steps_per_epoch
         self.schedule = build_schedule(config, self.optimizer, self.total_steps)
         self.step = self.epoch = self.batch = 0
+        # the mean training loss reported at the next evaluation: this rank's sum of losses and their number
+        self.loss_sum, self.loss_count = 0.0, 0
+        self.lr_used = self.optimizer.param_groups[0]["lr"]  # the learning rate of the last step taken
         # dropout draws from the thread's generator; each rank its own stream
         manual_seed([config.seed, 1 + self.strategy.rank])
 
     # --- checkpoints ---
 
-    def _state(self, rngs):
+    def _state(self, rngs, loss_sum):
         return {
             "step": self.step, "epoch": self.epoch, "batch": self.batch, "model": self.config.model,
-            "rng": rngs, "schedule": self.schedule.state_dict(),
+            "rng": rngs, "schedule": self.schedule.state_dict(), "lr_used": self.lr_used,
+            "running_loss": {"sum": loss_sum, "count": self.loss_count},
             "world_size": self.strategy.world_size, "config": to_dict(self.config),
         }
 
@@ -127,8 +133,11 @@ class Trainer:
         """Every rank calls this at the same points: each rank's dropout generator goes into the file."""
         if self.config.checkpoint:
             rngs = self.strategy.gather(_jsonable(get_rng_state()))
+            # every rank has taken the same number of steps: the ranks' sum, spread evenly again at resume,
+            # gives the same mean
+            loss_sum, = self.strategy.all_sum([self.loss_sum])
             if self.is_main:
-                save_checkpoint(self.config.checkpoint, self.model, self.optimizer, self._state(rngs))
+                save_checkpoint(self.config.checkpoint, self.model, self.optimizer, self._state(rngs, loss_sum))
 
     def _check_state(self, path, state):
         """Refuse a checkpoint's saved state that resume() could not restore whole (before anything changes)."""
@@ -143,6 +152,11 @@ class Trainer:
             value = state.get(key)
             if not is_count(value):
                 raise CheckpointError(f"{path}: damaged checkpoint state: {key} is {value!r}, not an integer >= 0")
+        running = state.get("running_loss", {"sum": 0.0, "count": 0})  # absent before 2026-11-29
+        if (not isinstance(running, dict) or not is_count(running.get("count"))
+                or not is_finite_real(running.get("sum")) or not is_finite_real(state.get("lr_used", 0.0))):
+            raise CheckpointError(f"{path}: damaged checkpoint state: running_loss {running!r} or lr_used "
+                                  f"{state.get('lr_used')!r}")
         try:
             self.schedule.check_state_dict(state.get("schedule"))
             for rng in self._rank_rngs(state):
@@ -157,7 +171,8 @@ class Trainer:
                 if key in mine and value != mine[key]:
                     raise CheckpointError(
                         f"{path}: written with {key} = {value!r}, this run has {mine[key]!r}; resume with the same "
-                        "value (the data order and the schedule depend on it), or start a new run"
+                        "value (the data order, the schedule and the optimizer's state depend on it), or start a "
+                        "new run from the checkpoint's weights with init_from"
                     )
 
     def _rank_rngs(self, state):
@@ -183,6 +198,9 @@ class Trainer:
         state = load_checkpoint(path, self.model, self.optimizer, check_state=lambda s: self._check_state(path, s))
         self.step, self.epoch, self.batch = state["step"], state["epoch"], state["batch"]
         self.schedule.load_state_dict(state["schedule"])
+        running = state.get("running_loss", {"sum": 0.0, "count": 0})
+        self.loss_sum, self.loss_count = running["sum"] / self.strategy.world_size, running["count"]
+        self.lr_used = state.get("lr_used", self.optimizer.param_groups[0]["lr"])
         set_rng_state(self._rank_rngs(state)[self.strategy.rank])
         self._say(f"resumed from {path} at step {self.step} (epoch {self.epoch + 1}, batch {self.batch})")
         return True
@@ -245,7 +263,6 @@ class Trainer:
                   f"{self.split.train.name}: {len(self.split.train):,} examples, {self.steps_per_epoch} steps "
                   f"per epoch, {cfg.epochs} epochs")
         started = time.perf_counter()
-        running, seen = 0.0, 0
         test_loss = accuracy = float("nan")
         finished = self.step >= stop_at or self.epoch >= cfg.epochs  # resumed from the run's last checkpoint
         if finished:
@@ -255,8 +272,8 @@ class Trainer:
         while self.epoch < cfg.epochs and not stopped:
             for x, y in self.loader.batches(self.epoch, self.batch):
                 loss = self._train_step(x, y)
-                running += loss
-                seen += 1
+                self.loss_sum += loss
+                self.loss_count += 1
                 self.step += 1
                 self.batch += 1
                 progress.update(self.step, self.epoch, loss, len(y) * self.strategy.world_size)
@@ -264,24 +281,22 @@ class Trainer:
                     raise FloatingPointError(f"the training loss became {loss} at step {self.step}; "
                                              "lower the learning rate or set grad_clip")
                 if cfg.eval_every and self.step % cfg.eval_every == 0:
-                    test_loss, accuracy = self._log_eval(metrics, progress, running / seen)
-                    running, seen = 0.0, 0
+                    test_loss, accuracy = self._log_eval(metrics, progress)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save()
                 if self.step >= stop_at:
                     stopped = True
                     break
             if not stopped or self.batch >= self.steps_per_epoch:
-                if not cfg.eval_every and seen:
-                    test_loss, accuracy = self._log_eval(metrics, progress, running / seen)
-                    running, seen = 0.0, 0
+                if not cfg.eval_every and self.loss_count:
+                    test_loss, accuracy = self._log_eval(metrics, progress)
                 self.epoch, self.batch = self.epoch + 1, 0
                 if not cfg.checkpoint_every:
                     self.save()
         if stopped and not finished:
             self.save()
-        if seen:
-            test_loss, accuracy = self._log_eval(metrics, progress, running / seen)
+        if self.loss_count:
+            test_loss, accuracy = self._log_eval(metrics, progress)
         elapsed = time.perf_counter() - started
         summary = {"steps": self.step, "epochs": self.epoch, "test_loss": test_loss,
                    "test_accuracy": accuracy, "seconds": elapsed}
@@ -312,6 +327,7 @@ class Trainer:
         if self.config.grad_clip:
             nn.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.strategy.apply(self.model, self.optimizer)
+        self.lr_used = self.optimizer.param_groups[0]["lr"]
         self.schedule.step()
         if tracer is not None:
             t4 = time.perf_counter()
@@ -342,13 +358,14 @@ class Trainer:
                         f"{everyone[0].get(key)!r}: every rank must run the same configuration"
                     )
 
-    def _log_eval(self, metrics, progress, train_loss):
-        total, ranks = self.strategy.all_sum([train_loss, 1.0])
+    def _log_eval(self, metrics, progress):
+        """Evaluate, and report it with the mean training loss since the last report (which it restarts)."""
+        total, ranks = self.strategy.all_sum([self.loss_sum / self.loss_count, 1.0])
         train_loss = total / ranks
+        self.loss_sum, self.loss_count = 0.0, 0
         test_loss, accuracy = self.evaluate()
-        lr = self.optimizer.param_groups[0]["lr"]
         metrics.write(step=self.step, epoch=self.epoch + 1, train_loss=train_loss, test_loss=test_loss,
-                      test_accuracy=accuracy, lr=lr)
+                      test_accuracy=accuracy, lr=self.lr_used)
         progress.line(f"epoch {self.epoch + 1} step {self.step}: train loss {train_loss:.4f}, "
                       f"test loss {test_loss:.4f}, test accuracy {accuracy:.2%}")
         return test_loss, accuracy
@@ -364,8 +381,10 @@ class Trainer:
 # Keys that may legitimately differ between ranks (file paths that only rank 0 writes; whether tracing is on
 # must agree, as its events are gathered).
 _PER_RANK_KEYS = {"metrics", "trace", "progress"}
-# Keys a resumed run must share with its checkpoint: the data and its order.
-_RESUME_KEYS = ("dataset", "synthetic_size", "max_chars", "block_size", "batch_size", "seed")
+# Keys a resumed run must share with its checkpoint: the data and its order, and the optimizer's settings, which
+# the checkpoint's optimizer state and schedule would overwrite. (Another optimizer is refused by load_checkpoint.)
+_RESUME_KEYS = ("dataset", "synthetic_size", "max_chars", "block_size", "batch_size", "seed",
+                "lr", "momentum", "weight_decay")
 
 
 def _jsonable(state):
