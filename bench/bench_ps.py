@@ -251,6 +251,16 @@ class DistbpClient:
         ok = ok and good
         lines.append(f"  distbp: pull == init (max|d|={d0:.1e}); after 1 push, pull == init - lr*grad "
                      f"(max|d|={d1:.1e}), version {self.client.versions[0]}  {'ok' if good else 'MISMATCH'}")
+        # and the timed call itself: one PushPull, received into the model's arrays
+        for n in SHAPES:
+            self.params[n][...] = 0
+        self.iteration()
+        want = {n: self.init[n] - 2 * np.float32(LR) * self.grads[n] for n in SHAPES}
+        d2 = max(float(np.max(np.abs(self.params[n] - want[n]))) for n in SHAPES)
+        good = d2 <= 2e-6 and self.client.versions == [2]
+        ok = ok and good
+        lines.append(f"  distbp: one push_pull(out=params) leaves params == init - 2 lr*grad (max|d|={d2:.1e}), "
+                     f"version {self.client.versions[0]}  {'ok' if good else 'MISMATCH'}")
         return ok, lines
 
     def iteration(self):

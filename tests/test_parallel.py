@@ -1,6 +1,7 @@
 """Data parallelism in the single-process test mode: communicators on threads, DataParallel, the trainer."""
 
 import json
+import re
 import threading
 import time
 
@@ -108,6 +109,116 @@ def test_collectives_in_different_orders_are_caught():
 
     with pytest.raises(RankFailed, match="different orders"):
         run_ranks(2, body, timeout=10)
+
+
+def _each_rank(size, body, timeout=5.0):
+    """Run body(comm) on thread ranks of one group used directly (no run_ranks to abort the group):
+    ({rank: result or exception}, seconds)."""
+    comms = ThreadGroup(size, timeout=timeout).communicators()
+    outcome = {}
+
+    def run(rank):
+        try:
+            outcome[rank] = body(comms[rank])
+        except Exception as e:
+            outcome[rank] = e
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(size)]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return outcome, time.monotonic() - start
+
+
+@pytest.mark.parametrize("case,match", [
+    ("shape", r"differ in \(shape, dtype, op\).*rank 0: \(\(4,\)"),
+    ("dtype", r"differ in \(shape, dtype, op\).*'float64'"),
+    ("op", r"differ in \(shape, dtype, op\).*'mean'"),
+    ("root", r"differ in \(shape, dtype, root\)"),
+    ("broadcast dtype", r"differ in \(shape, dtype, root\).*'float64'"),
+    ("order", "different orders"),
+])
+def test_ranks_that_call_a_collective_differently_all_fail_at_once(case, match):
+    # every rank hears it, at once: not a wrong result (the last rank's op or root won), nor a wait for the
+    # timeout with "rank(s) [] did not arrive"
+    def body(comm):
+        first = comm.rank == 0
+        if case == "shape":
+            comm.allreduce(np.ones(4 if first else 3, np.float32))
+        elif case == "dtype":
+            comm.allreduce(np.ones(3, np.float64 if first else np.float32))
+        elif case == "op":
+            comm.allreduce(np.ones(3, np.float32), "mean" if first else "sum")
+        elif case == "root":
+            comm.broadcast(np.ones(3, np.float32), root=0 if first else 2)
+        elif case == "broadcast dtype":
+            comm.broadcast(np.ones(3, np.float64 if first else np.float32), root=0)
+        elif first:
+            comm.barrier()
+        else:
+            comm.allreduce(np.ones(3, np.float32))
+
+    outcome, seconds = _each_rank(3, body, timeout=20)
+    assert seconds < 10, outcome
+    for rank in range(3):
+        assert isinstance(outcome[rank], GroupAborted), (rank, outcome)
+        assert re.search(match, str(outcome[rank])), (rank, str(outcome[rank]))
+
+
+def test_a_rank_that_failed_stops_its_own_queued_collectives():
+    # its communication thread must not wait out the timeout for peers that have left
+    comm = ThreadGroup(2, timeout=60).communicators()[0]
+    comm.abort(message="rank 0 broke")
+    start = time.monotonic()
+    with pytest.raises(GroupAborted, match="rank 0 broke"):
+        comm.iallreduce(np.ones(2, np.float32)).wait()
+    assert time.monotonic() - start < 5
+
+
+def test_thread_allgather_gives_each_rank_its_own_copies():
+    def body(comm):
+        got = comm.allgather({"rank": comm.rank, "items": [comm.rank]})
+        got[0]["items"].append(99)  # changes this rank's copy only
+        comm.barrier()
+        return got
+
+    for rank, got in enumerate(run_ranks(3, body)):
+        assert got == [{"rank": r, "items": [r] + ([99] if r == 0 else [])} for r in range(3)], rank
+    with pytest.raises(RankFailed, match="pickle"):  # as MPI's allgather, which pickles
+        run_ranks(2, lambda comm: comm.allgather(lambda: 1), timeout=5)
+
+
+def test_an_array_cannot_be_all_reduced_twice_at_once():
+    def body(comm):
+        a = np.ones(3, np.float32)
+        handle = comm.iallreduce(a)
+        with pytest.raises(RuntimeError, match="still being all-reduced"):
+            comm.iallreduce(a)
+        handle.wait()
+        comm.allreduce(a)  # once finished, it may be all-reduced again
+        return a
+
+    for a in run_ranks(2, body):
+        np.testing.assert_array_equal(a, np.full(3, 4.0))
+
+
+@pytest.mark.parametrize("size", [1, 2])
+def test_the_mean_of_integer_arrays_is_refused_on_every_backend(size):
+    comm = LocalCommunicator() if size == 1 else ThreadGroup(size).communicators()[0]
+    a = np.array([3, 4], np.int64)
+    with pytest.raises(ValueError, match="'mean' needs a floating-point array"):
+        comm.iallreduce(a, "mean")
+    np.testing.assert_array_equal(a, [3, 4])
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0])
+def test_a_communicator_timeout_must_be_positive(timeout):
+    with pytest.raises(ValueError, match="timeout must be > 0"):
+        ThreadGroup(2).communicators(timeout=timeout)
+    with pytest.raises(ValueError, match="timeout must be > 0"):
+        LocalCommunicator(timeout=timeout)
 
 
 # --- DataParallel ---------------------------------------------------------------------------------

@@ -56,6 +56,9 @@ class Communicator:
     backend = "base"
 
     def __init__(self, timeout=DEFAULT_TIMEOUT):
+        """timeout: seconds a collective waits for its peers before it fails naming them (None: no limit)."""
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"a communicator's timeout must be > 0 seconds (or None: no limit), not {timeout!r}")
         self.timeout = timeout
 
     def buffer(self, size, dtype=np.float32):
@@ -95,9 +98,12 @@ class Communicator:
         return f"<{type(self).__name__} rank {self.rank} of {self.size}>"
 
 
-def check_op(op):
+def check_op(op, array):
     if op not in ("sum", "mean"):
         raise ValueError(f"allreduce: op must be 'sum' or 'mean', not {op!r}")
+    if op == "mean" and not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"allreduce: op 'mean' needs a floating-point array (the mean of {array.dtype} values is "
+                         "not one); all-reduce the sum and divide")
     return op
 
 
@@ -108,7 +114,7 @@ class LocalCommunicator(Communicator):
 
     def iallreduce(self, array, op="sum"):
         check_buffer(array, "allreduce")
-        check_op(op)
+        check_op(op, array)
         return DoneHandle()
 
     def broadcast(self, array, root=0):

@@ -58,9 +58,9 @@ class _MPIHandle(Handle):
         return self._done
 
     def _finish(self):
-        self._done = True
         if self.after is not None:
-            self.after()
+            self.after()  # done only once it has run: a failure here is raised again by the next wait()
+        self._done = True
 
     def wait(self):
         if not self._done:
@@ -280,7 +280,7 @@ class MPICommunicator(Communicator):
 
     def iallreduce(self, array, op="sum"):
         check_buffer(array, "allreduce")
-        check_op(op)
+        check_op(op, array)
         shared = self._shared.get(_key(array)) if self._shared else None
         if shared is not None and shared.in_flight:
             raise RuntimeError("allreduce: this buffer is still being all-reduced; wait() for that first")

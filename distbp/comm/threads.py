@@ -5,6 +5,7 @@ communication thread that runs its collectives in the order they were issued, so
 all-reduce really proceeds while the rank's own thread continues with backward.
 """
 
+import pickle
 import queue
 import threading
 import time
@@ -39,9 +40,19 @@ class ThreadGroup:
             self._cond.notify_all()
 
     def _check_failure(self, rank):
-        if self.failure is not None and self.failure[0] != rank:
+        """Raise once any rank has failed, this one included: its queued collectives must not wait for
+        peers that have stopped."""
+        if self.failure is not None:
             failed, message = self.failure
-            raise GroupAborted(f"rank {failed} failed: {message}")
+            raise GroupAborted(message if failed == rank else f"rank {failed} failed: {message}")
+
+    def _fail_collective(self, rank, entry, message):
+        """A collective that cannot complete: every rank in it, waiting or still to come, raises message
+        (lock held)."""
+        entry["error"], entry["done"] = message, True
+        self.failure = self.failure or (rank, message)
+        self._cond.notify_all()
+        raise GroupAborted(message)
 
     def meet(self, rank, seq, name, payload, combine, timeout):
         """Deposit this rank's payload for collective `seq`; once all have, return combine(payloads).
@@ -49,23 +60,27 @@ class ThreadGroup:
         combine runs once, in the last rank to arrive, while the others wait: their inputs stay untouched
         until the result exists.
         """
-        deadline = time.monotonic() + timeout if timeout else None
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            self._check_failure(rank)
             entry = self._pending.get(seq)
+            if entry is not None and entry.get("error"):
+                raise GroupAborted(entry["error"])
+            self._check_failure(rank)
             if entry is None:
                 entry = self._pending[seq] = {"name": name, "payloads": [None] * self.size, "count": 0,
-                                              "result": None, "done": False, "taken": 0}
+                                              "result": None, "done": False, "taken": 0, "error": None}
             elif entry["name"] != name:
-                raise GroupAborted(
+                self._fail_collective(rank, entry, (
                     f"rank {rank} entered {name} as collective #{seq} where another rank entered "
-                    f"{entry['name']}: the ranks issue collectives in different orders"
-                )
+                    f"{entry['name']}: the ranks issue collectives in different orders"))
             entry["payloads"][rank] = (payload,)
             entry["count"] += 1
             self.reached[rank] = seq
             if entry["count"] == self.size:
-                entry["result"] = combine([p[0] for p in entry["payloads"]])
+                try:
+                    entry["result"] = combine([p[0] for p in entry["payloads"]])
+                except GroupAborted as e:  # the ranks' calls disagree: each of them must hear it
+                    self._fail_collective(rank, entry, str(e))
                 entry["done"] = True
                 self._cond.notify_all()
             while not entry["done"]:
@@ -79,6 +94,8 @@ class ThreadGroup:
                     self._cond.notify_all()
                     raise CollectiveTimeout(message)
                 self._cond.wait(remaining)
+            if entry["error"]:
+                raise GroupAborted(entry["error"])
             result = entry["result"]
             entry["taken"] += 1
             if entry["taken"] == self.size:
@@ -104,6 +121,7 @@ class ThreadCommunicator(Communicator):
         super().__init__(timeout)
         self.group, self.rank, self.size = group, rank, group.size
         self._seq = 0
+        self._reducing = set()  # addresses of the arrays being all-reduced (MPI forbids touching them meanwhile)
         self._queue = queue.Queue()
         self._worker = threading.Thread(target=self._run, name=f"distbp-comm-{rank}", daemon=True)
         self._worker.start()
@@ -120,12 +138,18 @@ class ThreadCommunicator(Communicator):
                 except BaseException as e:  # handed to whoever waits on the handle
                     future.set_exception(e)
 
-    def _submit(self, name, payload, combine, finish):
+    def _submit(self, name, payload, combine, finish, cleanup=None):
         self._seq += 1
         seq, timeout = self._seq, self.timeout
 
         def run():
-            return finish(self.group.meet(self.rank, seq, name, payload, combine, timeout))
+            try:
+                result = self.group.meet(self.rank, seq, name, payload, combine, timeout)
+            except BaseException:
+                if cleanup is not None:
+                    cleanup()
+                raise
+            return finish(result)
 
         future = Future()
         self._queue.put((future, run))
@@ -133,38 +157,43 @@ class ThreadCommunicator(Communicator):
 
     def iallreduce(self, array, op="sum"):
         check_buffer(array, "allreduce")
-        check_op(op)
+        check_op(op, array)
+        address = array.__array_interface__["data"][0]
+        if array.size and address in self._reducing:
+            raise RuntimeError("allreduce: this buffer is still being all-reduced; wait() for that first")
         size = self.size
 
-        def combine(arrays):
-            if any(a.shape != array.shape or a.dtype != array.dtype for a in arrays):
-                raise GroupAborted(f"allreduce: ranks passed different arrays: {[(a.shape, str(a.dtype)) for a in arrays]}")
-            total = arrays[0].copy()
-            for a in arrays[1:]:
+        def combine(calls):
+            _check_agree("allreduce", [(a.shape, str(a.dtype), o) for a, o in calls], "(shape, dtype, op)")
+            total = calls[0][0].copy()
+            for a, _ in calls[1:]:
                 total += a
             if op == "mean":
                 total /= size
             return total
 
         def finish(total):
+            self._reducing.discard(address)
             np.copyto(array, total)
 
-        return self._submit("allreduce", array, combine, finish)
+        self._reducing.add(address)
+        return self._submit("allreduce", (array, op), combine, finish, cleanup=lambda: self._reducing.discard(address))
 
     def broadcast(self, array, root=0):
         check_buffer(array, "broadcast")
         if not 0 <= root < self.size:
             raise ValueError(f"broadcast: root {root} is not a rank of a group of {self.size}")
 
-        def combine(arrays):
-            if any(a.shape != arrays[root].shape for a in arrays):
-                raise GroupAborted(f"broadcast: ranks passed different shapes: {[a.shape for a in arrays]}")
-            return arrays[root].copy()
+        def combine(calls):
+            _check_agree("broadcast", [(a.shape, str(a.dtype), r) for a, r in calls], "(shape, dtype, root)")
+            return calls[root][0].copy()
 
-        self._submit("broadcast", array, combine, lambda value: np.copyto(array, value)).wait()
+        self._submit("broadcast", (array, root), combine, lambda value: np.copyto(array, value)).wait()
 
     def allgather(self, obj):
-        return self._submit("allgather", obj, list, lambda values: values).wait()
+        # pickled as MPI's allgather pickles: each rank gets its own copies, and what cannot travel fails here
+        data = pickle.dumps(obj)
+        return self._submit("allgather", data, list, lambda values: [pickle.loads(v) for v in values]).wait()
 
     def barrier(self):
         self._submit("barrier", None, lambda _: None, lambda _: None).wait()
@@ -174,6 +203,13 @@ class ThreadCommunicator(Communicator):
 
     def close(self):
         self._queue.put(None)
+
+
+def _check_agree(name, calls, what):
+    """Every rank's call of a collective must be the same: else a clear error on all of them."""
+    if any(c != calls[0] for c in calls):
+        listed = ", ".join(f"rank {r}: {c}" for r, c in enumerate(calls))
+        raise GroupAborted(f"{name}: the ranks' calls differ in {what}: {listed}")
 
 
 def run_ranks(size, fn, timeout=DEFAULT_TIMEOUT):
