@@ -97,9 +97,12 @@ def build_parser():
     server.add_argument("--workers", type=int, default=1, help="number of workers (default: 1)")
     server.add_argument("--mode", choices=("sync", "async", "bounded"), default="sync",
                         help="sync, async or bounded staleness (default: sync)")
-    server.add_argument("--staleness", type=int, default=2, help="bounded mode: versions a worker may run ahead")
+    server.add_argument("--staleness", type=int, default=2,
+                        help="bounded mode: versions a worker may run ahead of the slowest (default: 2)")
     server.add_argument("--sync-timeout", type=float, default=60.0,
-                        help="sync mode: seconds to wait for a worker's push before dropping it from the step")
+                        help="sync and bounded modes: seconds a worker may hold the others up before it is "
+                             "dropped (sync: from the step); also how long a restored server waits for "
+                             "its workers (default: 60)")
     server.add_argument("--token", help="shared token every call must carry")
     server.add_argument("--tls-cert", help="server certificate (PEM) to serve TLS")
     server.add_argument("--tls-key", help="server private key (PEM)")
@@ -112,6 +115,7 @@ def build_parser():
                           description="Plot the loss and accuracy curves of a metrics JSON-lines file.")
     plot.add_argument("metrics", metavar="METRICS", help="metrics file written by distbp train --metrics")
     plot.add_argument("-o", "--out", metavar="PNG", help="output image (default: METRICS with .png)")
+    parser.commands = {("train", None): train, ("ps", "serve"): serve, ("plot", None): plot}
     return parser
 
 
@@ -161,7 +165,10 @@ def main(argv=None):
     parser = build_parser()
     backend = None
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # named by the command's own parser, whose --help lists its options
+            parser.commands[(args.command, getattr(args, "ps_command", None))].error(
+                f"unrecognized arguments: {' '.join(extra)}")
         backend = getattr(args, "backend", None)
     except SystemExit as e:
         if e.code:  # a usage error (--help exits 0 and ends only this rank)

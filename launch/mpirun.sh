@@ -6,7 +6,14 @@
 #
 # mpiexec comes with the mpich wheel that `pip install -e .` installs; a cluster's own mpiexec works too.
 set -euo pipefail
-ranks=${1:?usage: launch/mpirun.sh RANKS [distbp train options...]}
+usage="usage: launch/mpirun.sh RANKS [distbp train options...]"
+ranks=${1:?$usage}
+# mpiexec reads "abc" or "0" as one rank and "2.5" as two: refuse them here
+if ! [[ $ranks =~ ^[1-9][0-9]*$ ]]; then
+  echo "launch/mpirun.sh: RANKS must be a positive integer, not '$ranks'" >&2
+  echo "$usage" >&2
+  exit 2
+fi
 shift
 hosts=()
 if [ -n "${HOSTFILE:-}" ]; then

@@ -5,12 +5,21 @@
 #      servers workers [server options --] [training options, given to servers and workers alike]
 #
 # Server options: --mode sync|async|bounded, --staleness S, --sync-timeout SEC, --token T,
-# --checkpoint-path FILE --checkpoint-every-versions K (one file per shard: FILE.shardN). The training
+# --checkpoint-path FILE --checkpoint-every-versions K (one file per shard: FILE.shardN; the same command
+# again continues a sync job from the servers' checkpoints). The training
 # options must be the same for servers and workers: the servers build the same model and optimizer.
 # Ports come from BASE_PORT (default 50051) upwards. Ctrl-C stops everything.
 set -euo pipefail
-servers=${1:?usage: launch/ps_cluster.sh SERVERS WORKERS [server options --] [training options]}
-workers=${2:?usage: launch/ps_cluster.sh SERVERS WORKERS [server options --] [training options]}
+usage="usage: launch/ps_cluster.sh SERVERS WORKERS [server options --] [training options]"
+servers=${1:-}
+workers=${2:-}
+for count in "$servers" "$workers"; do
+  if ! [[ $count =~ ^[1-9][0-9]*$ ]]; then
+    echo "launch/ps_cluster.sh: SERVERS and WORKERS must be positive integers, not '${count}'" >&2
+    echo "$usage" >&2
+    exit 2
+  fi
+done
 shift 2
 server_opts=()
 if [[ " $* " == *" -- "* ]]; then
@@ -57,6 +66,28 @@ for ((w = 0; w < workers; w++)); do
     --ps-worker-id "$w" --progress "$progress" "$@" &
   worker_pids+=($!)
 done
+# wait for the workers; a server that exits meanwhile (a port in use, a bad option) ends the job at once,
+# instead of leaving the workers to retry a server that is not coming
 status=0
-for pid in "${worker_pids[@]}"; do wait "$pid" || status=$?; done
+running=("${worker_pids[@]}")
+while [ ${#running[@]} -gt 0 ]; do
+  for pid in "${pids[@]}"; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      code=0
+      wait "$pid" || code=$?
+      echo "launch/ps_cluster.sh: a server (pid $pid) exited with status $code while the workers ran" >&2
+      exit $((code ? code : 1))
+    fi
+  done
+  still=()
+  for pid in "${running[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then
+      still+=("$pid")
+    else
+      wait "$pid" || status=$?
+    fi
+  done
+  running=("${still[@]+"${still[@]}"}")
+  [ ${#running[@]} -gt 0 ] && sleep 0.2
+done
 exit $status

@@ -71,6 +71,16 @@ def test_help_exits_zero(tmp_path, args):
         assert "METRICS" in r.stdout and "--out" in r.stdout
 
 
+@pytest.mark.parametrize("args,command", [(["train", "--modle", "cnn"], "train"), (["ps", "serve", "--bogus"], "ps serve"),
+                                          (["plot", "m.jsonl", "--bogus"], "plot")])
+def test_an_unknown_option_points_to_its_commands_help(tmp_path, args, command):
+    # 'distbp --help' lists no train options
+    r = run_in_process(tmp_path, *args)
+    assert r.returncode == 2
+    assert r.stderr == f"distbp: error: unrecognized arguments: {' '.join(args[-2 if args[-1] == 'cnn' else -1:])} " \
+                       f"(see 'distbp {command} --help')\n"
+
+
 def test_every_field_is_an_option():
     parser = cli.build_parser()
     train = parser._subparsers._group_actions[0].choices["train"]

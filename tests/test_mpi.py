@@ -224,6 +224,26 @@ def test_ctrl_c_ends_every_rank_quietly():
     assert "interrupted" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("launcher", [{"OMPI_COMM_WORLD_SIZE": "2"}, {"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "4"}])
+def test_a_launcher_that_mpi_does_not_understand_is_refused(launcher):
+    # another MPI's mpirun, or srun without a PMI this MPI speaks: each process would start MPI alone and
+    # train on all the data, every one of them writing the same checkpoint
+    env = {**os.environ, **launcher}
+    done = subprocess.run([sys.executable, "-m", "distbp", "train", "--backend", "mpi", "--epochs", "1",
+                           "--progress", "none"], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode != 0
+    key = next(k for k in launcher if k != "SLURM_STEP_ID")
+    assert f"{key}={launcher[key]}: the launcher started this process as one of" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("ranks", ["abc", "0", "-2", "2.5", "--epochs"])
+def test_the_launch_script_refuses_a_rank_count_that_is_not_a_positive_integer(ranks):
+    # mpiexec itself would run "abc" or "0" as one rank and "2.5" as two
+    script = HERE.parent / "launch" / "mpirun.sh"
+    done = subprocess.run(["bash", str(script), ranks, "--epochs", "1"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and f"RANKS must be a positive integer, not '{ranks}'" in done.stderr
+
+
 def test_the_one_machine_launch_script_trains(tmp_path):
     script = HERE.parent / "launch" / "mpirun.sh"
     done = subprocess.run(["bash", str(script), "2", "--epochs", "1", "--progress", "none",

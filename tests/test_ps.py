@@ -2,6 +2,7 @@
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -755,8 +756,6 @@ def test_concurrent_async_pushes_lose_no_update():
 
 
 def _free_port():
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -807,7 +806,7 @@ def test_killed_and_restarted_server_training_completes(tmp_path, workers):
     assert all(summary["test_accuracy"] >= 0.95 for summary in results.values()), results
 
 
-def test_sigterm_writes_a_checkpoint_and_restart_resumes_its_version(tmp_path):
+def test_sigterm_writes_a_checkpoint_and_a_restarted_job_resumes_at_its_version(tmp_path):
     port, ckpt = _free_port(), tmp_path / "ps.ckpt"
     server = _start_server_process(port, ckpt, ["--epochs", "1"])
     config = make_config({"epochs": 1, "progress": "none", "max_steps": 5})
@@ -819,9 +818,15 @@ def test_sigterm_writes_a_checkpoint_and_restart_resumes_its_version(tmp_path):
     try:
         status = PSClient([f"127.0.0.1:{port}"], _named(config)).status()[0]
         assert status.version == 5
+        # the job started again: its worker takes up the run at the servers' step, not at step 0 (which
+        # would replay the first batches and take 5 steps past the end of the schedule)
+        rerun = Trainer(make_config({"epochs": 1, "progress": "none"}), PSStep([f"127.0.0.1:{port}"]))
+        summary = rerun.fit()
+        assert summary["steps"] == rerun.steps_per_epoch
     finally:
         server.send_signal(signal.SIGTERM)
-        server.communicate(timeout=30)
+        out, _ = server.communicate(timeout=30)
+    assert f"stopped at version {rerun.steps_per_epoch}" in out
 
 
 def test_the_one_machine_cluster_script_trains(tmp_path):
@@ -1161,6 +1166,26 @@ def test_worker_options_that_cannot_work_are_refused(overrides, words):
         run(make_config({"progress": "none", "backend": "ps", "ps": "127.0.0.1:1", **overrides}))
 
 
+@pytest.mark.parametrize("args", [["--epochs", "1"], ["2", "--epochs", "1"], ["0", "2"], ["2", "0"], ["x", "1"]])
+def test_the_cluster_script_refuses_counts_that_are_not_positive_integers(args):
+    done = subprocess.run(["bash", str(ROOT / "launch" / "ps_cluster.sh"), *args], capture_output=True, text=True,
+                          timeout=30, env={**os.environ, "PYTHON": sys.executable, "BASE_PORT": str(_free_port())})
+    assert done.returncode == 2 and "SERVERS and WORKERS must be positive integers" in done.stderr, done.stderr
+
+
+def test_the_cluster_script_ends_when_a_server_cannot_start():
+    # the workers would otherwise retry a server that is not coming for a minute
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        env = {**os.environ, "PYTHON": sys.executable, "BASE_PORT": str(busy.getsockname()[1])}
+        start = time.monotonic()
+        done = subprocess.run(["bash", str(ROOT / "launch" / "ps_cluster.sh"), "1", "2", "--", "--epochs", "1"],
+                              capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2 and time.monotonic() - start < 30, done.stderr
+    assert "address is in use" in done.stderr and "a server (pid" in done.stderr
+
+
 def test_ctrl_c_stops_the_whole_cluster_script(tmp_path):
     script = ROOT / "launch" / "ps_cluster.sh"
     env = {**os.environ, "PYTHON": sys.executable, "BASE_PORT": str(_free_port())}
@@ -1170,8 +1195,9 @@ def test_ctrl_c_stops_the_whole_cluster_script(tmp_path):
     try:
         while "step" not in proc.stdout.readline():  # the workers train
             assert proc.poll() is None, proc.stderr.read()
-        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-        assert len(children) == 3  # a server and two workers
+        children = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "distbp"], capture_output=True,
+                                  text=True).stdout.split()
+        assert len(children) == 3  # a server and two workers (the script's other child is its poll's sleep)
         start = time.monotonic()
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)

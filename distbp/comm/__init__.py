@@ -19,6 +19,9 @@ def detect_backend(environ=None):
 
 
 def mpi_communicator(timeout=DEFAULT_TIMEOUT):
-    from .mpi import MPICommunicator
+    """COMM_WORLD's communicator; refused when a launcher started several processes and MPI sees one."""
+    from .mpi import MPICommunicator, check_launch
 
-    return MPICommunicator(timeout=timeout)
+    comm = MPICommunicator(timeout=timeout)
+    check_launch(comm, os.environ)
+    return comm

@@ -361,8 +361,32 @@ def _describe_call(values):
 
 def launched_by_mpi(environ):
     """Whether this process looks like one rank of several started by mpiexec/mpirun/srun."""
+    return launcher_count(environ) is not None
+
+
+def launcher_count(environ):
+    """(variable, N) when a launcher says it started this process as one of N > 1 (MPI_LOCALNRANKS: of N on
+    this machine), else None."""
     for key in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_SIZE"):
         value = environ.get(key)
         if value and value.isdigit() and int(value) > 1:
-            return True
-    return False
+            return key, int(value)
+    # a task of srun's job step (the batch script itself is no numbered step): srun may start the tasks
+    # without any PMI that this MPI understands, and each then starts MPI alone
+    step, tasks = environ.get("SLURM_STEP_ID", ""), environ.get("SLURM_STEP_NUM_TASKS", "")
+    if step.isdigit() and int(step) < 2**31 and tasks.isdigit() and int(tasks) > 1:
+        return "SLURM_STEP_NUM_TASKS", int(tasks)
+    return None
+
+
+def check_launch(comm, environ):
+    """Refuse a group of one in a process that a launcher started as one of several: the launcher and the
+    MPI library do not understand each other, and every process would train alone on all the data."""
+    launched = launcher_count(environ)
+    if comm.size == 1 and launched is not None:
+        key, count = launched
+        raise CommError(
+            f"{key}={count}: the launcher started this process as one of {count}, but MPI sees a group of 1: the "
+            "launcher and the MPI library that mpi4py uses do not match. Use the mpiexec that comes with that "
+            "library (pip's mpich wheel installs one), under Slurm `srun --mpi=pmi2`, or an mpi4py built "
+            "against the cluster's MPI")

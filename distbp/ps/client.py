@@ -226,6 +226,7 @@ class PSStep:
 
     rank, world_size = 0, 1
     loss_scale = 1.0  # the servers average the workers' gradients
+    start_step = 0  # the training step the servers are at when this worker joins
 
     def __init__(self, addresses, token=None, tls_ca=None, retry_seconds=60.0, requested_id=-1, tls_cert=None,
                  tls_key=None, settings=None):
@@ -239,6 +240,9 @@ class PSStep:
         self.client = PSClient(self.addresses, list(model.named_parameters()), **self.options)
         reply = self.client.register(self.requested_id)
         self.rank, self.world_size, self.mode = reply.worker_id, reply.num_workers, reply.mode
+        # a synchronous version is one step of every worker: a worker that (re)starts after the servers have
+        # taken steps (restored from their checkpoints, or with the others running) continues from there
+        self.start_step = min(self.client.versions) if self.mode == "sync" else 0
 
     def prepare(self, model, optimizer, tracer=None):
         self._pull_into(model)

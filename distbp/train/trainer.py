@@ -205,6 +205,11 @@ class Trainer:
         self._say(f"resumed from {path} at step {self.step} (epoch {self.epoch + 1}, batch {self.batch})")
         return True
 
+    def _move_to(self, step):
+        """Take up the run at `step`: its place in the data and in the schedule."""
+        self.step, self.epoch, self.batch = step, step // self.steps_per_epoch, step % self.steps_per_epoch
+        self.schedule.load_state_dict({**self.schedule.state_dict(), "last_step": step})
+
     # --- evaluation ---
 
     def evaluate(self):
@@ -244,6 +249,10 @@ class Trainer:
     def _fit(self):
         cfg = self.config
         resumed = self.resume() if cfg.resume else False
+        start = getattr(self.strategy, "start_step", 0)
+        if start and not resumed:  # a parameter-server worker joining servers that have trained
+            self._move_to(start)
+            self._say(f"the servers are at step {start}: continuing from epoch {self.epoch + 1}, batch {self.batch}")
         if cfg.init_from and not resumed:
             load_weights(cfg.init_from, self.model)
             self._say(f"starting from the weights of {cfg.init_from}")
@@ -259,9 +268,9 @@ class Trainer:
         metrics = MetricsLog(cfg.metrics if self.is_main else None, append=cfg.resume)
         stop_at = min(self.total_steps, cfg.max_steps) if cfg.max_steps else self.total_steps
         progress = Progress(stop_at, cfg.progress if self.is_main else "none", cfg.log_every, self.stream)
-        self._say(f"training {cfg.model} ({self.model.num_parameters():,} parameters) on "
-                  f"{self.split.train.name}: {len(self.split.train):,} examples, {self.steps_per_epoch} steps "
-                  f"per epoch, {cfg.epochs} epochs")
+        self._say(f"training {cfg.model} ({_count(self.model.num_parameters(), 'parameter')}) on "
+                  f"{self.split.train.name}: {_count(len(self.split.train), 'example')}, "
+                  f"{_count(self.steps_per_epoch, 'step')} per epoch, {_count(cfg.epochs, 'epoch')}")
         started = time.perf_counter()
         test_loss = accuracy = float("nan")
         finished = self.step >= stop_at or self.epoch >= cfg.epochs  # resumed from the run's last checkpoint
@@ -385,6 +394,10 @@ _PER_RANK_KEYS = {"metrics", "trace", "progress"}
 # the checkpoint's optimizer state and schedule would overwrite. (Another optimizer is refused by load_checkpoint.)
 _RESUME_KEYS = ("dataset", "synthetic_size", "max_chars", "block_size", "batch_size", "seed",
                 "lr", "momentum", "weight_decay")
+
+
+def _count(n, noun):
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def _jsonable(state):
