@@ -11,6 +11,7 @@ import pytest
 
 import distbp
 from distbp import Tensor, nn, optim
+from distbp.models import CharLM
 from distbp.nn import init
 
 torch = pytest.importorskip("torch", reason="PyTorch is the test oracle; install with pip install -e '.[test]'")
@@ -666,6 +667,56 @@ def test_attention_rejects_bad_shapes():
     m = nn.CausalSelfAttention(8, 2)
     with pytest.raises(ValueError, match="8"):
         m(Tensor(np.zeros((2, 3, 6), np.float32)))
+
+
+# --- CharLM.generate ----------------------------------------------------------------------------------
+
+
+def _charlm(seed=0):
+    distbp.manual_seed(seed)
+    return CharLM(7, 4, d_model=8, n_layers=1, n_heads=2)
+
+
+@pytest.mark.parametrize("prompt", [[], [1, 2], [1, 2, 3, 4, 5, 6]], ids=["empty", "short", "longer-than-block"])
+@pytest.mark.parametrize("length", [0, 1, 5])
+def test_charlm_generate_returns_exactly_length_codes(prompt, length):
+    out = _charlm().generate(prompt, length, rng=np.random.default_rng(0))
+    assert len(out) == length and all(0 <= c < 7 for c in out)
+
+
+@pytest.mark.parametrize("temperature", [-1.0, float("nan"), float("inf")])
+def test_charlm_generate_refuses_bad_temperature(temperature):
+    with pytest.raises(ValueError, match="temperature"):
+        _charlm().generate([1], 3, temperature=temperature)
+
+
+def test_charlm_generate_temperature_zero_is_greedy():
+    m = _charlm()
+    greedy = m.generate([1, 2], 4, temperature=0)
+    assert greedy == m.generate([1, 2], 4, temperature=0, rng=np.random.default_rng(5))
+    codes = [1, 2]
+    with distbp.no_grad():
+        for _ in range(4):
+            codes.append(int(np.argmax(m(np.asarray(codes[-4:])[None]).data[0, -1])))
+    assert greedy == codes[2:]
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_charlm_generate_restores_the_training_mode_even_when_it_raises(training):
+    m = _charlm().train(training)
+    m.generate([1], 2)
+    assert m.training is training
+    with pytest.raises(IndexError, match="99"):
+        m.generate([99], 1)  # a code outside the vocabulary
+    assert all(mod.training is training for mod in m.modules())
+
+
+def test_charlm_generate_default_rng_follows_manual_seed():
+    m = _charlm()
+    distbp.manual_seed(1)
+    a = m.generate([1], 8)
+    distbp.manual_seed(1)
+    assert m.generate([1], 8) == a
 
 
 # --- dropout -----------------------------------------------------------------------------------------
