@@ -341,6 +341,66 @@ def test_persistent_and_non_persistent_buffers():
     np.testing.assert_array_equal(m2.running, np.full(3, 7, np.float32))
 
 
+@pytest.mark.parametrize("name", ["weight", "bias", "forward", "training"])
+def test_register_buffer_refuses_a_name_already_taken(name):
+    lin = nn.Linear(3, 2)
+    with pytest.raises(KeyError, match=f"attribute '{name}' already exists"):
+        lin.register_buffer(name, np.zeros(1, np.float32))
+    assert list(lin.state_dict()) == ["weight", "bias"] and lin.state_dict()["weight"].shape == (2, 3)
+    seq = nn.Sequential(nn.ReLU())
+    with pytest.raises(KeyError, match="'0' already exists"):
+        seq.register_buffer("0", np.zeros(1, np.float32))
+
+
+def test_register_buffer_refuses_bad_names_and_values():
+    m = nn.Module()
+    for name in ("", "a.b"):
+        with pytest.raises(KeyError, match="non-empty and contain no '.'"):
+            m.register_buffer(name, np.zeros(1, np.float32))
+    with pytest.raises(TypeError, match="must be a str, not int"):
+        m.register_buffer(1, np.zeros(1, np.float32))
+    with pytest.raises(TypeError, match="'x' must be an array, a Tensor or None, not list"):
+        m.register_buffer("x", [1.0])
+    m.register_buffer("x", np.zeros(1, np.float32))
+    m.register_buffer("x", np.ones(2, np.float32))  # re-registering a buffer replaces it
+    np.testing.assert_array_equal(m.x, [1, 1])
+
+
+def test_none_buffer_stays_out_of_state_dict_until_it_holds_an_array():
+    class WithMask(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+            self.register_buffer("mask", None)
+
+    m = WithMask()
+    sd = m.state_dict()
+    assert list(sd) == ["lin.weight", "lin.bias"] and list(m.named_buffers()) == []
+    assert m.load_state_dict(sd) == ([], [])
+    m.mask = np.ones(2, np.float32)  # the placeholder filled in: now it is state
+    assert list(m.state_dict()) == ["lin.weight", "lin.bias", "mask"]
+    with pytest.raises(KeyError, match=r"unexpected \['mask'\]"):
+        WithMask().load_state_dict(m.state_dict())
+
+
+def test_to_casts_parameters_and_every_floating_buffer_and_refuses_other_dtypes():
+    m = nn.Linear(2, 2)
+    m.register_buffer("scale", Tensor(np.ones(2, np.float32)))
+    m.register_buffer("running", np.zeros(2, np.float32))
+    m.register_buffer("counts", np.zeros(2, np.int64))
+    scale, weight = m.scale, m.weight
+    assert m.to(np.float64) is m
+    assert m.scale is scale and m.weight is weight  # in place: an optimizer's references stay valid
+    assert {n: str(b.dtype) for n, b in m.named_buffers()} == {"scale": "float64", "running": "float64",
+                                                               "counts": "int64"}
+    y = m(Tensor(np.ones((1, 2)), dtype=np.float64)) * m.scale
+    assert y.dtype == np.float64
+    for bad in (np.int64, bool, np.complex64):
+        with pytest.raises(TypeError, match="must be floating point"):
+            m.to(bad)
+    assert m.weight.dtype == np.float64
+
+
 def _assert_unchanged(model, snapshot):
     for name, p in model.named_parameters():
         np.testing.assert_array_equal(p.data, snapshot[name], err_msg=f"{name} was modified by a failed load")
@@ -564,6 +624,29 @@ def test_sequential_append_and_modulelist():
     ml.append(nn.Linear(1, 2))
     assert len(ml) == 2 and ml[1].out_features == 2 and ml[-1] is ml[1]
     assert [n for n, _ in ml.named_parameters()] == ["0.weight", "0.bias", "1.weight", "1.bias"]
+
+
+@pytest.mark.parametrize("make", [lambda x: nn.Sequential(nn.Identity(), x), lambda x: nn.ModuleList([nn.ReLU(), x]),
+                                  lambda x: nn.Sequential(nn.ReLU()).append(x)], ids=["Sequential", "ModuleList", "append"])
+@pytest.mark.parametrize("value", [distbp.relu, None, 3], ids=["function", "None", "int"])
+def test_containers_refuse_what_is_not_a_module(make, value):
+    with pytest.raises(TypeError, match=f"item 1 must be a Module, not {type(value).__name__}"):
+        make(value)
+    with pytest.raises(TypeError, match="'f' must be a Module or None, not function"):
+        nn.Module().add_module("f", distbp.relu)
+
+
+def test_slicing_a_container_gives_a_container_of_the_same_kind():
+    a, b, c = nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1)
+    s = nn.Sequential(a, b, c)
+    head = s[0:2]
+    assert type(head) is nn.Sequential and list(head) == [a, b]
+    assert [n for n, _ in s[1:].named_parameters()] == ["1.weight", "1.bias"]  # renumbered from 0
+    x = Tensor(np.ones((1, 2), np.float32))
+    np.testing.assert_array_equal(s[::1](x).data, s(x).data)
+    ml = nn.ModuleList([a, b, c])[::-1]
+    assert type(ml) is nn.ModuleList and list(ml) == [c, b, a]
+    assert len(s[5:]) == 0 and s[-1] is c
 
 
 # --- attention ---------------------------------------------------------------------------------------

@@ -154,10 +154,14 @@ class ModuleList(Module):
             self.append(m)
 
     def append(self, module):
+        if not isinstance(module, Module):  # None too: it would register nothing and leave no entry
+            raise TypeError(f"{type(self).__name__}: item {len(self)} must be a Module, not {type(module).__name__}")
         self.add_module(str(len(self._modules)), module)
         return self
 
     def __getitem__(self, i):
+        if isinstance(i, slice):
+            return ModuleList(list(self)[i])
         return list(self._modules.values())[i]
 
     def __len__(self):
@@ -172,6 +176,11 @@ class Sequential(ModuleList):
 
     def __init__(self, *modules):
         super().__init__(modules)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return Sequential(*list(self)[i])
+        return super().__getitem__(i)
 
     def forward(self, x):
         for m in self._modules.values():
