@@ -251,6 +251,44 @@ def test_train_eval_propagate_and_return_self():
     assert not net[1][1].attn.attn_dropout.training
 
 
+@pytest.mark.parametrize("mode", ["False", 0, None])
+def test_train_refuses_a_mode_that_is_not_a_bool(mode):
+    net = nn.Sequential(nn.Dropout(0.5)).eval()
+    with pytest.raises(ValueError, match="mode must be a bool"):
+        net.train(mode)
+    assert not net[0].training
+    assert net.train(np.bool_(True))[0].training
+
+
+def test_apply_visits_children_before_parents_like_torch():
+    def build(m):
+        shared = m.Linear(1, 1)
+        return m.Sequential(shared, m.Sequential(m.ReLU(), m.Tanh()), shared)
+
+    def order(net):
+        seen = {}  # torch visits a shared module each time it is reached, distbp once: compare first visits
+        net.apply(lambda mod: seen.setdefault(id(mod), type(mod).__name__))
+        return list(seen.values())
+
+    assert order(build(nn)) == order(build(torch.nn)) == ["Linear", "ReLU", "Tanh", "Sequential", "Sequential"]
+
+
+def test_repr_matches_torch_layout():
+    pairs = [
+        (nn.CrossEntropyLoss(reduction="sum", ignore_index=3), "CrossEntropyLoss(reduction='sum', ignore_index=3)"),
+        (nn.MSELoss("sum"), "MSELoss(reduction='sum')"),
+        (nn.GELU("tanh"), repr(torch.nn.GELU("tanh"))),
+        (nn.Identity(), repr(torch.nn.Identity())),
+        (nn.Sequential(nn.Linear(2, 3), nn.Sequential()), repr(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Sequential()))),
+    ]
+    for module, expected in pairs:
+        assert repr(module) == expected
+    lines = repr(nn.CausalSelfAttention(4, 2)).splitlines()
+    assert lines[:3] == ["CausalSelfAttention(", "  d_model=4, n_heads=2",
+                         "  (qkv): Linear(in_features=4, out_features=12, bias=True)"]
+    assert lines[-1] == ")"
+
+
 def test_eval_disables_dropout_in_children(rng):
     net = nn.Sequential(nn.Linear(6, 6), nn.Dropout(0.5))
     x = Tensor(randn(rng, 20, 6))

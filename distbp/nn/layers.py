@@ -83,6 +83,9 @@ class GELU(Module):
     def forward(self, x):
         return ops.gelu(x, self.approximate)
 
+    def extra_repr(self):
+        return f"approximate={self.approximate!r}"
+
 
 class Tanh(Module):
     def forward(self, x):
@@ -196,6 +199,9 @@ class CrossEntropyLoss(Module):
     def forward(self, logits, target):
         return ops.cross_entropy(logits, target, self.reduction, self.ignore_index)
 
+    def extra_repr(self):
+        return f"reduction={self.reduction!r}, ignore_index={self.ignore_index}"
+
 
 class MSELoss(Module):
     def __init__(self, reduction="mean"):
@@ -204,3 +210,6 @@ class MSELoss(Module):
 
     def forward(self, x, y):
         return ops.mse_loss(x, y, self.reduction)
+
+    def extra_repr(self):
+        return f"reduction={self.reduction!r}"

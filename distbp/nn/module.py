@@ -151,6 +151,8 @@ class Module:
     # --- modes and gradients ---------------------------------------------------------------------------
 
     def train(self, mode=True):
+        if not isinstance(mode, (bool, np.bool_)):  # bool("False") is True
+            raise ValueError(f"train: mode must be a bool, not {type(mode).__name__} {mode!r}")
         for m in self.modules():
             object.__setattr__(m, "training", bool(mode))
         return self
@@ -166,8 +168,17 @@ class Module:
                 p.grad.data[...] = 0
 
     def apply(self, fn):
-        for m in self.modules():
+        """fn(m) for every module, each once, children before their parent (PyTorch's order)."""
+        seen = set()
+
+        def visit(m):
+            seen.add(id(m))
+            for child in m._modules.values():
+                if id(child) not in seen:
+                    visit(child)
             fn(m)
+
+        visit(self)
         return self
 
     def to(self, dtype):
@@ -253,10 +264,10 @@ class Module:
         return ""
 
     def __repr__(self):
-        lines = [f"{type(self).__name__}({self.extra_repr()}"]
-        if self._modules:
-            for name, m in self._modules.items():
-                child = repr(m).replace("\n", "\n  ")
-                lines.append(f"  ({name}): {child}")
-            return lines[0] + "\n" + "\n".join(lines[1:]) + "\n)"
-        return lines[0] + ")"
+        """PyTorch's layout: the options on one line with no children, else options and children one per line."""
+        extra = self.extra_repr()
+        lines = extra.split("\n") if extra else []
+        lines += [f"({name}): " + repr(m).replace("\n", "\n  ") for name, m in self._modules.items()]
+        if not self._modules and len(lines) == 1:
+            return f"{type(self).__name__}({lines[0]})"
+        return f"{type(self).__name__}(" + "".join(f"\n  {line}" for line in lines) + ("\n)" if lines else ")")
