@@ -550,11 +550,13 @@ def test_integer_and_boolean_tensors_give_float32_where_the_result_is_floating()
 def test_axes_out_of_range_are_refused_not_wrapped(rng):
     x = Tensor(rng.standard_normal((2, 3)))
     for bad in (lambda: x.unsqueeze(3), lambda: x.unsqueeze(-4), lambda: x.transpose(1, 2),
-                lambda: x.transpose((2, 3)), lambda: x.swapaxes(0, 2)):
+                lambda: x.transpose((2, 3)), lambda: x.swapaxes(0, 2), lambda: x.flatten(2), lambda: x.flatten(-3),
+                lambda: nn.Flatten()(Tensor(np.ones(2)))):
         with pytest.raises(ValueError, match="out of range"):
             bad()
     assert x.unsqueeze(2).shape == (2, 3, 1) and x.unsqueeze(-3).shape == (1, 2, 3)
     assert x.transpose(-1, -2).shape == (3, 2)
+    assert x.flatten(-2).shape == (6,) and x.flatten(1).shape == (2, 3) and Tensor(1.0).flatten().shape == (1,)
 
 
 def test_tensor_construction_defaults_to_float32():
