@@ -539,10 +539,16 @@ def test_integer_and_boolean_tensors_give_float32_where_the_result_is_floating()
         "bool + float": b + 0.5, "int ** float": i ** 0.5, "exp": ops.exp(i), "log": ops.log(i),
         "sqrt": ops.sqrt(i), "tanh": ops.tanh(i), "sigmoid": ops.sigmoid(i), "mean": i.mean(), "var": i.var(),
         "softmax": ops.softmax(i), "log_softmax": ops.log_softmax(i), "clip float bounds": ops.clip(i, 0.5, 2.5),
-        "bool clip": ops.clip(b, 0.5, None),
+        "bool clip": ops.clip(b, 0.5, None), "mse_loss": ops.mse_loss(i, Tensor([0, 0, 0])),
+        "mse_loss none": ops.mse_loss(i, np.zeros(3), "none"), "bool mse_loss": ops.mse_loss(b, b),
+        "dropout": ops.dropout(i, 0.5), "dropout eval": ops.dropout(i, 0.5, training=False),
     }
     assert {k: str(v.dtype) for k, v in floating.items()} == {k: "float32" for k in floating}
     np.testing.assert_allclose((i / 2).data, [0.5, 1.0, 1.5])
+    np.testing.assert_allclose(floating["mse_loss"].data, 14 / 3, rtol=1e-6)
+    kept = ops.dropout(Tensor(np.full(100, 10)), 0.3, rng=np.random.default_rng(0)).data
+    assert (kept == 0).any() and kept.dtype == np.float32
+    np.testing.assert_allclose(kept[kept != 0], 10 / 0.7, rtol=1e-6)  # scaled by 1/(1-p), not int(1/(1-p))
     integral = {"int + int": i + 1, "int * bool": i * b[0], "sum": i.sum(), "int ** int": i ** 2, "neg": -i}
     assert {k: str(v.dtype) for k, v in integral.items()} == {k: "int64" for k in integral}
 

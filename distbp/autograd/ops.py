@@ -1584,6 +1584,8 @@ def cross_entropy(logits, target, reduction="mean", ignore_index=-100):
 
 def mse_loss(x, y, reduction="mean"):
     x, y = _pair(x, y, "mse_loss")
+    if x.data.dtype.kind != "f":  # integers: float32, as numpy's mean would make float64
+        x, y = _floating(x), _floating(y)
     if x.data.shape != y.data.shape:
         raise ValueError(f"mse_loss: input shape {x.data.shape} differs from target shape {y.data.shape}")
     if reduction not in _REDUCTIONS:
@@ -1704,8 +1706,10 @@ def embedding(indices, weight):
 
 
 def dropout(x, p=0.5, training=True, rng=None):
-    """Zero each element with probability p and scale the rest by 1/(1-p); identity when not training."""
-    x = _tensor(x)
+    """Zero each element with probability p and scale the rest by 1/(1-p); identity when not training.
+
+    Integer and boolean input gives float32 (the scale is not an integer), in training or not."""
+    x = _floating(x)
     if not 0 <= p < 1:
         raise ValueError(f"dropout: p must be in [0, 1), got {p}")
     if not training or p == 0:
