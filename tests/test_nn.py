@@ -586,6 +586,24 @@ def test_pooling_padding_over_half_the_kernel_is_refused(rng, pool):
         pool(2.5)(Tensor(randn(rng, 1, 1, 4, 4)))
 
 
+@pytest.mark.parametrize("pool", [nn.MaxPool2d, nn.AvgPool2d])
+@pytest.mark.parametrize("kernel,stride,padding", [(0, None, 0), (2, 0, 0), ((2, 0), 1, 0), (2, 1, -1)])
+def test_pooling_refuses_a_kernel_or_stride_below_one(rng, pool, kernel, stride, padding):
+    with pytest.raises(ValueError, match="must be positive, padding .* non-negative"):
+        pool(kernel, stride, padding)(Tensor(randn(rng, 1, 1, 4, 4)))
+    assert f"stride={kernel if stride is None else stride}," in repr(pool(kernel, stride, padding))
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int8, np.uint8, np.bool_])
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (2, 2, 1), (2, None, 0)])
+def test_max_pool2d_of_integers_keeps_the_dtype_with_or_without_padding(rng, dtype, kernel, stride, padding):
+    x = rng.integers(0, 2 if dtype is np.bool_ else 100, (2, 3, 6, 6)).astype(dtype)
+    y = nn.MaxPool2d(kernel, stride, padding)(Tensor(x, dtype=dtype))
+    expected = torch.nn.functional.max_pool2d(torch.from_numpy(x.astype(np.float32)), kernel, stride, padding)
+    assert y.dtype == dtype
+    np.testing.assert_array_equal(y.data, t2n(expected).astype(dtype))
+
+
 @pytest.mark.parametrize(
     "make_d,make_t",
     [

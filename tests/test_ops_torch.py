@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from distbp import Tensor
-from distbp.autograd import ops
+from distbp.autograd import grad, ops
 
 torch = pytest.importorskip("torch", reason="PyTorch is the test oracle; install with pip install -e '.[test]'")
 F = torch.nn.functional
@@ -448,3 +448,27 @@ def test_dropout_scaling_and_gradient_match_torch_convention(p, dtype):
     np.testing.assert_array_equal(again.data, dy.data)
     other = ops.dropout(Tensor(x, dtype=dtype), p, rng=np.random.default_rng(2))
     assert (other.data != dy.data).any()
+
+
+# --- max pooling of a window whose maximum is NaN ----------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's max over windows with a NaN says so
+@pytest.mark.parametrize("create_graph", [False, True], ids=["plain", "create_graph"])
+@pytest.mark.parametrize("kw", [dict(kernel_size=2), dict(kernel_size=(2, 4)), dict(kernel_size=2, stride=1)],
+                         ids=["tiles", "rect-tiles", "overlapping"])
+def test_max_pool2d_sends_the_gradient_of_a_nan_window_to_the_nan_like_torch(kw, create_graph):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    # at most one NaN per window: torch sends a window's gradient to its last NaN, distbp to its first
+    x[0, 0, 0, 1] = x[0, 0, 5, 6] = x[1, 2, 7, 7] = np.nan
+    x[1, 1, 2, 2] = np.inf
+    dx = Tensor(x, requires_grad=True)
+    dy = ops.max_pool2d(dx, **kw)
+    cot = rng.standard_normal(dy.shape).astype(np.float32)
+    (gx,) = grad((dy * Tensor(cot)).sum(), [dx], create_graph=create_graph)
+    tx = torch.from_numpy(x.copy()).requires_grad_(True)
+    F.max_pool2d(tx, **kw).backward(torch.from_numpy(cot))
+    np.testing.assert_array_equal(dy.data, F.max_pool2d(torch.from_numpy(x), **kw).numpy())
+    np.testing.assert_allclose(gx.data, tx.grad.numpy(), rtol=RTOL, atol=ATOL)
+    assert gx.data[0, 0, 0, 1] != 0

@@ -1029,6 +1029,13 @@ class MaxPoolTiles(Function):
                 else:
                     result[:, :, i::kh, j::kw] = hit
                 free ^= hit  # hit is within free: this clears it
+        if free.any():  # windows whose maximum is NaN (never == itself): the first NaN wins, as in PyTorch
+            for i in range(kh):
+                for j in range(kw):
+                    np.isnan(x[:, :, i::kh, j::kw], out=hit)
+                    hit &= free
+                    np.copyto(result[:, :, i::kh, j::kw], g if plain else 1, where=hit)
+                    free ^= hit
         if plain:
             return (result,)
         spread = xp().broadcast_to(g.reshape(n, c, oh, 1, ow, 1), (n, c, oh, kh, ow, kw)).reshape(x.shape)
@@ -1619,14 +1626,20 @@ def _pair2(v, name):
     return tuple(int(a) for a in v)
 
 
+def _window(kernel_size, stride, padding):
+    """Kernel, stride and padding as pairs of ints, checked: kernel and stride positive, padding non-negative."""
+    kernel, stride, padding = _pair2(kernel_size, "kernel_size"), _pair2(stride, "stride"), _pair2(padding, "padding")
+    if builtins.min(stride) < 1 or builtins.min(kernel) < 1 or builtins.min(padding) < 0:
+        raise ValueError(f"kernel {kernel} and stride {stride} must be positive, padding {padding} non-negative")
+    return kernel, stride, padding
+
+
 def unfold(x, kernel_size, stride=1, padding=0, pad_value=0.0):
     """(N, C, H, W) -> (N, C*kh*kw, OH*OW): each column one kernel window, channel-major."""
     x = _tensor(x)
-    kernel, stride, padding = _pair2(kernel_size, "kernel_size"), _pair2(stride, "stride"), _pair2(padding, "padding")
     if x.data.ndim != 4:
         raise ValueError(f"expected a 4-d input (N, C, H, W), got shape {x.data.shape}")
-    if builtins.min(stride) < 1 or builtins.min(kernel) < 1 or builtins.min(padding) < 0:
-        raise ValueError(f"kernel {kernel} and stride {stride} must be positive, padding {padding} non-negative")
+    kernel, stride, padding = _window(kernel_size, stride, padding)
     h, w = x.data.shape[2] + 2 * padding[0], x.data.shape[3] + 2 * padding[1]
     if kernel[0] > h or kernel[1] > w:
         raise ValueError(f"kernel {kernel} is larger than the padded input ({h}, {w})")
@@ -1665,9 +1678,7 @@ def _pool(x, kernel_size, stride, padding, reduce, pad_value):
     x = _tensor(x)
     if x.data.ndim != 4:
         raise ValueError(f"pooling expects input (N, C, H, W), got shape {x.data.shape}")
-    kernel = _pair2(kernel_size, "kernel_size")
-    stride = kernel if stride is None else _pair2(stride, "stride")
-    padding = _pair2(padding, "padding")
+    kernel, stride, padding = _window(kernel_size, kernel_size if stride is None else stride, padding)
     if padding[0] > kernel[0] // 2 or padding[1] > kernel[1] // 2:
         raise ValueError(f"pooling: padding {padding} must be at most half the kernel {kernel} "
                          "(else some windows hold only padding)")
@@ -1685,7 +1696,15 @@ def _pool(x, kernel_size, stride, padding, reduce, pad_value):
 
 
 def max_pool2d(x, kernel_size, stride=None, padding=0):
-    return _pool(x, kernel_size, stride, padding, max, -np.inf)
+    x = _tensor(x)
+    return _pool(x, kernel_size, stride, padding, max, _lowest(x.data.dtype))
+
+
+def _lowest(dtype):
+    """The padding that never wins a maximum: -inf, or an integer dtype's minimum (max keeps integers)."""
+    if dtype.kind == "f":
+        return -np.inf
+    return np.iinfo(dtype).min if dtype.kind in "iu" else False
 
 
 def avg_pool2d(x, kernel_size, stride=None, padding=0):
