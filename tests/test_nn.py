@@ -800,6 +800,18 @@ def test_causality_of_gradients(rng):
     assert np.all(np.abs(x.grad.data[:, : t + 1]).sum(axis=-1) > 0)
 
 
+def test_attention_and_charlm_take_an_empty_sequence():
+    x = Tensor(np.zeros((2, 0, 8), np.float32), requires_grad=True)
+    for m in (nn.CausalSelfAttention(8, 2), nn.TransformerBlock(8, 2)):
+        y = m(x)
+        assert y.shape == (2, 0, 8)
+        y.sum().backward()
+        assert x.grad.shape == (2, 0, 8)
+    lm = CharLM(5, 4, d_model=8, n_layers=1, n_heads=2)
+    logits = lm(np.zeros((1, 0), np.int64))
+    assert logits.shape == (1, 0, 5) and logits.dtype == np.float32
+
+
 def test_attention_rejects_bad_shapes():
     with pytest.raises(ValueError, match="divisible"):
         nn.CausalSelfAttention(10, 3)

@@ -273,6 +273,9 @@ add("softmax-last", [N(4, 6, 10, scale=3)], lambda x: ops.softmax(x), lambda x: 
 add("softmax-ax1", [N(4, 6, 10, scale=3)], lambda x: ops.softmax(x, 1), lambda x: torch.softmax(x, 1))
 add("log_softmax-last", [N(4, 6, 10, scale=3)], lambda x: ops.log_softmax(x), lambda x: torch.log_softmax(x, -1))
 add("log_softmax-ax0", [N(4, 6, 10, scale=3)], lambda x: ops.log_softmax(x, 0), lambda x: torch.log_softmax(x, 0))
+add("softmax-empty-axis", [N(3, 0)], lambda x: ops.softmax(x), lambda x: torch.softmax(x, -1))
+add("log_softmax-empty-axis", [N(3, 0)], lambda x: ops.log_softmax(x), lambda x: torch.log_softmax(x, -1))
+add("softmax-empty-batch", [N(0, 5)], lambda x: ops.softmax(x), lambda x: torch.softmax(x, -1))
 
 
 def torch_cross_entropy(logits, target, **kw):

@@ -666,6 +666,8 @@ class Linear(Function):
 
 
 def _softmax_array(x, axis):
+    if x.size == 0:  # an empty axis has no maximum to subtract; the result is empty too (as in PyTorch)
+        return x.copy()
     z = x - x.max(axis=axis, keepdims=True)
     e = np.exp(z)
     e /= e.sum(axis=axis, keepdims=True)
@@ -673,6 +675,8 @@ def _softmax_array(x, axis):
 
 
 def _log_softmax_array(x, axis):
+    if x.size == 0:
+        return x.copy()
     z = x - x.max(axis=axis, keepdims=True)
     z -= np.log(np.exp(z).sum(axis=axis, keepdims=True))
     return z
