@@ -4,6 +4,7 @@ PyTorch is the oracle: each layer gets the same weights copied in, then outputs,
 parameter gradients must agree.
 """
 
+import contextlib
 import math
 
 import numpy as np
@@ -516,6 +517,42 @@ def test_linear(rng, bias):
     compare_with_torch(nn.Linear(7, 5, bias=bias), torch.nn.Linear(7, 5, bias=bias), randn(rng, 2, 3, 7))
 
 
+def test_linear_with_zero_in_features_matches_torch(rng):
+    with pytest.warns(UserWarning, match="zero-element"):
+        d = nn.Linear(0, 3)
+    with pytest.warns(UserWarning, match="zero-element"):
+        t = torch.nn.Linear(0, 3)
+    yd, _ = compare_with_torch(d, t, randn(rng, 2, 0))
+    np.testing.assert_array_equal(yd.data, np.zeros((2, 3), np.float32))  # the bias: U(-0, 0)
+    with pytest.warns(UserWarning, match="zero-element"):
+        assert nn.Linear(np.int64(3), 0)(Tensor(randn(rng, 2, 3))).shape == (2, 0)
+
+
+@pytest.mark.parametrize("args,match", [
+    ((0, 2, 3), "in_channels must be an integer >= 1, got 0"),
+    ((3, 0, 3), "out_channels must be an integer >= 1, got 0"),
+    ((3.0, 2, 3), "in_channels must be an integer >= 1, got 3.0"),
+    ((3, 4, 0), r"kernel \(0, 0\) and stride \(1, 1\) must be positive"),
+    ((3, 4, (3, 0)), r"kernel \(3, 0\)"),
+    ((3, 2, (3, 3, 3)), r"kernel_size must be an int or a pair of ints, got \(3, 3, 3\)"),
+    ((3, 2, 2.5), "kernel_size must be an int or a pair of ints"),
+    ((3, 2, 3, 0), r"stride \(0, 0\) must be positive"),
+    ((3, 2, 3, 1, -1), r"padding \(-1, -1\) non-negative"),
+], ids=["in0", "out0", "in-float", "kernel0", "kernel-3x0", "kernel-3d", "kernel-float", "stride0", "padding-neg"])
+def test_conv2d_refuses_bad_sizes(args, match):
+    with pytest.raises(ValueError, match="Conv2d: .*" + match):
+        nn.Conv2d(*args)
+
+
+def test_conv2d_takes_numpy_integer_sizes(rng):
+    d = nn.Conv2d(np.int64(3), np.int32(4), np.int64(3), stride=np.int64(2))
+    t = torch.nn.Conv2d(3, 4, 3, stride=2)
+    assert d.kernel_size == (3, 3) and type(d.kernel_size[0]) is int and type(d.in_channels) is int
+    compare_with_torch(d, t, randn(rng, 2, 3, 9, 8), **CONV_TOL)
+    with pytest.raises(ValueError, match="no output channels"):
+        distbp.autograd.ops.conv2d(Tensor(randn(rng, 1, 3, 5, 5)), Tensor(randn(rng, 0, 3, 3, 3)))
+
+
 def test_linear_default_init_bounds():
     distbp.manual_seed(0)
     lin = nn.Linear(400, 300)
@@ -1006,6 +1043,16 @@ def test_init_errors():
 
 
 RANDOM_INIT_FNS = [f for f in INIT_FNS if f[0] not in ("constant_", "zeros_", "ones_")]
+
+
+@pytest.mark.parametrize("shape", [(3, 0), (0, 4), (0, 0), (2, 0, 3, 3), (2, 3, 0, 3)])
+@pytest.mark.parametrize("name,fn", INIT_FNS, ids=[n for n, _ in INIT_FNS])
+def test_init_of_a_zero_element_tensor_is_a_no_op(name, fn, shape):
+    p = _param(*shape)
+    warns = name.startswith(("xavier", "kaiming", "default"))  # a fan of 0 would divide by zero; PyTorch warns
+    with pytest.warns(UserWarning, match="zero-element") if warns else contextlib.nullcontext():
+        assert fn(p) is p or name == "default_layer_init_"
+    assert p.shape == shape
 
 
 @pytest.mark.parametrize("name,fn", RANDOM_INIT_FNS, ids=[n for n, _ in RANDOM_INIT_FNS])

@@ -1663,6 +1663,8 @@ def conv2d(x, weight, bias=None, stride=1, padding=0):
         raise ValueError(f"conv2d: expected input (N, C, H, W), got shape {x.data.shape}")
     n, c, h, w = x.data.shape
     o, ci, kh, kw = weight.data.shape
+    if o == 0:
+        raise ValueError(f"conv2d: weight of shape {weight.data.shape} has no output channels")
     if c != ci:
         raise ValueError(f"conv2d: input has {c} channels but the weight expects {ci}")
     if x.data.dtype != weight.data.dtype:

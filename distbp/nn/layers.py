@@ -7,11 +7,20 @@ from . import init
 from .module import Module, Parameter
 
 
+def _size(value, name, minimum):
+    """A layer size as an int (numpy integers too), checked against its minimum."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
 class Linear(Module):
-    """y = x @ weight.T + bias; weight (out_features, in_features)."""
+    """y = x @ weight.T + bias; weight (out_features, in_features). A size may be 0, as in PyTorch."""
 
     def __init__(self, in_features, out_features, bias=True, dtype=np.float32):
         super().__init__()
+        in_features = _size(in_features, "Linear: in_features", 0)
+        out_features = _size(out_features, "Linear: out_features", 0)
         self.in_features, self.out_features = in_features, out_features
         self.weight = Parameter(np.empty((out_features, in_features), dtype), dtype=dtype)
         self.bias = Parameter(np.empty(out_features, dtype), dtype=dtype) if bias else None
@@ -27,7 +36,12 @@ class Linear(Module):
 class Conv2d(Module):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True, dtype=np.float32):
         super().__init__()
-        kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        in_channels = _size(in_channels, "Conv2d: in_channels", 1)
+        out_channels = _size(out_channels, "Conv2d: out_channels", 1)
+        try:
+            (kh, kw), _, _ = ops._window(kernel_size, stride, padding)
+        except ValueError as e:
+            raise ValueError(f"Conv2d: {e}") from None
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = (kh, kw), stride, padding
         self.weight = Parameter(np.empty((out_channels, in_channels, kh, kw), dtype), dtype=dtype)
