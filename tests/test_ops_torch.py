@@ -333,6 +333,17 @@ add("conv2d-rect", [N(2, 3, 9, 10), N(4, 3, 2, 3)],
     lambda x, w: ops.conv2d(x, w, stride=(2, 1), padding=(1, 0)),
     lambda x, w: F.conv2d(x, w, stride=(2, 1), padding=(1, 0)), atol=ATOL_SUM)
 add("conv2d-1x1", [N(2, 6, 5, 5), N(4, 6, 1, 1), N(4)], ops.conv2d, F.conv2d, atol=ATOL_SUM)
+
+# weights and biases given as (float64) numpy arrays are constants of the input's dtype, like other array operands
+rng_w = np.random.default_rng(9)
+LIN_W, CONV_W, LN_W = rng_w.standard_normal((16, 32)), rng_w.standard_normal((4, 3, 3, 3)), rng_w.uniform(0.5, 2, 16)
+add("linear-numpy-weight", [N(8, 32)], lambda x: ops.linear(x, LIN_W, LIN_W[:, 0]),
+    lambda x: F.linear(x, T(LIN_W).to(x.dtype), T(LIN_W[:, 0].copy()).to(x.dtype)), atol=ATOL_SUM)
+add("conv2d-numpy-weight", [N(2, 3, 8, 8)], lambda x: ops.conv2d(x, CONV_W, CONV_W[:, 0, 0, 0].copy(), padding=1),
+    lambda x: F.conv2d(x, T(CONV_W).to(x.dtype), T(CONV_W[:, 0, 0, 0].copy()).to(x.dtype), padding=1),
+    atol=ATOL_SUM)
+add("layer_norm-numpy-affine", [N(4, 16)], lambda x: ops.layer_norm(x, 16, LN_W, LN_W - 1),
+    lambda x: F.layer_norm(x, (16,), T(LN_W).to(x.dtype), T(LN_W - 1).to(x.dtype)))
 POOLS = [
     ("k2", dict(kernel_size=2)),  # tiling fast path
     ("rect-tiles", dict(kernel_size=(2, 4))),  # tiling fast path, windows wider than tall

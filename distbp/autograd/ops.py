@@ -1203,6 +1203,11 @@ def _tensor(x):
     return x if isinstance(x, Tensor) else Tensor(x)
 
 
+def _weight(w, x):
+    """A weight or bias for input x: a Tensor as it is, an array a constant of x's dtype (as _pair makes them)."""
+    return w if w is None or isinstance(w, Tensor) else _const(w, x.data.dtype)
+
+
 def _floating(x):
     """x as a Tensor for an op whose result is floating point: integer and boolean data become float32
     (numpy would compute in float64). They never require grad, so the cast needs no graph."""
@@ -1542,6 +1547,7 @@ def matmul(a, b):
 def linear(x, weight, bias=None):
     """x @ weight.T + bias, with weight (out_features, in_features) as in PyTorch."""
     x = _tensor(x)
+    weight, bias = _weight(weight, x), _weight(bias, x)
     wshape = weight.data.shape
     if len(wshape) != 2:
         raise ValueError(f"linear: weight must be 2-d (out_features, in_features), got {wshape}")
@@ -1606,6 +1612,7 @@ def mse_loss(x, y, reduction="mean"):
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     x = _tensor(x)
+    weight, bias = _weight(weight, x), _weight(bias, x)
     normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     k = len(normalized_shape)
     if x.data.shape[x.data.ndim - k :] != normalized_shape:
@@ -1657,6 +1664,7 @@ def _out_size(n, k, s, p):
 def conv2d(x, weight, bias=None, stride=1, padding=0):
     """2-d cross-correlation, NCHW input, (out_channels, in_channels, kh, kw) weight, as in PyTorch."""
     x = _tensor(x)
+    weight, bias = _weight(weight, x), _weight(bias, x)
     if weight.data.ndim != 4:
         raise ValueError(f"conv2d: weight must be 4-d (out, in, kh, kw), got {weight.data.shape}")
     if x.data.ndim != 4:
