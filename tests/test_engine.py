@@ -134,6 +134,17 @@ def test_cross_entropy_retained_graph_gives_same_gradient_twice(rng):
     np.testing.assert_array_equal(logits.grad.data, first)
 
 
+@pytest.mark.parametrize("logits_shape,target", [((3, 4), [-100, -100, -100]), ((0, 4), np.zeros(0, np.int64))],
+                         ids=["all-ignored", "empty-batch"])
+def test_cross_entropy_mean_over_no_counted_target_is_zero_not_nan(logits_shape, target):
+    # documented in cross_entropy (PyTorch gives nan here)
+    logits = Tensor(np.ones(logits_shape, np.float32), requires_grad=True)
+    loss = ops.cross_entropy(logits, np.asarray(target))
+    assert loss.item() == 0.0 and loss.dtype == np.float32
+    loss.backward()
+    np.testing.assert_array_equal(logits.grad.data, np.zeros(logits_shape, np.float32))
+
+
 def test_memory_stays_flat_over_1000_training_steps():
     distbp.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))

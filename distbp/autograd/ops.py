@@ -1582,6 +1582,8 @@ def cross_entropy(logits, target, reduction="mean", ignore_index=-100):
 
     logits: (..., C) float; target: (...) integer classes. Targets equal to ignore_index count for
     nothing (the mean is over the others). Classes are the last axis (PyTorch puts them second).
+    With no target counted (all ignored, or an empty batch) the mean is 0.0 with a zero gradient, where
+    PyTorch gives nan: an all-padding batch adds nothing to a summed loss instead of poisoning it.
     """
     logits = _tensor(logits)
     t = target.data if isinstance(target, Tensor) else np.asarray(target)
