@@ -1640,8 +1640,11 @@ def _pair2(v, name):
 
 
 def _window(kernel_size, stride, padding):
-    """Kernel, stride and padding as pairs of ints, checked: kernel and stride positive, padding non-negative."""
-    kernel, stride, padding = _pair2(kernel_size, "kernel_size"), _pair2(stride, "stride"), _pair2(padding, "padding")
+    """Kernel, stride (None: the kernel's) and padding as pairs of ints, checked: kernel and stride positive,
+    padding non-negative."""
+    kernel = _pair2(kernel_size, "kernel_size")
+    stride = kernel if stride is None else _pair2(stride, "stride")
+    padding = _pair2(padding, "padding")
     if builtins.min(stride) < 1 or builtins.min(kernel) < 1 or builtins.min(padding) < 0:
         raise ValueError(f"kernel {kernel} and stride {stride} must be positive, padding {padding} non-negative")
     return kernel, stride, padding
@@ -1694,7 +1697,7 @@ def _pool(x, kernel_size, stride, padding, reduce, pad_value):
     x = _tensor(x)
     if x.data.ndim != 4:
         raise ValueError(f"pooling expects input (N, C, H, W), got shape {x.data.shape}")
-    kernel, stride, padding = _window(kernel_size, kernel_size if stride is None else stride, padding)
+    kernel, stride, padding = _window(kernel_size, stride, padding)
     if padding[0] > kernel[0] // 2 or padding[1] > kernel[1] // 2:
         raise ValueError(f"pooling: padding {padding} must be at most half the kernel {kernel} "
                          "(else some windows hold only padding)")
