@@ -993,7 +993,7 @@ def _conv_weight_grad(g, cols, w, out=None):
 class MaxPoolTiles(Function):
     """Max pooling over non-overlapping kh x kw windows that tile the image exactly.
 
-    The gradient goes to the first maximum of each window in row-major order, as in PyTorch. (The
+    The gradient goes to the first maximum (or NaN) of each window in row-major order, as in PyTorch. (The
     general case, overlapping or padded windows, is composed from unfold and max.)
     """
 
@@ -1033,7 +1033,9 @@ class MaxPoolTiles(Function):
                 else:
                     result[:, :, i::kh, j::kw] = hit
                 free ^= hit  # hit is within free: this clears it
-        if free.any():  # windows whose maximum is NaN (never == itself): the first NaN wins, as in PyTorch
+        # windows whose maximum is NaN (never == itself): their first NaN gets the gradient, as on the unfold
+        # path (argmax); PyTorch agrees for one NaN per window, and picks the last of several
+        if free.any():
             for i in range(kh):
                 for j in range(kw):
                     np.isnan(x[:, :, i::kh, j::kw], out=hit)
@@ -1603,7 +1605,7 @@ def cross_entropy(logits, target, reduction="mean", ignore_index=-100):
 
 def mse_loss(x, y, reduction="mean"):
     x, y = _pair(x, y, "mse_loss")
-    if x.data.dtype.kind != "f":  # integers: float32, as numpy's mean would make float64
+    if x.data.dtype.kind != "f":  # integers and booleans: float32 (numpy would make float64)
         x, y = _floating(x), _floating(y)
     if x.data.shape != y.data.shape:
         raise ValueError(f"mse_loss: input shape {x.data.shape} differs from target shape {y.data.shape}")
