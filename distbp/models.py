@@ -1,10 +1,13 @@
 """The models `distbp train` builds by name: mlp, cnn and charlm (a small GPT-style character model)."""
 
+import math
+
 import numpy as np
 
 from . import nn
 from .autograd import Tensor, no_grad
 from .autograd.ops import softmax
+from .autograd.random import default_rng
 
 
 def mlp(input_shape, num_classes, hidden=(128,)):
@@ -61,19 +64,31 @@ class CharLM(nn.Module):
         return self.head(self.norm(x))
 
     def generate(self, prompt, length, temperature=1.0, rng=None):
-        """Sample `length` codes after `prompt` (a 1-d sequence of codes)."""
-        rng = rng or np.random.default_rng()
-        codes = list(int(c) for c in prompt) or [0]
+        """Sample `length` codes after `prompt` (a 1-d sequence of codes); returns exactly those codes.
+
+        temperature 0 is greedy. An empty prompt starts from code 0 (the model needs one position to
+        predict from), which is not returned. rng defaults to distbp's generator (see manual_seed).
+        """
+        temperature = float(temperature)
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"CharLM.generate: temperature must be finite and >= 0, got {temperature}")
+        if length < 0:
+            raise ValueError(f"CharLM.generate: length must be >= 0, got {length}")
+        rng = default_rng() if rng is None else rng
+        codes = [int(c) for c in prompt] or [0]
+        start = len(codes)
         was_training = self.training
         self.eval()
-        with no_grad():
-            for _ in range(length):
-                window = np.asarray(codes[-self.block_size:])[None]
-                logits = self(window).data[0, -1] / max(temperature, 1e-6)
-                p = softmax(Tensor(logits)).data.astype(np.float64)
-                codes.append(int(rng.choice(len(p), p=p / p.sum())))
-        self.train(was_training)
-        return codes[len(prompt):]
+        try:
+            with no_grad():
+                for _ in range(length):
+                    window = np.asarray(codes[-self.block_size:])[None]
+                    logits = self(window).data[0, -1] / max(temperature, 1e-6)
+                    p = softmax(Tensor(logits)).data.astype(np.float64)
+                    codes.append(int(rng.choice(len(p), p=p / p.sum())))
+        finally:
+            self.train(was_training)
+        return codes[start:]
 
 
 def charlm(vocab_size, block_size, d_model=64, n_layers=2, n_heads=4, dropout=0.0):

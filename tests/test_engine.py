@@ -134,6 +134,17 @@ def test_cross_entropy_retained_graph_gives_same_gradient_twice(rng):
     np.testing.assert_array_equal(logits.grad.data, first)
 
 
+@pytest.mark.parametrize("logits_shape,target", [((3, 4), [-100, -100, -100]), ((0, 4), np.zeros(0, np.int64))],
+                         ids=["all-ignored", "empty-batch"])
+def test_cross_entropy_mean_over_no_counted_target_is_zero_not_nan(logits_shape, target):
+    # documented in cross_entropy (PyTorch gives nan here)
+    logits = Tensor(np.ones(logits_shape, np.float32), requires_grad=True)
+    loss = ops.cross_entropy(logits, np.asarray(target))
+    assert loss.item() == 0.0 and loss.dtype == np.float32
+    loss.backward()
+    np.testing.assert_array_equal(logits.grad.data, np.zeros(logits_shape, np.float32))
+
+
 def test_memory_stays_flat_over_1000_training_steps():
     distbp.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
@@ -539,10 +550,16 @@ def test_integer_and_boolean_tensors_give_float32_where_the_result_is_floating()
         "bool + float": b + 0.5, "int ** float": i ** 0.5, "exp": ops.exp(i), "log": ops.log(i),
         "sqrt": ops.sqrt(i), "tanh": ops.tanh(i), "sigmoid": ops.sigmoid(i), "mean": i.mean(), "var": i.var(),
         "softmax": ops.softmax(i), "log_softmax": ops.log_softmax(i), "clip float bounds": ops.clip(i, 0.5, 2.5),
-        "bool clip": ops.clip(b, 0.5, None),
+        "bool clip": ops.clip(b, 0.5, None), "mse_loss": ops.mse_loss(i, Tensor([0, 0, 0])),
+        "mse_loss none": ops.mse_loss(i, np.zeros(3), "none"), "bool mse_loss": ops.mse_loss(b, b),
+        "dropout": ops.dropout(i, 0.5), "dropout eval": ops.dropout(i, 0.5, training=False),
     }
     assert {k: str(v.dtype) for k, v in floating.items()} == {k: "float32" for k in floating}
     np.testing.assert_allclose((i / 2).data, [0.5, 1.0, 1.5])
+    np.testing.assert_allclose(floating["mse_loss"].data, 14 / 3, rtol=1e-6)
+    kept = ops.dropout(Tensor(np.full(100, 10)), 0.3, rng=np.random.default_rng(0)).data
+    assert (kept == 0).any() and kept.dtype == np.float32
+    np.testing.assert_allclose(kept[kept != 0], 10 / 0.7, rtol=1e-6)  # scaled by 1/(1-p), not int(1/(1-p))
     integral = {"int + int": i + 1, "int * bool": i * b[0], "sum": i.sum(), "int ** int": i ** 2, "neg": -i}
     assert {k: str(v.dtype) for k, v in integral.items()} == {k: "int64" for k in integral}
 
@@ -550,11 +567,13 @@ def test_integer_and_boolean_tensors_give_float32_where_the_result_is_floating()
 def test_axes_out_of_range_are_refused_not_wrapped(rng):
     x = Tensor(rng.standard_normal((2, 3)))
     for bad in (lambda: x.unsqueeze(3), lambda: x.unsqueeze(-4), lambda: x.transpose(1, 2),
-                lambda: x.transpose((2, 3)), lambda: x.swapaxes(0, 2)):
+                lambda: x.transpose((2, 3)), lambda: x.swapaxes(0, 2), lambda: x.flatten(2), lambda: x.flatten(-3),
+                lambda: nn.Flatten()(Tensor(np.ones(2)))):
         with pytest.raises(ValueError, match="out of range"):
             bad()
     assert x.unsqueeze(2).shape == (2, 3, 1) and x.unsqueeze(-3).shape == (1, 2, 3)
     assert x.transpose(-1, -2).shape == (3, 2)
+    assert x.flatten(-2).shape == (6,) and x.flatten(1).shape == (2, 3) and Tensor(1.0).flatten().shape == (1,)
 
 
 def test_tensor_construction_defaults_to_float32():

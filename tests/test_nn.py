@@ -4,6 +4,7 @@ PyTorch is the oracle: each layer gets the same weights copied in, then outputs,
 parameter gradients must agree.
 """
 
+import contextlib
 import math
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 
 import distbp
 from distbp import Tensor, nn, optim
+from distbp.models import CharLM
 from distbp.nn import init
 
 torch = pytest.importorskip("torch", reason="PyTorch is the test oracle; install with pip install -e '.[test]'")
@@ -250,6 +252,44 @@ def test_train_eval_propagate_and_return_self():
     assert not net[1][1].attn.attn_dropout.training
 
 
+@pytest.mark.parametrize("mode", ["False", 0, None])
+def test_train_refuses_a_mode_that_is_not_a_bool(mode):
+    net = nn.Sequential(nn.Dropout(0.5)).eval()
+    with pytest.raises(ValueError, match="mode must be a bool"):
+        net.train(mode)
+    assert not net[0].training
+    assert net.train(np.bool_(True))[0].training
+
+
+def test_apply_visits_children_before_parents_like_torch():
+    def build(m):
+        shared = m.Linear(1, 1)
+        return m.Sequential(shared, m.Sequential(m.ReLU(), m.Tanh()), shared)
+
+    def order(net):
+        seen = {}  # torch visits a shared module each time it is reached, distbp once: compare first visits
+        net.apply(lambda mod: seen.setdefault(id(mod), type(mod).__name__))
+        return list(seen.values())
+
+    assert order(build(nn)) == order(build(torch.nn)) == ["Linear", "ReLU", "Tanh", "Sequential", "Sequential"]
+
+
+def test_repr_matches_torch_layout():
+    pairs = [
+        (nn.CrossEntropyLoss(reduction="sum", ignore_index=3), "CrossEntropyLoss(reduction='sum', ignore_index=3)"),
+        (nn.MSELoss("sum"), "MSELoss(reduction='sum')"),
+        (nn.GELU("tanh"), repr(torch.nn.GELU("tanh"))),
+        (nn.Identity(), repr(torch.nn.Identity())),
+        (nn.Sequential(nn.Linear(2, 3), nn.Sequential()), repr(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Sequential()))),
+    ]
+    for module, expected in pairs:
+        assert repr(module) == expected
+    lines = repr(nn.CausalSelfAttention(4, 2)).splitlines()
+    assert lines[:3] == ["CausalSelfAttention(", "  d_model=4, n_heads=2",
+                         "  (qkv): Linear(in_features=4, out_features=12, bias=True)"]
+    assert lines[-1] == ")"
+
+
 def test_eval_disables_dropout_in_children(rng):
     net = nn.Sequential(nn.Linear(6, 6), nn.Dropout(0.5))
     x = Tensor(randn(rng, 20, 6))
@@ -340,6 +380,66 @@ def test_persistent_and_non_persistent_buffers():
     np.testing.assert_array_equal(m2.running, np.full(3, 7, np.float32))
 
 
+@pytest.mark.parametrize("name", ["weight", "bias", "forward", "training"])
+def test_register_buffer_refuses_a_name_already_taken(name):
+    lin = nn.Linear(3, 2)
+    with pytest.raises(KeyError, match=f"attribute '{name}' already exists"):
+        lin.register_buffer(name, np.zeros(1, np.float32))
+    assert list(lin.state_dict()) == ["weight", "bias"] and lin.state_dict()["weight"].shape == (2, 3)
+    seq = nn.Sequential(nn.ReLU())
+    with pytest.raises(KeyError, match="'0' already exists"):
+        seq.register_buffer("0", np.zeros(1, np.float32))
+
+
+def test_register_buffer_refuses_bad_names_and_values():
+    m = nn.Module()
+    for name in ("", "a.b"):
+        with pytest.raises(KeyError, match="non-empty and contain no '.'"):
+            m.register_buffer(name, np.zeros(1, np.float32))
+    with pytest.raises(TypeError, match="must be a str, not int"):
+        m.register_buffer(1, np.zeros(1, np.float32))
+    with pytest.raises(TypeError, match="'x' must be an array, a Tensor or None, not list"):
+        m.register_buffer("x", [1.0])
+    m.register_buffer("x", np.zeros(1, np.float32))
+    m.register_buffer("x", np.ones(2, np.float32))  # re-registering a buffer replaces it
+    np.testing.assert_array_equal(m.x, [1, 1])
+
+
+def test_none_buffer_stays_out_of_state_dict_until_it_holds_an_array():
+    class WithMask(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+            self.register_buffer("mask", None)
+
+    m = WithMask()
+    sd = m.state_dict()
+    assert list(sd) == ["lin.weight", "lin.bias"] and list(m.named_buffers()) == []
+    assert m.load_state_dict(sd) == ([], [])
+    m.mask = np.ones(2, np.float32)  # the placeholder filled in: now it is state
+    assert list(m.state_dict()) == ["lin.weight", "lin.bias", "mask"]
+    with pytest.raises(KeyError, match=r"unexpected \['mask'\]"):
+        WithMask().load_state_dict(m.state_dict())
+
+
+def test_to_casts_parameters_and_every_floating_buffer_and_refuses_other_dtypes():
+    m = nn.Linear(2, 2)
+    m.register_buffer("scale", Tensor(np.ones(2, np.float32)))
+    m.register_buffer("running", np.zeros(2, np.float32))
+    m.register_buffer("counts", np.zeros(2, np.int64))
+    scale, weight = m.scale, m.weight
+    assert m.to(np.float64) is m
+    assert m.scale is scale and m.weight is weight  # in place: an optimizer's references stay valid
+    assert {n: str(b.dtype) for n, b in m.named_buffers()} == {"scale": "float64", "running": "float64",
+                                                               "counts": "int64"}
+    y = m(Tensor(np.ones((1, 2)), dtype=np.float64)) * m.scale
+    assert y.dtype == np.float64
+    for bad in (np.int64, bool, np.complex64):
+        with pytest.raises(TypeError, match="must be floating point"):
+            m.to(bad)
+    assert m.weight.dtype == np.float64
+
+
 def _assert_unchanged(model, snapshot):
     for name, p in model.named_parameters():
         np.testing.assert_array_equal(p.data, snapshot[name], err_msg=f"{name} was modified by a failed load")
@@ -417,6 +517,42 @@ def test_linear(rng, bias):
     compare_with_torch(nn.Linear(7, 5, bias=bias), torch.nn.Linear(7, 5, bias=bias), randn(rng, 2, 3, 7))
 
 
+def test_linear_with_zero_in_features_matches_torch(rng):
+    with pytest.warns(UserWarning, match="zero-element"):
+        d = nn.Linear(0, 3)
+    with pytest.warns(UserWarning, match="zero-element"):
+        t = torch.nn.Linear(0, 3)
+    yd, _ = compare_with_torch(d, t, randn(rng, 2, 0))
+    np.testing.assert_array_equal(yd.data, np.zeros((2, 3), np.float32))  # the bias: U(-0, 0)
+    with pytest.warns(UserWarning, match="zero-element"):
+        assert nn.Linear(np.int64(3), 0)(Tensor(randn(rng, 2, 3))).shape == (2, 0)
+
+
+@pytest.mark.parametrize("args,match", [
+    ((0, 2, 3), "in_channels must be an integer >= 1, got 0"),
+    ((3, 0, 3), "out_channels must be an integer >= 1, got 0"),
+    ((3.0, 2, 3), "in_channels must be an integer >= 1, got 3.0"),
+    ((3, 4, 0), r"kernel \(0, 0\) and stride \(1, 1\) must be positive"),
+    ((3, 4, (3, 0)), r"kernel \(3, 0\)"),
+    ((3, 2, (3, 3, 3)), r"kernel_size must be an int or a pair of ints, got \(3, 3, 3\)"),
+    ((3, 2, 2.5), "kernel_size must be an int or a pair of ints"),
+    ((3, 2, 3, 0), r"stride \(0, 0\) must be positive"),
+    ((3, 2, 3, 1, -1), r"padding \(-1, -1\) non-negative"),
+], ids=["in0", "out0", "in-float", "kernel0", "kernel-3x0", "kernel-3d", "kernel-float", "stride0", "padding-neg"])
+def test_conv2d_refuses_bad_sizes(args, match):
+    with pytest.raises(ValueError, match="Conv2d: .*" + match):
+        nn.Conv2d(*args)
+
+
+def test_conv2d_takes_numpy_integer_sizes(rng):
+    d = nn.Conv2d(np.int64(3), np.int32(4), np.int64(3), stride=np.int64(2))
+    t = torch.nn.Conv2d(3, 4, 3, stride=2)
+    assert d.kernel_size == (3, 3) and type(d.kernel_size[0]) is int and type(d.in_channels) is int
+    compare_with_torch(d, t, randn(rng, 2, 3, 9, 8), **CONV_TOL)
+    with pytest.raises(ValueError, match="no output channels"):
+        distbp.autograd.ops.conv2d(Tensor(randn(rng, 1, 3, 5, 5)), Tensor(randn(rng, 0, 3, 3, 3)))
+
+
 def test_linear_default_init_bounds():
     distbp.manual_seed(0)
     lin = nn.Linear(400, 300)
@@ -485,6 +621,24 @@ def test_pooling_padding_over_half_the_kernel_is_refused(rng, pool):
         pool(2, stride=2, padding=2)(Tensor(randn(rng, 1, 1, 4, 4)))
     with pytest.raises(ValueError, match="pair of ints"):
         pool(2.5)(Tensor(randn(rng, 1, 1, 4, 4)))
+
+
+@pytest.mark.parametrize("pool", [nn.MaxPool2d, nn.AvgPool2d])
+@pytest.mark.parametrize("kernel,stride,padding", [(0, None, 0), (2, 0, 0), ((2, 0), 1, 0), (2, 1, -1)])
+def test_pooling_refuses_a_kernel_or_stride_below_one(rng, pool, kernel, stride, padding):
+    with pytest.raises(ValueError, match="must be positive, padding .* non-negative"):
+        pool(kernel, stride, padding)(Tensor(randn(rng, 1, 1, 4, 4)))
+    assert f"stride={kernel if stride is None else stride}," in repr(pool(kernel, stride, padding))
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int8, np.uint8, np.bool_])
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (2, 2, 1), (2, None, 0)])
+def test_max_pool2d_of_integers_keeps_the_dtype_with_or_without_padding(rng, dtype, kernel, stride, padding):
+    x = rng.integers(0, 2 if dtype is np.bool_ else 100, (2, 3, 6, 6)).astype(dtype)
+    y = nn.MaxPool2d(kernel, stride, padding)(Tensor(x, dtype=dtype))
+    expected = torch.nn.functional.max_pool2d(torch.from_numpy(x.astype(np.float32)), kernel, stride, padding)
+    assert y.dtype == dtype
+    np.testing.assert_array_equal(y.data, t2n(expected).astype(dtype))
 
 
 @pytest.mark.parametrize(
@@ -563,6 +717,29 @@ def test_sequential_append_and_modulelist():
     ml.append(nn.Linear(1, 2))
     assert len(ml) == 2 and ml[1].out_features == 2 and ml[-1] is ml[1]
     assert [n for n, _ in ml.named_parameters()] == ["0.weight", "0.bias", "1.weight", "1.bias"]
+
+
+@pytest.mark.parametrize("make", [lambda x: nn.Sequential(nn.Identity(), x), lambda x: nn.ModuleList([nn.ReLU(), x]),
+                                  lambda x: nn.Sequential(nn.ReLU()).append(x)], ids=["Sequential", "ModuleList", "append"])
+@pytest.mark.parametrize("value", [distbp.relu, None, 3], ids=["function", "None", "int"])
+def test_containers_refuse_what_is_not_a_module(make, value):
+    with pytest.raises(TypeError, match=f"item 1 must be a Module, not {type(value).__name__}"):
+        make(value)
+    with pytest.raises(TypeError, match="'f' must be a Module or None, not function"):
+        nn.Module().add_module("f", distbp.relu)
+
+
+def test_slicing_a_container_gives_a_container_of_the_same_kind():
+    a, b, c = nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1)
+    s = nn.Sequential(a, b, c)
+    head = s[0:2]
+    assert type(head) is nn.Sequential and list(head) == [a, b]
+    assert [n for n, _ in s[1:].named_parameters()] == ["1.weight", "1.bias"]  # renumbered from 0
+    x = Tensor(np.ones((1, 2), np.float32))
+    np.testing.assert_array_equal(s[::1](x).data, s(x).data)
+    ml = nn.ModuleList([a, b, c])[::-1]
+    assert type(ml) is nn.ModuleList and list(ml) == [c, b, a]
+    assert len(s[5:]) == 0 and s[-1] is c
 
 
 # --- attention ---------------------------------------------------------------------------------------
@@ -660,12 +837,74 @@ def test_causality_of_gradients(rng):
     assert np.all(np.abs(x.grad.data[:, : t + 1]).sum(axis=-1) > 0)
 
 
+def test_attention_and_charlm_take_an_empty_sequence():
+    x = Tensor(np.zeros((2, 0, 8), np.float32), requires_grad=True)
+    for m in (nn.CausalSelfAttention(8, 2), nn.TransformerBlock(8, 2)):
+        y = m(x)
+        assert y.shape == (2, 0, 8)
+        y.sum().backward()
+        assert x.grad.shape == (2, 0, 8)
+    lm = CharLM(5, 4, d_model=8, n_layers=1, n_heads=2)
+    logits = lm(np.zeros((1, 0), np.int64))
+    assert logits.shape == (1, 0, 5) and logits.dtype == np.float32
+
+
 def test_attention_rejects_bad_shapes():
     with pytest.raises(ValueError, match="divisible"):
         nn.CausalSelfAttention(10, 3)
     m = nn.CausalSelfAttention(8, 2)
     with pytest.raises(ValueError, match="8"):
         m(Tensor(np.zeros((2, 3, 6), np.float32)))
+
+
+# --- CharLM.generate ----------------------------------------------------------------------------------
+
+
+def _charlm(seed=0):
+    distbp.manual_seed(seed)
+    return CharLM(7, 4, d_model=8, n_layers=1, n_heads=2)
+
+
+@pytest.mark.parametrize("prompt", [[], [1, 2], [1, 2, 3, 4, 5, 6]], ids=["empty", "short", "longer-than-block"])
+@pytest.mark.parametrize("length", [0, 1, 5])
+def test_charlm_generate_returns_exactly_length_codes(prompt, length):
+    out = _charlm().generate(prompt, length, rng=np.random.default_rng(0))
+    assert len(out) == length and all(0 <= c < 7 for c in out)
+
+
+@pytest.mark.parametrize("temperature", [-1.0, float("nan"), float("inf")])
+def test_charlm_generate_refuses_bad_temperature(temperature):
+    with pytest.raises(ValueError, match="temperature"):
+        _charlm().generate([1], 3, temperature=temperature)
+
+
+def test_charlm_generate_temperature_zero_is_greedy():
+    m = _charlm()
+    greedy = m.generate([1, 2], 4, temperature=0)
+    assert greedy == m.generate([1, 2], 4, temperature=0, rng=np.random.default_rng(5))
+    codes = [1, 2]
+    with distbp.no_grad():
+        for _ in range(4):
+            codes.append(int(np.argmax(m(np.asarray(codes[-4:])[None]).data[0, -1])))
+    assert greedy == codes[2:]
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_charlm_generate_restores_the_training_mode_even_when_it_raises(training):
+    m = _charlm().train(training)
+    m.generate([1], 2)
+    assert m.training is training
+    with pytest.raises(IndexError, match="99"):
+        m.generate([99], 1)  # a code outside the vocabulary
+    assert all(mod.training is training for mod in m.modules())
+
+
+def test_charlm_generate_default_rng_follows_manual_seed():
+    m = _charlm()
+    distbp.manual_seed(1)
+    a = m.generate([1], 8)
+    distbp.manual_seed(1)
+    assert m.generate([1], 8) == a
 
 
 # --- dropout -----------------------------------------------------------------------------------------
@@ -804,6 +1043,16 @@ def test_init_errors():
 
 
 RANDOM_INIT_FNS = [f for f in INIT_FNS if f[0] not in ("constant_", "zeros_", "ones_")]
+
+
+@pytest.mark.parametrize("shape", [(3, 0), (0, 4), (0, 0), (2, 0, 3, 3), (2, 3, 0, 3)])
+@pytest.mark.parametrize("name,fn", INIT_FNS, ids=[n for n, _ in INIT_FNS])
+def test_init_of_a_zero_element_tensor_is_a_no_op(name, fn, shape):
+    p = _param(*shape)
+    warns = name.startswith(("xavier", "kaiming", "default"))  # a fan of 0 would divide by zero; PyTorch warns
+    with pytest.warns(UserWarning, match="zero-element") if warns else contextlib.nullcontext():
+        assert fn(p) is p or name == "default_layer_init_"
+    assert p.shape == shape
 
 
 @pytest.mark.parametrize("name,fn", RANDOM_INIT_FNS, ids=[n for n, _ in RANDOM_INIT_FNS])

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from distbp import Tensor
-from distbp.autograd import ops
+from distbp.autograd import grad, ops
 
 torch = pytest.importorskip("torch", reason="PyTorch is the test oracle; install with pip install -e '.[test]'")
 F = torch.nn.functional
@@ -273,6 +273,9 @@ add("softmax-last", [N(4, 6, 10, scale=3)], lambda x: ops.softmax(x), lambda x: 
 add("softmax-ax1", [N(4, 6, 10, scale=3)], lambda x: ops.softmax(x, 1), lambda x: torch.softmax(x, 1))
 add("log_softmax-last", [N(4, 6, 10, scale=3)], lambda x: ops.log_softmax(x), lambda x: torch.log_softmax(x, -1))
 add("log_softmax-ax0", [N(4, 6, 10, scale=3)], lambda x: ops.log_softmax(x, 0), lambda x: torch.log_softmax(x, 0))
+add("softmax-empty-axis", [N(3, 0)], lambda x: ops.softmax(x), lambda x: torch.softmax(x, -1))
+add("log_softmax-empty-axis", [N(3, 0)], lambda x: ops.log_softmax(x), lambda x: torch.log_softmax(x, -1))
+add("softmax-empty-batch", [N(0, 5)], lambda x: ops.softmax(x), lambda x: torch.softmax(x, -1))
 
 
 def torch_cross_entropy(logits, target, **kw):
@@ -330,6 +333,17 @@ add("conv2d-rect", [N(2, 3, 9, 10), N(4, 3, 2, 3)],
     lambda x, w: ops.conv2d(x, w, stride=(2, 1), padding=(1, 0)),
     lambda x, w: F.conv2d(x, w, stride=(2, 1), padding=(1, 0)), atol=ATOL_SUM)
 add("conv2d-1x1", [N(2, 6, 5, 5), N(4, 6, 1, 1), N(4)], ops.conv2d, F.conv2d, atol=ATOL_SUM)
+
+# weights and biases given as (float64) numpy arrays are constants of the input's dtype, like other array operands
+rng_w = np.random.default_rng(9)
+LIN_W, CONV_W, LN_W = rng_w.standard_normal((16, 32)), rng_w.standard_normal((4, 3, 3, 3)), rng_w.uniform(0.5, 2, 16)
+add("linear-numpy-weight", [N(8, 32)], lambda x: ops.linear(x, LIN_W, LIN_W[:, 0]),
+    lambda x: F.linear(x, T(LIN_W).to(x.dtype), T(LIN_W[:, 0].copy()).to(x.dtype)), atol=ATOL_SUM)
+add("conv2d-numpy-weight", [N(2, 3, 8, 8)], lambda x: ops.conv2d(x, CONV_W, CONV_W[:, 0, 0, 0].copy(), padding=1),
+    lambda x: F.conv2d(x, T(CONV_W).to(x.dtype), T(CONV_W[:, 0, 0, 0].copy()).to(x.dtype), padding=1),
+    atol=ATOL_SUM)
+add("layer_norm-numpy-affine", [N(4, 16)], lambda x: ops.layer_norm(x, 16, LN_W, LN_W - 1),
+    lambda x: F.layer_norm(x, (16,), T(LN_W).to(x.dtype), T(LN_W - 1).to(x.dtype)))
 POOLS = [
     ("k2", dict(kernel_size=2)),  # tiling fast path
     ("rect-tiles", dict(kernel_size=(2, 4))),  # tiling fast path, windows wider than tall
@@ -448,3 +462,27 @@ def test_dropout_scaling_and_gradient_match_torch_convention(p, dtype):
     np.testing.assert_array_equal(again.data, dy.data)
     other = ops.dropout(Tensor(x, dtype=dtype), p, rng=np.random.default_rng(2))
     assert (other.data != dy.data).any()
+
+
+# --- max pooling of a window whose maximum is NaN ----------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's max over windows with a NaN says so
+@pytest.mark.parametrize("create_graph", [False, True], ids=["plain", "create_graph"])
+@pytest.mark.parametrize("kw", [dict(kernel_size=2), dict(kernel_size=(2, 4)), dict(kernel_size=2, stride=1)],
+                         ids=["tiles", "rect-tiles", "overlapping"])
+def test_max_pool2d_sends_the_gradient_of_a_nan_window_to_the_nan_like_torch(kw, create_graph):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    # at most one NaN per window: torch sends a window's gradient to its last NaN, distbp to its first
+    x[0, 0, 0, 1] = x[0, 0, 5, 6] = x[1, 2, 7, 7] = np.nan
+    x[1, 1, 2, 2] = np.inf
+    dx = Tensor(x, requires_grad=True)
+    dy = ops.max_pool2d(dx, **kw)
+    cot = rng.standard_normal(dy.shape).astype(np.float32)
+    (gx,) = grad((dy * Tensor(cot)).sum(), [dx], create_graph=create_graph)
+    tx = torch.from_numpy(x.copy()).requires_grad_(True)
+    F.max_pool2d(tx, **kw).backward(torch.from_numpy(cot))
+    np.testing.assert_array_equal(dy.data, F.max_pool2d(torch.from_numpy(x), **kw).numpy())
+    np.testing.assert_allclose(gx.data, tx.grad.numpy(), rtol=RTOL, atol=ATOL)
+    assert gx.data[0, 0, 0, 1] != 0

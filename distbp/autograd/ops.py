@@ -666,6 +666,8 @@ class Linear(Function):
 
 
 def _softmax_array(x, axis):
+    if x.size == 0:  # an empty axis has no maximum to subtract; the result is empty too (as in PyTorch)
+        return x.copy()
     z = x - x.max(axis=axis, keepdims=True)
     e = np.exp(z)
     e /= e.sum(axis=axis, keepdims=True)
@@ -673,6 +675,8 @@ def _softmax_array(x, axis):
 
 
 def _log_softmax_array(x, axis):
+    if x.size == 0:
+        return x.copy()
     z = x - x.max(axis=axis, keepdims=True)
     z -= np.log(np.exp(z).sum(axis=axis, keepdims=True))
     return z
@@ -989,7 +993,7 @@ def _conv_weight_grad(g, cols, w, out=None):
 class MaxPoolTiles(Function):
     """Max pooling over non-overlapping kh x kw windows that tile the image exactly.
 
-    The gradient goes to the first maximum of each window in row-major order, as in PyTorch. (The
+    The gradient goes to the first maximum (or NaN) of each window in row-major order, as in PyTorch. (The
     general case, overlapping or padded windows, is composed from unfold and max.)
     """
 
@@ -1029,6 +1033,15 @@ class MaxPoolTiles(Function):
                 else:
                     result[:, :, i::kh, j::kw] = hit
                 free ^= hit  # hit is within free: this clears it
+        # windows whose maximum is NaN (never == itself): their first NaN gets the gradient, as on the unfold
+        # path (argmax); PyTorch agrees for one NaN per window, and picks the last of several
+        if free.any():
+            for i in range(kh):
+                for j in range(kw):
+                    np.isnan(x[:, :, i::kh, j::kw], out=hit)
+                    hit &= free
+                    np.copyto(result[:, :, i::kh, j::kw], g if plain else 1, where=hit)
+                    free ^= hit
         if plain:
             return (result,)
         spread = xp().broadcast_to(g.reshape(n, c, oh, 1, ow, 1), (n, c, oh, kh, ow, kw)).reshape(x.shape)
@@ -1190,6 +1203,11 @@ def _pair(a, b, name):
 
 def _tensor(x):
     return x if isinstance(x, Tensor) else Tensor(x)
+
+
+def _weight(w, x):
+    """A weight or bias for input x: a Tensor as it is, an array a constant of x's dtype (as _pair makes them)."""
+    return w if w is None or isinstance(w, Tensor) else _const(w, x.data.dtype)
 
 
 def _floating(x):
@@ -1531,6 +1549,7 @@ def matmul(a, b):
 def linear(x, weight, bias=None):
     """x @ weight.T + bias, with weight (out_features, in_features) as in PyTorch."""
     x = _tensor(x)
+    weight, bias = _weight(weight, x), _weight(bias, x)
     wshape = weight.data.shape
     if len(wshape) != 2:
         raise ValueError(f"linear: weight must be 2-d (out_features, in_features), got {wshape}")
@@ -1565,6 +1584,8 @@ def cross_entropy(logits, target, reduction="mean", ignore_index=-100):
 
     logits: (..., C) float; target: (...) integer classes. Targets equal to ignore_index count for
     nothing (the mean is over the others). Classes are the last axis (PyTorch puts them second).
+    With no target counted (all ignored, or an empty batch) the mean is 0.0 with a zero gradient, where
+    PyTorch gives nan: an all-padding batch adds nothing to a summed loss instead of poisoning it.
     """
     logits = _tensor(logits)
     t = target.data if isinstance(target, Tensor) else np.asarray(target)
@@ -1584,6 +1605,8 @@ def cross_entropy(logits, target, reduction="mean", ignore_index=-100):
 
 def mse_loss(x, y, reduction="mean"):
     x, y = _pair(x, y, "mse_loss")
+    if x.data.dtype.kind != "f":  # integers and booleans: float32 (numpy would make float64)
+        x, y = _floating(x), _floating(y)
     if x.data.shape != y.data.shape:
         raise ValueError(f"mse_loss: input shape {x.data.shape} differs from target shape {y.data.shape}")
     if reduction not in _REDUCTIONS:
@@ -1593,6 +1616,7 @@ def mse_loss(x, y, reduction="mean"):
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     x = _tensor(x)
+    weight, bias = _weight(weight, x), _weight(bias, x)
     normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     k = len(normalized_shape)
     if x.data.shape[x.data.ndim - k :] != normalized_shape:
@@ -1617,14 +1641,23 @@ def _pair2(v, name):
     return tuple(int(a) for a in v)
 
 
+def _window(kernel_size, stride, padding):
+    """Kernel, stride (None: the kernel's) and padding as pairs of ints, checked: kernel and stride positive,
+    padding non-negative."""
+    kernel = _pair2(kernel_size, "kernel_size")
+    stride = kernel if stride is None else _pair2(stride, "stride")
+    padding = _pair2(padding, "padding")
+    if builtins.min(stride) < 1 or builtins.min(kernel) < 1 or builtins.min(padding) < 0:
+        raise ValueError(f"kernel {kernel} and stride {stride} must be positive, padding {padding} non-negative")
+    return kernel, stride, padding
+
+
 def unfold(x, kernel_size, stride=1, padding=0, pad_value=0.0):
     """(N, C, H, W) -> (N, C*kh*kw, OH*OW): each column one kernel window, channel-major."""
     x = _tensor(x)
-    kernel, stride, padding = _pair2(kernel_size, "kernel_size"), _pair2(stride, "stride"), _pair2(padding, "padding")
     if x.data.ndim != 4:
         raise ValueError(f"expected a 4-d input (N, C, H, W), got shape {x.data.shape}")
-    if builtins.min(stride) < 1 or builtins.min(kernel) < 1 or builtins.min(padding) < 0:
-        raise ValueError(f"kernel {kernel} and stride {stride} must be positive, padding {padding} non-negative")
+    kernel, stride, padding = _window(kernel_size, stride, padding)
     h, w = x.data.shape[2] + 2 * padding[0], x.data.shape[3] + 2 * padding[1]
     if kernel[0] > h or kernel[1] > w:
         raise ValueError(f"kernel {kernel} is larger than the padded input ({h}, {w})")
@@ -1638,12 +1671,15 @@ def _out_size(n, k, s, p):
 def conv2d(x, weight, bias=None, stride=1, padding=0):
     """2-d cross-correlation, NCHW input, (out_channels, in_channels, kh, kw) weight, as in PyTorch."""
     x = _tensor(x)
+    weight, bias = _weight(weight, x), _weight(bias, x)
     if weight.data.ndim != 4:
         raise ValueError(f"conv2d: weight must be 4-d (out, in, kh, kw), got {weight.data.shape}")
     if x.data.ndim != 4:
         raise ValueError(f"conv2d: expected input (N, C, H, W), got shape {x.data.shape}")
     n, c, h, w = x.data.shape
     o, ci, kh, kw = weight.data.shape
+    if o == 0:
+        raise ValueError(f"conv2d: weight of shape {weight.data.shape} has no output channels")
     if c != ci:
         raise ValueError(f"conv2d: input has {c} channels but the weight expects {ci}")
     if x.data.dtype != weight.data.dtype:
@@ -1663,9 +1699,7 @@ def _pool(x, kernel_size, stride, padding, reduce, pad_value):
     x = _tensor(x)
     if x.data.ndim != 4:
         raise ValueError(f"pooling expects input (N, C, H, W), got shape {x.data.shape}")
-    kernel = _pair2(kernel_size, "kernel_size")
-    stride = kernel if stride is None else _pair2(stride, "stride")
-    padding = _pair2(padding, "padding")
+    kernel, stride, padding = _window(kernel_size, stride, padding)
     if padding[0] > kernel[0] // 2 or padding[1] > kernel[1] // 2:
         raise ValueError(f"pooling: padding {padding} must be at most half the kernel {kernel} "
                          "(else some windows hold only padding)")
@@ -1683,7 +1717,15 @@ def _pool(x, kernel_size, stride, padding, reduce, pad_value):
 
 
 def max_pool2d(x, kernel_size, stride=None, padding=0):
-    return _pool(x, kernel_size, stride, padding, max, -np.inf)
+    x = _tensor(x)
+    return _pool(x, kernel_size, stride, padding, max, _lowest(x.data.dtype))
+
+
+def _lowest(dtype):
+    """The padding that never wins a maximum: -inf, or an integer dtype's minimum (max keeps integers)."""
+    if dtype.kind == "f":
+        return -np.inf
+    return np.iinfo(dtype).min if dtype.kind in "iu" else False
 
 
 def avg_pool2d(x, kernel_size, stride=None, padding=0):
@@ -1704,8 +1746,10 @@ def embedding(indices, weight):
 
 
 def dropout(x, p=0.5, training=True, rng=None):
-    """Zero each element with probability p and scale the rest by 1/(1-p); identity when not training."""
-    x = _tensor(x)
+    """Zero each element with probability p and scale the rest by 1/(1-p); identity when not training.
+
+    Integer and boolean input gives float32 (the scale is not an integer), in training or not."""
+    x = _floating(x)
     if not 0 <= p < 1:
         raise ValueError(f"dropout: p must be in [0, 1), got {p}")
     if not training or p == 0:

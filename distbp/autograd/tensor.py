@@ -417,7 +417,8 @@ class Tensor:
 
     def flatten(self, start_axis=0):
         shape = self.data.shape
-        return _ops.reshape(self, shape[:start_axis] + (int(np.prod(shape[start_axis:])),))
+        (start,) = _ops._axes(start_axis, len(shape))
+        return _ops.reshape(self, shape[:start] + (int(np.prod(shape[start:])),))
 
     def transpose(self, *axes):
         if len(axes) == 1 and isinstance(axes[0], (tuple, list)):

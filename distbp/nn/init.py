@@ -1,7 +1,7 @@
 """Weight initialisations, in place, drawing from distbp's seeded generator (or a given one)."""
 
 import math
-
+import warnings
 
 from ..autograd.grad_mode import no_grad
 from ..autograd.random import default_rng
@@ -51,13 +51,25 @@ def ones_(tensor):
     return constant_(tensor, 1)
 
 
+def _is_empty(tensor):
+    """A tensor with no elements has no fan to scale by: initialising it is a no-op, with PyTorch's warning."""
+    if tensor.data.size:
+        return False
+    warnings.warn("Initializing zero-element tensors is a no-op", stacklevel=3)
+    return True
+
+
 def xavier_uniform_(tensor, gain=1.0, rng=None):
+    if _is_empty(tensor):
+        return tensor
     fan_in, fan_out = _fans(tensor.data.shape)
     bound = gain * math.sqrt(6.0 / (fan_in + fan_out))
     return uniform_(tensor, -bound, bound, rng)
 
 
 def xavier_normal_(tensor, gain=1.0, rng=None):
+    if _is_empty(tensor):
+        return tensor
     fan_in, fan_out = _fans(tensor.data.shape)
     return normal_(tensor, 0.0, gain * math.sqrt(2.0 / (fan_in + fan_out)), rng)
 
@@ -71,11 +83,15 @@ def _kaiming_std(tensor, a, mode, nonlinearity):
 
 
 def kaiming_uniform_(tensor, a=0.0, mode="fan_in", nonlinearity="leaky_relu", rng=None):
+    if _is_empty(tensor):
+        return tensor
     bound = math.sqrt(3.0) * _kaiming_std(tensor, a, mode, nonlinearity)
     return uniform_(tensor, -bound, bound, rng)
 
 
 def kaiming_normal_(tensor, a=0.0, mode="fan_in", nonlinearity="leaky_relu", rng=None):
+    if _is_empty(tensor):
+        return tensor
     return normal_(tensor, 0.0, _kaiming_std(tensor, a, mode, nonlinearity), rng)
 
 

@@ -7,11 +7,20 @@ from . import init
 from .module import Module, Parameter
 
 
+def _size(value, name, minimum):
+    """A layer size as an int (numpy integers too), checked against its minimum."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
 class Linear(Module):
-    """y = x @ weight.T + bias; weight (out_features, in_features)."""
+    """y = x @ weight.T + bias; weight (out_features, in_features). A size may be 0, as in PyTorch."""
 
     def __init__(self, in_features, out_features, bias=True, dtype=np.float32):
         super().__init__()
+        in_features = _size(in_features, "Linear: in_features", 0)
+        out_features = _size(out_features, "Linear: out_features", 0)
         self.in_features, self.out_features = in_features, out_features
         self.weight = Parameter(np.empty((out_features, in_features), dtype), dtype=dtype)
         self.bias = Parameter(np.empty(out_features, dtype), dtype=dtype) if bias else None
@@ -27,7 +36,12 @@ class Linear(Module):
 class Conv2d(Module):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True, dtype=np.float32):
         super().__init__()
-        kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        in_channels = _size(in_channels, "Conv2d: in_channels", 1)
+        out_channels = _size(out_channels, "Conv2d: out_channels", 1)
+        try:
+            (kh, kw), _, _ = ops._window(kernel_size, stride, padding)
+        except ValueError as e:
+            raise ValueError(f"Conv2d: {e}") from None
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = (kh, kw), stride, padding
         self.weight = Parameter(np.empty((out_channels, in_channels, kh, kw), dtype), dtype=dtype)
@@ -51,7 +65,8 @@ class MaxPool2d(Module):
         return ops.max_pool2d(x, self.kernel_size, self.stride, self.padding)
 
     def extra_repr(self):
-        return f"kernel_size={self.kernel_size}, stride={self.stride or self.kernel_size}, padding={self.padding}"
+        stride = self.kernel_size if self.stride is None else self.stride
+        return f"kernel_size={self.kernel_size}, stride={stride}, padding={self.padding}"
 
 
 class AvgPool2d(MaxPool2d):
@@ -82,6 +97,9 @@ class GELU(Module):
 
     def forward(self, x):
         return ops.gelu(x, self.approximate)
+
+    def extra_repr(self):
+        return f"approximate={self.approximate!r}"
 
 
 class Tanh(Module):
@@ -154,10 +172,14 @@ class ModuleList(Module):
             self.append(m)
 
     def append(self, module):
+        if not isinstance(module, Module):  # None too: it would register nothing and leave no entry
+            raise TypeError(f"{type(self).__name__}: item {len(self)} must be a Module, not {type(module).__name__}")
         self.add_module(str(len(self._modules)), module)
         return self
 
     def __getitem__(self, i):
+        if isinstance(i, slice):
+            return ModuleList(list(self)[i])
         return list(self._modules.values())[i]
 
     def __len__(self):
@@ -173,6 +195,11 @@ class Sequential(ModuleList):
     def __init__(self, *modules):
         super().__init__(modules)
 
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return Sequential(*list(self)[i])
+        return super().__getitem__(i)
+
     def forward(self, x):
         for m in self._modules.values():
             x = m(x)
@@ -187,6 +214,9 @@ class CrossEntropyLoss(Module):
     def forward(self, logits, target):
         return ops.cross_entropy(logits, target, self.reduction, self.ignore_index)
 
+    def extra_repr(self):
+        return f"reduction={self.reduction!r}, ignore_index={self.ignore_index}"
+
 
 class MSELoss(Module):
     def __init__(self, reduction="mean"):
@@ -195,3 +225,6 @@ class MSELoss(Module):
 
     def forward(self, x, y):
         return ops.mse_loss(x, y, self.reduction)
+
+    def extra_repr(self):
+        return f"reduction={self.reduction!r}"

@@ -4,7 +4,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from ..autograd.tensor import Tensor
+from ..autograd.tensor import FLOAT_DTYPES, Tensor
 
 
 class Parameter(Tensor):
@@ -63,7 +63,19 @@ class Module:
         object.__delattr__(self, name)
 
     def register_buffer(self, name, value, persistent=True):
-        """A non-trainable array that belongs to the module's state (e.g. an attention mask)."""
+        """A non-trainable array that belongs to the module's state (e.g. an attention mask).
+
+        A None buffer is a placeholder: it stays out of state_dict until it holds an array.
+        """
+        if not isinstance(name, str):
+            raise TypeError(f"register_buffer: the name must be a str, not {type(name).__name__}")
+        if not name or "." in name:
+            raise KeyError(f"register_buffer: the name must be non-empty and contain no '.', got {name!r}")
+        if name not in self._buffers and hasattr(self, name):  # a parameter, a submodule or a plain attribute
+            raise KeyError(f"register_buffer: attribute {name!r} already exists")
+        if value is not None and not isinstance(value, (np.ndarray, Tensor)):
+            raise TypeError(f"register_buffer: {name!r} must be an array, a Tensor or None, "
+                            f"not {type(value).__name__}")
         self._buffers[name] = value
         if persistent:
             self._persistent.add(name)
@@ -81,6 +93,9 @@ class Module:
             self.__setattr__(name, param)
 
     def add_module(self, name, module):
+        if module is not None and not isinstance(module, Module):
+            raise TypeError(f"{type(self).__name__}.add_module: {name!r} must be a Module or None, "
+                            f"not {type(module).__name__}")
         self.__setattr__(name, module)
 
     # --- traversal -------------------------------------------------------------------------------------
@@ -123,9 +138,10 @@ class Module:
             yield p
 
     def named_buffers(self, persistent_only=False):
+        """(dotted name, buffer) for every buffer that is not None (as in PyTorch)."""
         for mod_name, mod in self.named_modules():
             for name, b in mod._buffers.items():
-                if persistent_only and name not in mod._persistent:
+                if b is None or persistent_only and name not in mod._persistent:
                     continue
                 yield (f"{mod_name}.{name}" if mod_name else name), b
 
@@ -135,6 +151,8 @@ class Module:
     # --- modes and gradients ---------------------------------------------------------------------------
 
     def train(self, mode=True):
+        if not isinstance(mode, (bool, np.bool_)):  # bool("False") is True
+            raise ValueError(f"train: mode must be a bool, not {type(mode).__name__} {mode!r}")
         for m in self.modules():
             object.__setattr__(m, "training", bool(mode))
         return self
@@ -150,19 +168,37 @@ class Module:
                 p.grad.data[...] = 0
 
     def apply(self, fn):
-        for m in self.modules():
+        """fn(m) for every module, each once, children before their parent (PyTorch's order)."""
+        seen = set()
+
+        def visit(m):
+            seen.add(id(m))
+            for child in m._modules.values():
+                if id(child) not in seen:
+                    visit(child)
             fn(m)
+
+        visit(self)
         return self
 
     def to(self, dtype):
-        """Cast every parameter and floating buffer to dtype (float32 or float64), in place."""
+        """Cast every parameter and floating buffer to a floating dtype (float32 or float64), in place.
+
+        Parameters and Tensor buffers are changed in place (an optimizer holds the parameters); array
+        buffers are replaced.
+        """
         dtype = np.dtype(dtype)
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"Module.to: dtype must be floating point, not {dtype}")
         for p in self.parameters():
             p.data = p.data.astype(dtype)
             p.grad = None
         for m in self.modules():
             for name, b in list(m._buffers.items()):
-                if isinstance(b, np.ndarray) and b.dtype.kind == "f":
+                if isinstance(b, Tensor) and b.data.dtype.kind == "f":
+                    b.data = b.data.astype(dtype)
+                    b.grad = None
+                elif isinstance(b, np.ndarray) and b.dtype.kind == "f":
                     m.register_buffer(name, b.astype(dtype), name in m._persistent)
         return self
 
@@ -228,10 +264,10 @@ class Module:
         return ""
 
     def __repr__(self):
-        lines = [f"{type(self).__name__}({self.extra_repr()}"]
-        if self._modules:
-            for name, m in self._modules.items():
-                child = repr(m).replace("\n", "\n  ")
-                lines.append(f"  ({name}): {child}")
-            return lines[0] + "\n" + "\n".join(lines[1:]) + "\n)"
-        return lines[0] + ")"
+        """PyTorch's layout: the options on one line with no children, else options and children one per line."""
+        extra = self.extra_repr()
+        lines = extra.split("\n") if extra else []
+        lines += [f"({name}): " + repr(m).replace("\n", "\n  ") for name, m in self._modules.items()]
+        if not self._modules and len(lines) == 1:
+            return f"{type(self).__name__}({lines[0]})"
+        return f"{type(self).__name__}(" + "".join(f"\n  {line}" for line in lines) + ("\n)" if lines else ")")
