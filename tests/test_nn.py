@@ -538,7 +538,9 @@ def test_linear_with_zero_in_features_matches_torch(rng):
     ((3, 2, 2.5), "kernel_size must be an int or a pair of ints"),
     ((3, 2, 3, 0), r"stride \(0, 0\) must be positive"),
     ((3, 2, 3, 1, -1), r"padding \(-1, -1\) non-negative"),
-], ids=["in0", "out0", "in-float", "kernel0", "kernel-3x0", "kernel-3d", "kernel-float", "stride0", "padding-neg"])
+    ((3, 2, 3, None), "stride must be an int or a pair of ints, not None"),  # pooling's None means the kernel
+], ids=["in0", "out0", "in-float", "kernel0", "kernel-3x0", "kernel-3d", "kernel-float", "stride0", "padding-neg",
+        "stride-none"])
 def test_conv2d_refuses_bad_sizes(args, match):
     with pytest.raises(ValueError, match="Conv2d: .*" + match):
         nn.Conv2d(*args)

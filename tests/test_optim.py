@@ -506,6 +506,7 @@ def _p():
     # nan passes every comparison, and one step then makes every parameter nan
     pytest.param(lambda: optim.SGD([_p()], lr=float("nan")), "learning rate", id="sgd-nan-lr"),
     pytest.param(lambda: optim.SGD([_p()], lr=float("inf")), "learning rate", id="sgd-inf-lr"),
+    pytest.param(lambda: optim.SGD([_p()], lr=10**400), "learning rate", id="sgd-huge-int-lr"),  # no float holds it
     pytest.param(lambda: optim.SGD([_p()], lr=0.1, momentum=float("nan")), "momentum", id="sgd-nan-momentum"),
     pytest.param(lambda: optim.SGD([_p()], lr=0.1, dampening=float("nan")), "dampening", id="sgd-nan-dampening"),
     pytest.param(lambda: optim.Adam([_p()], lr=np.float32("nan")), "learning rate", id="adam-nan-lr"),

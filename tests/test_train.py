@@ -1,10 +1,12 @@
 """The training service end to end: accuracy targets on digits, exact resume, charlm, the training step."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 
+from distbp import nn
 from distbp.train import CheckpointError, ConfigError, Trainer, load_checkpoint, make_config
 from distbp.train.checkpoint import load_safetensors
 
@@ -135,33 +137,76 @@ def test_metrics_log_the_learning_rate_each_step_used(tmp_path):
     np.testing.assert_allclose([r["lr"] for r in records], expected, rtol=1e-6)
 
 
-@pytest.mark.parametrize("total", [6, 8, 46, 100])
+@pytest.mark.parametrize("total", [3, 4, 5, 7, 8, 46, 100])
 def test_the_step_schedule_has_three_stages(total):
-    trainer = Trainer(make_config({"schedule": "step", "lr": 1.0, "progress": "none", "epochs": 1,
-                                   "batch_size": 1, "synthetic_size": total, "dataset": "synthetic"}))
+    from distbp.train import build_optimizer, build_schedule
+
+    config = make_config({"schedule": "step", "lr": 1.0})
+    optimizer = build_optimizer(config, [nn.Parameter(np.zeros(2, np.float32))])
+    schedule = build_schedule(config, optimizer, total)
     lrs = []
-    for _ in range(trainer.total_steps):
-        lrs.append(trainer.optimizer.param_groups[0]["lr"])
-        trainer.schedule.step()
+    for _ in range(total):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        schedule.step()
     levels = sorted(set(lrs), reverse=True)
     np.testing.assert_allclose(levels, [1.0, 0.1, 0.01])
     counts = [lrs.count(level) for level in levels]
-    assert max(counts) - min(counts) <= 2, counts
+    assert lrs == sorted(lrs, reverse=True) and max(counts) - min(counts) <= 1, lrs
 
 
-def test_a_resumed_run_reports_the_training_loss_of_an_uninterrupted_one(tmp_path):
-    # the mean training loss of an evaluation interval spans the interruption
-    common = dict(epochs=2, batch_size=128, eval_every=6)
-    fit(**common, metrics=str(tmp_path / "whole.jsonl"))
-    ckpt = tmp_path / "run.ckpt"
-    fit(**common, checkpoint=str(ckpt), max_steps=9, metrics=str(tmp_path / "part.jsonl"))
-    fit(**common, checkpoint=str(ckpt), resume=True, metrics=str(tmp_path / "part.jsonl"))
+def test_a_run_killed_and_resumed_reports_the_training_loss_of_an_uninterrupted_one(tmp_path):
+    # killed after the checkpoint of step 8: the evaluation interval 7-12 spans the kill, and the mean of
+    # its training losses counts steps 7 and 8 too (they are in the checkpoint)
+    ckpt, killed_at = tmp_path / "run.ckpt", tmp_path / "at8.ckpt"
+
+    class CopyAtStep8(Trainer):
+        def save(self):
+            super().save()
+            if self.step == 8:
+                shutil.copy(ckpt, killed_at)
+
+    common = dict(epochs=2, batch_size=128, eval_every=6, checkpoint_every=4, progress="none")
+    CopyAtStep8(make_config({**common, "checkpoint": str(ckpt), "metrics": str(tmp_path / "whole.jsonl")})).fit()
+    fit(**common, checkpoint=str(killed_at), resume=True, metrics=str(tmp_path / "part.jsonl"))
     whole = {r["step"]: r for r in _records(tmp_path / "whole.jsonl")}
     part = {r["step"]: r for r in _records(tmp_path / "part.jsonl")}
-    assert 9 in part and 12 in whole
-    for step in whole:
+    assert min(part) == 12 and max(part) == max(whole)
+    for step in part:
         assert part[step]["train_loss"] == pytest.approx(whole[step]["train_loss"], rel=1e-12), step
         assert part[step]["lr"] == whole[step]["lr"], step
+
+
+@pytest.mark.parametrize("eval_every", [0, 10])
+def test_a_run_started_again_after_its_end_adds_no_record(tmp_path, eval_every):
+    # a requeued job runs the same command again: the checkpoint says the run ended and was reported
+    options = dict(epochs=1, eval_every=eval_every, checkpoint=str(tmp_path / "run.ckpt"), resume=True,
+                   metrics=str(tmp_path / "m.jsonl"))
+    fit(**options)
+    first = _records(tmp_path / "m.jsonl")
+    fit(**options)
+    assert _records(tmp_path / "m.jsonl") == first and first[-1]["step"] == 45
+
+
+def test_after_a_stop_at_max_steps_the_next_record_averages_the_steps_since_the_last(tmp_path):
+    options = dict(epochs=1, checkpoint=str(tmp_path / "run.ckpt"), metrics=str(tmp_path / "m.jsonl"))
+    trainer, _ = fit(**options, max_steps=5)
+    fit(**options, max_steps=10, resume=True)
+    records = _records(tmp_path / "m.jsonl")
+    assert [r["step"] for r in records] == [5, 10]
+    whole = []
+    uninterrupted = Trainer(make_config({"epochs": 1, "max_steps": 10, "progress": "none"}))
+    uninterrupted._train_step = _recording(uninterrupted._train_step, whole)
+    uninterrupted.fit()
+    assert records[0]["train_loss"] == pytest.approx(np.mean(whole[:5]), rel=1e-12)
+    assert records[1]["train_loss"] == pytest.approx(np.mean(whole[5:]), rel=1e-12)
+
+
+def _recording(step, losses):
+    def record(x, y):
+        loss = step(x, y)
+        losses.append(loss)
+        return loss
+    return record
 
 
 @pytest.mark.parametrize("key", ["checkpoint", "metrics", "trace"])

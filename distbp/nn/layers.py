@@ -39,6 +39,8 @@ class Conv2d(Module):
         in_channels = _size(in_channels, "Conv2d: in_channels", 1)
         out_channels = _size(out_channels, "Conv2d: out_channels", 1)
         try:
+            if stride is None:  # pooling's "the kernel's"; a convolution's stride is given or 1
+                raise ValueError("stride must be an int or a pair of ints, not None")
             (kh, kw), _, _ = ops._window(kernel_size, stride, padding)
         except ValueError as e:
             raise ValueError(f"Conv2d: {e}") from None

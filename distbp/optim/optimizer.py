@@ -244,7 +244,12 @@ class Optimizer:
 def is_finite_real(value):
     """A finite real number, and not a bool (True would pass as 1; a nan hyper-parameter passes every
     comparison check and turns the parameters into nan at the first step)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _index(idx):

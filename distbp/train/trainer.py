@@ -69,8 +69,8 @@ def build_schedule(config, optimizer, total_steps):
     if config.schedule == "cosine":
         after = optim.CosineAnnealingLR(optimizer, decay_steps).lr_at
     elif config.schedule == "step":
-        # 10x lower after each third of the decay steps: ceil, so that a remainder does not make a fourth stage
-        after = optim.StepLR(optimizer, -(-decay_steps // 3), gamma=0.1).lr_at
+        def after(base_lr, t):  # 10x lower after each third of the decay steps (three stages from 3 steps on)
+            return base_lr * 0.1 ** min(2, 3 * t // decay_steps)
     if config.warmup_steps:
         return optim.LinearWarmupLR(optimizer, config.warmup_steps, after=after)
     return optim.LambdaLR(optimizer, lambda t: 1.0) if after is None else _Closed(optimizer, after)
@@ -302,12 +302,13 @@ class Trainer:
                 if not cfg.eval_every and self.loss_count:
                     test_loss, accuracy = self._log_eval(metrics, progress)
                 self.epoch, self.batch = self.epoch + 1, 0
-                if not cfg.checkpoint_every:
-                    self.save()
-        if stopped and not finished:
+                if not cfg.checkpoint_every and not stopped and self.epoch < cfg.epochs:
+                    self.save()  # (the run's end is saved below)
+        if not finished:
+            # the last record, then the last checkpoint: a run started again finds it ended and reported
+            if self.loss_count:
+                test_loss, accuracy = self._log_eval(metrics, progress)
             self.save()
-        if self.loss_count:
-            test_loss, accuracy = self._log_eval(metrics, progress)
         elapsed = time.perf_counter() - started
         summary = {"steps": self.step, "epochs": self.epoch, "test_loss": test_loss,
                    "test_accuracy": accuracy, "seconds": elapsed}
