@@ -82,6 +82,44 @@ def test_committed_stubs_match_the_proto(tmp_path):
         assert generated == committed, f"distbp/ps/v1/{name} is stale: regenerate it from protos/ (see README)"
 
 
+def _key(number, kind):
+    assert number < 16  # one byte
+    return bytes([number << 3 | kind])
+
+
+def _length_delimited(number, payload):
+    assert len(payload) < 128
+    return _key(number, 2) + bytes([len(payload)]) + payload
+
+
+def test_the_decoder_merges_a_chunk_given_in_parts_and_skips_groups_as_protobuf_does():
+    data = np.arange(4, dtype=np.float32).tobytes()
+    head = _length_delimited(1, b"w") + _length_delimited(2, b"float32") + _length_delimited(3, bytes([4]))
+    group = _key(15, 3) + _key(1, 0) + bytes([7]) + _key(15, 4)  # an unknown group field, skipped
+    message = (_key(1, 0) + bytes([3]) + _length_delimited(3, head + group)
+               + _length_delimited(3, _length_delimited(5, data)))  # the chunk field twice: merged
+    standard = ps_pb2.PushRequest.FromString(message)
+    values, chunk = decode_message(message, {1: "worker_id"}, 3)
+    assert values == {"worker_id": 3}
+    assert (chunk.name, chunk.dtype, list(chunk.shape), bytes(chunk.data)) == \
+           (standard.chunk.name, standard.chunk.dtype, list(standard.chunk.shape), standard.chunk.data)
+
+
+@pytest.mark.parametrize("message,error", [
+    # a packed varint cut at the field's end must not read on into the next field
+    (_length_delimited(3, _length_delimited(3, bytes([0x80])) + _key(4, 0) + bytes([1])), "truncated"),
+    (_key(0, 0) + bytes([1]) + _length_delimited(3, _length_delimited(1, b"w")), "field number 0"),
+    (_length_delimited(3, _key(15, 3) + _key(1, 0) + bytes([7])), "group"),  # never ended
+], ids=["packed-overrun", "field-0", "open-group"])
+def test_the_decoder_refuses_what_protobuf_refuses(message, error):
+    from google.protobuf.message import DecodeError
+
+    with pytest.raises(DecodeError):
+        ps_pb2.PushRequest.FromString(message)
+    with pytest.raises(WireError, match=error):
+        decode_message(message, {1: "worker_id"}, 3)
+
+
 def test_large_tensors_travel_in_chunks_below_the_limit():
     array = np.arange(3_000_000, dtype=np.float32).reshape(1000, 3000)
     chunks = list(to_chunks("w", array))
@@ -1099,6 +1137,98 @@ def test_a_worker_with_other_training_settings_is_refused_naming_the_setting():
         PSClient(addresses, _named(config), settings=ps_settings(config)).register()
     finally:
         stop()
+
+
+def _register_raw(address, signature, settings="", token=None):
+    """Register with only the generated stubs, as a client in another language would."""
+    from distbp.ps.v1 import ps_pb2_grpc
+
+    metadata = [("authorization", token)] if token else None
+    with grpc.insecure_channel(address) as channel:
+        stub = ps_pb2_grpc.ParameterServerStub(channel)
+        status = stub.Status(ps_pb2.StatusRequest(), metadata=metadata)
+        reply = stub.Register(ps_pb2.RegisterRequest(worker_name="other", requested_id=-1, signature=signature,
+                                                     settings=settings), metadata=metadata)
+        return status, reply
+
+
+def test_a_client_learns_the_signature_from_status_and_any_json_spelling_of_it_registers():
+    import json
+
+    config = make_config({"epochs": 1, "progress": "none"})
+    addresses, _, stop = start_servers(config, 1, 2)
+    try:
+        with grpc.insecure_channel(addresses[0]) as channel:
+            from distbp.ps.v1 import ps_pb2_grpc
+
+            status = ps_pb2_grpc.ParameterServerStub(channel).Status(ps_pb2.StatusRequest())
+        model = json.loads(status.signature)
+        assert [name for name, _, _ in model] == [n for n, _ in _named(config)]
+        compact = json.dumps(model, separators=(",", ":"))  # Go's, JavaScript's and Rust's spelling
+        assert compact != status.signature
+        _, reply = _register_raw(addresses[0], compact)
+        assert reply.worker_id == 0
+        with pytest.raises(grpc.RpcError) as refused:
+            _register_raw(addresses[0], json.dumps([[n, s, "<f4"] for n, s, _ in model]))
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        with pytest.raises(grpc.RpcError) as refused:
+            _register_raw(addresses[0], "{not json")
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "signature is not JSON" in refused.value.details()
+    finally:
+        stop()
+
+
+def test_unknown_settings_are_refused_naming_them():
+    # a client that misspells a key must not believe it was checked
+    config = make_config({"epochs": 1, "progress": "none"})
+    addresses, _, stop = start_servers(config)
+    try:
+        signature = PSClient(addresses, _named(config)).signature
+        with pytest.raises(grpc.RpcError) as refused:
+            _register_raw(addresses[0], signature, settings='{"learning_rate": 0.5, "lr": 0.1}')
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "unknown settings ['learning_rate']" in refused.value.details()
+        # momentum is a known key even where the server's optimizer has none (Adam): compared only where it applies
+        assert _register_raw(addresses[0], signature, settings='{"lr": 0.1, "momentum": 0.9}')[1].worker_id == 0
+    finally:
+        stop()
+
+
+def test_the_settings_keys_are_the_ones_the_proto_lists():
+    from distbp.train.config import PS_SHARED_KEYS
+
+    proto = " ".join((ROOT / "protos/distbp/ps/v1/ps.proto").read_text().replace("//", " ").split())
+    listed = proto.split("with some of the keys ")[1].split(" (the `distbp train` options")[0]
+    assert [k.strip() for k in listed.split(",")] == list(PS_SHARED_KEYS)
+
+
+def test_the_token_scheme_is_case_insensitive_and_documented():
+    config = make_config({"epochs": 1, "progress": "none"})
+    addresses, _, stop = start_servers(config, 1, 1, token="s3cret")
+    try:
+        signature = PSClient(addresses, _named(config)).signature
+        assert _register_raw(addresses[0], signature, token="bearer s3cret")[1].worker_id == 0
+        for header in ("s3cret", "Bearer wrong", "Basic s3cret"):
+            with pytest.raises(grpc.RpcError) as refused:
+                _register_raw(addresses[0], signature, token=header)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        stop()
+    assert "`authorization: Bearer T`" in (ROOT / "protos/distbp/ps/v1/ps.proto").read_text()
+
+
+def test_a_finite_gradient_whose_square_overflows_is_applied_without_a_warning():
+    import warnings
+
+    from distbp.optim import SGD
+
+    shard = _shard_of({"w": np.zeros(4, np.float32)}, lambda ps: SGD(ps, lr=1e-40))
+    shard.register(0, shard.signature)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _push_arrays(shard, {"w": np.full(4, 3e38, np.float32)})
+    assert shard.version == 1 and np.isfinite(shard.params["w"].data).all()
 
 
 def _serve_args(**overrides):

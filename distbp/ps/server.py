@@ -9,10 +9,11 @@ Modes:
            pull waits until the others catch up.
 """
 
+import hmac
 import json
-import secrets
 import logging
 import math
+import secrets
 import threading
 import time
 from pathlib import Path
@@ -33,7 +34,8 @@ class Shard:
     """The state of one shard and the rules of the chosen mode; the gRPC servicer is a thin layer on it."""
 
     def __init__(self, params, optimizer, schedule=None, mode="sync", workers=1, staleness=2, sync_timeout=60.0,
-                 shard=0, num_shards=1, signature="", checkpoint=None, checkpoint_every=0, settings=None):
+                 shard=0, num_shards=1, signature="", checkpoint=None, checkpoint_every=0, settings=None,
+                 setting_keys=None):
         if mode not in MODES:
             raise ValueError(f"parameter server: mode must be one of {MODES}, not {mode!r}")
         if workers < 1:
@@ -44,6 +46,8 @@ class Shard:
         self.mode, self.expected, self.staleness, self.sync_timeout = mode, workers, staleness, sync_timeout
         self.shard, self.num_shards, self.signature = shard, num_shards, signature
         self.settings = settings or {}  # training settings a worker must share (see register)
+        # the keys a worker may send (None: any); the server's own settings leave out those that do not apply
+        self.setting_keys = None if setting_keys is None else set(setting_keys) | set(self.settings)
         self.checkpoint, self.checkpoint_every = checkpoint, checkpoint_every
         self.expected_shapes = {n: (p.data.shape, p.data.dtype) for n, p in params.items()}
         self.cond = threading.Condition()
@@ -70,9 +74,14 @@ class Shard:
 
     def register(self, requested_id, signature, settings=None):
         """(worker id, registration token) for a joining worker."""
-        if signature != self.signature:
+        if _parse_signature(signature) != _parse_signature(self.signature):
             raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
-                           "the worker's model differs from the server's (parameter names, shapes or dtypes)")
+                           "the worker's model differs from the server's (parameter names, shapes or dtypes; "
+                           "the server's is in StatusReply.signature)")
+        unknown = sorted(set(settings or {}) - self.setting_keys) if self.setting_keys is not None else []
+        if unknown:
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"unknown settings {unknown}; known: {sorted(self.setting_keys)}")
         for key, value in (settings or {}).items():
             if key in self.settings and self.settings[key] != value:
                 raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
@@ -146,7 +155,9 @@ class Shard:
                 values = assembler.add(chunk)
                 # checked as each chunk arrives, while it is in cache: g.g is finite for every finite
                 # gradient short of overflow (one BLAS pass); only when it is not is the exact check needed
-                if not math.isfinite(float(np.dot(values, values))) and not np.isfinite(values).all():
+                with np.errstate(over="ignore"):  # a finite gradient may overflow g.g: the exact check decides
+                    rough = float(np.dot(values, values))
+                if not math.isfinite(rough) and not np.isfinite(values).all():
                     raise WireError(f"{chunk.name} has non-finite values")
             grads = {name: self._piece_gradients(name, segments) for name, segments in assembler.segments().items()}
         except WireError as e:
@@ -437,6 +448,23 @@ class _Encoding:
             i += 1
 
 
+def _parse_signature(text):
+    """A model signature, JSON [[name, shape, dtype], ...], as a comparable value (so that any JSON
+    encoder's spacing and number spelling give the same); INVALID_ARGUMENT when it is not one."""
+    if not text:
+        return ()  # no parameters (a server built without a signature, in tests)
+    try:
+        value = json.loads(text)
+        parsed = tuple((name, tuple(shape), dtype) for name, shape, dtype in value)
+        if all(isinstance(n, str) and isinstance(d, str) and all(type(k) is int for k in shape)
+               for n, shape, d in parsed):
+            return parsed
+    except (ValueError, TypeError):
+        pass
+    raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                   "the registration's signature is not JSON [[name, shape, dtype], ...] (see StatusReply.signature)")
+
+
 class _Refused(Exception):
     def __init__(self, code, message):
         super().__init__(message)
@@ -518,7 +546,8 @@ class Servicer(ps_pb2_grpc.ParameterServerServicer):
         s = self.shard
         with s.cond:
             return ps_pb2.StatusReply(version=s.version, mode=s.mode, workers=sorted(s.active), pushes=s.pushes,
-                                      shard=s.shard, num_shards=s.num_shards, parameters=list(s.params))
+                                      shard=s.shard, num_shards=s.num_shards, parameters=list(s.params),
+                                      signature=s.signature)
 
 
 _PUSH_INTS = {1: "worker_id", 2: "version", 4: "sequence", 5: "registration"}  # the last two are uint64
@@ -553,10 +582,11 @@ def _prepend(head, rest):
 
 
 class _TokenCheck(grpc.ServerInterceptor):
-    """Every call to the parameter-server service must carry `authorization: Bearer <token>`."""
+    """Every call to the parameter-server service must carry `authorization: Bearer <token>` (the scheme's
+    case does not matter, as in HTTP)."""
 
     def __init__(self, token):
-        self.expected = f"Bearer {token}"
+        self.token = token.encode()
 
         def deny(request, context):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
@@ -569,7 +599,7 @@ class _TokenCheck(grpc.ServerInterceptor):
     def intercept_service(self, continuation, details):
         if not details.method.startswith("/distbp.ps.v1.ParameterServer/"):
             return continuation(details)  # health checks and reflection stay open
-        if dict(details.invocation_metadata).get("authorization") == self.expected:
+        if self._carries_token(dict(details.invocation_metadata).get("authorization")):
             return continuation(details)
         if details.method.endswith("/Push"):
             return self._deny_stream_in
@@ -578,6 +608,10 @@ class _TokenCheck(grpc.ServerInterceptor):
         if details.method.endswith("/PushPull"):
             return self._deny_streams
         return self._deny_unary
+
+    def _carries_token(self, header):
+        scheme, _, token = (header or "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.token)
 
 
 MESSAGE_LIMIT = 16 * 1024 * 1024

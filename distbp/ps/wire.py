@@ -201,10 +201,12 @@ def encode_chunks(name, array, ints, chunk_field, chunk_bytes=CHUNK_BYTES):
         yield b"".join((prefix, length, head, _padding(pad), data_tag, data))
 
 
-def _read_varint(buf, pos):
+def _read_varint(buf, pos, end=None):
+    """(value, position after it) of the varint at buf[pos:], which must end before `end`."""
+    end = len(buf) if end is None else end
     result = shift = 0
     while True:
-        if pos >= len(buf):
+        if pos >= end:
             raise WireError("truncated message")
         byte = buf[pos]
         pos += 1
@@ -217,16 +219,19 @@ def _read_varint(buf, pos):
 
 
 def _fields(buf, start, end):
-    """(field number, wire type, value or (begin, end)) for each field of buf[start:end]."""
+    """(field number, wire type, value or (begin, end)) for each field of buf[start:end]; unknown fields of
+    every wire type are skipped, as protobuf's own parsers skip them."""
     pos = start
     while pos < end:
-        key, pos = _read_varint(buf, pos)
+        key, pos = _read_varint(buf, pos, end)
         number, kind = key >> 3, key & 7
+        if number == 0:
+            raise WireError("field number 0")
         if kind == 0:
-            value, pos = _read_varint(buf, pos)
+            value, pos = _read_varint(buf, pos, end)
             yield number, kind, value
         elif kind == 2:
-            length, pos = _read_varint(buf, pos)
+            length, pos = _read_varint(buf, pos, end)
             if pos + length > end:
                 raise WireError("a field runs past the end of the message")
             yield number, kind, (pos, pos + length)
@@ -235,10 +240,38 @@ def _fields(buf, start, end):
             pos += 8
         elif kind == 5:
             pos += 4
+        elif kind == 3:  # a group (deprecated, never one of ours): skipped whole, up to its end tag
+            pos = _skip_group(buf, pos, end, number)
         else:
             raise WireError(f"unsupported wire type {kind}")
     if pos != end:
         raise WireError("truncated message")
+
+
+def _skip_group(buf, pos, end, number):
+    """The position after the group `number` that starts at pos (after its start tag)."""
+    while True:
+        if pos >= end:
+            raise WireError("a group runs past the end of the message")
+        key, pos = _read_varint(buf, pos, end)
+        inner, kind = key >> 3, key & 7
+        if kind == 4:
+            if inner != number:
+                raise WireError(f"group {number} ends with the end tag of {inner}")
+            return pos
+        if kind == 0:
+            _, pos = _read_varint(buf, pos, end)
+        elif kind == 2:
+            length, pos = _read_varint(buf, pos, end)
+            pos += length
+        elif kind == 1:
+            pos += 8
+        elif kind == 5:
+            pos += 4
+        elif kind == 3:
+            pos = _skip_group(buf, pos, end, inner)
+        else:
+            raise WireError(f"unsupported wire type {kind}")
 
 
 def _signed(value):
@@ -255,7 +288,7 @@ def _decode_chunk(buf, start, end):
         elif number == 3 and kind == 2:  # packed
             pos, stop = value
             while pos < stop:
-                n, pos = _read_varint(buf, pos)
+                n, pos = _read_varint(buf, pos, stop)
                 chunk.shape.append(_signed(n))
         elif number == 3 and kind == 0:
             chunk.shape.append(_signed(value))
@@ -272,12 +305,17 @@ def decode_message(data, ints, chunk_field, unsigned=()):
     The int fields are signed (int32, int64) except the numbers in `unsigned` (uint64)."""
     buf = memoryview(data)
     values = {name: 0 for name in ints.values()}
-    chunk = None
+    chunks = []
     for number, kind, value in _fields(buf, 0, len(buf)):
         if number in ints and kind == 0:
             values[ints[number]] = value if number in unsigned else _signed(value)
         elif number == chunk_field and kind == 2:
-            chunk = _decode_chunk(buf, *value)
-    if chunk is None:
+            chunks.append(value)
+    if not chunks:
         raise WireError("a message without a tensor chunk")
-    return values, chunk
+    if len(chunks) == 1:
+        return values, _decode_chunk(buf, *chunks[0])
+    # a message field given more than once is merged, as protobuf merges it: the same as parsing the
+    # concatenation of its parts (a copy, on this path only; no encoder of distbp's splits a chunk)
+    joined = b"".join(bytes(buf[a:b]) for a, b in chunks)
+    return values, _decode_chunk(memoryview(joined), 0, len(joined))

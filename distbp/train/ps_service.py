@@ -11,7 +11,7 @@ from ..data import BatchLoader, ShardSampler
 from ..ps.client import model_signature
 from ..ps.server import Shard, serve
 from ..ps.wire import assign_shards
-from .config import ConfigError, check_pem, check_writable, ps_settings
+from .config import PS_SHARED_KEYS, ConfigError, check_pem, check_writable, ps_settings
 from .trainer import build_data, build_model, build_optimizer, build_schedule
 
 
@@ -35,7 +35,8 @@ def build_shard(config, shard=0, num_shards=1, workers=1, mode="sync", staleness
     schedule = build_schedule(replace(config, warmup_steps=config.warmup_steps * per_round), optimizer,
                               config.epochs * len(loader) * per_round)
     return Shard(mine, optimizer, schedule, mode, workers, staleness, sync_timeout, shard, num_shards,
-                 model_signature(named), checkpoint, checkpoint_every, settings=ps_settings(config))
+                 model_signature(named), checkpoint, checkpoint_every, settings=ps_settings(config),
+                 setting_keys=PS_SHARED_KEYS)
 
 
 def check_server_options(config, args):

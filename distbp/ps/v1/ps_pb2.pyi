@@ -93,7 +93,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("version", "mode", "workers", "pushes", "shard", "num_shards", "parameters")
+    __slots__ = ("version", "mode", "workers", "pushes", "shard", "num_shards", "parameters", "signature")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +101,7 @@ class StatusReply(_message.Message):
     SHARD_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     version: int
     mode: str
     workers: _containers.RepeatedScalarFieldContainer[int]
@@ -108,4 +109,5 @@ class StatusReply(_message.Message):
     shard: int
     num_shards: int
     parameters: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, version: _Optional[int] = ..., mode: _Optional[str] = ..., workers: _Optional[_Iterable[int]] = ..., pushes: _Optional[int] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., parameters: _Optional[_Iterable[str]] = ...) -> None: ...
+    signature: str
+    def __init__(self, version: _Optional[int] = ..., mode: _Optional[str] = ..., workers: _Optional[_Iterable[int]] = ..., pushes: _Optional[int] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., parameters: _Optional[_Iterable[str]] = ..., signature: _Optional[str] = ...) -> None: ...

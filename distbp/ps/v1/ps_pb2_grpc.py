@@ -88,6 +88,7 @@ class ParameterServerServicer:
     def PushPull(self, request_iterator, context):
         """Push, then Pull in the same call: the parameters once the push is applied (sync: the next version,
         after every worker pushed; async and bounded: the current one). One call per step instead of two.
+        The replies start after the client has closed its side of the stream (the push is then complete).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
