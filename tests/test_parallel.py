@@ -383,12 +383,119 @@ def test_unused_parameters_are_named_or_zeroed():
         ddp = DataParallel(model, comm, allow_unused=allow)
         ddp(Tensor(np.ones((2, 4)))).sum().backward()
         ddp.synchronize()
-        return model.unused.weight.grad.data.copy()
+        return model.unused.weight.grad
 
     with pytest.raises(RankFailed, match=r"unused\.weight, unused\.bias"):
         run_ranks(2, lambda c: body(c, False), timeout=20)
-    for g in run_ranks(2, lambda c: body(c, True)):
-        np.testing.assert_array_equal(g, np.zeros((2, 4)))
+    # unused on every rank: no gradient at all (as in PyTorch DDP), so no optimizer moves it
+    assert run_ranks(2, lambda c: body(c, True)) == [None, None]
+
+
+class _Heads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2), nn.Linear(4, 2)
+
+    def forward(self, x, heads):
+        h = self.body(x)
+        return sum(getattr(self, k)(h).sum() for k in heads)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_with_allow_unused_training_equals_one_process_when_a_head_is_used_on_some_steps_and_ranks(optimizer):
+    # head b: unused on every rank at even steps (its .grad stays None, as in one process, so momentum and
+    # weight decay leave it alone), used on rank 1 only at odd steps
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((2, 2, 4)).astype(np.float32) for _ in range(6)]
+
+    def heads(step, rank):
+        return "ab" if step % 2 and rank == 1 else "a"
+
+    def make():
+        distbp.manual_seed(0)
+        model = _Heads()
+        opt = (distbp.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1) if optimizer == "sgd"
+               else distbp.optim.Adam(model.parameters(), lr=0.01))
+        return model, opt
+
+    model, opt = make()
+    for step, x in enumerate(xs):
+        opt.zero_grad()
+        loss = sum(model(Tensor(x[r]), heads(step, r)) for r in range(2)) * (1 / 2)
+        loss.backward()
+        opt.step()
+    expected = {n: p.data.copy() for n, p in model.named_parameters()}
+
+    def body(comm):
+        model, opt = make()
+        ddp = DataParallel(model, comm, allow_unused=True)
+        for step, x in enumerate(xs):
+            opt.zero_grad()
+            ddp(Tensor(x[comm.rank]), heads(step, comm.rank)).backward()
+            ddp.synchronize()
+            opt.step()
+        return {n: p.data.copy() for n, p in model.named_parameters()}
+
+    for got in run_ranks(2, body):
+        for name, value in expected.items():
+            np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+@pytest.mark.parametrize("change", ["freeze", "unfreeze"])
+def test_changing_which_parameters_train_after_construction_is_an_error(change):
+    def body(comm):
+        model = _mlp()
+        if change == "unfreeze":
+            model[0].bias.requires_grad = False
+        ddp = DataParallel(model, comm)
+        model[0].bias.requires_grad = change == "unfreeze"
+        cross_entropy(ddp(Tensor(np.ones((2, 8), np.float32))), np.zeros(2, np.int64)).backward()
+        ddp.synchronize()
+
+    with pytest.raises(RankFailed, match=r"0\.bias changed requires_grad after DataParallel was built"):
+        run_ranks(2, body, timeout=20)
+
+
+def test_ranks_with_different_buffers_are_stopped_naming_the_buffer():
+    def body(comm):
+        model = _mlp()
+        model.register_buffer("running", np.zeros(3 if comm.rank == 0 else 4, np.float32))
+        DataParallel(model, comm)
+
+    with pytest.raises(RankFailed, match=r"running \[4\] float32 \(buffer\) on rank 1 but running \[3\]"):
+        run_ranks(2, body, timeout=20)
+
+
+def test_a_model_cannot_be_wrapped_twice_until_closed():
+    model = _mlp()
+    first = DataParallel(model, LocalCommunicator())
+    with pytest.raises(RuntimeError, match="already wrapped by a DataParallel"):
+        DataParallel(model, LocalCommunicator())
+    first.close()
+    DataParallel(model, LocalCommunicator())
+
+
+def test_after_a_failed_synchronize_the_wrapper_says_it_cannot_continue():
+    ddp = DataParallel(_mlp(), LocalCommunicator())
+    ddp(Tensor(np.ones((2, 8), np.float32)))  # no backward: nothing received a gradient
+    with pytest.raises(RuntimeError, match="no parameter received a gradient"):
+        ddp.synchronize()
+    with pytest.raises(RuntimeError, match="cannot continue after a failed synchronize\\(\\): RuntimeError: DataParallel: "
+                                           "synchronize\\(\\): no parameter"):
+        cross_entropy(ddp(Tensor(np.ones((2, 8), np.float32))), np.zeros(2, np.int64)).backward()
+
+
+def test_the_wrapper_is_the_module_for_everything_else():
+    model = _mlp()
+    ddp = DataParallel(model, LocalCommunicator())
+    assert list(ddp.state_dict()) == list(model.state_dict())  # no "module." prefix
+    ddp.eval()
+    assert not model.training and not ddp.training
+    ddp.train()
+    assert model.training
+    assert [n for n, _ in ddp.named_parameters()] == [n for n, _ in model.named_parameters()]
+    with pytest.raises(AttributeError):
+        ddp.no_such_thing
 
 
 def test_no_sync_accumulation_equals_the_large_batch():

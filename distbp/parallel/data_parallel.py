@@ -68,7 +68,11 @@ class DataParallel:
     Between backward and synchronize() the gradients belong to the all-reduce: a bucket may be in flight
     (in shared memory, other ranks read and write it), so read or change `.grad` only after
     synchronize(); to change gradients before they are reduced, change the loss. A second backward
-    before synchronize() is an error (outside no_sync()).
+    before synchronize() is an error (outside no_sync()). Which parameters train is fixed at construction
+    (a parameter frozen or unfrozen later is an error; one added later is not synchronized, as in PyTorch
+    DDP): build a new DataParallel after changing the model. After synchronize() raised, the wrapper
+    cannot continue. Every other attribute (state_dict, train, eval, ...) is the module's own: a state_dict
+    has the module's keys, with no "module." prefix.
     """
 
     def __init__(self, model, comm, bucket_cap_mb=25.0, allow_unused=False, compress=None, tracer=None,
@@ -77,9 +81,14 @@ class DataParallel:
             raise ValueError(f"DataParallel: compress must be None or 'fp16', not {compress!r}")
         if bucket_cap_mb <= 0:
             raise ValueError(f"DataParallel: bucket_cap_mb must be positive, got {bucket_cap_mb}")
+        if getattr(model, "_data_parallel", None) is not None:
+            raise RuntimeError("DataParallel: this model is already wrapped by a DataParallel (its hooks would "
+                               "all-reduce every gradient twice); close() that one first")
         self.module, self.comm = model, comm
         self.allow_unused, self.compress, self.tracer = allow_unused, compress, tracer
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self._frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
+        self._failed = None  # the error after which this wrapper cannot continue
         # the options every rank must share: the buckets, and what travels in them, must pair up
         options = {"bucket_cap_mb": float(bucket_cap_mb), "compress": compress, "allow_unused": bool(allow_unused),
                    "average": bool(average)}
@@ -95,6 +104,7 @@ class DataParallel:
         self._scale = 1.0 / comm.size if average else 1.0
         self.allreduce_calls = 0
         self._hooks = [p.register_post_accumulate_grad_hook(self._grad_ready) for _, p in self.named]
+        model._data_parallel = self
 
     # --- start-up ---
 
@@ -102,6 +112,9 @@ class DataParallel:
         """Every rank holds the same parameters (frozen ones too) and was given the same options."""
         mine = [(n, tuple(p.data.shape), str(p.data.dtype), bool(p.requires_grad))
                 for n, p in self.module.named_parameters()]
+        mine += [(n, tuple(np.shape(b.data if isinstance(b, Tensor) else b)),
+                  str(getattr(b.data if isinstance(b, Tensor) else b, "dtype", type(b).__name__)), "buffer")
+                 for n, b in self.module.named_buffers()]  # broadcast too: they must pair up
         everyone = self.comm.allgather((mine, options))
         reference, reference_options = everyone[0]
         for rank, (theirs, their_options) in enumerate(everyone[1:], 1):
@@ -162,6 +175,8 @@ class DataParallel:
     # --- during backward ---
 
     def _grad_ready(self, p):
+        if self._failed is not None:
+            raise RuntimeError(f"DataParallel cannot continue after a failed synchronize(): {self._failed}")
         if not self._syncing:
             self._accumulated.add(id(p))  # its .grad holds a gradient for the next synchronize()
             return
@@ -212,9 +227,30 @@ class DataParallel:
     # --- after backward ---
 
     def synchronize(self):
-        """Wait for every bucket, average, and point each parameter's .grad at its averaged gradient."""
+        """Wait for every bucket, average, and point each parameter's .grad at its averaged gradient.
+
+        With allow_unused, a parameter that no rank used this step keeps .grad None (as in PyTorch DDP),
+        so that the optimizer leaves it alone; one used on some ranks gets their sum (or mean) of
+        gradients. Raising leaves the wrapper unusable: the ranks' buckets may no longer pair up."""
         if not self._syncing:
             return
+        if self._failed is not None:
+            raise RuntimeError(f"DataParallel cannot continue after a failed synchronize(): {self._failed}")
+        try:
+            self._synchronize()
+        except Exception as e:
+            self._failed = f"{type(e).__name__}: {e}"
+            raise
+
+    def _check_trainable(self):
+        """Which parameters train is fixed at construction: the buckets and hooks were made for them."""
+        changed = [n for n, p in self.named if not p.requires_grad] + [n for n, p in self._frozen if p.requires_grad]
+        if changed:
+            raise RuntimeError(f"DataParallel: parameter(s) {', '.join(changed)} changed requires_grad after "
+                               "DataParallel was built: build a new DataParallel after freezing or unfreezing")
+
+    def _synchronize(self):
+        self._check_trainable()
         if (self.buckets and not self.allow_unused and not self._accumulated
                 and not any(b.ready for b in self.buckets)):
             # a second call after one backward (with allow_unused, a step without gradients all-reduces
@@ -229,6 +265,7 @@ class DataParallel:
                     f"DataParallel: {len(missing)} parameter(s) received no gradient this step: {names}. "
                     "Use them in the loss, or pass allow_unused=True to treat their gradients as zero"
                 )
+            unused_here = []
             for n, p in missing:
                 bucket = self._bucket_of[id(p)]
                 view = bucket.views[id(p)]
@@ -236,8 +273,10 @@ class DataParallel:
                     self._into_bucket(p.grad.data, view)  # used under no_sync() only: what it accumulated
                 else:
                     view[...] = 0
+                    unused_here.append(p)
                 bucket.ready.add(id(p))
             self._launch_ready()
+        unused = self._unused_everywhere(unused_here if missing else [])
         for bucket in self.buckets:
             bucket.handle.wait()
             bucket.finished_at = time.perf_counter()
@@ -248,12 +287,25 @@ class DataParallel:
                 bucket.wire = None
             for _, p in bucket.params:
                 view = bucket.views[id(p)]
-                if p.grad is None or p.grad.data is not view:
+                if id(p) in unused:
+                    p.grad = None  # no rank used it: the optimizer must not step it (momentum, weight decay)
+                elif p.grad is None or p.grad.data is not view:
                     p.grad = Tensor._from_op(view, None)
             bucket.ready.clear()
             bucket.handle = None
         self._next_launch = 0
         self._accumulated.clear()
+
+    def _unused_everywhere(self, unused_here):
+        """ids of the parameters that no rank used this step (with allow_unused: one small all-reduce)."""
+        if not self.allow_unused:
+            return set()
+        flags = np.zeros(len(self.named), np.float32)
+        mine = {id(p) for p in unused_here}
+        for i, (_, p) in enumerate(self.named):
+            flags[i] = id(p) not in mine
+        self.comm.allreduce(flags)  # how many ranks used each parameter
+        return {id(p) for (_, p), used in zip(self.named, flags) if not used}
 
     @contextlib.contextmanager
     def no_sync(self):
@@ -270,11 +322,11 @@ class DataParallel:
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
-    def parameters(self):
-        return self.module.parameters()
-
-    def named_parameters(self):
-        return self.module.named_parameters()
+    def __getattr__(self, name):
+        # what the wrapper does not define is the module's: parameters, state_dict, train, eval, zero_grad, ...
+        if name == "module":  # not set yet (a failed __init__): no recursion
+            raise AttributeError(name)
+        return getattr(self.module, name)
 
     def close(self):
         """Detach from the model: no more hooks, and gradients go back to arrays of their own."""
@@ -284,10 +336,13 @@ class DataParallel:
             p.set_grad_destination(None)
         for bucket in self.buckets:  # collective, like buffer(): every rank closes its DataParallel
             self.comm.release(bucket.buffer)
+        if getattr(self.module, "_data_parallel", None) is self:
+            self.module._data_parallel = None
 
 
 def _describe(entry):
     if entry is None:
         return "absent"
-    name, shape, dtype, trainable = entry
-    return f"{name} {list(shape)} {dtype}{'' if trainable else ' (frozen)'}"
+    name, shape, dtype, kind = entry
+    what = " (buffer)" if kind == "buffer" else "" if kind else " (frozen)"
+    return f"{name} {list(shape)} {dtype}{what}"
