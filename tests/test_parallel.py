@@ -401,10 +401,13 @@ class _Heads(nn.Module):
         return sum(getattr(self, k)(h).sum() for k in heads)
 
 
+@pytest.mark.parametrize("set_to_none", [True, False])
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_with_allow_unused_training_equals_one_process_when_a_head_is_used_on_some_steps_and_ranks(optimizer):
+def test_with_allow_unused_training_equals_one_process_when_a_head_is_used_on_some_steps_and_ranks(optimizer,
+                                                                                                   set_to_none):
     # head b: unused on every rank at even steps (its .grad stays None, as in one process, so momentum and
-    # weight decay leave it alone), used on rank 1 only at odd steps
+    # weight decay leave it alone; or, zeroed in place, stays a zero gradient that they act on), used on
+    # rank 1 only at odd steps
     rng = np.random.default_rng(0)
     xs = [rng.standard_normal((2, 2, 4)).astype(np.float32) for _ in range(6)]
 
@@ -420,7 +423,7 @@ def test_with_allow_unused_training_equals_one_process_when_a_head_is_used_on_so
 
     model, opt = make()
     for step, x in enumerate(xs):
-        opt.zero_grad()
+        opt.zero_grad(set_to_none)
         loss = sum(model(Tensor(x[r]), heads(step, r)) for r in range(2)) * (1 / 2)
         loss.backward()
         opt.step()
@@ -430,7 +433,7 @@ def test_with_allow_unused_training_equals_one_process_when_a_head_is_used_on_so
         model, opt = make()
         ddp = DataParallel(model, comm, allow_unused=True)
         for step, x in enumerate(xs):
-            opt.zero_grad()
+            opt.zero_grad(set_to_none)
             ddp(Tensor(x[comm.rank]), heads(step, comm.rank)).backward()
             ddp.synchronize()
             opt.step()
@@ -464,6 +467,22 @@ def test_ranks_with_different_buffers_are_stopped_naming_the_buffer():
 
     with pytest.raises(RankFailed, match=r"running \[4\] float32 \(buffer\) on rank 1 but running \[3\]"):
         run_ranks(2, body, timeout=20)
+
+
+def test_buffers_that_are_not_contiguous_are_broadcast_and_read_only_ones_compared():
+    def body(comm, frozen_value):
+        model = _mlp()
+        model.register_buffer("strided", np.full((4, 6), float(comm.rank), np.float32)[:, ::2])  # not contiguous
+        frozen = np.full(3, frozen_value(comm.rank), np.float32)
+        frozen.flags.writeable = False
+        model.register_buffer("frozen", frozen)
+        DataParallel(model, comm)
+        return model.strided.copy()
+
+    for strided in run_ranks(2, lambda c: body(c, lambda r: 1.0)):
+        np.testing.assert_array_equal(strided, np.zeros((4, 3)))  # rank 0's values everywhere
+    with pytest.raises(RankFailed, match="the read-only buffer frozen differs between rank 0 and rank 1"):
+        run_ranks(2, lambda c: body(c, float), timeout=20)
 
 
 def test_a_model_cannot_be_wrapped_twice_until_closed():

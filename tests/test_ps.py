@@ -105,12 +105,34 @@ def test_the_decoder_merges_a_chunk_given_in_parts_and_skips_groups_as_protobuf_
            (standard.chunk.name, standard.chunk.dtype, list(standard.chunk.shape), standard.chunk.data)
 
 
+_CHUNK = _length_delimited(3, _length_delimited(1, b"w") + _length_delimited(2, b"float32"))
+
+
+def test_the_decoder_reads_integers_as_protobuf_does():
+    # int32: the low 32 bits; a 10-byte varint: the low 64 bits
+    big_id = bytes([0x85, 0x80, 0x80, 0x80, 0x10])  # 2**32 + 5
+    ten_bytes = bytes([0xFF] * 9 + [0x7F])
+    message = _key(1, 0) + big_id + _key(2, 0) + ten_bytes + _CHUNK
+    standard = ps_pb2.PushRequest.FromString(message)
+    values, _ = decode_message(message, {1: "worker_id", 2: "version"}, 3, int32=(1,))
+    assert values == {"worker_id": standard.worker_id, "version": standard.version} == {"worker_id": 5, "version": -1}
+
+
+def _groups(depth):
+    return b"".join(_key(15, 3) for _ in range(depth)) + b"".join(_key(15, 4) for _ in range(depth))
+
+
 @pytest.mark.parametrize("message,error", [
     # a packed varint cut at the field's end must not read on into the next field
     (_length_delimited(3, _length_delimited(3, bytes([0x80])) + _key(4, 0) + bytes([1])), "truncated"),
-    (_key(0, 0) + bytes([1]) + _length_delimited(3, _length_delimited(1, b"w")), "field number 0"),
+    (_key(0, 0) + bytes([1]) + _CHUNK, "field number 0 out of range"),
+    (bytes([0x80, 0x80, 0x80, 0x80, 0x10]) + bytes([1]) + _CHUNK, "field number 536870912 out of range"),
     (_length_delimited(3, _key(15, 3) + _key(1, 0) + bytes([7])), "group"),  # never ended
-], ids=["packed-overrun", "field-0", "open-group"])
+    (_groups(101) + _CHUNK, "nested too deeply"),  # protobuf's limit is 100
+    (_length_delimited(3, _length_delimited(1, b"\xff\xfe")), "tensor name is not valid UTF-8"),
+    # a chunk given in two parts, each of which must be a whole message (here the first stops mid-field)
+    (_length_delimited(3, _length_delimited(1, b"w")[:2]) + _length_delimited(3, b"w"), "runs past the end"),
+], ids=["packed-overrun", "field-0", "field-too-large", "open-group", "deep-groups", "bad-utf8", "broken-part"])
 def test_the_decoder_refuses_what_protobuf_refuses(message, error):
     from google.protobuf.message import DecodeError
 
@@ -1152,6 +1174,28 @@ def _register_raw(address, signature, settings="", token=None):
         return status, reply
 
 
+def test_signature_numbers_are_json_values_and_settings_keep_booleans_apart():
+    from distbp.ps.server import _parse_signature, _same_setting
+
+    assert _parse_signature('[["w", [64.0, 6.4e1], "float32"]]') == _parse_signature('[["w",[64,64],"float32"]]')
+    for bad in ('[["w", [true], "float32"]]', '[["w", [64.5], "float32"]]', "[" * 5000 + "]" * 5000):
+        with pytest.raises(_Refused, match="signature is not JSON"):
+            _parse_signature(bad)
+    assert _same_setting(1, 1.0) and not _same_setting(True, 1) and not _same_setting(1, True)
+
+
+@pytest.mark.parametrize("token", ["", " s3cret", "s3cret "])
+def test_a_token_with_spaces_at_either_end_is_refused_by_server_and_worker(token):
+    if token:  # (serve(token="") serves without a token, as token=None)
+        with pytest.raises(ValueError, match="without spaces at either end"):
+            serve(build_shard(make_config({"epochs": 1, "progress": "none"})), token=token)
+    from distbp.train.config import ConfigError
+    from distbp.train.launch import run
+
+    with pytest.raises(ConfigError, match="ps_token must be non-empty"):
+        run(make_config({"progress": "none", "backend": "ps", "ps": "127.0.0.1:1", "ps_token": token}))
+
+
 def test_a_client_learns_the_signature_from_status_and_any_json_spelling_of_it_registers():
     import json
 
@@ -1235,7 +1279,7 @@ def _serve_args(**overrides):
     import argparse
 
     values = dict(port=0, workers=1, staleness=2, checkpoint_every_versions=0, sync_timeout=60.0, tls_cert=None,
-                  tls_key=None, tls_client_ca=None, checkpoint_path=None)
+                  tls_key=None, tls_client_ca=None, checkpoint_path=None, token=None)
     return argparse.Namespace(**{**values, **overrides})
 
 
@@ -1248,6 +1292,7 @@ def _serve_args(**overrides):
     (dict(tls_cert="c.pem"), "--tls-cert needs --tls-key"),
     (dict(tls_cert="missing-c.pem", tls_key="missing-k.pem"), "missing-c.pem"),
     (dict(checkpoint_every_versions=5), "--checkpoint-every-versions needs --checkpoint-path"),
+    (dict(token=" t"), "--token must be non-empty, without spaces"), (dict(token=""), "--token must be non-empty"),
 ])
 def test_server_options_that_cannot_work_are_refused(overrides, words):
     from distbp.train.config import ConfigError

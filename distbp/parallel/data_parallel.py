@@ -148,10 +148,25 @@ class DataParallel:
                 if mine != other:
                     raise ModelMismatch(f"DataParallel: the read-only parameter {name} differs between rank 0 and "
                                         f"rank {rank}, and cannot be overwritten with rank 0's values")
-        for _, b in self.module.named_buffers():
+        fixed = []
+        for name, b in self.module.named_buffers():
             arr = b.data if isinstance(b, Tensor) else b
-            if isinstance(arr, np.ndarray) and arr.flags.c_contiguous and arr.flags.writeable:
+            if not isinstance(arr, np.ndarray):
+                continue
+            if not arr.flags.writeable:
+                fixed.append((name, arr))  # compared below, as read-only parameters are
+            elif arr.flags.c_contiguous:
                 self.comm.broadcast(arr, root=0)
+            else:  # broadcast needs one contiguous block
+                block = np.ascontiguousarray(arr)
+                self.comm.broadcast(block, root=0)
+                arr[...] = block
+        digests = self.comm.allgather([zlib.crc32(np.ascontiguousarray(a).view(np.uint8)) for _, a in fixed])
+        for rank, theirs in enumerate(digests[1:], 1):
+            for (name, _), mine, other in zip(fixed, digests[0], theirs):
+                if mine != other:
+                    raise ModelMismatch(f"DataParallel: the read-only buffer {name} differs between rank 0 and "
+                                        f"rank {rank}, and cannot be overwritten with rank 0's values")
 
     def _make_buckets(self, cap_bytes):
         """Buckets in launch order: parameters in backward order, cut where the next one would pass the cap
@@ -229,9 +244,9 @@ class DataParallel:
     def synchronize(self):
         """Wait for every bucket, average, and point each parameter's .grad at its averaged gradient.
 
-        With allow_unused, a parameter that no rank used this step keeps .grad None (as in PyTorch DDP),
-        so that the optimizer leaves it alone; one used on some ranks gets their sum (or mean) of
-        gradients. Raising leaves the wrapper unusable: the ranks' buckets may no longer pair up."""
+        With allow_unused, a parameter that no rank used this step and whose .grad was None keeps .grad None
+        (as in PyTorch DDP), so that the optimizer leaves it alone; one used on some ranks gets their sum
+        (or mean) of gradients. Raising leaves the wrapper unusable: the ranks' buckets may no longer pair up."""
         if not self._syncing:
             return
         if self._failed is not None:
@@ -272,8 +287,9 @@ class DataParallel:
                 if id(p) in self._accumulated and p.grad is not None:
                     self._into_bucket(p.grad.data, view)  # used under no_sync() only: what it accumulated
                 else:
+                    if p.grad is None:  # (a .grad zeroed in place stays a zero gradient, as in PyTorch)
+                        unused_here.append(p)
                     view[...] = 0
-                    unused_here.append(p)
                 bucket.ready.add(id(p))
             self._launch_ready()
         unused = self._unused_everywhere(unused_here if missing else [])
@@ -297,7 +313,8 @@ class DataParallel:
         self._accumulated.clear()
 
     def _unused_everywhere(self, unused_here):
-        """ids of the parameters that no rank used this step (with allow_unused: one small all-reduce)."""
+        """ids of the parameters that no rank gave a gradient this step, not even a zeroed one (with
+        allow_unused: one small all-reduce)."""
         if not self.allow_unused:
             return set()
         flags = np.zeros(len(self.named), np.float32)

@@ -83,7 +83,7 @@ class Shard:
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
                            f"unknown settings {unknown}; known: {sorted(self.setting_keys)}")
         for key, value in (settings or {}).items():
-            if key in self.settings and self.settings[key] != value:
+            if key in self.settings and not _same_setting(self.settings[key], value):
                 raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
                                f"the worker has {key} = {value!r} but the server {self.settings[key]!r}: give the "
                                "servers and the workers the same training options")
@@ -455,14 +455,27 @@ def _parse_signature(text):
         return ()  # no parameters (a server built without a signature, in tests)
     try:
         value = json.loads(text)
-        parsed = tuple((name, tuple(shape), dtype) for name, shape, dtype in value)
-        if all(isinstance(n, str) and isinstance(d, str) and all(type(k) is int for k in shape)
-               for n, shape, d in parsed):
+        parsed = tuple((name, tuple(_json_int(k) for k in shape), dtype) for name, shape, dtype in value)
+        if all(isinstance(n, str) and isinstance(d, str) for n, _, d in parsed):
             return parsed
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         pass
     raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
                    "the registration's signature is not JSON [[name, shape, dtype], ...] (see StatusReply.signature)")
+
+
+def _json_int(value):
+    """A JSON number that is an integer (64 and 64.0 are the same JSON value; true is not a number)."""
+    if type(value) is int:
+        return value
+    if type(value) is float and value.is_integer():
+        return int(value)
+    raise TypeError("not an integer")
+
+
+def _same_setting(a, b):
+    """Settings compare as JSON values: true is not 1."""
+    return a == b and isinstance(a, bool) == isinstance(b, bool)
 
 
 class _Refused(Exception):
@@ -477,7 +490,10 @@ class Servicer(ps_pb2_grpc.ParameterServerServicer):
 
     def Register(self, request, context):
         try:
-            settings = json.loads(request.settings) if request.settings else None
+            try:
+                settings = json.loads(request.settings) if request.settings else None
+            except RecursionError:
+                raise ValueError("nested too deeply") from None
             if settings is not None and not isinstance(settings, dict):
                 raise ValueError("not a JSON object")
             wid, registration = self.shard.register(request.requested_id, request.signature, settings)
@@ -524,7 +540,7 @@ class Servicer(ps_pb2_grpc.ParameterServerServicer):
             nonlocal first
             for data in request_iterator:
                 try:
-                    head, chunk = decode_message(data, _PUSH_INTS, 3, unsigned=(4, 5))
+                    head, chunk = decode_message(data, _PUSH_INTS, 3, unsigned=(4, 5), int32=(1,))
                 except WireError as e:
                     raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"bad push: {e}") from None
                 if first is None:
@@ -586,6 +602,8 @@ class _TokenCheck(grpc.ServerInterceptor):
     case does not matter, as in HTTP)."""
 
     def __init__(self, token):
+        if not token or token != token.strip():
+            raise ValueError("the token must be non-empty, without spaces at either end")
         self.token = token.encode()
 
         def deny(request, context):
@@ -611,7 +629,7 @@ class _TokenCheck(grpc.ServerInterceptor):
 
     def _carries_token(self, header):
         scheme, _, token = (header or "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.token)
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(" ").encode(), self.token)
 
 
 MESSAGE_LIMIT = 16 * 1024 * 1024

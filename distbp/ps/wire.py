@@ -201,8 +201,9 @@ def encode_chunks(name, array, ints, chunk_field, chunk_bytes=CHUNK_BYTES):
         yield b"".join((prefix, length, head, _padding(pad), data_tag, data))
 
 
-def _read_varint(buf, pos, end=None):
-    """(value, position after it) of the varint at buf[pos:], which must end before `end`."""
+def _read_varint(buf, pos, end=None, low_64=True):
+    """(value, position after it) of the varint at buf[pos:], which must end before `end`: its low 64 bits,
+    as protobuf reads an integer (low_64 False: all of it, for a length, which must be small anyway)."""
     end = len(buf) if end is None else end
     result = shift = 0
     while True:
@@ -212,10 +213,15 @@ def _read_varint(buf, pos, end=None):
         pos += 1
         result |= (byte & 0x7F) << shift
         if not byte & 0x80:
-            return result, pos
+            return (result & _U64 if low_64 else result), pos
         shift += 7
         if shift > 63:
             raise WireError("malformed varint")
+
+
+_U64 = (1 << 64) - 1
+_MAX_FIELD = (1 << 29) - 1
+_MAX_GROUP_DEPTH = 100  # protobuf's own recursion limit
 
 
 def _fields(buf, start, end):
@@ -225,13 +231,13 @@ def _fields(buf, start, end):
     while pos < end:
         key, pos = _read_varint(buf, pos, end)
         number, kind = key >> 3, key & 7
-        if number == 0:
-            raise WireError("field number 0")
+        if not 0 < number <= _MAX_FIELD:
+            raise WireError(f"field number {number} out of range")
         if kind == 0:
             value, pos = _read_varint(buf, pos, end)
             yield number, kind, value
         elif kind == 2:
-            length, pos = _read_varint(buf, pos, end)
+            length, pos = _read_varint(buf, pos, end, low_64=False)
             if pos + length > end:
                 raise WireError("a field runs past the end of the message")
             yield number, kind, (pos, pos + length)
@@ -249,42 +255,62 @@ def _fields(buf, start, end):
 
 
 def _skip_group(buf, pos, end, number):
-    """The position after the group `number` that starts at pos (after its start tag)."""
-    while True:
+    """The position after the group `number` that starts at pos (after its start tag); groups nest at most
+    as deep as protobuf allows."""
+    open_groups = [number]
+    while open_groups:
         if pos >= end:
             raise WireError("a group runs past the end of the message")
         key, pos = _read_varint(buf, pos, end)
-        inner, kind = key >> 3, key & 7
+        inner, kind = key >> 3, key & 7  # (protobuf does not check the numbers of what it skips)
         if kind == 4:
-            if inner != number:
-                raise WireError(f"group {number} ends with the end tag of {inner}")
-            return pos
-        if kind == 0:
+            if inner != open_groups[-1]:
+                raise WireError(f"group {open_groups[-1]} ends with the end tag of {inner}")
+            open_groups.pop()
+        elif kind == 3:
+            if len(open_groups) >= _MAX_GROUP_DEPTH:
+                raise WireError("groups nested too deeply")
+            open_groups.append(inner)
+        elif kind == 0:
             _, pos = _read_varint(buf, pos, end)
         elif kind == 2:
-            length, pos = _read_varint(buf, pos, end)
+            length, pos = _read_varint(buf, pos, end, low_64=False)
             pos += length
         elif kind == 1:
             pos += 8
         elif kind == 5:
             pos += 4
-        elif kind == 3:
-            pos = _skip_group(buf, pos, end, inner)
         else:
             raise WireError(f"unsupported wire type {kind}")
+    if pos > end:
+        raise WireError("a group runs past the end of the message")
+    return pos
 
 
 def _signed(value):
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
+def _int32(value):
+    """An int32 field as protobuf reads it: the low 32 bits, signed."""
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def _text(buf, start, end, what):
+    try:
+        return bytes(buf[start:end]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise WireError(f"the {what} is not valid UTF-8") from None
+
+
 def _decode_chunk(buf, start, end):
     chunk = Chunk()
     for number, kind, value in _fields(buf, start, end):
         if number == 1 and kind == 2:
-            chunk.name = bytes(buf[value[0]:value[1]]).decode("utf-8", "replace")
+            chunk.name = _text(buf, *value, "tensor name")
         elif number == 2 and kind == 2:
-            chunk.dtype = bytes(buf[value[0]:value[1]]).decode("utf-8", "replace")
+            chunk.dtype = _text(buf, *value, "dtype")
         elif number == 3 and kind == 2:  # packed
             pos, stop = value
             while pos < stop:
@@ -299,22 +325,25 @@ def _decode_chunk(buf, start, end):
     return chunk
 
 
-def decode_message(data, ints, chunk_field, unsigned=()):
+def decode_message(data, ints, chunk_field, unsigned=(), int32=()):
     """(dict of the int fields `ints` {number: name}, Chunk) from a serialized PushRequest or PullReply.
 
-    The int fields are signed (int32, int64) except the numbers in `unsigned` (uint64)."""
+    The int fields are int64 except the numbers in `unsigned` (uint64) and `int32`."""
     buf = memoryview(data)
     values = {name: 0 for name in ints.values()}
     chunks = []
     for number, kind, value in _fields(buf, 0, len(buf)):
         if number in ints and kind == 0:
-            values[ints[number]] = value if number in unsigned else _signed(value)
+            values[ints[number]] = value if number in unsigned else _int32(value) if number in int32 else _signed(value)
         elif number == chunk_field and kind == 2:
             chunks.append(value)
     if not chunks:
         raise WireError("a message without a tensor chunk")
     if len(chunks) == 1:
         return values, _decode_chunk(buf, *chunks[0])
+    for part in chunks:  # each part is a whole message of its own
+        for _ in _fields(buf, *part):
+            pass
     # a message field given more than once is merged, as protobuf merges it: the same as parsing the
     # concatenation of its parts (a copy, on this path only; no encoder of distbp's splits a chunk)
     joined = b"".join(bytes(buf[a:b]) for a, b in chunks)

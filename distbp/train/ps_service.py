@@ -47,6 +47,9 @@ def check_server_options(config, args):
         if value < low or (high is not None and value > high):
             raise ConfigError(f"ps serve: {name} must be {f'in [{low}, {high}]' if high is not None else f'>= {low}'}"
                               f", got {value}")
+    if args.token is not None and (not args.token or args.token != args.token.strip()):
+        raise ConfigError("ps serve: --token must be non-empty, without spaces at either end (the metadata "
+                          "`authorization: Bearer T` cannot carry them)")
     if not 0 < args.sync_timeout < float("inf"):  # (false for nan too)
         raise ConfigError(f"ps serve: --sync-timeout must be a positive number of seconds, got {args.sync_timeout}")
     # (the workers' outputs, metrics and trace, are ignored: launch/ps_cluster.sh gives both the same options)
