@@ -6,7 +6,7 @@
 #
 # Server options: --mode sync|async|bounded, --staleness S, --sync-timeout SEC, --token T,
 # --checkpoint-path FILE --checkpoint-every-versions K (one file per shard: FILE.shardN; the same command
-# again continues a sync job from the servers' checkpoints). The training
+# again continues the job from the servers' checkpoints). The training
 # options must be the same for servers and workers: the servers build the same model and optimizer.
 # Ports come from BASE_PORT (default 50051) upwards. Ctrl-C stops everything.
 set -euo pipefail

@@ -866,20 +866,22 @@ def test_killed_and_restarted_server_training_completes(tmp_path, workers):
     assert all(summary["test_accuracy"] >= 0.95 for summary in results.values()), results
 
 
-def test_sigterm_writes_a_checkpoint_and_a_restarted_job_resumes_at_its_version(tmp_path):
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_sigterm_writes_a_checkpoint_and_a_restarted_job_resumes_at_its_version(tmp_path, mode):
     port, ckpt = _free_port(), tmp_path / "ps.ckpt"
-    server = _start_server_process(port, ckpt, ["--epochs", "1"])
+    server = _start_server_process(port, ckpt, ["--epochs", "1", "--mode", mode])
     config = make_config({"epochs": 1, "progress": "none", "max_steps": 5})
     Trainer(config, PSStep([f"127.0.0.1:{port}"])).fit()
     server.send_signal(signal.SIGTERM)
     out, _ = server.communicate(timeout=30)
     assert "stopped at version 5" in out and ckpt.exists()
-    server = _start_server_process(port, ckpt, ["--epochs", "1"])
+    server = _start_server_process(port, ckpt, ["--epochs", "1", "--mode", mode])
     try:
         status = PSClient([f"127.0.0.1:{port}"], _named(config)).status()[0]
         assert status.version == 5
-        # the job started again: its worker takes up the run at the servers' step, not at step 0 (which
-        # would replay the first batches and take 5 steps past the end of the schedule)
+        # the job started again: its worker takes up the run where it was, not at step 0 (which would replay
+        # the first batches and take 5 steps past the end of the schedule): sync, the version; async, the
+        # pushes of its worker id, which the checkpoint keeps
         rerun = Trainer(make_config({"epochs": 1, "progress": "none"}), PSStep([f"127.0.0.1:{port}"]))
         summary = rerun.fit()
         assert summary["steps"] == rerun.steps_per_epoch
@@ -887,6 +889,25 @@ def test_sigterm_writes_a_checkpoint_and_a_restarted_job_resumes_at_its_version(
         server.send_signal(signal.SIGTERM)
         out, _ = server.communicate(timeout=30)
     assert f"stopped at version {rerun.steps_per_epoch}" in out
+
+
+@pytest.mark.parametrize("mode", ["async", "bounded"])
+def test_each_async_worker_id_takes_up_its_own_run_after_a_restore(tmp_path, mode):
+    # a shard's version counts every worker's pushes; each worker's own count is what it resumes from
+    config = make_config({"epochs": 1, "progress": "none"})
+    shard = build_shard(config, 0, 1, 2, mode=mode, staleness=5)
+    for wid in (0, 1):
+        shard.register(wid, shard.signature)
+    for wid in (0, 0, 1, 0):
+        shard.push(wid, shard.version, iter(_grad_chunks(shard)))
+    shard.save(tmp_path / "ps.ckpt")
+    shard.stop()
+    restored = build_shard(config, 0, 1, 2, mode=mode, staleness=5, checkpoint=str(tmp_path / "ps.ckpt"))
+    try:
+        assert restored.version == 4
+        assert [restored.register(wid, restored.signature)[2] for wid in (1, 0)] == [1, 3]
+    finally:
+        restored.stop()
 
 
 def test_the_one_machine_cluster_script_trains(tmp_path):
@@ -980,8 +1001,8 @@ def _rounds(config, workers):
 def test_a_push_of_a_superseded_registration_is_aborted():
     shard, chunks = _sync_shard_of_two_workers()
     shard.mode = "async"
-    _, old = shard.register(0, shard.signature)
-    _, new = shard.register(0, shard.signature)  # another process took id 0 (the first one stalled)
+    _, old, _ = shard.register(0, shard.signature)
+    _, new, _ = shard.register(0, shard.signature)  # another process took id 0 (the first one stalled)
     assert old != new and old and new
     with pytest.raises(_Refused) as refused:
         shard.push(0, shard.version, iter(chunks(1.0)), sequence=7, registration=old)

@@ -133,6 +133,9 @@ class PSClient:
                               f"{self.addresses[s]} {reply.num_workers}")
         self.registrations = [r.registration for r in replies]
         self.versions = [r.version for r in replies]
+        # every shard applies every push: a shard restored from an older checkpoint than the others has the
+        # fewest, and the worker goes on from there
+        self.steps = min(r.steps for r in replies)
         return first
 
     def push(self, grads):
@@ -240,9 +243,9 @@ class PSStep:
         self.client = PSClient(self.addresses, list(model.named_parameters()), **self.options)
         reply = self.client.register(self.requested_id)
         self.rank, self.world_size, self.mode = reply.worker_id, reply.num_workers, reply.mode
-        # a synchronous version is one step of every worker: a worker that (re)starts after the servers have
-        # taken steps (restored from their checkpoints, or with the others running) continues from there
-        self.start_step = min(self.client.versions) if self.mode == "sync" else 0
+        # a worker that (re)starts after the servers have taken steps (restored from their checkpoints, or with
+        # the others running) continues where its id's run is: sync, the version; else the pushes it made
+        self.start_step = self.client.steps
 
     def prepare(self, model, optimizer, tracer=None):
         self._pull_into(model)

@@ -55,6 +55,9 @@ class Shard:
         self.pushes = 0
         self.active = set()  # worker ids taking part
         self.clocks = {}  # worker id -> pushes applied (bounded staleness)
+        # worker id -> its pushes applied in all (async and bounded; checkpointed): a worker that starts
+        # again with that id takes up its run there, as its step count (sync: the version)
+        self.steps_done = {}
         self.sequences = {}  # worker id -> number of its last push applied (or kept for the step)
         self.registrations = {}  # worker id -> the token of its latest registration (random, never 0)
         self.pending = {}  # sync: worker id -> gradients for the current version
@@ -112,7 +115,11 @@ class Shard:
                 self.waiting_since = time.monotonic()  # after a restart, the missing may never come back
             log.info("shard %d: worker %d joined (%d taking part)", self.shard, wid, len(self.active))
             self.cond.notify_all()
-            return wid, self.registrations[wid]
+            return wid, self.registrations[wid], self.worker_steps(wid)
+
+    def worker_steps(self, wid):
+        """The training steps worker `wid` has behind it on this shard (lock held)."""
+        return self.version if self.mode == "sync" else self.steps_done.get(wid, 0)
 
     # --- the optimizer's pieces ---
 
@@ -193,6 +200,7 @@ class Shard:
             else:
                 self._step([grads])
                 self.clocks[worker_id] = self.clocks.get(worker_id, 0) + 1
+                self.steps_done[worker_id] = self.steps_done.get(worker_id, 0) + 1
             self.last_push[worker_id] = time.monotonic()
             self.pushes += 1
             return self.version
@@ -350,7 +358,7 @@ class Shard:
         meta = {"version": self.version, "mode": self.mode, "shard": self.shard, "num_shards": self.num_shards,
                 "scalars": scalars,
                 "schedule": self.schedule.state_dict() if self.schedule is not None else None,
-                "signature": self.signature}
+                "signature": self.signature, "steps_done": {str(w): n for w, n in self.steps_done.items()}}
         save_safetensors(path, arrays, {"distbp-ps": json.dumps(meta)})
         log.info("shard %d: checkpoint of version %d written to %s", self.shard, self.version, path)
 
@@ -373,6 +381,9 @@ class Shard:
             raise CheckpointError(f"{path}: damaged checkpoint: version {version!r} is not an integer >= 0")
         if not isinstance(scalars, dict) or not all(isinstance(v, dict) for v in scalars.values()):
             raise CheckpointError(f"{path}: damaged checkpoint: the optimizer counters are not objects by parameter")
+        steps_done = meta.get("steps_done", {})  # absent before 2026-11-29
+        if not isinstance(steps_done, dict) or not all(k.isdecimal() and is_count(v) for k, v in steps_done.items()):
+            raise CheckpointError(f"{path}: damaged checkpoint: steps_done {steps_done!r} is not worker id -> count")
         schedule = meta.get("schedule") if self.schedule is not None else None
         if schedule:
             try:
@@ -402,6 +413,7 @@ class Shard:
         if schedule:
             self.schedule.load_state_dict(schedule)
         self.version = version
+        self.steps_done = {int(w): n for w, n in steps_done.items()}
         self.started = False  # wait for the workers to come back (sync_timeout at most once one has)
         self.waiting_since = None
         self.restored = True
@@ -496,14 +508,14 @@ class Servicer(ps_pb2_grpc.ParameterServerServicer):
                 raise ValueError("nested too deeply") from None
             if settings is not None and not isinstance(settings, dict):
                 raise ValueError("not a JSON object")
-            wid, registration = self.shard.register(request.requested_id, request.signature, settings)
+            wid, registration, steps = self.shard.register(request.requested_id, request.signature, settings)
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad settings in the registration: {e}")
         except _Refused as e:
             context.abort(e.code, e.message)
         s = self.shard
         return ps_pb2.RegisterReply(worker_id=wid, num_workers=s.expected, version=s.version, mode=s.mode,
-                                    registration=registration,
+                                    registration=registration, steps=steps,
                                     shard=s.shard, num_shards=s.num_shards)
 
     def Push(self, request_iterator, context):

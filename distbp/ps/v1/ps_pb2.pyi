@@ -35,7 +35,7 @@ class RegisterRequest(_message.Message):
     def __init__(self, worker_name: _Optional[str] = ..., requested_id: _Optional[int] = ..., signature: _Optional[str] = ..., settings: _Optional[str] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("worker_id", "num_workers", "version", "mode", "shard", "num_shards", "registration")
+    __slots__ = ("worker_id", "num_workers", "version", "mode", "shard", "num_shards", "registration", "steps")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class RegisterReply(_message.Message):
     SHARD_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     REGISTRATION_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     num_workers: int
     version: int
@@ -50,7 +51,8 @@ class RegisterReply(_message.Message):
     shard: int
     num_shards: int
     registration: int
-    def __init__(self, worker_id: _Optional[int] = ..., num_workers: _Optional[int] = ..., version: _Optional[int] = ..., mode: _Optional[str] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., registration: _Optional[int] = ...) -> None: ...
+    steps: int
+    def __init__(self, worker_id: _Optional[int] = ..., num_workers: _Optional[int] = ..., version: _Optional[int] = ..., mode: _Optional[str] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., registration: _Optional[int] = ..., steps: _Optional[int] = ...) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("worker_id", "version", "chunk", "sequence", "registration")
