@@ -253,8 +253,8 @@ class Trainer:
         if start and not resumed:  # a parameter-server worker joining servers that have trained
             self._move_to(start)
             if self.epoch < cfg.epochs:
-                self._say(f"the servers are at step {start}: continuing from epoch {self.epoch + 1}, "
-                          f"batch {self.batch}")
+                self._say(f"the servers have this worker's run at step {start}: continuing from epoch "
+                          f"{self.epoch + 1}, batch {self.batch}")
         if cfg.init_from and not resumed:
             load_weights(cfg.init_from, self.model)
             self._say(f"starting from the weights of {cfg.init_from}")
