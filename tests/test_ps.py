@@ -1,5 +1,6 @@
 """The gRPC parameter server: real servers on 127.0.0.1 with free ports, workers in threads or processes."""
 
+import json
 import os
 import signal
 import socket
@@ -132,7 +133,11 @@ def _groups(depth):
     (_length_delimited(3, _length_delimited(1, b"\xff\xfe")), "tensor name is not valid UTF-8"),
     # a chunk given in two parts, each of which must be a whole message (here the first stops mid-field)
     (_length_delimited(3, _length_delimited(1, b"w")[:2]) + _length_delimited(3, b"w"), "runs past the end"),
-], ids=["packed-overrun", "field-0", "field-too-large", "open-group", "deep-groups", "bad-utf8", "broken-part"])
+    # tags and lengths are 32-bit: protobuf refuses them padded past 5 bytes
+    (bytes([0x88, 0x80, 0x80, 0x80, 0x80, 0x00]) + bytes([1]) + _CHUNK, "malformed varint"),
+    (_key(3, 2) + bytes([0x80 | len(_CHUNK[2:]), 0x80, 0x80, 0x80, 0x80, 0x00]) + _CHUNK[2:], "malformed varint"),
+], ids=["packed-overrun", "field-0", "field-too-large", "open-group", "deep-groups", "bad-utf8", "broken-part",
+        "tag-6-bytes", "length-6-bytes"])
 def test_the_decoder_refuses_what_protobuf_refuses(message, error):
     from google.protobuf.message import DecodeError
 
@@ -870,7 +875,8 @@ def test_killed_and_restarted_server_training_completes(tmp_path, workers):
 def test_sigterm_writes_a_checkpoint_and_a_restarted_job_resumes_at_its_version(tmp_path, mode):
     port, ckpt = _free_port(), tmp_path / "ps.ckpt"
     server = _start_server_process(port, ckpt, ["--epochs", "1", "--mode", mode])
-    config = make_config({"epochs": 1, "progress": "none", "max_steps": 5})
+    metrics = tmp_path / "m.jsonl"
+    config = make_config({"epochs": 1, "progress": "none", "max_steps": 5, "metrics": str(metrics)})
     Trainer(config, PSStep([f"127.0.0.1:{port}"])).fit()
     server.send_signal(signal.SIGTERM)
     out, _ = server.communicate(timeout=30)
@@ -882,13 +888,17 @@ def test_sigterm_writes_a_checkpoint_and_a_restarted_job_resumes_at_its_version(
         # the job started again: its worker takes up the run where it was, not at step 0 (which would replay
         # the first batches and take 5 steps past the end of the schedule): sync, the version; async, the
         # pushes of its worker id, which the checkpoint keeps
-        rerun = Trainer(make_config({"epochs": 1, "progress": "none"}), PSStep([f"127.0.0.1:{port}"]))
+        rerun = Trainer(make_config({"epochs": 1, "progress": "none", "metrics": str(metrics)}),
+                        PSStep([f"127.0.0.1:{port}"]))
         summary = rerun.fit()
         assert summary["steps"] == rerun.steps_per_epoch
     finally:
         server.send_signal(signal.SIGTERM)
         out, _ = server.communicate(timeout=30)
     assert f"stopped at version {rerun.steps_per_epoch}" in out
+    # the run's metrics go on in the same file
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == [5, rerun.steps_per_epoch]
 
 
 @pytest.mark.parametrize("mode", ["async", "bounded"])
@@ -906,6 +916,78 @@ def test_each_async_worker_id_takes_up_its_own_run_after_a_restore(tmp_path, mod
     try:
         assert restored.version == 4
         assert [restored.register(wid, restored.signature)[2] for wid in (1, 0)] == [1, 3]
+    finally:
+        restored.stop()
+
+
+def _async_checkpoint(tmp_path, every=0, pushes=(0, 0, 1, 0), mode="async"):
+    config = make_config({"epochs": 1, "progress": "none"})
+    path = tmp_path / "ps.ckpt"
+    shard = build_shard(config, 0, 1, 2, mode=mode, staleness=5, checkpoint=str(path) if every else None,
+                        checkpoint_every=every)
+    for wid in (0, 1):
+        shard.register(wid, shard.signature)
+    for wid in pushes:
+        shard.push(wid, shard.version, iter(_grad_chunks(shard)))
+    if not every:
+        shard.save(path)
+    shard.stop()
+    return config, path
+
+
+def _edit_checkpoint_meta(path, change):
+    import struct
+
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    meta = json.loads(header["__metadata__"]["distbp-ps"])
+    change(meta)
+    header["__metadata__"]["distbp-ps"] = json.dumps(meta)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+
+
+def test_a_periodic_checkpoint_counts_the_push_that_wrote_it():
+    # the step of the 4th push writes the checkpoint: its count must already be in it
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config, path = _async_checkpoint(Path(tmp), every=4, pushes=(0, 1, 0, 1))
+        restored = build_shard(config, 0, 1, 2, mode="async", checkpoint=str(path))
+        try:
+            assert restored.version == 4 and restored.steps_done == {0: 2, 1: 2}
+        finally:
+            restored.stop()
+
+
+@pytest.mark.parametrize("saved,now", [("async", "sync"), ("sync", "async"), ("bounded", "sync")])
+def test_a_checkpoint_of_another_kind_of_mode_is_refused(tmp_path, saved, now):
+    from distbp.serialization import CheckpointError
+
+    config, path = _async_checkpoint(tmp_path, mode=saved, pushes=() if saved == "sync" else (0, 1))
+    with pytest.raises(CheckpointError, match=f"checkpoint of a {saved} server, this one is {now}"):
+        build_shard(config, 0, 1, 2, mode=now, checkpoint=str(path))
+
+
+@pytest.mark.parametrize("steps_done", [{"0": 2**63, "1": 1}, {"7": 3, "0": 1}, {"0": 1000}, {"\u0661": 4},
+                                        {"1": 1, "01": 3}, {"0": True, "1": 3}, {"0": -1, "1": 5}, {"0": 1, "1": 1}])
+def test_damaged_push_counts_in_a_checkpoint_are_refused(tmp_path, steps_done):
+    from distbp.serialization import CheckpointError
+
+    config, path = _async_checkpoint(tmp_path)  # version 4
+    _edit_checkpoint_meta(path, lambda meta: meta.update(steps_done=steps_done))
+    with pytest.raises(CheckpointError, match="push counts adding up to the version 4"):
+        build_shard(config, 0, 1, 2, mode="async", checkpoint=str(path))
+
+
+def test_a_checkpoint_without_push_counts_shares_the_version_out(tmp_path):
+    config, path = _async_checkpoint(tmp_path)  # version 4
+    _edit_checkpoint_meta(path, lambda meta: meta.pop("steps_done"))
+    restored = build_shard(config, 0, 1, 2, mode="async", checkpoint=str(path))
+    try:
+        assert [restored.register(w, restored.signature)[2] for w in (0, 1)] == [2, 2]
     finally:
         restored.stop()
 
@@ -1218,8 +1300,6 @@ def test_a_token_with_spaces_at_either_end_is_refused_by_server_and_worker(token
 
 
 def test_a_client_learns_the_signature_from_status_and_any_json_spelling_of_it_registers():
-    import json
-
     config = make_config({"epochs": 1, "progress": "none"})
     addresses, _, stop = start_servers(config, 1, 2)
     try:

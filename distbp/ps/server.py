@@ -198,9 +198,10 @@ class Shard:
                 if self.active <= set(self.pending):
                     self._step(list(self.pending.values()))
             else:
-                self._step([grads])
+                # counted first: the step may write the periodic checkpoint, which must hold this push's count
                 self.clocks[worker_id] = self.clocks.get(worker_id, 0) + 1
                 self.steps_done[worker_id] = self.steps_done.get(worker_id, 0) + 1
+                self._step([grads])
             self.last_push[worker_id] = time.monotonic()
             self.pushes += 1
             return self.version
@@ -381,9 +382,7 @@ class Shard:
             raise CheckpointError(f"{path}: damaged checkpoint: version {version!r} is not an integer >= 0")
         if not isinstance(scalars, dict) or not all(isinstance(v, dict) for v in scalars.values()):
             raise CheckpointError(f"{path}: damaged checkpoint: the optimizer counters are not objects by parameter")
-        steps_done = meta.get("steps_done", {})  # absent before 2026-11-29
-        if not isinstance(steps_done, dict) or not all(k.isdecimal() and is_count(v) for k, v in steps_done.items()):
-            raise CheckpointError(f"{path}: damaged checkpoint: steps_done {steps_done!r} is not worker id -> count")
+        steps_done = self._check_steps_done(path, meta, version)
         schedule = meta.get("schedule") if self.schedule is not None else None
         if schedule:
             try:
@@ -413,11 +412,35 @@ class Shard:
         if schedule:
             self.schedule.load_state_dict(schedule)
         self.version = version
-        self.steps_done = {int(w): n for w, n in steps_done.items()}
+        self.steps_done = steps_done
         self.started = False  # wait for the workers to come back (sync_timeout at most once one has)
         self.waiting_since = None
         self.restored = True
         log.info("shard %d: restored version %d from %s", self.shard, self.version, path)
+
+    def _check_steps_done(self, path, meta, version):
+        """The checkpoint's pushes applied per worker id (async and bounded: they add up to the version)."""
+        saved_mode = meta.get("mode", self.mode)
+        if (saved_mode == "sync") != (self.mode == "sync"):
+            raise CheckpointError(f"{path}: checkpoint of a {saved_mode} server, this one is {self.mode}: a sync "
+                                  "version is one step of every worker, an async one a single push")
+        raw = meta.get("steps_done")
+        if raw is None:  # written before 2026-11-29: each worker's share of the pushes, as near as can be told
+            if self.mode != "sync" and version:
+                log.warning("shard %d: the checkpoint does not say how many pushes each worker made (an older "
+                            "format): each worker goes on from version / workers = %d", self.shard,
+                            version // self.expected)
+            return {w: version // self.expected for w in range(self.expected)} if self.mode != "sync" else {}
+        ids = {}
+        if isinstance(raw, dict):
+            for key, count in raw.items():
+                if key.isascii() and key.isdecimal() and int(key) < self.expected and str(int(key)) == key \
+                        and is_count(count) and count <= version:
+                    ids[int(key)] = count
+        if not isinstance(raw, dict) or len(ids) != len(raw) or (self.mode != "sync" and sum(ids.values()) != version):
+            raise CheckpointError(f"{path}: damaged checkpoint: steps_done {raw!r} is not, for worker ids below "
+                                  f"{self.expected}, push counts adding up to the version {version}")
+        return ids
 
     def stop(self):
         with self.cond:

@@ -201,13 +201,17 @@ def encode_chunks(name, array, ints, chunk_field, chunk_bytes=CHUNK_BYTES):
         yield b"".join((prefix, length, head, _padding(pad), data_tag, data))
 
 
-def _read_varint(buf, pos, end=None, low_64=True):
+def _read_varint(buf, pos, end=None, low_64=True, max_bytes=10):
     """(value, position after it) of the varint at buf[pos:], which must end before `end`: its low 64 bits,
-    as protobuf reads an integer (low_64 False: all of it, for a length, which must be small anyway)."""
+    as protobuf reads an integer (low_64 False: all of it, for a length, which must be small anyway).
+    Tags and lengths are 32-bit: protobuf refuses them written in more than 5 bytes (max_bytes)."""
     end = len(buf) if end is None else end
+    stop = min(end, pos + max_bytes)
     result = shift = 0
     while True:
-        if pos >= end:
+        if pos >= stop:
+            if stop < end:
+                raise WireError("malformed varint")
             raise WireError("truncated message")
         byte = buf[pos]
         pos += 1
@@ -229,7 +233,7 @@ def _fields(buf, start, end):
     every wire type are skipped, as protobuf's own parsers skip them."""
     pos = start
     while pos < end:
-        key, pos = _read_varint(buf, pos, end)
+        key, pos = _read_varint(buf, pos, end, max_bytes=5)
         number, kind = key >> 3, key & 7
         if not 0 < number <= _MAX_FIELD:
             raise WireError(f"field number {number} out of range")
@@ -237,7 +241,7 @@ def _fields(buf, start, end):
             value, pos = _read_varint(buf, pos, end)
             yield number, kind, value
         elif kind == 2:
-            length, pos = _read_varint(buf, pos, end, low_64=False)
+            length, pos = _read_varint(buf, pos, end, low_64=False, max_bytes=5)
             if pos + length > end:
                 raise WireError("a field runs past the end of the message")
             yield number, kind, (pos, pos + length)
@@ -261,7 +265,7 @@ def _skip_group(buf, pos, end, number):
     while open_groups:
         if pos >= end:
             raise WireError("a group runs past the end of the message")
-        key, pos = _read_varint(buf, pos, end)
+        key, pos = _read_varint(buf, pos, end, max_bytes=5)
         inner, kind = key >> 3, key & 7  # (protobuf does not check the numbers of what it skips)
         if kind == 4:
             if inner != open_groups[-1]:
@@ -274,7 +278,7 @@ def _skip_group(buf, pos, end, number):
         elif kind == 0:
             _, pos = _read_varint(buf, pos, end)
         elif kind == 2:
-            length, pos = _read_varint(buf, pos, end, low_64=False)
+            length, pos = _read_varint(buf, pos, end, low_64=False, max_bytes=5)
             pos += length
         elif kind == 1:
             pos += 8

@@ -267,7 +267,8 @@ class Trainer:
                     check_writable(f"config: '{key}'", getattr(cfg, key))
         self.tracer = Tracer(self.strategy.rank) if cfg.trace else None
         self.strategy.prepare(self.model, self.optimizer, self.tracer)
-        metrics = MetricsLog(cfg.metrics if self.is_main else None, append=cfg.resume)
+        # appended to when the run goes on: resumed, or a parameter-server worker the servers had at a step
+        metrics = MetricsLog(cfg.metrics if self.is_main else None, append=cfg.resume or self.step > 0)
         stop_at = min(self.total_steps, cfg.max_steps) if cfg.max_steps else self.total_steps
         progress = Progress(stop_at, cfg.progress if self.is_main else "none", cfg.log_every, self.stream)
         self._say(f"training {cfg.model} ({_count(self.model.num_parameters(), 'parameter')}) on "
