@@ -611,6 +611,7 @@ def _ps_steps(shard, steps, seed):
         shard.optimizer.step()
         shard.schedule.step()
         shard.version += 1
+        shard.steps_done[0] = shard.steps_done.get(0, 0) + 1  # as a push of worker 0 counts
 
 
 BAD_PS_CHECKPOINTS = [
