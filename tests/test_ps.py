@@ -1176,6 +1176,24 @@ def test_bounded_mode_drops_a_worker_that_holds_the_others_back():
     shard.stop()
 
 
+def test_in_bounded_mode_a_finished_worker_does_not_hold_back_one_still_running():
+    # worker 1, restarted, starts at the others' clock; worker 0 has made all its pushes and never pushes
+    # again: worker 1 must not wait for it (it used to, until worker 0 was dropped after sync_timeout)
+    from distbp.optim import SGD
+
+    shard = _shard_of({"w": np.zeros(4, np.float32)}, lambda ps: SGD(ps, lr=1.0), sync_timeout=60.0,
+                      steps_per_worker=2)
+    shard.mode, shard.expected, shard.staleness = "bounded", 2, 1
+    for wid in (0, 1):
+        shard.register(wid, shard.signature)
+    for wid in (0, 0, 1, 1, 1, 1):
+        shard.push(wid, shard.version, iter(to_chunks("w", np.ones(4, np.float32))))
+    assert shard.clocks == {0: 2, 1: 4}  # worker 1 is 2 > staleness ahead of the finished worker 0
+    _within(5, lambda: shard.pull_messages(1, 0, lambda: True))
+    assert shard.active == {0, 1}
+    shard.stop()
+
+
 def test_a_failed_periodic_checkpoint_does_not_fail_the_push(tmp_path, caplog):
     from distbp.optim import SGD
 

@@ -35,7 +35,7 @@ class Shard:
 
     def __init__(self, params, optimizer, schedule=None, mode="sync", workers=1, staleness=2, sync_timeout=60.0,
                  shard=0, num_shards=1, signature="", checkpoint=None, checkpoint_every=0, settings=None,
-                 setting_keys=None):
+                 setting_keys=None, steps_per_worker=None):
         if mode not in MODES:
             raise ValueError(f"parameter server: mode must be one of {MODES}, not {mode!r}")
         if workers < 1:
@@ -58,6 +58,8 @@ class Shard:
         # worker id -> its pushes applied in all (async and bounded; checkpointed): a worker that starts
         # again with that id takes up its run there, as its step count (sync: the version)
         self.steps_done = {}
+        # a worker's run, in pushes (None: not known): one that has made them all no longer paces the others
+        self.steps_per_worker = steps_per_worker
         self.sequences = {}  # worker id -> number of its last push applied (or kept for the step)
         self.registrations = {}  # worker id -> the token of its latest registration (random, never 0)
         self.pending = {}  # sync: worker id -> gradients for the current version
@@ -284,8 +286,9 @@ class Shard:
             log.warning("shard %d: dropped worker(s) %s from version %d: no push within %g s",
                         self.shard, late, self.version, self.sync_timeout)
             self._step(list(self.pending.values()))
-        if self.mode == "bounded" and self.active:
-            clocks = {w: self.clocks.get(w, 0) for w in self.active}
+        pacing = self._pacing()
+        if self.mode == "bounded" and pacing:
+            clocks = {w: self.clocks.get(w, 0) for w in pacing}
             slowest = min(clocks.values())
             if max(clocks.values()) - slowest > self.staleness:  # someone waits for the slowest
                 late = sorted(w for w, c in clocks.items()
@@ -296,6 +299,14 @@ class Shard:
                     log.warning("shard %d: dropped worker(s) %s: no push within %g s while others waited for "
                                 "them", self.shard, late, self.sync_timeout)
                     self.cond.notify_all()
+
+    def _pacing(self):
+        """The workers that bounded staleness keeps the others within reach of (lock held): those taking
+        part that have not finished their run (a finished one never pushes again: waiting for it would
+        hold a restarted worker, whose clock starts at the others', until it is dropped)."""
+        if self.steps_per_worker is None:
+            return self.active
+        return {w for w in self.active if self.steps_done.get(w, 0) < self.steps_per_worker}
 
     # --- pulls ---
 
@@ -320,8 +331,9 @@ class Shard:
                                f"version {min_version} is in the future: the server is at {self.version}")
             while True:
                 ready = self.version >= min_version and (self.started or self.mode == "async")
-                if ready and self.mode == "bounded" and worker_id in self.clocks and self.active:
-                    slowest = min(self.clocks.get(w, 0) for w in self.active)
+                pacing = self._pacing()
+                if ready and self.mode == "bounded" and worker_id in self.clocks and pacing:
+                    slowest = min(self.clocks.get(w, 0) for w in pacing)
                     ready = self.clocks[worker_id] - slowest <= self.staleness
                 if worker_id not in self.active:
                     raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,

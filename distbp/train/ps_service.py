@@ -34,9 +34,12 @@ def build_shard(config, shard=0, num_shards=1, workers=1, mode="sync", staleness
     per_round = 1 if mode == "sync" else workers
     schedule = build_schedule(replace(config, warmup_steps=config.warmup_steps * per_round), optimizer,
                               config.epochs * len(loader) * per_round)
+    steps_per_worker = config.epochs * len(loader)
+    if config.max_steps:
+        steps_per_worker = min(steps_per_worker, config.max_steps)
     return Shard(mine, optimizer, schedule, mode, workers, staleness, sync_timeout, shard, num_shards,
                  model_signature(named), checkpoint, checkpoint_every, settings=ps_settings(config),
-                 setting_keys=PS_SHARED_KEYS)
+                 setting_keys=PS_SHARED_KEYS, steps_per_worker=steps_per_worker)
 
 
 def check_server_options(config, args):
