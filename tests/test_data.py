@@ -331,6 +331,25 @@ def test_load_text_too_short(tmp_path):
         load_text(path, block_size=64)
 
 
+@pytest.mark.parametrize("chars,max_chars", [(100, 1_000_000), (17, 1_000_000), (1000, 150)])
+def test_text_too_short_for_its_split_says_how_much_is_needed(tmp_path, chars, max_chars):
+    # the counts of the file as read (after max_chars), not those of a hidden 90/10 split
+    path = tmp_path / "short.txt"
+    path.write_text(("ab" * chars)[:chars], encoding="utf-8")
+    with pytest.raises(DataError, match=f"{min(chars, max_chars):,} characters \\(max_chars {max_chars:,}\\) are too "
+                                        "few for block_size 16 with a 10% test split: it needs about 171"):
+        load_text(path, block_size=16, max_chars=max_chars)
+    path.write_text("ab" * 86)  # 172 characters: enough
+    assert len(load_text(path, block_size=16).test) == 1
+
+
+def test_load_text_reads_only_max_chars_and_no_byte_order_mark(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + ("ab\n" * 200).encode() + b"\xff broken later")
+    split = load_text(path, block_size=4, max_chars=300)  # the broken byte lies past what is used
+    assert split.meta["vocab"] == "\nab"
+
+
 def test_load_text_default_corpus():
     split = load_text(None, block_size=16, max_chars=20_000)
     assert split.meta["source"] == "python-stdlib"

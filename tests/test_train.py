@@ -209,6 +209,65 @@ def _recording(step, losses):
     return record
 
 
+def _other_text_with_as_many_characters(tiny_charlm, tmp_path):
+    text = open(tiny_charlm["text_file"]).read()
+    vocab = sorted(set(text))
+    shifted = {c: chr(ord(c) + 0x100) for c in vocab}  # the same codes, other characters
+    other = tmp_path / "other.txt"
+    other.write_text("".join(shifted[c] for c in text))
+    return str(other)
+
+
+def test_a_charlm_run_is_not_resumed_or_started_from_weights_on_another_text(tmp_path, tiny_charlm):
+    # the same number of characters: the shapes fit, but every code would mean another character
+    ckpt = tmp_path / "lm.ckpt"
+    fit(**tiny_charlm, checkpoint=str(ckpt), max_steps=3)
+    other = _other_text_with_as_many_characters(tiny_charlm, tmp_path)
+    with pytest.raises(CheckpointError, match="written on a text of .* characters.*use the same text file"):
+        fit(**{**tiny_charlm, "text_file": other}, checkpoint=str(ckpt), resume=True)
+    with pytest.raises(CheckpointError, match="written on a text of"):
+        fit(**{**tiny_charlm, "text_file": other}, init_from=str(ckpt), max_steps=1)
+    with pytest.raises(CheckpointError, match="checkpoint of model 'charlm', not 'mlp'"):
+        fit(epochs=1, init_from=str(ckpt), max_steps=1)
+    # a setting that changes a shape is named, not the shape
+    with pytest.raises(CheckpointError, match="written with block_size = 16, this run has 8"):
+        fit(**{**tiny_charlm, "block_size": 8}, checkpoint=str(ckpt), resume=True)
+
+
+def test_text_evaluation_samples_windows_spread_over_the_whole_test_split(tiny_charlm):
+    from distbp.data import CharDataset
+
+    trainer = Trainer(make_config({**tiny_charlm, "progress": "none"}))
+    seen = []
+
+    class Recording(CharDataset):
+        def __getitem__(self, indices):
+            seen.extend(np.asarray(indices).tolist())
+            return super().__getitem__(indices)
+
+    trainer.split.test.__class__ = Recording
+    trainer.EVAL_TEXT_WINDOWS = 5
+    trainer.evaluate()
+    windows = len(trainer.split.test)
+    assert windows > 5 and seen == [0, (windows - 1) // 4, (windows - 1) // 2, 3 * (windows - 1) // 4, windows - 1]
+
+
+def test_the_sample_shows_the_prompt_it_was_given(tiny_charlm, tmp_path):
+    # "def " is not in this text: the sample starts from the text's first character, and says so
+    other = _other_text_with_as_many_characters(tiny_charlm, tmp_path)
+    trainer, summary = fit(**{**tiny_charlm, "text_file": other, "sample_length": 5}, max_steps=2)
+    vocab = trainer.split.meta["vocab"]
+    assert "d" not in vocab and summary["sample"][0] == vocab[0] and len(summary["sample"]) == 6
+
+
+def test_the_last_record_of_a_run_evaluated_every_k_steps_names_its_last_epoch(tmp_path):
+    metrics = tmp_path / "m.jsonl"
+    trainer, _ = fit(epochs=2, eval_every=20, metrics=str(metrics))  # 90 steps: the last record comes after the loop
+    records = _records(metrics)
+    assert records[-1]["step"] == 2 * trainer.steps_per_epoch and records[-1]["epoch"] == 2
+    assert [r["epoch"] for r in records] == [1, 1, 2, 2, 2]
+
+
 @pytest.mark.parametrize("key", ["checkpoint", "metrics", "trace"])
 def test_an_output_path_that_cannot_be_written_is_refused_before_training(tmp_path, key):
     (tmp_path / "afile").write_text("")

@@ -188,17 +188,29 @@ class CharDataset:
         return rows[:, :-1], rows[:, 1:]
 
 
+def _read_utf8_prefix(path, max_chars):
+    """The first max_chars characters of a UTF-8 file, reading no more than they can take (4 bytes each):
+    only what is used must decode, and a byte-order mark is not text."""
+    with open(path, "rb") as f:
+        raw = f.read(4 * max_chars + 3)
+    try:
+        return raw.decode("utf-8-sig")[:max_chars]
+    except UnicodeDecodeError as e:
+        text = raw[:e.start].decode("utf-8-sig")  # what decodes, up to the first bad byte
+        if len(text) >= max_chars:  # the bad byte (or a character cut by the read) lies past what is used
+            return text[:max_chars]
+        raise DataError(f"text file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def load_text(path=None, block_size=64, test_fraction=0.1, max_chars=1_000_000):
     """A character-level corpus: the file at `path` (UTF-8), or the standard library's sources."""
     if path is None:
         text, source = stdlib_text(max_chars), "python-stdlib"
     else:
         try:
-            text = Path(path).read_text(encoding="utf-8")[:max_chars]
+            text = _read_utf8_prefix(path, max_chars)
         except FileNotFoundError:
             raise DataError(f"text file {path} does not exist") from None
-        except UnicodeDecodeError as e:
-            raise DataError(f"text file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
         except OSError as e:
             raise DataError(f"cannot read text file {path}: {e.strerror}") from None
         source = os.fspath(path)
@@ -209,6 +221,11 @@ def load_text(path=None, block_size=64, test_fraction=0.1, max_chars=1_000_000):
     lookup[[ord(c) for c in vocab]] = np.arange(len(vocab))
     codes = lookup[np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)]
     cut = int(len(codes) * (1 - test_fraction))
+    if min(cut, len(codes) - cut) <= block_size:
+        needed = math.ceil((block_size + 1) / min(test_fraction, 1 - test_fraction)) + 1
+        raise DataError(f"text from {source}: {len(codes):,} characters (max_chars {max_chars:,}) are too few for "
+                        f"block_size {block_size} with a {test_fraction:.0%} test split: it needs about "
+                        f"{needed:,}")
     train = CharDataset(codes[:cut], block_size, f"{source}/train")
     test = CharDataset(codes[cut:], block_size, f"{source}/test")
     return Split(train, test, (block_size,), len(vocab), {"vocab": "".join(vocab), "source": source})

@@ -78,10 +78,19 @@ def _check_model(path, meta, model):
         raise CheckpointError(f"{path}: checkpoint of a different model: it has extra parameter {extra[0]!r}")
 
 
-def load_weights(path, model):
+def _state_of(path, meta):
+    state = meta.get("state", {})
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: damaged checkpoint metadata (the state is not an object)")
+    return state
+
+
+def load_weights(path, model, check_state=None):
     """Only the model's parameters and buffers from a checkpoint, for a new run that starts from them
-    (its optimizer, schedule and position start afresh). Checked like load_checkpoint's."""
+    (its optimizer, schedule and position start afresh). Checked like load_checkpoint's, check_state too."""
     arrays, meta = _read(path)
+    if check_state is not None:
+        check_state(_state_of(path, meta))
     _check_model(path, meta, model)
     try:
         model.load_state_dict({k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")})
@@ -89,14 +98,16 @@ def load_weights(path, model):
         raise CheckpointError(f"{path}: does not fit this model: {_reason(e)}") from None
 
 
-def load_checkpoint(path, model, optimizer, check_state=None):
+def load_checkpoint(path, model, optimizer, check_state=None, check_first=None):
     """Restore model and optimizer from `path` and return the saved `state`.
 
     Everything is checked before anything changes: a checkpoint of another model (different parameter
     names or shapes), or with optimizer state the optimizer cannot use, is refused naming the first
     problem, and model and optimizer are left as they were. check_state(state), if given, is called
     after those checks and before any change: a caller that restores more from `state` (counters, a
-    schedule) checks it there and raises CheckpointError to refuse the file.
+    schedule) checks it there and raises CheckpointError to refuse the file. check_first(state), if given,
+    is called before the model and optimizer checks: for settings whose difference would otherwise be
+    reported as a shape that does not fit (a block size, a vocabulary).
     """
     arrays, meta = _read(path)
     saved_opt = meta.get("optimizer_type")
@@ -104,6 +115,8 @@ def load_checkpoint(path, model, optimizer, check_state=None):
         raise CheckpointError(
             f"{path}: checkpoint of a run with optimizer {saved_opt}, this run uses {type(optimizer).__name__}"
         )
+    if check_first is not None:  # it names the setting that differs, where the model check names a shape
+        check_first(_state_of(path, meta))
     _check_model(path, meta, model)
     try:
         model_arrays = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}

@@ -125,6 +125,7 @@ class Trainer:
         return {
             "step": self.step, "epoch": self.epoch, "batch": self.batch, "model": self.config.model,
             "rng": rngs, "schedule": self.schedule.state_dict(), "lr_used": self.lr_used,
+            "vocab": self.split.meta.get("vocab"),  # a text model's codes mean these characters
             "running_loss": {"sum": loss_sum, "count": self.loss_count},
             "world_size": self.strategy.world_size, "config": to_dict(self.config),
         }
@@ -139,10 +140,26 @@ class Trainer:
             if self.is_main:
                 save_checkpoint(self.config.checkpoint, self.model, self.optimizer, self._state(rngs, loss_sum))
 
-    def _check_state(self, path, state):
-        """Refuse a checkpoint's saved state that resume() could not restore whole (before anything changes)."""
+    def _check_settings(self, path, state):
+        """Refuse a checkpoint of another run: model, settings, text (before its shapes are compared, which
+        would name a shape where these name the setting)."""
         if state.get("model") != self.config.model:
             raise CheckpointError(f"{path}: checkpoint of model {state.get('model')!r}, not {self.config.model!r}")
+        saved = state.get("config")
+        if isinstance(saved, dict):
+            theirs = effective_settings(saved, [k for k in _RESUME_KEYS if k in saved])
+            mine = effective_settings(to_dict(self.config), _RESUME_KEYS)
+            for key, value in theirs.items():
+                if key in mine and value != mine[key]:
+                    raise CheckpointError(
+                        f"{path}: written with {key} = {value!r}, this run has {mine[key]!r}; resume with the same "
+                        "value (the data order, the schedule and the optimizer's state depend on it), or start a "
+                        "new run from the checkpoint's weights with init_from"
+                    )
+        self._check_vocab(path, state)
+
+    def _check_state(self, path, state):
+        """Refuse a checkpoint's saved state that resume() could not restore whole (before anything changes)."""
         if state.get("world_size", 1) != self.strategy.world_size:
             raise CheckpointError(
                 f"{path}: written by {state.get('world_size')} ranks; resume with the same world size "
@@ -163,17 +180,19 @@ class Trainer:
                 check_rng_state(rng)
         except ValueError as e:
             raise CheckpointError(f"{path}: damaged checkpoint state: {e}") from None
-        saved = state.get("config")
-        if isinstance(saved, dict):
-            theirs = effective_settings(saved, [k for k in _RESUME_KEYS if k in saved])
-            mine = effective_settings(to_dict(self.config), _RESUME_KEYS)
-            for key, value in theirs.items():
-                if key in mine and value != mine[key]:
-                    raise CheckpointError(
-                        f"{path}: written with {key} = {value!r}, this run has {mine[key]!r}; resume with the same "
-                        "value (the data order, the schedule and the optimizer's state depend on it), or start a "
-                        "new run from the checkpoint's weights with init_from"
-                    )
+
+    def _check_weights_of(self, path, state):
+        if state.get("model") not in (None, self.config.model):
+            raise CheckpointError(f"{path}: checkpoint of model {state.get('model')!r}, not {self.config.model!r}")
+        self._check_vocab(path, state)
+
+    def _check_vocab(self, path, state):
+        """A text model's codes stand for its text's characters: another text's would be a silent remap."""
+        saved, mine = state.get("vocab"), self.split.meta.get("vocab")
+        if saved is not None and mine is not None and saved != mine:
+            raise CheckpointError(f"{path}: written on a text of {len(saved)} characters {saved[:20]!r}..., this "
+                                  f"run's has {len(mine)} {mine[:20]!r}...: its codes would mean other characters; "
+                                  "use the same text file (and max_chars)")
 
     def _rank_rngs(self, state):
         """Each rank's saved generator state (a checkpoint of one rank may hold the state alone)."""
@@ -195,7 +214,8 @@ class Trainer:
         if not Path(path).exists():
             self._say(f"no checkpoint at {path} yet: starting from the beginning")
             return False
-        state = load_checkpoint(path, self.model, self.optimizer, check_state=lambda s: self._check_state(path, s))
+        state = load_checkpoint(path, self.model, self.optimizer, check_state=lambda s: self._check_state(path, s),
+                                check_first=lambda s: self._check_settings(path, s))
         self.step, self.epoch, self.batch = state["step"], state["epoch"], state["batch"]
         self.schedule.load_state_dict(state["schedule"])
         running = state.get("running_loss", {"sum": 0.0, "count": 0})
@@ -216,8 +236,9 @@ class Trainer:
         """(mean loss, accuracy) on the held-out split, sharded over ranks and combined."""
         data = self.split.test
         order = np.arange(len(data))
-        if isinstance(data, CharDataset):
-            order = order[: self.EVAL_TEXT_WINDOWS]
+        if isinstance(data, CharDataset) and len(order) > self.EVAL_TEXT_WINDOWS:
+            # a fixed sample spread evenly over the whole test text (its start alone may be unlike the rest)
+            order = np.unique(np.linspace(0, len(order) - 1, self.EVAL_TEXT_WINDOWS).astype(np.int64))
         if getattr(self.strategy, "shards_evaluation", True):
             order = order[self.strategy.rank::self.strategy.world_size]
         loss_sum = correct = count = 0.0
@@ -256,7 +277,7 @@ class Trainer:
                 self._say(f"the servers have this worker's run at step {start}: continuing from epoch "
                           f"{self.epoch + 1}, batch {self.batch}")
         if cfg.init_from and not resumed:
-            load_weights(cfg.init_from, self.model)
+            load_weights(cfg.init_from, self.model, check_state=lambda s: self._check_weights_of(cfg.init_from, s))
             self._say(f"starting from the weights of {cfg.init_from}")
         if self.batch >= self.steps_per_epoch:
             self.epoch, self.batch = self.epoch + 1, 0
@@ -377,18 +398,22 @@ class Trainer:
         train_loss = total / ranks
         self.loss_sum, self.loss_count = 0.0, 0
         test_loss, accuracy = self.evaluate()
-        metrics.write(step=self.step, epoch=self.epoch + 1, train_loss=train_loss, test_loss=test_loss,
+        # the epoch the last step belongs to (after an epoch ends, self.epoch already counts the next one)
+        epoch = self.epoch + 1 if self.batch else max(self.epoch, 1)
+        metrics.write(step=self.step, epoch=epoch, train_loss=train_loss, test_loss=test_loss,
                       test_accuracy=accuracy, lr=self.lr_used)
         progress.line(f"epoch {self.epoch + 1} step {self.step}: train loss {train_loss:.4f}, "
                       f"test loss {test_loss:.4f}, test accuracy {accuracy:.2%}")
         return test_loss, accuracy
 
     def sample(self, length, prompt="def "):
+        """`length` characters sampled after `prompt`, the prompt included as it was used: its characters
+        the text never had left out, or, if none is left, the text's first character."""
         vocab = self.split.meta["vocab"]
         index = {c: i for i, c in enumerate(vocab)}
-        codes = [index[c] for c in prompt if c in index]
+        codes = [index[c] for c in prompt if c in index] or [0]
         out = self.model.generate(codes, length, temperature=0.8, rng=np.random.default_rng(self.config.seed))
-        return prompt + "".join(vocab[c] for c in out)
+        return "".join(vocab[c] for c in codes + out)
 
 
 # Keys that may legitimately differ between ranks (file paths that only rank 0 writes; whether tracing is on
