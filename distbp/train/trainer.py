@@ -402,7 +402,7 @@ class Trainer:
         epoch = self.epoch + 1 if self.batch else max(self.epoch, 1)
         metrics.write(step=self.step, epoch=epoch, train_loss=train_loss, test_loss=test_loss,
                       test_accuracy=accuracy, lr=self.lr_used)
-        progress.line(f"epoch {self.epoch + 1} step {self.step}: train loss {train_loss:.4f}, "
+        progress.line(f"epoch {epoch} step {self.step}: train loss {train_loss:.4f}, "
                       f"test loss {test_loss:.4f}, test accuracy {accuracy:.2%}")
         return test_loss, accuracy
 
