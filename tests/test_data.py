@@ -343,6 +343,15 @@ def test_text_too_short_for_its_split_says_how_much_is_needed(tmp_path, chars, m
     assert len(load_text(path, block_size=16).test) == 1
 
 
+def test_load_text_reads_line_ends_as_newlines(tmp_path):
+    # as a file opened in text mode gives them: \r\n and \r are one "\n", not two characters
+    path = tmp_path / "crlf.txt"
+    path.write_bytes(b"ab\r\ncd\rxy\n" * 100)
+    split = load_text(path, block_size=8, max_chars=90)
+    assert split.meta["vocab"] == "\nabcdxy"
+    assert len(split.train.codes) + len(split.test.codes) == 90
+
+
 def test_load_text_reads_only_max_chars_and_no_byte_order_mark(tmp_path):
     path = tmp_path / "c.txt"
     path.write_bytes(b"\xef\xbb\xbf" + ("ab\n" * 200).encode() + b"\xff broken later")

@@ -190,16 +190,21 @@ class CharDataset:
 
 def _read_utf8_prefix(path, max_chars):
     """The first max_chars characters of a UTF-8 file, reading no more than they can take (4 bytes each):
-    only what is used must decode, and a byte-order mark is not text."""
+    only what is used must decode, a byte-order mark is not text, and line ends read as "\n" (as a file
+    opened in text mode gives them)."""
     with open(path, "rb") as f:
         raw = f.read(4 * max_chars + 3)
     try:
-        return raw.decode("utf-8-sig")[:max_chars]
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         text = raw[:e.start].decode("utf-8-sig")  # what decodes, up to the first bad byte
-        if len(text) >= max_chars:  # the bad byte (or a character cut by the read) lies past what is used
-            return text[:max_chars]
-        raise DataError(f"text file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        if len(_universal_newlines(text)) < max_chars:  # else it lies past what is used (or cuts a character)
+            raise DataError(f"text file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return _universal_newlines(text)[:max_chars]
+
+
+def _universal_newlines(text):
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def load_text(path=None, block_size=64, test_fraction=0.1, max_chars=1_000_000):
