@@ -552,6 +552,7 @@ BAD_RESUME_STATES = [
     pytest.param(_edit_state("schedule", {"last_step": 3, "base_lrs": [0.01, 0.02]}), "base_lrs",
                  id="schedule-of-two-groups"),
     pytest.param(_edit_state("rng", {"bit_generator": "PCG64"}), "generator state", id="rng-state-damaged"),
+    pytest.param(_edit_state("vocab", 123), "vocab is 123, not a string", id="vocab-damaged"),
     pytest.param(_drop_array("optim/1/exp_avg_sq"), r"lacks \['exp_avg_sq'\]", id="no-exp_avg_sq"),
 ]
 

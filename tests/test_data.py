@@ -343,6 +343,31 @@ def test_text_too_short_for_its_split_says_how_much_is_needed(tmp_path, chars, m
     assert len(load_text(path, block_size=16).test) == 1
 
 
+@pytest.mark.parametrize("max_chars", range(100, 140))
+def test_load_text_after_a_byte_order_mark_cuts_multibyte_characters_cleanly(tmp_path, max_chars):
+    path = tmp_path / "bom.txt"
+    text = "привет, world! " * 40
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    split = load_text(path, block_size=4, max_chars=max_chars)
+    assert len(split.train.codes) + len(split.test.codes) == max_chars
+
+
+def test_load_text_names_the_file_offset_of_a_bad_byte_after_a_byte_order_mark(tmp_path):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + b"ab" * 10 + b"\xff" + b"ab" * 100)
+    with pytest.raises(DataError, match="at byte 23"):
+        load_text(path, block_size=4)
+    path.write_bytes(b"\xef\xbb\xbf" + b"ab" * 50 + b"\xff")  # past the 100 characters used
+    assert load_text(path, block_size=4, max_chars=100).meta["vocab"] == "ab"
+
+
+def test_load_text_refuses_a_test_fraction_outside_0_1(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("ab" * 1000)
+    with pytest.raises(ValueError, match="test_fraction must be in"):
+        load_text(path, block_size=4, test_fraction=0)
+
+
 def test_load_text_reads_line_ends_as_newlines(tmp_path):
     # as a file opened in text mode gives them: \r\n and \r are one "\n", not two characters
     path = tmp_path / "crlf.txt"

@@ -1268,6 +1268,20 @@ def test_a_worker_with_equivalent_settings_is_accepted():
         stop()
 
 
+def test_a_worker_with_another_run_length_is_refused():
+    # bounded staleness stops pacing a worker once it has made its run's pushes: the lengths must agree
+    from distbp.train.config import ps_settings
+
+    config = make_config({"epochs": 1, "progress": "none", "max_steps": 2})
+    addresses, _, stop = start_servers(config, mode="bounded")
+    try:
+        longer = make_config({"epochs": 1, "progress": "none"})
+        with pytest.raises(PSError, match="the worker has max_steps = 0 but the server 2"):
+            PSClient(addresses, _named(config), settings=ps_settings(longer)).register()
+    finally:
+        stop()
+
+
 def test_a_worker_with_other_training_settings_is_refused_naming_the_setting():
     from distbp.train.config import ps_settings
 

@@ -229,6 +229,8 @@ def test_a_charlm_run_is_not_resumed_or_started_from_weights_on_another_text(tmp
         fit(**{**tiny_charlm, "text_file": other}, init_from=str(ckpt), max_steps=1)
     with pytest.raises(CheckpointError, match="checkpoint of model 'charlm', not 'mlp'"):
         fit(epochs=1, init_from=str(ckpt), max_steps=1)
+    with pytest.raises(CheckpointError, match="checkpoint of model 'charlm', not 'mlp'"):
+        fit(epochs=1, checkpoint=str(ckpt), resume=True)  # named before the optimizers (Adam, SGD) differ
     # a setting that changes a shape is named, not the shape
     with pytest.raises(CheckpointError, match="written with block_size = 16, this run has 8"):
         fit(**{**tiny_charlm, "block_size": 8}, checkpoint=str(ckpt), resume=True)

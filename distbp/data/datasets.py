@@ -2,6 +2,7 @@
 and synthetic data. Every data set is a pair of arrays fetched by a batch of indices at a time.
 """
 
+import codecs
 import gzip
 import math
 import os
@@ -194,12 +195,14 @@ def _read_utf8_prefix(path, max_chars):
     opened in text mode gives them)."""
     with open(path, "rb") as f:
         raw = f.read(4 * max_chars + 3)
+    skip = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    raw = raw[skip:]
     try:
-        text = raw.decode("utf-8-sig")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        text = raw[:e.start].decode("utf-8-sig")  # what decodes, up to the first bad byte
+        text = raw[:e.start].decode("utf-8")  # what decodes, up to the first bad byte
         if len(_universal_newlines(text)) < max_chars:  # else it lies past what is used (or cuts a character)
-            raise DataError(f"text file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+            raise DataError(f"text file {path} is not UTF-8 text ({e.reason} at byte {e.start + skip})") from None
     return _universal_newlines(text)[:max_chars]
 
 
@@ -209,6 +212,8 @@ def _universal_newlines(text):
 
 def load_text(path=None, block_size=64, test_fraction=0.1, max_chars=1_000_000):
     """A character-level corpus: the file at `path` (UTF-8), or the standard library's sources."""
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"load_text: test_fraction must be in (0, 1), got {test_fraction}")
     if path is None:
         text, source = stdlib_text(max_chars), "python-stdlib"
     else:

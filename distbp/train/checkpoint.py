@@ -110,13 +110,13 @@ def load_checkpoint(path, model, optimizer, check_state=None, check_first=None):
     reported as a shape that does not fit (a block size, a vocabulary).
     """
     arrays, meta = _read(path)
+    if check_first is not None:  # it names the setting that differs, where the checks below name a shape
+        check_first(_state_of(path, meta))
     saved_opt = meta.get("optimizer_type")
     if saved_opt is not None and saved_opt != type(optimizer).__name__:
         raise CheckpointError(
             f"{path}: checkpoint of a run with optimizer {saved_opt}, this run uses {type(optimizer).__name__}"
         )
-    if check_first is not None:  # it names the setting that differs, where the model check names a shape
-        check_first(_state_of(path, meta))
     _check_model(path, meta, model)
     try:
         model_arrays = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}

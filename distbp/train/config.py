@@ -240,8 +240,8 @@ def check_pem(what, path):
 
 # Settings a parameter-server worker must share with the servers, which build the optimizer and schedule
 # from their own copy of the options: checked when the worker registers.
-PS_SHARED_KEYS = ("dataset", "synthetic_size", "max_chars", "block_size", "epochs", "batch_size", "optimizer", "lr",
-                  "momentum", "weight_decay", "schedule", "warmup_steps", "seed")
+PS_SHARED_KEYS = ("dataset", "synthetic_size", "max_chars", "block_size", "epochs", "max_steps", "batch_size",
+                  "optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup_steps", "seed")
 
 
 def ps_settings(config):

@@ -189,6 +189,8 @@ class Trainer:
     def _check_vocab(self, path, state):
         """A text model's codes stand for its text's characters: another text's would be a silent remap."""
         saved, mine = state.get("vocab"), self.split.meta.get("vocab")
+        if saved is not None and not isinstance(saved, str):
+            raise CheckpointError(f"{path}: damaged checkpoint state: vocab is {saved!r}, not a string")
         if saved is not None and mine is not None and saved != mine:
             raise CheckpointError(f"{path}: written on a text of {len(saved)} characters {saved[:20]!r}..., this "
                                   f"run's has {len(mine)} {mine[:20]!r}...: its codes would mean other characters; "
