@@ -112,8 +112,7 @@ class DataParallel:
         """Every rank holds the same parameters (frozen ones too) and was given the same options."""
         mine = [(n, tuple(p.data.shape), str(p.data.dtype), bool(p.requires_grad))
                 for n, p in self.module.named_parameters()]
-        mine += [(n, tuple(np.shape(b.data if isinstance(b, Tensor) else b)),
-                  str(getattr(b.data if isinstance(b, Tensor) else b, "dtype", type(b).__name__)), "buffer")
+        mine += [(n, tuple(np.shape(_array_of(b))), str(getattr(_array_of(b), "dtype", type(b).__name__)), "buffer")
                  for n, b in self.module.named_buffers()]  # broadcast too: they must pair up
         everyone = self.comm.allgather((mine, options))
         reference, reference_options = everyone[0]
@@ -134,38 +133,31 @@ class DataParallel:
                     )
 
     def _broadcast_state(self):
-        unwritable = []
+        fixed = []  # (kind, name, array) that cannot be overwritten: compared by checksum below
         for name, p in self.module.named_parameters():  # frozen ones too: every replica runs rank 0's model
             if not (p.data.flags.c_contiguous and p.data.flags.writeable):
-                unwritable.append((name, p))  # a frozen table mapped read-only from a file, say
+                fixed.append(("parameter", name, p.data))  # a frozen table mapped read-only from a file, say
                 continue
             self.comm.broadcast(p.data, root=0)
             p._bump_version()
-        # what cannot be overwritten must already be equal: compared by checksum
-        digests = self.comm.allgather([zlib.crc32(np.ascontiguousarray(p.data).view(np.uint8)) for _, p in unwritable])
-        for rank, theirs in enumerate(digests[1:], 1):
-            for (name, _), mine, other in zip(unwritable, digests[0], theirs):
-                if mine != other:
-                    raise ModelMismatch(f"DataParallel: the read-only parameter {name} differs between rank 0 and "
-                                        f"rank {rank}, and cannot be overwritten with rank 0's values")
-        fixed = []
         for name, b in self.module.named_buffers():
-            arr = b.data if isinstance(b, Tensor) else b
+            arr = _array_of(b)
             if not isinstance(arr, np.ndarray):
                 continue
             if not arr.flags.writeable:
-                fixed.append((name, arr))  # compared below, as read-only parameters are
+                fixed.append(("buffer", name, arr))
             elif arr.flags.c_contiguous:
                 self.comm.broadcast(arr, root=0)
             else:  # broadcast needs one contiguous block
                 block = np.ascontiguousarray(arr)
                 self.comm.broadcast(block, root=0)
                 arr[...] = block
-        digests = self.comm.allgather([zlib.crc32(np.ascontiguousarray(a).view(np.uint8)) for _, a in fixed])
+        # what cannot be overwritten must already be equal
+        digests = self.comm.allgather([zlib.crc32(np.ascontiguousarray(a).view(np.uint8)) for _, _, a in fixed])
         for rank, theirs in enumerate(digests[1:], 1):
-            for (name, _), mine, other in zip(fixed, digests[0], theirs):
+            for (kind, name, _), mine, other in zip(fixed, digests[0], theirs):
                 if mine != other:
-                    raise ModelMismatch(f"DataParallel: the read-only buffer {name} differs between rank 0 and "
+                    raise ModelMismatch(f"DataParallel: the read-only {kind} {name} differs between rank 0 and "
                                         f"rank {rank}, and cannot be overwritten with rank 0's values")
 
     def _make_buckets(self, cap_bytes):
@@ -190,8 +182,7 @@ class DataParallel:
     # --- during backward ---
 
     def _grad_ready(self, p):
-        if self._failed is not None:
-            raise RuntimeError(f"DataParallel cannot continue after a failed synchronize(): {self._failed}")
+        self._check_usable()
         if not self._syncing:
             self._accumulated.add(id(p))  # its .grad holds a gradient for the next synchronize()
             return
@@ -249,13 +240,16 @@ class DataParallel:
         (or mean) of gradients. Raising leaves the wrapper unusable: the ranks' buckets may no longer pair up."""
         if not self._syncing:
             return
-        if self._failed is not None:
-            raise RuntimeError(f"DataParallel cannot continue after a failed synchronize(): {self._failed}")
+        self._check_usable()
         try:
             self._synchronize()
         except Exception as e:
             self._failed = f"{type(e).__name__}: {e}"
             raise
+
+    def _check_usable(self):
+        if self._failed is not None:
+            raise RuntimeError(f"DataParallel cannot continue after a failed synchronize(): {self._failed}")
 
     def _check_trainable(self):
         """Which parameters train is fixed at construction: the buckets and hooks were made for them."""
@@ -273,6 +267,7 @@ class DataParallel:
             raise RuntimeError("DataParallel: synchronize(): no parameter received a gradient since the last "
                                "synchronize(); call it once after each backward")
         missing = [(n, p) for n, p in self.named if id(p) not in self._bucket_of[id(p)].ready]
+        unused_here = []  # (allow_unused) parameters this rank gave no gradient, not even a zeroed one
         if missing:
             if not self.allow_unused:
                 names = ", ".join(n for n, _ in missing[:5]) + (" ..." if len(missing) > 5 else "")
@@ -280,7 +275,6 @@ class DataParallel:
                     f"DataParallel: {len(missing)} parameter(s) received no gradient this step: {names}. "
                     "Use them in the loss, or pass allow_unused=True to treat their gradients as zero"
                 )
-            unused_here = []
             for n, p in missing:
                 bucket = self._bucket_of[id(p)]
                 view = bucket.views[id(p)]
@@ -292,7 +286,7 @@ class DataParallel:
                     view[...] = 0
                 bucket.ready.add(id(p))
             self._launch_ready()
-        unused = self._unused_everywhere(unused_here if missing else [])
+        unused = self._unused_everywhere(unused_here)
         for bucket in self.buckets:
             bucket.handle.wait()
             bucket.finished_at = time.perf_counter()
@@ -355,6 +349,11 @@ class DataParallel:
             self.comm.release(bucket.buffer)
         if getattr(self.module, "_data_parallel", None) is self:
             self.module._data_parallel = None
+
+
+def _array_of(buffer):
+    """A buffer's array (a buffer is an array, a Tensor or another value)."""
+    return buffer.data if isinstance(buffer, Tensor) else buffer
 
 
 def _describe(entry):
