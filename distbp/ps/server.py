@@ -45,6 +45,7 @@ class Shard:
         self.ranges, self.pieces = self._cut_into_pieces(params, optimizer)
         self.mode, self.expected, self.staleness, self.sync_timeout = mode, workers, staleness, sync_timeout
         self.shard, self.num_shards, self.signature = shard, num_shards, signature
+        self._model = _parse_signature(signature)  # what a worker's signature must equal, as JSON values
         self.settings = settings or {}  # training settings a worker must share (see register)
         # the keys a worker may send (None: any); the server's own settings leave out those that do not apply
         self.setting_keys = None if setting_keys is None else set(setting_keys) | set(self.settings)
@@ -79,7 +80,7 @@ class Shard:
 
     def register(self, requested_id, signature, settings=None):
         """(worker id, registration token) for a joining worker."""
-        if _parse_signature(signature) != _parse_signature(self.signature):
+        if _parse_signature(signature) != self._model:
             raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
                            "the worker's model differs from the server's (parameter names, shapes or dtypes; "
                            "the server's is in StatusReply.signature)")
@@ -286,8 +287,8 @@ class Shard:
             log.warning("shard %d: dropped worker(s) %s from version %d: no push within %g s",
                         self.shard, late, self.version, self.sync_timeout)
             self._step(list(self.pending.values()))
-        pacing = self._pacing()
-        if self.mode == "bounded" and pacing:
+        pacing = self._pacing() if self.mode == "bounded" else None
+        if pacing:
             clocks = {w: self.clocks.get(w, 0) for w in pacing}
             slowest = min(clocks.values())
             if max(clocks.values()) - slowest > self.staleness:  # someone waits for the slowest
@@ -331,10 +332,11 @@ class Shard:
                                f"version {min_version} is in the future: the server is at {self.version}")
             while True:
                 ready = self.version >= min_version and (self.started or self.mode == "async")
-                pacing = self._pacing()
-                if ready and self.mode == "bounded" and worker_id in self.clocks and pacing:
-                    slowest = min(self.clocks.get(w, 0) for w in pacing)
-                    ready = self.clocks[worker_id] - slowest <= self.staleness
+                if ready and self.mode == "bounded" and worker_id in self.clocks:
+                    pacing = self._pacing()
+                    if pacing:
+                        slowest = min(self.clocks.get(w, 0) for w in pacing)
+                        ready = self.clocks[worker_id] - slowest <= self.staleness
                 if worker_id not in self.active:
                     raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
                                    f"worker {worker_id} is not taking part (register again to rejoin)")
@@ -649,8 +651,7 @@ class _TokenCheck(grpc.ServerInterceptor):
     case does not matter, as in HTTP)."""
 
     def __init__(self, token):
-        if not token or token != token.strip():
-            raise ValueError("the token must be non-empty, without spaces at either end")
+        check_token(token)
         self.token = token.encode()
 
         def deny(request, context):
@@ -677,6 +678,13 @@ class _TokenCheck(grpc.ServerInterceptor):
     def _carries_token(self, header):
         scheme, _, token = (header or "").partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(" ").encode(), self.token)
+
+
+def check_token(token, what="the token"):
+    """ValueError unless `token` can travel as `authorization: Bearer <token>` and match there."""
+    if not token or token != token.strip():
+        raise ValueError(f"{what} must be non-empty, without spaces at either end (the metadata "
+                         "`authorization: Bearer T` cannot carry them)")
 
 
 MESSAGE_LIMIT = 16 * 1024 * 1024

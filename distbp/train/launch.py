@@ -80,14 +80,18 @@ __all__ = ["run", "resolve_backend", "RankFailed"]
 
 def _run_ps(config, stream):
     from ..ps.client import PSStep, parse_addresses
+    from ..ps.server import check_token
 
     if not config.ps:
         raise ConfigError("config: backend 'ps' needs 'ps' (the parameter servers' HOST:PORT addresses)")
     if config.checkpoint or config.init_from:
         raise ConfigError("config: with backend 'ps' the servers hold the parameters and checkpoint them "
                           "(distbp ps serve --checkpoint-path); drop 'checkpoint' and 'init_from' from the worker")
-    if config.ps_token is not None and (not config.ps_token or config.ps_token != config.ps_token.strip()):
-        raise ConfigError("config: ps_token must be non-empty, without spaces at either end")
+    if config.ps_token is not None:
+        try:
+            check_token(config.ps_token, "config: ps_token")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if config.grad_clip:
         raise ConfigError("config: grad_clip is not supported with backend 'ps': a worker would clip its own "
                           "gradient, not the averaged one (and each shard holds only part of it)")

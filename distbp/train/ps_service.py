@@ -9,7 +9,7 @@ from dataclasses import replace
 from ..autograd import manual_seed
 from ..data import BatchLoader, ShardSampler
 from ..ps.client import model_signature
-from ..ps.server import Shard, serve
+from ..ps.server import Shard, check_token, serve
 from ..ps.wire import assign_shards
 from .config import PS_SHARED_KEYS, ConfigError, check_pem, check_writable, ps_settings
 from .trainer import build_data, build_model, build_optimizer, build_schedule
@@ -50,9 +50,11 @@ def check_server_options(config, args):
         if value < low or (high is not None and value > high):
             raise ConfigError(f"ps serve: {name} must be {f'in [{low}, {high}]' if high is not None else f'>= {low}'}"
                               f", got {value}")
-    if args.token is not None and (not args.token or args.token != args.token.strip()):
-        raise ConfigError("ps serve: --token must be non-empty, without spaces at either end (the metadata "
-                          "`authorization: Bearer T` cannot carry them)")
+    if args.token is not None:
+        try:
+            check_token(args.token, "ps serve: --token")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if not 0 < args.sync_timeout < float("inf"):  # (false for nan too)
         raise ConfigError(f"ps serve: --sync-timeout must be a positive number of seconds, got {args.sync_timeout}")
     # (the workers' outputs, metrics and trace, are ignored: launch/ps_cluster.sh gives both the same options)
