@@ -237,25 +237,29 @@ def _fields(buf, start, end):
         number, kind = key >> 3, key & 7
         if not 0 < number <= _MAX_FIELD:
             raise WireError(f"field number {number} out of range")
-        if kind == 0:
-            value, pos = _read_varint(buf, pos, end)
-            yield number, kind, value
-        elif kind == 2:
-            length, pos = _read_varint(buf, pos, end, low_64=False, max_bytes=5)
-            if pos + length > end:
-                raise WireError("a field runs past the end of the message")
-            yield number, kind, (pos, pos + length)
-            pos += length
-        elif kind == 1:
-            pos += 8
-        elif kind == 5:
-            pos += 4
-        elif kind == 3:  # a group (deprecated, never one of ours): skipped whole, up to its end tag
+        if kind == 3:  # a group (deprecated, never one of ours): skipped whole, up to its end tag
             pos = _skip_group(buf, pos, end, number)
-        else:
-            raise WireError(f"unsupported wire type {kind}")
+            continue
+        value, pos = _field_value(buf, pos, end, kind)
+        if kind in (0, 2):
+            yield number, kind, value
     if pos != end:
         raise WireError("truncated message")
+
+
+def _field_value(buf, pos, end, kind):
+    """(value, position after it) of a field of wire type `kind` (not a group) starting at pos: a varint's
+    value, a length-delimited field's (begin, end), None for the fixed-size ones."""
+    if kind == 0:
+        return _read_varint(buf, pos, end)
+    if kind == 2:
+        length, pos = _read_varint(buf, pos, end, low_64=False, max_bytes=5)
+        if pos + length > end:
+            raise WireError("a field runs past the end of the message")
+        return (pos, pos + length), pos + length
+    if kind in (1, 5):
+        return None, pos + (8 if kind == 1 else 4)
+    raise WireError(f"unsupported wire type {kind}")
 
 
 def _skip_group(buf, pos, end, number):
@@ -275,17 +279,8 @@ def _skip_group(buf, pos, end, number):
             if len(open_groups) >= _MAX_GROUP_DEPTH:
                 raise WireError("groups nested too deeply")
             open_groups.append(inner)
-        elif kind == 0:
-            _, pos = _read_varint(buf, pos, end)
-        elif kind == 2:
-            length, pos = _read_varint(buf, pos, end, low_64=False, max_bytes=5)
-            pos += length
-        elif kind == 1:
-            pos += 8
-        elif kind == 5:
-            pos += 4
         else:
-            raise WireError(f"unsupported wire type {kind}")
+            _, pos = _field_value(buf, pos, end, kind)
     if pos > end:
         raise WireError("a group runs past the end of the message")
     return pos
