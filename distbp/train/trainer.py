@@ -143,8 +143,7 @@ class Trainer:
     def _check_settings(self, path, state):
         """Refuse a checkpoint of another run: model, settings, text (before its shapes are compared, which
         would name a shape where these name the setting)."""
-        if state.get("model") != self.config.model:
-            raise CheckpointError(f"{path}: checkpoint of model {state.get('model')!r}, not {self.config.model!r}")
+        self._check_model_name(path, state.get("model"))
         saved = state.get("config")
         if isinstance(saved, dict):
             theirs = effective_settings(saved, [k for k in _RESUME_KEYS if k in saved])
@@ -169,7 +168,7 @@ class Trainer:
             value = state.get(key)
             if not is_count(value):
                 raise CheckpointError(f"{path}: damaged checkpoint state: {key} is {value!r}, not an integer >= 0")
-        running = state.get("running_loss", {"sum": 0.0, "count": 0})  # absent before 2026-11-29
+        running = state.get("running_loss", _NO_RUNNING_LOSS)
         if (not isinstance(running, dict) or not is_count(running.get("count"))
                 or not is_finite_real(running.get("sum")) or not is_finite_real(state.get("lr_used", 0.0))):
             raise CheckpointError(f"{path}: damaged checkpoint state: running_loss {running!r} or lr_used "
@@ -182,9 +181,13 @@ class Trainer:
             raise CheckpointError(f"{path}: damaged checkpoint state: {e}") from None
 
     def _check_weights_of(self, path, state):
-        if state.get("model") not in (None, self.config.model):
-            raise CheckpointError(f"{path}: checkpoint of model {state.get('model')!r}, not {self.config.model!r}")
+        if state.get("model") is not None:  # (a checkpoint of the API's save_checkpoint may not say)
+            self._check_model_name(path, state["model"])
         self._check_vocab(path, state)
+
+    def _check_model_name(self, path, saved):
+        if saved != self.config.model:
+            raise CheckpointError(f"{path}: checkpoint of model {saved!r}, not {self.config.model!r}")
 
     def _check_vocab(self, path, state):
         """A text model's codes stand for its text's characters: another text's would be a silent remap."""
@@ -220,7 +223,7 @@ class Trainer:
                                 check_first=lambda s: self._check_settings(path, s))
         self.step, self.epoch, self.batch = state["step"], state["epoch"], state["batch"]
         self.schedule.load_state_dict(state["schedule"])
-        running = state.get("running_loss", {"sum": 0.0, "count": 0})
+        running = state.get("running_loss", _NO_RUNNING_LOSS)
         self.loss_sum, self.loss_count = running["sum"] / self.strategy.world_size, running["count"]
         self.lr_used = state.get("lr_used", self.optimizer.param_groups[0]["lr"])
         set_rng_state(self._rank_rngs(state)[self.strategy.rank])
@@ -421,6 +424,8 @@ class Trainer:
 # Keys that may legitimately differ between ranks (file paths that only rank 0 writes; whether tracing is on
 # must agree, as its events are gathered).
 _PER_RANK_KEYS = {"metrics", "trace", "progress"}
+# The running training loss of a checkpoint written before 2026-11-29, which did not keep it.
+_NO_RUNNING_LOSS = {"sum": 0.0, "count": 0}
 # Keys a resumed run must share with its checkpoint: the data and its order, and the optimizer's settings, which
 # the checkpoint's optimizer state and schedule would overwrite. (Another optimizer is refused by load_checkpoint.)
 _RESUME_KEYS = ("dataset", "synthetic_size", "max_chars", "block_size", "batch_size", "seed",
