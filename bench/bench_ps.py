@@ -32,11 +32,16 @@ Threads: one BLAS thread in each server process (threadpoolctl, after scipy's BL
 launch/ps_cluster.sh runs `distbp ps serve` (OMP_NUM_THREADS=1); --blas-threads 0 keeps the library's
 default, whose idle threads spin after every SGD axpy and, on 2 cores, take CPU from the client.
 
+Heap: both server processes and the client set glibc's malloc to keep freed blocks of up to 32 MB
+(steady_heap()). Under the default settings the echo server, which keeps nothing between messages, got
+fresh zeroed pages for about half of its messages' bytes, or for none of them, depending on the heap's
+history: its time, and so the ratio, moved by a third from run to run.
+
 Method: one correctness check before any timing (the pulled parameters are the initial ones, and after
 one push exactly init - lr * grad; the echo returns the bytes it got); warm-up; each measurement's loop
 length is calibrated to ~target seconds; the repeats are interleaved (A B C A B C ...) and the median time
-per iteration is reported, with the CPU time the client process and the server process spent per
-iteration (from /proc) to show where the work is.
+per iteration is reported, with the CPU time and the page faults of the client process and of the server
+process per iteration (from /proc), to show where the work is.
 
     python bench/bench_ps.py                 # full run (~40-50 s on 2 cores)
     python bench/bench_ps.py --quick         # smoke test (a few seconds, mostly process start-up)
@@ -91,6 +96,25 @@ def named_parameters(arrays):
     return [(n, Parameter(a.copy())) for n, a in arrays.items()]
 
 
+def steady_heap():
+    """Have glibc's malloc keep freed blocks of up to 32 MB for reuse, instead of mapping fresh (zeroed)
+    pages for large messages and unmapping them after (see "Heap" above). Returns a description, or None
+    where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return None
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    limit = 32 * MB  # glibc's largest mmap threshold on 64-bit
+    if not (mallopt(M_MMAP_THRESHOLD, limit) and mallopt(M_TRIM_THRESHOLD, 4 * limit)):
+        return None
+    return "glibc mallopt M_MMAP_THRESHOLD 32 MB, M_TRIM_THRESHOLD 128 MB"
+
+
 # ================================================================================================
 # Server processes. Each gets one end of a pipe: it sends its port (or an error) on it, then blocks on
 # it and stops when the parent says "stop" or when the pipe closes (the parent is gone, however).
@@ -105,6 +129,7 @@ def _server_process(conn, kind, blas_threads):
 
         import distbp.optim  # noqa: F401 -- loads scipy's BLAS (SGD's axpy): limits apply to loaded libraries only
 
+        steady_heap()
         if blas_threads:
             threadpool_limits(blas_threads)  # as deployed: launch/ps_cluster.sh runs `ps serve` with OMP_NUM_THREADS=1
         pools = sorted({p["num_threads"] for p in threadpool_info()})
@@ -212,14 +237,16 @@ class ServerProcess:
             self.proc.join(3)
 
 
-def cpu_seconds(pid=None):
-    """user + system CPU seconds of a process (this one by default), or None without /proc."""
+def cpu_and_faults(pid=None):
+    """(user + system CPU seconds, minor page faults) of a process (this one by default), or (None, None)
+    without /proc. Page faults show an allocator handing out fresh pages for every message: a cost that
+    depends on the heap's state, not on the code measured."""
     try:
         with open(f"/proc/{pid or 'self'}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), int(fields[7])
     except (OSError, ValueError, IndexError):
-        return None
+        return None, None
 
 
 # ================================================================================================
@@ -323,7 +350,8 @@ class RawClient:
 
 
 class Measure:
-    """One timed quantity: `run(n)` returns (wall, client cpu, server cpu) seconds for n iterations."""
+    """One timed quantity: `run(n)` returns (wall seconds, {"client", "server": (cpu seconds, page faults)})
+    for n iterations."""
 
     def __init__(self, label, fn, server_pid):
         self.label = label
@@ -331,20 +359,19 @@ class Measure:
         self.server_pid = server_pid
         self.n = 1
         self.samples = []  # wall seconds per iteration, one per repeat
-        self.client_cpu = []
-        self.server_cpu = []
+        self.per_iteration = {(side, what): [] for side in ("client", "server") for what in ("cpu", "faults")}
 
     def run(self, n):
         fn, clock = self.fn, time.perf_counter
-        c0, s0 = cpu_seconds(), cpu_seconds(self.server_pid)
+        before = {"client": cpu_and_faults(), "server": cpu_and_faults(self.server_pid)}
         t0 = clock()
         for _ in range(n):
             fn()
         t = clock() - t0
-        c1, s1 = cpu_seconds(), cpu_seconds(self.server_pid)
-        cc = None if c0 is None or c1 is None else c1 - c0
-        sc = None if s0 is None or s1 is None else s1 - s0
-        return t, cc, sc
+        after = {"client": cpu_and_faults(), "server": cpu_and_faults(self.server_pid)}
+        used = {side: tuple(None if a is None or b is None else a - b for a, b in zip(after[side], before[side]))
+                for side in after}
+        return t, used
 
     def calibrate(self, target):
         t = self.run(1)[0]
@@ -355,12 +382,12 @@ class Measure:
         self.n = max(1, math.ceil(n * target / max(t, 1e-9)))
 
     def sample(self):
-        t, cc, sc = self.run(self.n)
+        t, used = self.run(self.n)
         self.samples.append(t / self.n)
-        if cc is not None:
-            self.client_cpu.append(cc / self.n)
-        if sc is not None:
-            self.server_cpu.append(sc / self.n)
+        for side, (cpu, faults) in used.items():
+            for what, value in (("cpu", cpu), ("faults", faults)):
+                if value is not None:
+                    self.per_iteration[side, what].append(value / self.n)
 
     def median_ms(self):
         return 1e3 * statistics.median(self.samples)
@@ -368,9 +395,13 @@ class Measure:
     def mb_per_s(self):
         return 2 * PAYLOAD / MB / statistics.median(self.samples)
 
-    def cpu_ms(self, which):
-        values = self.client_cpu if which == "client" else self.server_cpu
+    def cpu_ms(self, side):
+        values = self.per_iteration[side, "cpu"]
         return 1e3 * statistics.median(values) if values else float("nan")
+
+    def faults(self, side):
+        values = self.per_iteration[side, "faults"]
+        return statistics.median(values) if values else float("nan")
 
 
 def time_interleaved(measures, target, repeats, warmup):
@@ -447,23 +478,25 @@ LABELS = {
 def print_table(res):
     w = 27
     print()
-    print("=" * 96)
+    print("=" * 110)
     print(f"per iteration: {PAYLOAD / MB:g} MB pushed + {PAYLOAD / MB:g} MB pulled; MB = 2**20 bytes; "
           f"MB/s = {2 * PAYLOAD / MB:g} MB / median time")
     print(f"{'':{w}s} {'ms (median)':>11s} {'min..max over repeats':>22s} {'MB/s':>7s} "
-          f"{'cpu ms: client':>15s} {'server':>7s}")
-    print("-" * 96)
+          f"{'cpu ms: client':>15s} {'server':>7s} {'faults: client':>15s} {'server':>7s}")
+    print("-" * 110)
     for k, v in res["ms"].items():
         s = res["samples_ms"][k]
         print(f"{LABELS[k]:{w}s} {v:11.2f} {min(s):10.2f} .. {max(s):<8.2f} {res['mb_per_s'][k]:7.0f} "
-              f"{res['cpu_ms']['client'][k]:15.2f} {res['cpu_ms']['server'][k]:7.2f}   (x{res['iters_per_sample'][k]})")
-    print("-" * 96)
+              f"{res['cpu_ms']['client'][k]:15.2f} {res['cpu_ms']['server'][k]:7.2f} "
+              f"{res['page_faults']['client'][k]:15.0f} {res['page_faults']['server'][k]:7.0f}   "
+              f"(x{res['iters_per_sample'][k]})")
+    print("-" * 110)
     c = res["check"]
     print(f"{'distbp / raw echo (MB/s)':{w}s} {c['value']:11.3f}   (paired {res['ratio_paired_median']:.3f})   "
           f"target >= {c['target']:.2f}   {'PASS' if c['pass'] else 'MISS'}")
     print(f"{'distbp / raw push+pull':{w}s} {res['ratio_vs_raw_push_pull']:11.3f}   (no target)")
     print(f"{'distbp 2 calls / raw echo':{w}s} {res['ratio_two_calls']:11.3f}   (no target)")
-    print("=" * 96)
+    print("=" * 110)
 
 
 def main():
@@ -487,7 +520,9 @@ def main():
     signal.signal(signal.SIGHUP, on_term)
 
     t_start = time.perf_counter()
+    heap = steady_heap()
     info = machine_info()
+    info["heap"] = heap
     print_machine(info)
     from distbp.ps.wire import CHUNK_BYTES
 
@@ -496,6 +531,7 @@ def main():
           f"{math.ceil(PAYLOAD / CHUNK_BYTES)} chunks of {CHUNK_BYTES / MB:g} MB")
     print(f"distbp   : Shard built directly: {', '.join(f'{n}{s}' for n, s in SHAPES.items())}, SGD lr={LR:g}, "
           f"async, 1 worker; serve() in a spawned process; PSClient in this one")
+    print(f"heap     : {heap or 'the C library default (not glibc)'}, in both servers and this client")
     servers, clients = [], []
     try:
         ps = ServerProcess("distbp", args.blas_threads)
@@ -542,6 +578,7 @@ def main():
         "samples_ms": {k: [1e3 * s for s in m.samples] for k, m in measures.items()},
         "iters_per_sample": {k: m.n for k, m in measures.items()},
         "cpu_ms": {w: {k: m.cpu_ms(w) for k, m in measures.items()} for w in ("client", "server")},
+        "page_faults": {w: {k: m.faults(w) for k, m in measures.items()} for w in ("client", "server")},
         "ratio_paired_median": paired,
         "ratio_vs_raw_push_pull": ms["raw_push_pull"] / ms["distbp"],
         "ratio_two_calls": ms["raw_echo"] / ms["distbp_2calls"],
