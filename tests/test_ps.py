@@ -835,11 +835,11 @@ def _start_server_process(port, ckpt, extra=()):
     return process
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_killed_and_restarted_server_training_completes(tmp_path, workers):
+@pytest.mark.parametrize("workers, mode", [(1, "sync"), (2, "sync"), (2, "async")])
+def test_killed_and_restarted_server_training_completes(tmp_path, workers, mode):
     # with 2 sync workers, one is usually waiting inside its PushPull call for the other when the server dies
     port, ckpt = _free_port(), tmp_path / "ps.ckpt"
-    options = ["--epochs", "6", "--progress", "none", "--workers", str(workers)]
+    options = ["--epochs", "6", "--progress", "none", "--workers", str(workers), "--mode", mode]
     server = _start_server_process(port, ckpt, options)
     config = make_config({"epochs": 6, "progress": "none", "ps_retry_seconds": 60.0})
     results = {}
@@ -852,9 +852,12 @@ def test_killed_and_restarted_server_training_completes(tmp_path, workers):
     for t in threads:
         t.start()
     try:
+        # killed a few versions past a checkpoint (written every 20): those versions are lost
+        watcher = PSClient([f"127.0.0.1:{port}"], _named(config), retry_seconds=10.0)
         deadline = time.monotonic() + 60
-        while not ckpt.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        while not (ckpt.exists() and watcher.status()[0].version % 20 >= 4) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        watcher.close()
         assert ckpt.exists(), "the server wrote no checkpoint"
         server.send_signal(signal.SIGKILL)  # a crash: the last periodic checkpoint is all that survives
         server.wait(10)
@@ -869,6 +872,10 @@ def test_killed_and_restarted_server_training_completes(tmp_path, workers):
     assert "restored version" in err
     assert len(results) == workers
     assert all(summary["test_accuracy"] >= 0.95 for summary in results.values()), results
+    # the workers took up the run where the restored server had it, so the steps it lost were taken
+    # again: every step of the schedule was applied once (sync: one version each; async: one per worker)
+    steps = results[0]["steps"]
+    assert f"stopped at version {steps if mode == 'sync' else workers * steps}" in out, out
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
@@ -1022,6 +1029,41 @@ def test_a_restarted_worker_rejoins_with_its_id_and_the_current_parameters():
         for name, p in shard.params.items():
             np.testing.assert_array_equal(current[name], p.data)
         assert again.versions == [1]
+    finally:
+        stop()
+
+
+class _DroppedOnce(PSStep):
+    """A worker whose shards drop it once, just before its push of step `at` (as a bounded or sync server
+    drops a worker that held the others up): that push is refused and the worker rejoins."""
+
+    def __init__(self, addresses, shards, at):
+        super().__init__(addresses)
+        self.shards, self.at, self.steps_seen = shards, at, 0
+
+    def apply(self, model, optimizer):
+        self.steps_seen += 1
+        if self.steps_seen == self.at + 1:
+            for shard in self.shards:
+                with shard.cond:
+                    shard.active.discard(self.rank)
+        return super().apply(model, optimizer)
+
+
+@pytest.mark.parametrize("mode", ["async", "bounded"])
+def test_a_worker_refused_mid_run_goes_on_from_the_step_its_servers_count(mode):
+    # the refused step is not applied, so it is not done: the worker takes it again, and when its run ends
+    # the servers count every one of its steps (before, the worker counted the refused step and ended one
+    # short on the servers: in bounded mode a finished worker then went on pacing the others)
+    config = make_config({"epochs": 1, "progress": "none", "max_steps": 12})
+    addresses, shards, stop = start_servers(config, 2, 1, mode=mode)
+    try:
+        trainer = Trainer(config, _DroppedOnce(addresses, shards, at=5))
+        summary = trainer.fit()
+        assert summary["steps"] == 12
+        assert trainer.strategy.steps_seen == 13  # the refused step, taken again
+        assert [shard.steps_done[0] for shard in shards] == [12, 12]
+        assert [shard.version for shard in shards] == [12, 12]
     finally:
         stop()
 

@@ -203,9 +203,9 @@ def test_after_a_stop_at_max_steps_the_next_record_averages_the_steps_since_the_
 
 def _recording(step, losses):
     def record(x, y):
-        loss = step(x, y)
+        loss, resume_at = step(x, y)
         losses.append(loss)
-        return loss
+        return loss, resume_at
     return record
 
 

@@ -263,10 +263,15 @@ class PSStep:
             if e.code != grpc.StatusCode.FAILED_PRECONDITION:
                 raise
             # dropped from a step, or a server restarted from its checkpoint: rejoin with the current
-            # parameters (this step's gradient is stale and is not applied)
+            # parameters (this step's gradient is stale and is not applied), and go on from the step the
+            # servers have this worker at, as a worker that starts does. Counting the refused step as done
+            # would leave the worker one step ahead of the servers' count for good (a finished worker
+            # would still pace the others); after a restore it would skip the steps the servers lost.
             log.warning("worker %d rejoins: %s", self.rank, e)
             self.client.register(requested_id=self.rank)
             self._pull_into(model)
+            return self.client.steps
+        return None
 
     def _pull_into(self, model, push=None):
         """The servers' parameters (after pushing the gradients `push`, if given), written straight into

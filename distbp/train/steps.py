@@ -3,7 +3,9 @@
 A step object has rank, world_size and loss_scale (the trainer runs backward on loss * loss_scale), and:
   prepare(model, optimizer)   once, before the first step (broadcast, hooks, registration)
   reduce_gradients(model)     after backward: make every rank's .grad the global gradient
-  apply(model, optimizer)     turn the gradients into new parameters
+  apply(model, optimizer)     turn the gradients into new parameters; returns None, or the step the run
+                              must go on from when they could not be applied (a parameter-server worker
+                              that had to rejoin its servers)
   all_sum(values)             sum a few numbers over ranks (losses, accuracy counts)
   gather(obj)                 every rank's small object, on every rank
   close()

@@ -308,8 +308,15 @@ class Trainer:
             test_loss, accuracy = self.evaluate()
         stopped = finished
         while self.epoch < cfg.epochs and not stopped:
+            moved = False
             for x, y in self.loader.batches(self.epoch, self.batch):
-                loss = self._train_step(x, y)
+                loss, resume_at = self._train_step(x, y)
+                if resume_at is not None:  # the step was not applied: go on where the servers have the run
+                    self._move_to(resume_at)
+                    self._say(f"rejoined the servers at step {resume_at}: continuing from epoch "
+                              f"{self.epoch + 1}, batch {self.batch}")
+                    moved, stopped = True, self.step >= stop_at
+                    break
                 self.loss_sum += loss
                 self.loss_count += 1
                 self.step += 1
@@ -325,6 +332,8 @@ class Trainer:
                 if self.step >= stop_at:
                     stopped = True
                     break
+            if moved:
+                continue
             if not stopped or self.batch >= self.steps_per_epoch:
                 if not cfg.eval_every and self.loss_count:
                     test_loss, accuracy = self._log_eval(metrics, progress)
@@ -365,7 +374,7 @@ class Trainer:
         t3 = time.perf_counter()
         if self.config.grad_clip:
             nn.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        self.strategy.apply(self.model, self.optimizer)
+        resume_at = self.strategy.apply(self.model, self.optimizer)
         self.lr_used = self.optimizer.param_groups[0]["lr"]
         self.schedule.step()
         if tracer is not None:
@@ -374,7 +383,7 @@ class Trainer:
                                      ("optimizer step", t3, t4)):
                 tracer.span(name, start, end)
             tracer.step += 1
-        return float(loss.data)
+        return float(loss.data), resume_at
 
     def _check_same_run(self):
         """Every rank must train the same model on the same data with the same settings."""
