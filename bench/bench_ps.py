@@ -108,11 +108,12 @@ def steady_heap():
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return None
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     limit = 32 * MB  # glibc's largest mmap threshold on 64-bit
-    if not (mallopt(M_MMAP_THRESHOLD, limit) and mallopt(M_TRIM_THRESHOLD, 4 * limit)):
+    done = [f"{name} {value // MB} MB" if mallopt(option, value) else f"{name} refused"
+            for name, option, value in (("M_MMAP_THRESHOLD", -3, limit), ("M_TRIM_THRESHOLD", -1, 4 * limit))]
+    if all(d.endswith("refused") for d in done):  # musl's mallopt refuses everything
         return None
-    return "glibc mallopt M_MMAP_THRESHOLD 32 MB, M_TRIM_THRESHOLD 128 MB"
+    return "mallopt " + ", ".join(done)
 
 
 # ================================================================================================
@@ -531,7 +532,7 @@ def main():
           f"{math.ceil(PAYLOAD / CHUNK_BYTES)} chunks of {CHUNK_BYTES / MB:g} MB")
     print(f"distbp   : Shard built directly: {', '.join(f'{n}{s}' for n, s in SHAPES.items())}, SGD lr={LR:g}, "
           f"async, 1 worker; serve() in a spawned process; PSClient in this one")
-    print(f"heap     : {heap or 'the C library default (not glibc)'}, in both servers and this client")
+    print(f"heap     : {heap or 'the C library default (no glibc mallopt)'}, in both servers and this client")
     servers, clients = [], []
     try:
         ps = ServerProcess("distbp", args.blas_threads)

@@ -1,5 +1,6 @@
 """The gRPC parameter server: real servers on 127.0.0.1 with free ports, workers in threads or processes."""
 
+import io
 import json
 import os
 import signal
@@ -1064,6 +1065,61 @@ def test_a_worker_refused_mid_run_goes_on_from_the_step_its_servers_count(mode):
         assert trainer.strategy.steps_seen == 13  # the refused step, taken again
         assert [shard.steps_done[0] for shard in shards] == [12, 12]
         assert [shard.version for shard in shards] == [12, 12]
+    finally:
+        stop()
+
+
+def test_a_worker_resumed_from_its_checkpoint_goes_on_where_its_servers_have_its_run(tmp_path):
+    # its checkpoint (step 10) is older than the servers' count (14 pushes): the servers hold the parameters,
+    # so their count wins; going on at 10 applied steps 10-13 twice (27 pushes for a run of 23)
+    def config(resume):
+        return make_config({"epochs": 1, "batch_size": 64, "progress": "plain", "checkpoint_every": 5,
+                            "checkpoint": str(tmp_path / "w.ckpt"), "resume": resume})
+
+    class DiesAtStep14(PSStep):
+        calls = 0
+
+        def apply(self, model, optimizer):
+            self.calls += 1
+            if self.calls == 15:
+                raise RuntimeError("killed")
+            return super().apply(model, optimizer)
+
+    addresses, (shard,), stop = start_servers(config(False), 1, 1, mode="async")
+    try:
+        first = Trainer(config(False), DiesAtStep14(addresses))
+        with pytest.raises(RuntimeError, match="killed"):
+            first.fit()
+        first.strategy.close()
+        assert shard.steps_done[0] == 14
+        stream = io.StringIO()
+        again = Trainer(config(True), PSStep(addresses, requested_id=0), stream=stream)
+        summary = again.fit()
+        assert summary["steps"] == again.total_steps == 23
+        assert shard.steps_done[0] == 23
+        assert "the servers have this worker's run at step 14 (its checkpoint is at step 10)" in stream.getvalue()
+    finally:
+        stop()
+
+
+def test_shards_far_apart_on_a_workers_run_are_named_in_a_warning(caplog):
+    # one shard restored from an older checkpoint than the other: the worker goes on from the fewest steps,
+    # and the shard ahead applies the steps between again; a step apart is usual (one stepped first)
+    config = make_config({"epochs": 1, "progress": "none"})
+    addresses, shards, stop = start_servers(config, 2, 1, mode="async")
+    try:
+        for shard, done in zip(shards, (7, 8)):
+            shard.steps_done[0] = done
+        client = PSClient(addresses, _named(config))
+        with caplog.at_level("WARNING", logger="distbp.ps"):
+            client.register(requested_id=0)
+        assert client.steps == 7 and not caplog.records
+        shards[1].steps_done[0] = 12
+        with caplog.at_level("WARNING", logger="distbp.ps"):
+            client.register(requested_id=0)
+        assert client.steps == 7
+        assert "the shards count [7, 12] steps of its run: it goes on from step 7" in caplog.text
+        client.close()
     finally:
         stop()
 

@@ -1,5 +1,6 @@
 """The training service end to end: accuracy targets on digits, exact resume, charlm, the training step."""
 
+import io
 import json
 import shutil
 
@@ -329,3 +330,66 @@ def test_plain_progress_lines_when_not_a_terminal(capsys):
     assert "\r" not in text
     assert "step 10/" in text and "samples/s" in text and "ETA" in text
     assert "test accuracy" in text
+
+
+# --- a step the servers refused (a parameter-server worker that rejoined them) -----------------------
+
+
+class _RefusedOnce:
+    """A one-process step whose apply number `at` is refused, naming the step to go on from (as PSStep
+    does after rejoining its servers)."""
+
+    rank, world_size, backend, loss_scale = 0, 1, "local", 1.0
+
+    def __init__(self, at, go_to):
+        self.at, self.go_to, self.calls = at, go_to, 0
+
+    def prepare(self, model, optimizer, tracer=None):
+        pass
+
+    def reduce_gradients(self, model):
+        pass
+
+    def apply(self, model, optimizer):
+        self.calls += 1
+        if self.calls == self.at:
+            return self.go_to
+        optimizer.step()
+        return None
+
+    def all_sum(self, values):
+        return list(values)
+
+    def gather(self, obj):
+        return [obj]
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("at, go_to, calls, records, saves", [
+    (4, 3, 19, [(6, 1), (12, 2), (18, 3)], [(6, 1, 0), (12, 2, 0), (18, 3, 0)]),  # the step taken again
+    # ahead into the next epoch: the epoch left ends where this worker left it, with its record and save
+    (4, 6, 16, [(3, 1), (12, 2), (18, 3)], [(6, 1, 0), (12, 2, 0), (18, 3, 0)]),
+    # behind (a server restored from an older checkpoint): those steps again, and their records
+    (7, 3, 22, [(6, 1), (6, 1), (12, 2), (18, 3)], [(6, 1, 0), (6, 1, 0), (12, 2, 0), (18, 3, 0)]),
+    # past the end of the run (at most the end is taken): nothing left, the summary evaluates
+    (13, 25, 13, [(6, 1), (12, 2)], [(6, 1, 0), (12, 2, 0), (18, 3, 0)]),
+])
+def test_a_refused_step_goes_on_where_the_strategy_says(tmp_path, at, go_to, calls, records, saves):
+    config = make_config({"epochs": 3, "batch_size": 256, "progress": "plain", "log_every": 1000,
+                          "metrics": str(tmp_path / "m.jsonl"), "checkpoint": str(tmp_path / "c.ckpt")})
+    stream = io.StringIO()
+    trainer = Trainer(config, _RefusedOnce(at, go_to), stream=stream)
+    assert trainer.steps_per_epoch == 6
+    saved, save = [], trainer.save
+    trainer.save = lambda: (saved.append((trainer.step, trainer.epoch, trainer.batch)), save())
+    summary = trainer.fit()
+    assert summary["steps"] == 18 and trainer.strategy.calls == calls
+    assert 0.5 < summary["test_accuracy"] <= 1.0
+    written = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["epoch"]) for r in written] == records
+    assert saved == saves
+    said = [line for line in stream.getvalue().splitlines() if "rejoined" in line]
+    assert said == ([f"rejoined the servers at step {go_to}: continuing from epoch {go_to // 6 + 1}, batch {go_to % 6}"]
+                    if go_to < 18 else ["rejoined the servers, which had taken this worker's run to its end (step 18)"])

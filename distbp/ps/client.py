@@ -134,8 +134,13 @@ class PSClient:
         self.registrations = [r.registration for r in replies]
         self.versions = [r.version for r in replies]
         # every shard applies every push: a shard restored from an older checkpoint than the others has the
-        # fewest, and the worker goes on from there
-        self.steps = min(r.steps for r in replies)
+        # fewest, and the worker goes on from there (shards a step apart are usual: one has stepped first)
+        steps = [r.steps for r in replies]
+        self.steps = min(steps)
+        if max(steps) - self.steps > 1:
+            log.warning("worker %d: the shards count %s steps of its run: it goes on from step %d, and the "
+                        "shards ahead (restored from a newer checkpoint, or not restarted) apply those steps "
+                        "again", self.worker_id, steps, self.steps)
         return first
 
     def push(self, grads):

@@ -275,12 +275,16 @@ class Trainer:
     def _fit(self):
         cfg = self.config
         resumed = self.resume() if cfg.resume else False
-        start = getattr(self.strategy, "start_step", 0)
-        if start and not resumed:  # a parameter-server worker joining servers that have trained
+        # a parameter-server worker goes on where its servers have its run, which hold the parameters: with
+        # --resume too, whose checkpoint may be older or newer than what the servers kept
+        start = getattr(self.strategy, "start_step", None)
+        if start is not None and start != self.step:
+            checkpoint_step = self.step
             self._move_to(start)
             if self.epoch < cfg.epochs:
-                self._say(f"the servers have this worker's run at step {start}: continuing from epoch "
-                          f"{self.epoch + 1}, batch {self.batch}")
+                self._say(f"the servers have this worker's run at step {start}"
+                          f"{f' (its checkpoint is at step {checkpoint_step})' if resumed else ''}: "
+                          f"continuing from epoch {self.epoch + 1}, batch {self.batch}")
         if cfg.init_from and not resumed:
             load_weights(cfg.init_from, self.model, check_state=lambda s: self._check_weights_of(cfg.init_from, s))
             self._say(f"starting from the weights of {cfg.init_from}")
@@ -308,14 +312,10 @@ class Trainer:
             test_loss, accuracy = self.evaluate()
         stopped = finished
         while self.epoch < cfg.epochs and not stopped:
-            moved = False
+            resume_at = None
             for x, y in self.loader.batches(self.epoch, self.batch):
                 loss, resume_at = self._train_step(x, y)
-                if resume_at is not None:  # the step was not applied: go on where the servers have the run
-                    self._move_to(resume_at)
-                    self._say(f"rejoined the servers at step {resume_at}: continuing from epoch "
-                              f"{self.epoch + 1}, batch {self.batch}")
-                    moved, stopped = True, self.step >= stop_at
+                if resume_at is not None:  # the step was not applied
                     break
                 self.loss_sum += loss
                 self.loss_count += 1
@@ -332,7 +332,10 @@ class Trainer:
                 if self.step >= stop_at:
                     stopped = True
                     break
-            if moved:
+            if resume_at is not None:
+                stopped, report = self._rejoin_at(min(resume_at, stop_at), stop_at, metrics, progress)
+                if report is not None:
+                    test_loss, accuracy = report
                 continue
             if not stopped or self.batch >= self.steps_per_epoch:
                 if not cfg.eval_every and self.loss_count:
@@ -405,6 +408,29 @@ class Trainer:
                         f"rank {rank} was started with {key} = {theirs.get(key)!r} but rank 0 with "
                         f"{everyone[0].get(key)!r}: every rank must run the same configuration"
                     )
+
+    def _rejoin_at(self, step, stop_at, metrics, progress):
+        """Go on at `step`, where the servers have this worker's run, after they refused its last step (a
+        parameter-server worker that had to rejoin them). Returns (stopped, (test loss, accuracy) of a
+        record written, or None).
+
+        Ahead into a later epoch (the others went on without it): the epoch it leaves ends here, with its
+        record and checkpoint. Behind (a server restored from an older checkpoint): the steps are taken
+        again, and their records written again."""
+        report = None
+        leaving = step // self.steps_per_epoch > self.epoch
+        if leaving and not self.config.eval_every and self.loss_count:
+            report = self._log_eval(metrics, progress)
+        self._move_to(step)
+        if self.step >= stop_at:
+            self._say(f"rejoined the servers, which had taken this worker's run to its end (step {step})")
+            if report is None and not self.loss_count:  # no record left to write: the summary's figures
+                report = self.evaluate()
+            return True, report
+        self._say(f"rejoined the servers at step {step}: continuing from epoch {self.epoch + 1}, batch {self.batch}")
+        if leaving and not self.config.checkpoint_every:
+            self.save()
+        return False, report
 
     def _log_eval(self, metrics, progress):
         """Evaluate, and report it with the mean training loss since the last report (which it restarts)."""
