@@ -1562,7 +1562,9 @@ def test_server_refuses_an_unwritable_checkpoint_path_at_start(tmp_path):
     (dict(grad_clip=1.0), "grad_clip is not supported with backend 'ps'"),
     (dict(ps_tls_cert="c.pem"), "needs both 'ps_tls_cert' and 'ps_tls_key'"),
     (dict(ps_tls_ca="missing-ca.pem"), "missing-ca.pem"),
-    (dict(init_from="w.ckpt"), "drop 'checkpoint' and 'init_from'"),
+    (dict(init_from="w.ckpt"), "drop 'checkpoint', 'resume' and 'init_from'"),
+    # refused before the worker registers (it would hold a worker id the others then wait for)
+    (dict(resume=True), "drop 'checkpoint', 'resume' and 'init_from'"),
 ])
 def test_worker_options_that_cannot_work_are_refused(overrides, words):
     from distbp.train.config import ConfigError

@@ -393,3 +393,26 @@ def test_a_refused_step_goes_on_where_the_strategy_says(tmp_path, at, go_to, cal
     said = [line for line in stream.getvalue().splitlines() if "rejoined" in line]
     assert said == ([f"rejoined the servers at step {go_to}: continuing from epoch {go_to // 6 + 1}, batch {go_to % 6}"]
                     if go_to < 18 else ["rejoined the servers, which had taken this worker's run to its end (step 18)"])
+
+
+def test_records_of_steps_taken_again_replace_the_earlier_ones(tmp_path):
+    from distbp.train.progress import read_metrics
+
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps({"step": n, "train_loss": 1.0 / n}) + "\n" for n in (6, 12, 18, 12, 18, 24)))
+    assert [r["step"] for r in read_metrics(path)] == [6, 12, 18, 24]
+    assert read_metrics(path)[1]["train_loss"] == 1.0 / 12
+
+
+def test_a_move_back_does_not_count_the_losses_of_the_steps_taken_again(tmp_path):
+    # refused at step 8, the servers at 3: the record at step 6 is the mean of steps 3-5, not also of the
+    # abandoned 6-7
+    config = make_config({"epochs": 1, "batch_size": 64, "progress": "none", "eval_every": 6,
+                          "metrics": str(tmp_path / "m.jsonl")})
+    trainer = Trainer(config, _RefusedOnce(9, 3))
+    counted = []
+    log_eval = trainer._log_eval
+    trainer._log_eval = lambda metrics, progress: (counted.append((trainer.step, trainer.loss_count)),
+                                                   log_eval(metrics, progress))[1]
+    trainer.fit()
+    assert counted[:2] == [(6, 6), (6, 3)]

@@ -84,9 +84,10 @@ def _run_ps(config, stream):
 
     if not config.ps:
         raise ConfigError("config: backend 'ps' needs 'ps' (the parameter servers' HOST:PORT addresses)")
-    if config.checkpoint or config.init_from:
+    if config.checkpoint or config.init_from or config.resume:
         raise ConfigError("config: with backend 'ps' the servers hold the parameters and checkpoint them "
-                          "(distbp ps serve --checkpoint-path); drop 'checkpoint' and 'init_from' from the worker")
+                          "(distbp ps serve --checkpoint-path), and a worker goes on where they have its run; "
+                          "drop 'checkpoint', 'resume' and 'init_from' from the worker")
     if config.ps_token is not None:
         try:
             check_token(config.ps_token, "config: ps_token")

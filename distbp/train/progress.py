@@ -78,7 +78,11 @@ class MetricsLog:
 
 
 def read_metrics(path):
-    """The records of a metrics file; a malformed line raises ValueError naming it."""
+    """The records of a metrics file that stand; a malformed line raises ValueError naming it.
+
+    A record at a step not past the one before starts the run over from there (steps taken again: a
+    parameter-server worker that went back to where its restored servers had it): it replaces the records
+    at or after its step."""
     records = []
     try:
         lines = Path(path).read_text().splitlines()
@@ -96,6 +100,8 @@ def read_metrics(path):
                 raise ValueError(f"{path}:{n}: not a JSON line ({e.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get("step"), (int, float)):
                 raise ValueError(f"{path}:{n}: not a metrics record (a JSON object with a 'step')")
+            while records and records[-1]["step"] >= record["step"]:
+                records.pop()
             records.append(record)
     return records
 

@@ -277,11 +277,13 @@ class Trainer:
         resumed = self.resume() if cfg.resume else False
         # a parameter-server worker goes on where its servers have its run, which hold the parameters: with
         # --resume too, whose checkpoint may be older or newer than what the servers kept
+        stop_at = min(self.total_steps, cfg.max_steps) if cfg.max_steps else self.total_steps
         start = getattr(self.strategy, "start_step", None)
-        if start is not None and start != self.step:
+        if start is not None and min(start, stop_at) != self.step:
             checkpoint_step = self.step
-            self._move_to(start)
-            if self.epoch < cfg.epochs:
+            self._move_to(min(start, stop_at))
+            self.loss_sum, self.loss_count = 0.0, 0  # losses of another position (a checkpoint's)
+            if self.step < stop_at:
                 self._say(f"the servers have this worker's run at step {start}"
                           f"{f' (its checkpoint is at step {checkpoint_step})' if resumed else ''}: "
                           f"continuing from epoch {self.epoch + 1}, batch {self.batch}")
@@ -299,7 +301,6 @@ class Trainer:
         self.strategy.prepare(self.model, self.optimizer, self.tracer)
         # appended to when the run goes on: resumed, or a parameter-server worker the servers had at a step
         metrics = MetricsLog(cfg.metrics if self.is_main else None, append=cfg.resume or self.step > 0)
-        stop_at = min(self.total_steps, cfg.max_steps) if cfg.max_steps else self.total_steps
         progress = Progress(stop_at, cfg.progress if self.is_main else "none", cfg.log_every, self.stream)
         self._say(f"training {cfg.model} ({_count(self.model.num_parameters(), 'parameter')}) on "
                   f"{self.split.train.name}: {_count(len(self.split.train), 'example')}, "
@@ -421,6 +422,8 @@ class Trainer:
         leaving = step // self.steps_per_epoch > self.epoch
         if leaving and not self.config.eval_every and self.loss_count:
             report = self._log_eval(metrics, progress)
+        if step < self.step:  # the losses since the last record were of steps that are taken again
+            self.loss_sum, self.loss_count = 0.0, 0
         self._move_to(step)
         if self.step >= stop_at:
             self._say(f"rejoined the servers, which had taken this worker's run to its end (step {step})")
