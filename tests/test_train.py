@@ -10,6 +10,7 @@ import pytest
 from distbp import nn
 from distbp.train import CheckpointError, ConfigError, Trainer, load_checkpoint, make_config
 from distbp.train.checkpoint import load_safetensors
+from distbp.train.steps import LocalStep
 
 
 def fit(**overrides):
@@ -335,36 +336,18 @@ def test_plain_progress_lines_when_not_a_terminal(capsys):
 # --- a step the servers refused (a parameter-server worker that rejoined them) -----------------------
 
 
-class _RefusedOnce:
+class _RefusedOnce(LocalStep):
     """A one-process step whose apply number `at` is refused, naming the step to go on from (as PSStep
     does after rejoining its servers)."""
 
-    rank, world_size, backend, loss_scale = 0, 1, "local", 1.0
-
     def __init__(self, at, go_to):
         self.at, self.go_to, self.calls = at, go_to, 0
-
-    def prepare(self, model, optimizer, tracer=None):
-        pass
-
-    def reduce_gradients(self, model):
-        pass
 
     def apply(self, model, optimizer):
         self.calls += 1
         if self.calls == self.at:
             return self.go_to
-        optimizer.step()
-        return None
-
-    def all_sum(self, values):
-        return list(values)
-
-    def gather(self, obj):
-        return [obj]
-
-    def close(self):
-        pass
+        return super().apply(model, optimizer)
 
 
 @pytest.mark.parametrize("at, go_to, calls, records, saves", [
