@@ -334,7 +334,7 @@ class Trainer:
                     stopped = True
                     break
             if resume_at is not None:
-                stopped, report = self._rejoin_at(min(resume_at, stop_at), stop_at, metrics, progress)
+                stopped, report = self._rejoin_at(resume_at, stop_at, metrics, progress)
                 if report is not None:
                     test_loss, accuracy = report
                 continue
@@ -417,7 +417,8 @@ class Trainer:
 
         Ahead into a later epoch (the others went on without it): the epoch it leaves ends here, with its
         record and checkpoint. Behind (a server restored from an older checkpoint): the steps are taken
-        again, and their records written again."""
+        again, and their records written again. Past the run's end: at its end."""
+        step = min(step, stop_at)
         report = None
         leaving = step // self.steps_per_epoch > self.epoch
         if leaving and not self.config.eval_every and self.loss_count:
