@@ -314,12 +314,38 @@ def test_a_numbered_async_push_sent_again_is_applied_once():
     assert shard.push(0, 1, iter(chunks(2.0)), sequence=2) == 2
     assert shard.pushes == 2
     np.testing.assert_array_equal(shard.params["w"].data, np.full(4, -3.0, np.float32))
-    shard.push(0, 2, iter(chunks(4.0)))  # not numbered (another client): always applied
+    shard.push(0, 2, iter(chunks(4.0)))  # not numbered (another client): always applied, and counted
     shard.push(0, 3, iter(chunks(4.0)))
     np.testing.assert_array_equal(shard.params["w"].data, np.full(4, -11.0, np.float32))
-    shard.register(0, shard.signature)  # a rejoining worker numbers its pushes from 1 again
-    assert shard.push(0, 4, iter(chunks(1.0)), sequence=1) == 5
+    assert shard.register(0, shard.signature)[2] == 4  # a rejoining worker numbers on from its steps
+    assert shard.push(0, 4, iter(chunks(1.0)), sequence=5) == 5
     np.testing.assert_array_equal(shard.params["w"].data, np.full(4, -12.0, np.float32))
+    shard.stop()
+
+
+def test_an_async_shard_ahead_of_the_step_its_worker_goes_on_from_skips_the_steps_it_applied(caplog):
+    # a push that one shard applied and another refused: the worker rejoins and goes on from the fewer
+    # steps; the shard that applied the push must not apply that step a second time
+    from distbp.optim import SGD
+
+    shard = _shard_of({"w": np.zeros(4, np.float32)}, lambda ps: SGD(ps, lr=1.0))
+    chunks = lambda value: list(to_chunks("w", np.full(4, value, np.float32)))  # noqa: E731
+    shard.register(0, shard.signature)
+    for step in range(3):
+        assert shard.push(0, step, iter(chunks(1.0)), sequence=step + 1) == step + 1
+    assert shard.register(0, shard.signature)[2] == 3  # the worker rejoins; another shard counts 1 step
+    with caplog.at_level("WARNING", logger="distbp.ps"):
+        assert shard.push(0, 3, iter(chunks(1.0)), sequence=2) == 3  # step 1 again: skipped
+        assert shard.push(0, 3, iter(chunks(1.0)), sequence=3) == 3
+    assert "goes on from step 1, and this shard has applied its pushes up to step 3" in caplog.text
+    assert len(caplog.records) == 1  # once per rejoin, not per push
+    assert shard.push(0, 3, iter(chunks(2.0)), sequence=4) == 4
+    assert shard.pushes == 4 and shard.steps_done[0] == 4
+    np.testing.assert_array_equal(shard.params["w"].data, np.full(4, -5.0, np.float32))
+    with pytest.raises(_Refused) as gap:  # a number past the next one: its retries could not be told apart
+        shard.push(0, 4, iter(chunks(1.0)), sequence=6)
+    assert gap.value.code == grpc.StatusCode.INVALID_ARGUMENT and "push number 6" in gap.value.message
+    assert "applied 4 of its pushes" in gap.value.message and shard.pushes == 4
     shard.stop()
 
 
@@ -738,8 +764,10 @@ def test_push_numbers_travel_as_uint64_from_any_client():
         client = PSClient(addresses, _named(config))
         wid = client.register().worker_id
         stub = client.stubs[0]
+        shard.steps_done[wid] = 2**63  # a run that long (as a client numbering from there would say)
         assert _push(stub, wid, 0, _grad_chunks(shard), sequence=2**63 + 1).version == 1
         assert _push(stub, wid, 1, _grad_chunks(shard), sequence=2**63 + 1).version == 1  # its retry
+        shard.steps_done[wid] = 2**64 - 2
         assert _push(stub, wid, 1, _grad_chunks(shard), sequence=2**64 - 1).version == 2
         assert shard.pushes == 2
     finally:
@@ -1040,7 +1068,7 @@ class _DroppedOnce(PSStep):
 
     def __init__(self, addresses, shards, at):
         super().__init__(addresses)
-        self.shards, self.at, self.steps_seen = shards, at, 0
+        self.shards, self.at, self.steps_seen = shards, at, 0  # shards: those that drop it
 
     def apply(self, model, optimizer):
         self.steps_seen += 1
@@ -1052,19 +1080,22 @@ class _DroppedOnce(PSStep):
 
 
 @pytest.mark.parametrize("mode", ["async", "bounded"])
-def test_a_worker_refused_mid_run_goes_on_from_the_step_its_servers_count(mode):
+@pytest.mark.parametrize("dropped_by", [(0, 1), (1,)])
+def test_a_worker_refused_mid_run_goes_on_from_the_step_its_servers_count(mode, dropped_by):
     # the refused step is not applied, so it is not done: the worker takes it again, and when its run ends
     # the servers count every one of its steps (before, the worker counted the refused step and ended one
-    # short on the servers: in bounded mode a finished worker then went on pacing the others)
+    # short on the servers: in bounded mode a finished worker then went on pacing the others). Refused by
+    # one shard only, the step is applied on the other, which must not apply it again when it is retaken.
     config = make_config({"epochs": 1, "progress": "none", "max_steps": 12})
     addresses, shards, stop = start_servers(config, 2, 1, mode=mode)
     try:
-        trainer = Trainer(config, _DroppedOnce(addresses, shards, at=5))
+        trainer = Trainer(config, _DroppedOnce(addresses, [shards[i] for i in dropped_by], at=5))
         summary = trainer.fit()
         assert summary["steps"] == 12
         assert trainer.strategy.steps_seen == 13  # the refused step, taken again
         assert [shard.steps_done[0] for shard in shards] == [12, 12]
         assert [shard.version for shard in shards] == [12, 12]
+        assert [shard.pushes for shard in shards] == [12, 12]
     finally:
         stop()
 
@@ -1119,7 +1150,24 @@ def test_shards_far_apart_on_a_workers_run_are_named_in_a_warning(caplog):
             client.register(requested_id=0)
         assert client.steps == 7
         assert "the shards count [7, 12] steps of its run: it goes on from step 7" in caplog.text
+        assert "skip them" in caplog.text  # async: the shard ahead does not apply those steps again
         client.close()
+    finally:
+        stop()
+
+
+def test_async_shards_restored_from_different_checkpoints_each_apply_every_step_once():
+    # shard 0 restored from an older checkpoint than shard 1: the worker retakes steps 7-11, which only
+    # shard 0 lacks; shard 1 skips them, and the run ends with every step applied once on each shard
+    config = make_config({"epochs": 1, "progress": "none", "max_steps": 20})
+    addresses, shards, stop = start_servers(config, 2, 1, mode="async")
+    try:
+        for shard, done in zip(shards, (7, 12)):
+            shard.steps_done[0] = done
+        trainer = Trainer(config, PSStep(addresses, requested_id=0))
+        assert trainer.fit()["steps"] == 20
+        assert [shard.steps_done[0] for shard in shards] == [20, 20]
+        assert [shard.pushes for shard in shards] == [13, 8]
     finally:
         stop()
 

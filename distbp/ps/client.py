@@ -78,7 +78,9 @@ class PSClient:
         self.worker_id = -1
         self.registrations = [0] * len(self.stubs)  # each shard's token for this registration
         self.versions = [0] * len(self.stubs)
-        self.pushes = 0  # numbers this registration's pushes, so a shard applies a retried one once
+        # the pushes of the worker's run that went through: the next is numbered one more, the same for every
+        # shard and every retry of it, so a shard applies it once (a refused push leaves its number free)
+        self.pushes = 0
 
     def _call(self, what, shard, fn):
         """fn() with retries and backoff while the shard is unavailable."""
@@ -124,7 +126,6 @@ class PSClient:
 
         first = self._call("register", 0, lambda: self.stubs[0].Register(request(requested_id), metadata=self.metadata))
         self.worker_id = first.worker_id
-        self.pushes = 0
         replies = [first] + [self._call("register", s, lambda s=s: self.stubs[s].Register(
             request(first.worker_id), metadata=self.metadata)) for s in range(1, len(self.stubs))]
         for s, reply in enumerate(replies):
@@ -137,22 +138,27 @@ class PSClient:
         # fewest, and the worker goes on from there (shards a step apart are usual: one has stepped first)
         steps = [r.steps for r in replies]
         self.steps = min(steps)
+        self.pushes = self.steps  # a push's number is its place in the worker's run: shards ahead skip it
         if max(steps) - self.steps > 1:
+            ahead = ("skip them" if first.mode != "sync" else
+                     "apply them again (in sync mode a push is for a version, and the versions differ)")
             log.warning("worker %d: the shards count %s steps of its run: it goes on from step %d, and the "
-                        "shards ahead (restored from a newer checkpoint, or not restarted) apply those steps "
-                        "again", self.worker_id, steps, self.steps)
+                        "shards ahead (restored from a newer checkpoint, or not restarted) %s",
+                        self.worker_id, steps, self.steps, ahead)
         return first
 
     def push(self, grads):
         """Push name -> gradient array to the shards that own them, all shards at once."""
-        sequence = self._number_push()
+        sequence = self.pushes + 1
 
         def one(shard):
             call = self._push[shard]
             return self._call("push", shard, lambda: call(self._requests(shard, grads, sequence),
                                                           metadata=self.metadata)).version
 
-        return self._each(one)
+        versions = self._each(one)
+        self.pushes = sequence
+        return versions
 
     def pull(self, min_versions=None, out=None):
         """name -> parameter array from every shard, each at least at its min version.
@@ -172,19 +178,16 @@ class PSClient:
     def push_pull(self, grads, out=None):
         """push(grads), then the parameters it leads to, in one call per shard: in sync mode those of the
         next version (once every worker pushed), otherwise the current ones. Returns what pull returns."""
-        sequence = self._number_push()
+        sequence = self.pushes + 1
 
         def one(shard):
             call = self._push_pull[shard]
             return self._call("push+pull", shard, lambda: self._receive(
                 shard, call(self._requests(shard, grads, sequence), metadata=self.metadata), out))
 
-        return self._merge(self._each(one))
-
-    def _number_push(self):
-        """The next push's number: the same for every shard and every retry of that push."""
-        self.pushes += 1
-        return self.pushes
+        merged = self._merge(self._each(one))
+        self.pushes = sequence
+        return merged
 
     def _requests(self, shard, grads, sequence):
         """Serialized PushRequests for the gradients of the parameters `shard` holds: push number `sequence`

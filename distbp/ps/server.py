@@ -62,6 +62,7 @@ class Shard:
         # a worker's run, in pushes (None: not known): one that has made them all no longer paces the others
         self.steps_per_worker = steps_per_worker
         self.sequences = {}  # worker id -> number of its last push applied (or kept for the step)
+        self.skipping = set()  # async, bounded: workers retaking steps this shard has applied (logged once)
         self.registrations = {}  # worker id -> the token of its latest registration (random, never 0)
         self.pending = {}  # sync: worker id -> gradients for the current version
         self.step_started = None
@@ -107,7 +108,8 @@ class Shard:
                                    "with its own id (--ps-worker-id)")
                 wid = free[0]
             self.active.add(wid)
-            self.sequences.pop(wid, None)  # the worker numbers its pushes from 1 again
+            self.sequences.pop(wid, None)  # the worker numbers on from the fewest steps its shards count
+            self.skipping.discard(wid)
             # random, not counted: a token from before a server restart cannot match by chance
             self.registrations[wid] = secrets.randbits(63) + 1
             self.clocks[wid] = max(self.clocks.values(), default=0) if self.started else 0
@@ -153,8 +155,11 @@ class Shard:
     def push(self, worker_id, version, chunks, sequence=0, registration=0):
         """Validate a whole push, then apply it (async) or keep it for the step (sync); returns the version.
 
-        sequence: the worker's push number (0: not numbered). A number already applied is a retry whose
-        reply was lost: it is not applied again.
+        sequence: the push's place in the worker's run, from 1 (0: not numbered); the worker numbers on
+        from the fewest steps its shards count (RegisterReply.steps). A number already applied is not
+        applied again: a retry whose reply was lost, or (async, bounded) a step this shard applied before
+        the worker went back to where another shard has its run (that shard refused the push, or was
+        restored from an older checkpoint).
         registration: the token of the registration the push belongs to (0: not checked). Another one than
         the worker id's latest means another process has registered as this worker since: refused.
         """
@@ -183,8 +188,8 @@ class Shard:
             if self.registrations.get(worker_id) != registration_at_start:
                 raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
                                f"worker {worker_id} registered again while this push was in flight: not applied")
-            if sequence and worker_id in self.active and sequence <= self.sequences.get(worker_id, 0):
-                log.info("shard %d: worker %d sent push %d again; it was applied once", self.shard, worker_id, sequence)
+            if sequence and worker_id in self.active and self._applied_before(worker_id, sequence):
+                self.last_push[worker_id] = time.monotonic()  # alive: bounded mode must not drop it
                 return self.version
             if self.mode == "sync" and worker_id in self.pending and version == self.version:
                 # the same push again: a retry whose first reply was lost. It counts once, as the first.
@@ -208,6 +213,28 @@ class Shard:
             self.last_push[worker_id] = time.monotonic()
             self.pushes += 1
             return self.version
+
+    def _applied_before(self, worker_id, sequence):
+        """Whether the push numbered `sequence` of a worker taking part was applied here already (lock held);
+        refuses a number that skips pushes (async, bounded: its retries could not be recognised)."""
+        if sequence <= self.sequences.get(worker_id, 0):
+            log.info("shard %d: worker %d sent push %d again; it was applied once", self.shard, worker_id, sequence)
+            return True
+        if self.mode == "sync":  # the version says which step a push is for
+            return False
+        done = self.steps_done.get(worker_id, 0)
+        if sequence > done + 1:
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"bad push from worker {worker_id}: push number {sequence}, but this shard has applied "
+                           f"{done} of its pushes (a worker numbers its pushes on from RegisterReply.steps)")
+        if sequence <= done:
+            if worker_id not in self.skipping:
+                self.skipping.add(worker_id)
+                log.warning("shard %d: worker %d goes on from step %d, and this shard has applied its pushes up to "
+                            "step %d: those are not applied again", self.shard, worker_id, sequence - 1, done)
+            return True
+        self.skipping.discard(worker_id)
+        return False
 
     def _piece_gradients(self, name, segments):
         """One gradient array per piece of `name`: the received chunks themselves when they were cut as
