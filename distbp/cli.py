@@ -148,6 +148,9 @@ def _end_mpi_job(code, backend=None):
         from mpi4py import MPI
     except ImportError:
         return
+    from .comm.mpi import mpich_segments, remove_names
+
+    remove_names(mpich_segments())  # as MPICommunicator.abort: MPICH would leave them in /dev/shm
     MPI.COMM_WORLD.Abort(code)
 
 

@@ -28,6 +28,22 @@ def mpiexec(n, *args, timeout=90):
     return done.returncode, done.stdout, done.stderr, time.monotonic() - start
 
 
+def mpich_names():
+    return {f for f in os.listdir("/dev/shm") if f.startswith("mpich_shm_")} if os.path.isdir("/dev/shm") else set()
+
+
+def left_behind(before):
+    """MPICH shared-memory files made since `before` (mpich_names()) that no live process maps: leaked."""
+    new = mpich_names() - before
+    if new:  # another job may be running now: its segments are still mapped
+        for maps in Path("/proc").glob("[0-9]*/maps"):
+            try:
+                new -= {name for name in new if name in maps.read_text()}
+            except OSError:  # the process ended, or is not ours
+                pass
+    return sorted(new)
+
+
 COMMON = ["--dataset", "synthetic", "--synthetic-size", "2000", "--hidden", "32", "--epochs", "2"]
 
 
@@ -138,19 +154,23 @@ def test_mpi_is_detected_and_only_rank_zero_reports():
 
 @pytest.mark.parametrize("kind", ["raise", "kill"])
 def test_a_failing_rank_ends_the_job_promptly(kind):
+    before = mpich_names()
     code, out, err, seconds = mpiexec(2, str(HERE / "mpi_faults.py"), kind, timeout=60)
     assert code != 0
     assert seconds < 30
     if kind == "raise":
         assert "rank 1 of 2 failed" in err and "injected failure on rank 1" in err
+    assert not left_behind(before)  # MPICH removes its segment only in MPI_Finalize, which never came
 
 
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_a_collective_timeout_names_the_missing_rank(ranks):
     # with 3 ranks, rank 2 waits in the collective too and answers when asked: only rank 1 is named
+    before = mpich_names()
     code, out, err, seconds = mpiexec(ranks, str(HERE / "mpi_faults.py"), "hang", timeout=60)
     assert code != 0 and seconds < 30
     assert "did not complete within 3 s" in err and "rank(s) [1] did not arrive" in err, err
+    assert not left_behind(before)
 
 
 def test_ranks_started_with_different_configs_stop_at_start_up():
@@ -172,9 +192,11 @@ def _mpmd(first, second, timeout=60, cwd=None):
 
 def test_a_rank_refusing_its_options_ends_the_job_at_once():
     # it fails before MPI starts, and its peer would otherwise wait in MPI's start-up for ever
+    before = mpich_names()
     code, err, seconds = _mpmd([["--epochs", "1"]], [["--epochs", "1", "--hidden", "-3"]])
     assert code != 0 and seconds < 15, err
     assert "'hidden' must be >= 1" in err
+    assert not left_behind(before)
 
 
 def test_a_failing_process_of_another_backend_under_mpiexec_exits_without_waiting_for_mpi():

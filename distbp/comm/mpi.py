@@ -40,6 +40,31 @@ def _mpi():
     return MPI
 
 
+# MPICH keeps the name of a shared-memory segment (2 MB, in /dev/shm: memory) until MPI_Finalize, so every
+# job that ends in MPI_Abort or a killed rank used to leave one behind. Once every rank of the machine has
+# it mapped, nobody opens it by name again: the name goes at start-up, and at an abort whatever MPICH
+# named since goes too. (MPICH's own unlink at MPI_Finalize tolerates the name being gone.)
+_MPICH_SEGMENT = SHM_DIR + "/mpich_shm_"
+
+
+def mpich_segments():
+    """The MPICH shared-memory segments this process maps that still have a name in /dev/shm."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return sorted({line.split(None, 5)[5].rstrip("\n") for line in maps
+                           if _MPICH_SEGMENT in line and not line.rstrip().endswith("(deleted)")})
+    except OSError:  # not Linux
+        return []
+
+
+def remove_names(paths):
+    for path in paths:
+        try:
+            os.unlink(path)
+        except OSError:  # gone already (another rank), or not ours to remove
+            pass
+
+
 def _half_sum(inbuf, inoutbuf, datatype):
     # float16 travels as 16-bit integers (MPI has no half type); this operator adds them as halves
     a = np.frombuffer(inbuf, dtype=np.float16)
@@ -159,6 +184,10 @@ class MPICommunicator(Communicator):
             shared_memory = os.environ.get("DISTBP_MPI_SHM", "1") != "0"
         node = base.Split_type(MPI.COMM_TYPE_SHARED)
         one_machine = node.Get_size() == self.size
+        # the segments every rank of this machine has mapped (lists made before any rank returns from here)
+        mapped = [set(names) for names in node.allgather(mpich_segments())]
+        if node.Get_rank() == 0:
+            remove_names(sorted(set.intersection(*mapped)))
         node.Free()
         can = bool(shared_memory) and one_machine and self.size > 1 and os.path.isdir(SHM_DIR)
         self.shared_memory = all(self.allgather(can))  # the same answer on every rank, or none uses it
@@ -327,6 +356,7 @@ class MPICommunicator(Communicator):
         _MPIHandle(self, self.comm.Ibarrier(), "barrier", seq).wait()
 
     def abort(self, code=1, message=None):
+        remove_names(mpich_segments())  # the job ends: no rank maps them after this
         self.MPI.COMM_WORLD.Abort(code)
 
     def close(self):
