@@ -314,11 +314,11 @@ def test_a_numbered_async_push_sent_again_is_applied_once():
     assert shard.push(0, 1, iter(chunks(2.0)), sequence=2) == 2
     assert shard.pushes == 2
     np.testing.assert_array_equal(shard.params["w"].data, np.full(4, -3.0, np.float32))
-    shard.push(0, 2, iter(chunks(4.0)))  # not numbered (another client): always applied, and counted
+    shard.push(0, 2, iter(chunks(4.0)))  # not numbered (another client): always applied
     shard.push(0, 3, iter(chunks(4.0)))
     np.testing.assert_array_equal(shard.params["w"].data, np.full(4, -11.0, np.float32))
-    assert shard.register(0, shard.signature)[2] == 4  # a rejoining worker numbers on from its steps
-    assert shard.push(0, 4, iter(chunks(1.0)), sequence=5) == 5
+    shard.register(0, shard.signature)  # a rejoining worker numbers its pushes from 1 again
+    assert shard.push(0, 4, iter(chunks(1.0)), sequence=1) == 5
     np.testing.assert_array_equal(shard.params["w"].data, np.full(4, -12.0, np.float32))
     shard.stop()
 
@@ -332,20 +332,23 @@ def test_an_async_shard_ahead_of_the_step_its_worker_goes_on_from_skips_the_step
     chunks = lambda value: list(to_chunks("w", np.full(4, value, np.float32)))  # noqa: E731
     shard.register(0, shard.signature)
     for step in range(3):
-        assert shard.push(0, step, iter(chunks(1.0)), sequence=step + 1) == step + 1
+        assert shard.push(0, step, iter(chunks(1.0)), sequence=step + 1, step=step + 1) == step + 1
     assert shard.register(0, shard.signature)[2] == 3  # the worker rejoins; another shard counts 1 step
     with caplog.at_level("WARNING", logger="distbp.ps"):
-        assert shard.push(0, 3, iter(chunks(1.0)), sequence=2) == 3  # step 1 again: skipped
-        assert shard.push(0, 3, iter(chunks(1.0)), sequence=3) == 3
-    assert "goes on from step 1, and this shard has applied its pushes up to step 3" in caplog.text
+        assert shard.push(0, 3, iter(chunks(1.0)), sequence=1, step=2) == 3  # step 2 again: skipped
+        assert shard.push(0, 3, iter(chunks(1.0)), sequence=1, step=2) == 3  # its retry
+        assert shard.push(0, 3, iter(chunks(1.0)), sequence=2, step=3) == 3
+    assert "goes on from step 1 of its run, and this shard has applied its steps up to 3" in caplog.text
     assert len(caplog.records) == 1  # once per rejoin, not per push
-    assert shard.push(0, 3, iter(chunks(2.0)), sequence=4) == 4
+    assert shard.push(0, 3, iter(chunks(2.0)), sequence=3, step=4) == 4
     assert shard.pushes == 4 and shard.steps_done[0] == 4
     np.testing.assert_array_equal(shard.params["w"].data, np.full(4, -5.0, np.float32))
-    with pytest.raises(_Refused) as gap:  # a number past the next one: its retries could not be told apart
-        shard.push(0, 4, iter(chunks(1.0)), sequence=6)
-    assert gap.value.code == grpc.StatusCode.INVALID_ARGUMENT and "push number 6" in gap.value.message
+    with pytest.raises(_Refused) as gap:  # a step past the next one: its retries could not be told apart
+        shard.push(0, 4, iter(chunks(1.0)), sequence=4, step=6)
+    assert gap.value.code == grpc.StatusCode.INVALID_ARGUMENT and "step 6 of its run" in gap.value.message
     assert "applied 4 of its pushes" in gap.value.message and shard.pushes == 4
+    assert shard.push(0, 4, iter(chunks(1.0)), sequence=4, step=5) == 5  # the refused number is still free
+    assert shard.push(0, 5, iter(chunks(1.0)), sequence=5) == 6  # no step given: applied, as before
     shard.stop()
 
 
@@ -764,10 +767,8 @@ def test_push_numbers_travel_as_uint64_from_any_client():
         client = PSClient(addresses, _named(config))
         wid = client.register().worker_id
         stub = client.stubs[0]
-        shard.steps_done[wid] = 2**63  # a run that long (as a client numbering from there would say)
         assert _push(stub, wid, 0, _grad_chunks(shard), sequence=2**63 + 1).version == 1
         assert _push(stub, wid, 1, _grad_chunks(shard), sequence=2**63 + 1).version == 1  # its retry
-        shard.steps_done[wid] = 2**64 - 2
         assert _push(stub, wid, 1, _grad_chunks(shard), sequence=2**64 - 1).version == 2
         assert shard.pushes == 2
     finally:
@@ -1024,6 +1025,10 @@ def test_a_checkpoint_without_push_counts_shares_the_version_out(tmp_path):
     restored = build_shard(config, 0, 1, 2, mode="async", checkpoint=str(path))
     try:
         assert [restored.register(w, restored.signature)[2] for w in (0, 1)] == [2, 2]
+        # a guess may be too high (worker 0 made 3 of the 4 pushes): a step it covers is applied, not
+        # skipped as one this shard has, which would lose it
+        chunks = [c for n, p in restored.params.items() for c in to_chunks(n, np.zeros_like(p.data))]
+        assert restored.push(0, 4, iter(chunks), sequence=1, step=2) == 5
     finally:
         restored.stop()
 
@@ -1156,18 +1161,56 @@ def test_shards_far_apart_on_a_workers_run_are_named_in_a_warning(caplog):
         stop()
 
 
-def test_async_shards_restored_from_different_checkpoints_each_apply_every_step_once():
-    # shard 0 restored from an older checkpoint than shard 1: the worker retakes steps 7-11, which only
-    # shard 0 lacks; shard 1 skips them, and the run ends with every step applied once on each shard
+def test_async_shards_restored_from_different_checkpoints_each_apply_every_step_once(tmp_path):
+    # shard 0 restored from an older checkpoint (step 7) than shard 1 (step 12): the worker retakes steps
+    # 8-12, which only shard 0 lacks; shard 1 skips them, and the run ends with every step applied once on
+    # each shard (before, shard 1 applied steps 8-12 again: 25 pushes for a run of 20)
     config = make_config({"epochs": 1, "progress": "none", "max_steps": 20})
+    paths = [tmp_path / f"shard{s}.ckpt" for s in range(2)]
     addresses, shards, stop = start_servers(config, 2, 1, mode="async")
     try:
-        for shard, done in zip(shards, (7, 12)):
-            shard.steps_done[0] = done
+        client = PSClient(addresses, _named(config))
+        client.register()
+        grads = {n: np.full(p.data.shape, 1e-3, p.data.dtype) for n, p in _named(config)}
+        for step in range(12):
+            client.push(grads)
+            if step + 1 == 7:
+                shards[0].save(str(paths[0]))
+        shards[1].save(str(paths[1]))
+        client.close()
+    finally:
+        stop()
+    restored = [build_shard(config, s, 2, 1, mode="async", checkpoint=str(paths[s])) for s in range(2)]
+    servers = [serve(shard, "127.0.0.1", 0) for shard in restored]
+    try:
+        assert [shard.steps_done[0] for shard in restored] == [7, 12]
+        addresses = [f"127.0.0.1:{port}" for _, port in servers]
         trainer = Trainer(config, PSStep(addresses, requested_id=0))
         assert trainer.fit()["steps"] == 20
-        assert [shard.steps_done[0] for shard in shards] == [20, 20]
-        assert [shard.pushes for shard in shards] == [13, 8]
+        assert [shard.steps_done[0] for shard in restored] == [20, 20]
+        assert [shard.version for shard in restored] == [20, 20]
+        assert [shard.pushes for shard in restored] == [13, 8]
+    finally:
+        for shard, (server, _) in zip(restored, servers):
+            shard.stop()
+            server.stop(0)
+
+
+@pytest.mark.parametrize("ahead,staleness", [(2, 0), (6, 2)])
+def test_bounded_workers_do_not_wait_for_one_retaking_steps_a_shard_has(caplog, ahead, staleness):
+    # worker 0 is `ahead` steps further on shard 1 (restored from a newer checkpoint): shard 1 skips its
+    # pushes of those steps. They must move its pacing clock there, as on shard 0; otherwise worker 1 waits
+    # on shard 1 for worker 0 while worker 0 waits on shard 0 for worker 1, until one is dropped
+    config = make_config({"epochs": 2, "progress": "none", "max_steps": 30})
+    addresses, shards, stop = start_servers(config, 2, 2, mode="bounded", staleness=staleness, sync_timeout=4.0)
+    try:
+        shards[1].steps_done[0] = shards[1].version = ahead
+        with caplog.at_level("WARNING", logger="distbp.ps"):
+            trainers = train_workers(config, addresses, 2)
+        assert "dropped worker(s)" not in caplog.text
+        assert "has applied its steps up to" in caplog.text
+        assert [t.step for t in trainers] == [30, 30]
+        assert [shard.steps_done for shard in shards] == [{0: 30, 1: 30}] * 2
     finally:
         stop()
 

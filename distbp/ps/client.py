@@ -78,9 +78,11 @@ class PSClient:
         self.worker_id = -1
         self.registrations = [0] * len(self.stubs)  # each shard's token for this registration
         self.versions = [0] * len(self.stubs)
-        # the pushes of the worker's run that went through: the next is numbered one more, the same for every
-        # shard and every retry of it, so a shard applies it once (a refused push leaves its number free)
+        # this registration's pushes that went through: the next is numbered one more, the same for every
+        # shard and every retry of it, so a shard applies it once (a refused push leaves its number free);
+        # its step in the worker's run is steps + that number, so a shard that has the step skips it
         self.pushes = 0
+        self.steps = 0
 
     def _call(self, what, shard, fn):
         """fn() with retries and backoff while the shard is unavailable."""
@@ -126,6 +128,7 @@ class PSClient:
 
         first = self._call("register", 0, lambda: self.stubs[0].Register(request(requested_id), metadata=self.metadata))
         self.worker_id = first.worker_id
+        self.pushes = 0
         replies = [first] + [self._call("register", s, lambda s=s: self.stubs[s].Register(
             request(first.worker_id), metadata=self.metadata)) for s in range(1, len(self.stubs))]
         for s, reply in enumerate(replies):
@@ -138,7 +141,6 @@ class PSClient:
         # fewest, and the worker goes on from there (shards a step apart are usual: one has stepped first)
         steps = [r.steps for r in replies]
         self.steps = min(steps)
-        self.pushes = self.steps  # a push's number is its place in the worker's run: shards ahead skip it
         if max(steps) - self.steps > 1:
             ahead = ("skip them" if first.mode != "sync" else
                      "apply them again (in sync mode a push is for a version, and the versions differ)")
@@ -192,7 +194,8 @@ class PSClient:
     def _requests(self, shard, grads, sequence):
         """Serialized PushRequests for the gradients of the parameters `shard` holds: push number `sequence`
         (the same in a retry)."""
-        ints = [(1, self.worker_id), (2, self.versions[shard]), (4, sequence), (5, self.registrations[shard])]
+        ints = [(1, self.worker_id), (2, self.versions[shard]), (4, sequence), (5, self.registrations[shard]),
+                (6, self.steps + sequence)]
         for name, owner in self.owner.items():
             if owner == shard:
                 yield from encode_chunks(name, grads[name], ints, 3)

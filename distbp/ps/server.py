@@ -63,6 +63,7 @@ class Shard:
         self.steps_per_worker = steps_per_worker
         self.sequences = {}  # worker id -> number of its last push applied (or kept for the step)
         self.skipping = set()  # async, bounded: workers retaking steps this shard has applied (logged once)
+        self.steps_guessed = False  # steps_done estimated from an older checkpoint: no step is skipped on it
         self.registrations = {}  # worker id -> the token of its latest registration (random, never 0)
         self.pending = {}  # sync: worker id -> gradients for the current version
         self.step_started = None
@@ -108,7 +109,7 @@ class Shard:
                                    "with its own id (--ps-worker-id)")
                 wid = free[0]
             self.active.add(wid)
-            self.sequences.pop(wid, None)  # the worker numbers on from the fewest steps its shards count
+            self.sequences.pop(wid, None)  # the worker numbers its pushes from 1 again
             self.skipping.discard(wid)
             # random, not counted: a token from before a server restart cannot match by chance
             self.registrations[wid] = secrets.randbits(63) + 1
@@ -152,16 +153,15 @@ class Shard:
 
     # --- pushes ---
 
-    def push(self, worker_id, version, chunks, sequence=0, registration=0):
+    def push(self, worker_id, version, chunks, sequence=0, registration=0, step=0):
         """Validate a whole push, then apply it (async) or keep it for the step (sync); returns the version.
 
-        sequence: the push's place in the worker's run, from 1 (0: not numbered); the worker numbers on
-        from the fewest steps its shards count (RegisterReply.steps). A number already applied is not
-        applied again: a retry whose reply was lost, or (async, bounded) a step this shard applied before
-        the worker went back to where another shard has its run (that shard refused the push, or was
-        restored from an older checkpoint).
+        sequence: the worker's push number (0: not numbered). A number already applied is a retry whose
+        reply was lost: it is not applied again.
         registration: the token of the registration the push belongs to (0: not checked). Another one than
         the worker id's latest means another process has registered as this worker since: refused.
+        step: the push's place in the worker's run, from 1 (0: not given). Async and bounded: a step this
+        shard has applied is not applied again (see _applied_here).
         """
         registration_at_start = self.registrations.get(worker_id)  # a push in flight across a re-registration
         assembler = Assembler(self.expected_shapes, copy=False)
@@ -188,7 +188,8 @@ class Shard:
             if self.registrations.get(worker_id) != registration_at_start:
                 raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
                                f"worker {worker_id} registered again while this push was in flight: not applied")
-            if sequence and worker_id in self.active and self._applied_before(worker_id, sequence):
+            if sequence and worker_id in self.active and sequence <= self.sequences.get(worker_id, 0):
+                log.info("shard %d: worker %d sent push %d again; it was applied once", self.shard, worker_id, sequence)
                 self.last_push[worker_id] = time.monotonic()  # alive: bounded mode must not drop it
                 return self.version
             if self.mode == "sync" and worker_id in self.pending and version == self.version:
@@ -197,8 +198,11 @@ class Shard:
                          self.shard, worker_id, version)
                 return self.version
             self._check_push(worker_id, version)
+            skip = bool(step) and self.mode != "sync" and self._applied_here(worker_id, step)  # or refused
             if sequence:
                 self.sequences[worker_id] = sequence
+            if skip:
+                return self.version
             if self.mode == "sync":
                 if not self.pending:
                     self.step_started = time.monotonic()
@@ -214,27 +218,27 @@ class Shard:
             self.pushes += 1
             return self.version
 
-    def _applied_before(self, worker_id, sequence):
-        """Whether the push numbered `sequence` of a worker taking part was applied here already (lock held);
-        refuses a number that skips pushes (async, bounded: its retries could not be recognised)."""
-        if sequence <= self.sequences.get(worker_id, 0):
-            log.info("shard %d: worker %d sent push %d again; it was applied once", self.shard, worker_id, sequence)
-            return True
-        if self.mode == "sync":  # the version says which step a push is for
-            return False
+    def _applied_here(self, worker_id, step):
+        """(async, bounded; lock held) Whether step `step` of the worker's run was applied on this shard
+        before: the worker went back to where another shard has its run. It counts as the worker's step
+        for pacing, as it is on the other shards. A step past the next one is refused: its retries, and
+        the steps skipped, could not be told apart."""
         done = self.steps_done.get(worker_id, 0)
-        if sequence > done + 1:
+        if step > done + 1:
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"bad push from worker {worker_id}: push number {sequence}, but this shard has applied "
-                           f"{done} of its pushes (a worker numbers its pushes on from RegisterReply.steps)")
-        if sequence <= done:
-            if worker_id not in self.skipping:
-                self.skipping.add(worker_id)
-                log.warning("shard %d: worker %d goes on from step %d, and this shard has applied its pushes up to "
-                            "step %d: those are not applied again", self.shard, worker_id, sequence - 1, done)
-            return True
-        self.skipping.discard(worker_id)
-        return False
+                           f"bad push from worker {worker_id}: step {step} of its run, but this shard has applied "
+                           f"{done} of its pushes (a worker goes on from the fewest RegisterReply.steps)")
+        if step == done + 1 or self.steps_guessed:  # a guessed count may be too high: applied, not skipped
+            self.skipping.discard(worker_id)
+            return False
+        if worker_id not in self.skipping:
+            self.skipping.add(worker_id)
+            log.warning("shard %d: worker %d goes on from step %d of its run, and this shard has applied its "
+                        "steps up to %d: those are not applied again", self.shard, worker_id, step - 1, done)
+        self.clocks[worker_id] = self.clocks.get(worker_id, 0) + 1
+        self.last_push[worker_id] = time.monotonic()
+        self.cond.notify_all()  # bounded: a worker waiting for this one to catch up may go on
+        return True
 
     def _piece_gradients(self, name, segments):
         """One gradient array per piece of `name`: the received chunks themselves when they were cut as
@@ -471,6 +475,7 @@ class Shard:
                 log.warning("shard %d: the checkpoint does not say how many pushes each worker made (an older "
                             "format): each worker goes on from version / workers = %d", self.shard,
                             version // self.expected)
+                self.steps_guessed = True
             return {w: version // self.expected for w in range(self.expected)} if self.mode != "sync" else {}
         ids = {}
         if isinstance(raw, dict):
@@ -616,7 +621,7 @@ class Servicer(ps_pb2_grpc.ParameterServerServicer):
             nonlocal first
             for data in request_iterator:
                 try:
-                    head, chunk = decode_message(data, _PUSH_INTS, 3, unsigned=(4, 5), int32=(1,))
+                    head, chunk = decode_message(data, _PUSH_INTS, 3, unsigned=(4, 5, 6), int32=(1,))
                 except WireError as e:
                     raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"bad push: {e}") from None
                 if first is None:
@@ -631,7 +636,7 @@ class Servicer(ps_pb2_grpc.ParameterServerServicer):
         if head is None:
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "bad push: no tensors")
         version = self.shard.push(first["worker_id"], first["version"], _prepend(head, gen), first["sequence"],
-                                  first["registration"])
+                                  first["registration"], first["step"])
         return first["worker_id"], first["version"], version
 
     def Status(self, request, context):
@@ -642,7 +647,7 @@ class Servicer(ps_pb2_grpc.ParameterServerServicer):
                                       signature=s.signature)
 
 
-_PUSH_INTS = {1: "worker_id", 2: "version", 4: "sequence", 5: "registration"}  # the last two are uint64
+_PUSH_INTS = {1: "worker_id", 2: "version", 4: "sequence", 5: "registration", 6: "step"}  # the last 3: uint64
 
 
 def _identity(data):

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64istbp/ps/v1/ps.proto\x12\x0c\x64istbp.ps.v1\"h\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x0f\n\x07padding\x18\x06 \x01(\x0c\"a\n\x0fRegisterRequest\x12\x13\n\x0bworker_name\x18\x01 \x01(\t\x12\x14\n\x0crequested_id\x18\x02 \x01(\x05\x12\x11\n\tsignature\x18\x03 \x01(\t\x12\x10\n\x08settings\x18\x04 \x01(\t\"\x9e\x01\n\rRegisterReply\x12\x11\n\tworker_id\x18\x01 \x01(\x05\x12\x13\n\x0bnum_workers\x18\x02 \x01(\x05\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x0c\n\x04mode\x18\x04 \x01(\t\x12\r\n\x05shard\x18\x05 \x01(\x05\x12\x12\n\nnum_shards\x18\x06 \x01(\x05\x12\x14\n\x0cregistration\x18\x07 \x01(\x04\x12\r\n\x05steps\x18\x08 \x01(\x03\"\x83\x01\n\x0bPushRequest\x12\x11\n\tworker_id\x18\x01 \x01(\x05\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12(\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x19.distbp.ps.v1.TensorChunk\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12\x14\n\x0cregistration\x18\x05 \x01(\x04\"\x1c\n\tPushReply\x12\x0f\n\x07version\x18\x01 \x01(\x03\"5\n\x0bPullRequest\x12\x11\n\tworker_id\x18\x01 \x01(\x05\x12\x13\n\x0bmin_version\x18\x02 \x01(\x03\"F\n\tPullReply\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x19.distbp.ps.v1.TensorChunk\"\x0f\n\rStatusRequest\"\x97\x01\n\x0bStatusReply\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x0f\n\x07workers\x18\x03 \x03(\x05\x12\x0e\n\x06pushes\x18\x04 \x01(\x03\x12\r\n\x05shard\x18\x05 \x01(\x05\x12\x12\n\nnum_shards\x18\x06 \x01(\x05\x12\x12\n\nparameters\x18\x07 \x03(\t\x12\x11\n\tsignature\x18\x08 \x01(\t2\xdb\x02\n\x0fParameterServer\x12\x46\n\x08Register\x12\x1d.distbp.ps.v1.RegisterRequest\x1a\x1b.distbp.ps.v1.RegisterReply\x12<\n\x04Push\x12\x19.distbp.ps.v1.PushRequest\x1a\x17.distbp.ps.v1.PushReply(\x01\x12<\n\x04Pull\x12\x19.distbp.ps.v1.PullRequest\x1a\x17.distbp.ps.v1.PullReply0\x01\x12\x42\n\x08PushPull\x12\x19.distbp.ps.v1.PushRequest\x1a\x17.distbp.ps.v1.PullReply(\x01\x30\x01\x12@\n\x06Status\x12\x1b.distbp.ps.v1.StatusRequest\x1a\x19.distbp.ps.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64istbp/ps/v1/ps.proto\x12\x0c\x64istbp.ps.v1\"h\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x0f\n\x07padding\x18\x06 \x01(\x0c\"a\n\x0fRegisterRequest\x12\x13\n\x0bworker_name\x18\x01 \x01(\t\x12\x14\n\x0crequested_id\x18\x02 \x01(\x05\x12\x11\n\tsignature\x18\x03 \x01(\t\x12\x10\n\x08settings\x18\x04 \x01(\t\"\x9e\x01\n\rRegisterReply\x12\x11\n\tworker_id\x18\x01 \x01(\x05\x12\x13\n\x0bnum_workers\x18\x02 \x01(\x05\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x0c\n\x04mode\x18\x04 \x01(\t\x12\r\n\x05shard\x18\x05 \x01(\x05\x12\x12\n\nnum_shards\x18\x06 \x01(\x05\x12\x14\n\x0cregistration\x18\x07 \x01(\x04\x12\r\n\x05steps\x18\x08 \x01(\x03\"\x91\x01\n\x0bPushRequest\x12\x11\n\tworker_id\x18\x01 \x01(\x05\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12(\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x19.distbp.ps.v1.TensorChunk\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12\x14\n\x0cregistration\x18\x05 \x01(\x04\x12\x0c\n\x04step\x18\x06 \x01(\x04\"\x1c\n\tPushReply\x12\x0f\n\x07version\x18\x01 \x01(\x03\"5\n\x0bPullRequest\x12\x11\n\tworker_id\x18\x01 \x01(\x05\x12\x13\n\x0bmin_version\x18\x02 \x01(\x03\"F\n\tPullReply\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x19.distbp.ps.v1.TensorChunk\"\x0f\n\rStatusRequest\"\x97\x01\n\x0bStatusReply\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x0f\n\x07workers\x18\x03 \x03(\x05\x12\x0e\n\x06pushes\x18\x04 \x01(\x03\x12\r\n\x05shard\x18\x05 \x01(\x05\x12\x12\n\nnum_shards\x18\x06 \x01(\x05\x12\x12\n\nparameters\x18\x07 \x03(\t\x12\x11\n\tsignature\x18\x08 \x01(\t2\xdb\x02\n\x0fParameterServer\x12\x46\n\x08Register\x12\x1d.distbp.ps.v1.RegisterRequest\x1a\x1b.distbp.ps.v1.RegisterReply\x12<\n\x04Push\x12\x19.distbp.ps.v1.PushRequest\x1a\x17.distbp.ps.v1.PushReply(\x01\x12<\n\x04Pull\x12\x19.distbp.ps.v1.PullRequest\x1a\x17.distbp.ps.v1.PullReply0\x01\x12\x42\n\x08PushPull\x12\x19.distbp.ps.v1.PushRequest\x1a\x17.distbp.ps.v1.PullReply(\x01\x30\x01\x12@\n\x06Status\x12\x1b.distbp.ps.v1.StatusRequest\x1a\x19.distbp.ps.v1.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,17 +38,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERREPLY']._serialized_start=245
   _globals['_REGISTERREPLY']._serialized_end=403
   _globals['_PUSHREQUEST']._serialized_start=406
-  _globals['_PUSHREQUEST']._serialized_end=537
-  _globals['_PUSHREPLY']._serialized_start=539
-  _globals['_PUSHREPLY']._serialized_end=567
-  _globals['_PULLREQUEST']._serialized_start=569
-  _globals['_PULLREQUEST']._serialized_end=622
-  _globals['_PULLREPLY']._serialized_start=624
-  _globals['_PULLREPLY']._serialized_end=694
-  _globals['_STATUSREQUEST']._serialized_start=696
-  _globals['_STATUSREQUEST']._serialized_end=711
-  _globals['_STATUSREPLY']._serialized_start=714
-  _globals['_STATUSREPLY']._serialized_end=865
-  _globals['_PARAMETERSERVER']._serialized_start=868
-  _globals['_PARAMETERSERVER']._serialized_end=1215
+  _globals['_PUSHREQUEST']._serialized_end=551
+  _globals['_PUSHREPLY']._serialized_start=553
+  _globals['_PUSHREPLY']._serialized_end=581
+  _globals['_PULLREQUEST']._serialized_start=583
+  _globals['_PULLREQUEST']._serialized_end=636
+  _globals['_PULLREPLY']._serialized_start=638
+  _globals['_PULLREPLY']._serialized_end=708
+  _globals['_STATUSREQUEST']._serialized_start=710
+  _globals['_STATUSREQUEST']._serialized_end=725
+  _globals['_STATUSREPLY']._serialized_start=728
+  _globals['_STATUSREPLY']._serialized_end=879
+  _globals['_PARAMETERSERVER']._serialized_start=882
+  _globals['_PARAMETERSERVER']._serialized_end=1229
 # @@protoc_insertion_point(module_scope)

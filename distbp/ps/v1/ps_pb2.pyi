@@ -55,18 +55,20 @@ class RegisterReply(_message.Message):
     def __init__(self, worker_id: _Optional[int] = ..., num_workers: _Optional[int] = ..., version: _Optional[int] = ..., mode: _Optional[str] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., registration: _Optional[int] = ..., steps: _Optional[int] = ...) -> None: ...
 
 class PushRequest(_message.Message):
-    __slots__ = ("worker_id", "version", "chunk", "sequence", "registration")
+    __slots__ = ("worker_id", "version", "chunk", "sequence", "registration", "step")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     REGISTRATION_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     version: int
     chunk: TensorChunk
     sequence: int
     registration: int
-    def __init__(self, worker_id: _Optional[int] = ..., version: _Optional[int] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., sequence: _Optional[int] = ..., registration: _Optional[int] = ...) -> None: ...
+    step: int
+    def __init__(self, worker_id: _Optional[int] = ..., version: _Optional[int] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., sequence: _Optional[int] = ..., registration: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
 
 class PushReply(_message.Message):
     __slots__ = ("version",)
