@@ -150,8 +150,10 @@ def _end_mpi_job(code, backend=None):
         return
     from .comm.mpi import mpich_segments, remove_names
 
-    remove_names(mpich_segments())  # as MPICommunicator.abort: MPICH would leave them in /dev/shm
-    MPI.COMM_WORLD.Abort(code)
+    try:
+        remove_names(mpich_segments())  # as MPICommunicator.abort: MPICH would leave them in /dev/shm
+    finally:
+        MPI.COMM_WORLD.Abort(code)
 
 
 def _option_after(flag, argv):

@@ -32,16 +32,23 @@ def mpich_names():
     return {f for f in os.listdir("/dev/shm") if f.startswith("mpich_shm_")} if os.path.isdir("/dev/shm") else set()
 
 
-def left_behind(before):
-    """MPICH shared-memory files made since `before` (mpich_names()) that no live process maps: leaked."""
-    new = mpich_names() - before
-    if new:  # another job may be running now: its segments are still mapped
+def left_behind(before, wait=10.0):
+    """MPICH shared-memory files made since `before` (mpich_names()) that no live process maps: leaked. A
+    rank of the job may still be exiting when mpiexec returns: its files are looked at again until it is
+    gone; one still mapped after `wait` seconds belongs to another job running now."""
+    deadline = time.monotonic() + wait
+    while True:
+        new = mpich_names() - before
+        mapped = set()
         for maps in Path("/proc").glob("[0-9]*/maps"):
             try:
-                new -= {name for name in new if name in maps.read_text()}
+                text = maps.read_bytes()
             except OSError:  # the process ended, or is not ours
-                pass
-    return sorted(new)
+                continue
+            mapped |= {name for name in new if name.encode() in text}
+        if not mapped or time.monotonic() > deadline:
+            return sorted(new - mapped)
+        time.sleep(0.1)
 
 
 COMMON = ["--dataset", "synthetic", "--synthetic-size", "2000", "--hidden", "32", "--epochs", "2"]

@@ -18,7 +18,7 @@ import pytest
 from distbp.autograd import Tensor
 from distbp.comm import run_ranks
 from distbp.ps.client import PSClient, PSError, PSStep
-from distbp.ps.server import _Refused, serve
+from distbp.ps.server import _PUSH_INTS, _PUSH_UINT64, _Refused, serve
 from distbp.ps.v1 import ps_pb2
 from distbp.ps.wire import (ALIGN, CHUNK_BYTES, Assembler, WireError, assign_shards, chunk_ranges, decode_message,
                             encode_chunks, to_chunks)
@@ -158,7 +158,7 @@ def test_large_tensors_travel_in_chunks_below_the_limit():
 
 
 @pytest.mark.parametrize("ints", [[(1, 0), (2, 0)], [(1, 3), (2, 1_000_000)], [(1, 2**31 - 1), (2, 2**40), (4, 2**40 + 1)],
-                                  [(1, 1), (2, -1), (4, 2**64 - 1)]])
+                                  [(1, 1), (2, -1), (4, 2**64 - 1), (5, 2**63), (6, 2**63 + 5)]])
 @pytest.mark.parametrize("size", [0, 1, 5, 524_287, 524_288, 524_289, 1_500_000])
 def test_hand_encoded_push_parses_as_protobuf_with_aligned_data(ints, size):
     array = np.arange(size, dtype=np.float32)
@@ -168,15 +168,16 @@ def test_hand_encoded_push_parses_as_protobuf_with_aligned_data(ints, size):
     for message in messages:
         parsed = ps_pb2.PushRequest.FromString(message)
         fields = dict(ints)
-        assert (parsed.worker_id, parsed.version, parsed.sequence) == (fields[1], fields[2], fields.get(4, 0))
+        assert (parsed.worker_id, parsed.version, parsed.sequence, parsed.registration, parsed.step) == (
+            fields[1], fields[2], fields.get(4, 0), fields.get(5, 0), fields.get(6, 0))
         assert parsed.chunk.name == "layer.weight" and list(parsed.chunk.shape) == [size]
         assert parsed.chunk.padding.count(0) == len(parsed.chunk.padding)
         if parsed.chunk.data:
             assert message.endswith(parsed.chunk.data)  # written last: it starts where the rest ends
             assert (len(message) - len(parsed.chunk.data)) % ALIGN == 0
         got.append(np.frombuffer(parsed.chunk.data, np.float32))
-        head, chunk = decode_message(message, {1: "worker_id", 2: "version", 4: "sequence"}, 3, unsigned=(4,))
-        assert head == {"worker_id": fields[1], "version": fields[2], "sequence": fields.get(4, 0)}
+        head, chunk = decode_message(message, _PUSH_INTS, 3, unsigned=_PUSH_UINT64, int32=(1,))  # as the server
+        assert head == {name: fields.get(number, 0) for number, name in _PUSH_INTS.items()}
         assert chunk.offset == parsed.chunk.offset and bytes(chunk.data) == parsed.chunk.data
     np.testing.assert_array_equal(np.concatenate(got), array)
 
@@ -1020,17 +1021,33 @@ def test_damaged_push_counts_in_a_checkpoint_are_refused(tmp_path, steps_done):
 
 
 def test_a_checkpoint_without_push_counts_shares_the_version_out(tmp_path):
-    config, path = _async_checkpoint(tmp_path)  # version 4
+    from distbp.serialization import CheckpointError
+
+    def chunks(shard):
+        return iter([c for n, p in shard.params.items() for c in to_chunks(n, np.zeros_like(p.data))])
+
+    config, path = _async_checkpoint(tmp_path, pushes=(0, 1, 0))  # version 3, worker 1 made 1 push
     _edit_checkpoint_meta(path, lambda meta: meta.pop("steps_done"))
     restored = build_shard(config, 0, 1, 2, mode="async", checkpoint=str(path))
     try:
-        assert [restored.register(w, restored.signature)[2] for w in (0, 1)] == [2, 2]
-        # a guess may be too high (worker 0 made 3 of the 4 pushes): a step it covers is applied, not
-        # skipped as one this shard has, which would lose it
-        chunks = [c for n, p in restored.params.items() for c in to_chunks(n, np.zeros_like(p.data))]
-        assert restored.push(0, 4, iter(chunks), sequence=1, step=2) == 5
+        # shared out so that they add up to the version, or the shard's own checkpoints could not be restored
+        assert [restored.register(w, restored.signature)[2] for w in (0, 1)] == [2, 1]
+        restored.steps_done = {0: 1, 1: 2}  # the guess is wrong now: worker 1 made only 1 of the 3 pushes
+        # a step a guessed count covers is applied, not skipped as one this shard has (which would lose it)
+        assert restored.push(1, 3, chunks(restored), sequence=1, step=2) == 4
+        restored.save(path)
     finally:
         restored.stop()
+    again = build_shard(config, 0, 1, 2, mode="async", checkpoint=str(path))
+    try:
+        assert again.steps_guessed and again.steps_done == {0: 1, 1: 3}  # still estimates after a restart
+        again.register(1, again.signature)
+        assert again.push(1, 4, chunks(again), sequence=1, step=3) == 5
+    finally:
+        again.stop()
+    _edit_checkpoint_meta(path, lambda meta: meta.update(steps_guessed="yes"))
+    with pytest.raises(CheckpointError, match="steps_guessed 'yes' is not true or false"):
+        build_shard(config, 0, 1, 2, mode="async", checkpoint=str(path))
 
 
 def test_the_one_machine_cluster_script_trains(tmp_path):
@@ -1140,7 +1157,7 @@ def test_a_worker_resumed_from_its_checkpoint_goes_on_where_its_servers_have_its
 
 def test_shards_far_apart_on_a_workers_run_are_named_in_a_warning(caplog):
     # one shard restored from an older checkpoint than the other: the worker goes on from the fewest steps,
-    # and the shard ahead applies the steps between again; a step apart is usual (one stepped first)
+    # and the shard ahead skips the steps between (async); a step apart is usual (one stepped first)
     config = make_config({"epochs": 1, "progress": "none"})
     addresses, shards, stop = start_servers(config, 2, 1, mode="async")
     try:

@@ -50,11 +50,12 @@ _MPICH_SEGMENT = SHM_DIR + "/mpich_shm_"
 def mpich_segments():
     """The MPICH shared-memory segments this process maps that still have a name in /dev/shm."""
     try:
-        with open("/proc/self/maps") as maps:
-            return sorted({line.split(None, 5)[5].rstrip("\n") for line in maps
-                           if _MPICH_SEGMENT in line and not line.rstrip().endswith("(deleted)")})
+        with open("/proc/self/maps", "rb") as maps:  # bytes: another mapped file's name may not be UTF-8
+            lines = maps.read().decode("utf-8", "surrogateescape").splitlines()
     except OSError:  # not Linux
         return []
+    return sorted({line.split(None, 5)[5] for line in lines
+                   if _MPICH_SEGMENT in line and not line.endswith("(deleted)") and len(line.split(None, 5)) == 6})
 
 
 def remove_names(paths):
@@ -356,8 +357,10 @@ class MPICommunicator(Communicator):
         _MPIHandle(self, self.comm.Ibarrier(), "barrier", seq).wait()
 
     def abort(self, code=1, message=None):
-        remove_names(mpich_segments())  # the job ends: no rank maps them after this
-        self.MPI.COMM_WORLD.Abort(code)
+        try:
+            remove_names(mpich_segments())  # the job ends: no rank maps them after this
+        finally:
+            self.MPI.COMM_WORLD.Abort(code)
 
     def close(self):
         for request, _ in self._sends:

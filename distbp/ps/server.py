@@ -61,9 +61,11 @@ class Shard:
         self.steps_done = {}
         # a worker's run, in pushes (None: not known): one that has made them all no longer paces the others
         self.steps_per_worker = steps_per_worker
-        self.sequences = {}  # worker id -> number of its last push applied (or kept for the step)
+        self.sequences = {}  # worker id -> number of its last push applied, kept for the step, or skipped
         self.skipping = set()  # async, bounded: workers retaking steps this shard has applied (logged once)
-        self.steps_guessed = False  # steps_done estimated from an older checkpoint: no step is skipped on it
+        # steps_done estimated from an older checkpoint (kept in this shard's own checkpoints): a step a count
+        # covers may never have been applied, so none is skipped
+        self.steps_guessed = False
         self.registrations = {}  # worker id -> the token of its latest registration (random, never 0)
         self.pending = {}  # sync: worker id -> gradients for the current version
         self.step_started = None
@@ -405,6 +407,8 @@ class Shard:
                 "scalars": scalars,
                 "schedule": self.schedule.state_dict() if self.schedule is not None else None,
                 "signature": self.signature, "steps_done": {str(w): n for w, n in self.steps_done.items()}}
+        if self.steps_guessed:  # still estimates, after a restart too (see _applied_here)
+            meta["steps_guessed"] = True
         save_safetensors(path, arrays, {"distbp-ps": json.dumps(meta)})
         log.info("shard %d: checkpoint of version %d written to %s", self.shard, self.version, path)
 
@@ -427,7 +431,7 @@ class Shard:
             raise CheckpointError(f"{path}: damaged checkpoint: version {version!r} is not an integer >= 0")
         if not isinstance(scalars, dict) or not all(isinstance(v, dict) for v in scalars.values()):
             raise CheckpointError(f"{path}: damaged checkpoint: the optimizer counters are not objects by parameter")
-        steps_done = self._check_steps_done(path, meta, version)
+        steps_done, steps_guessed = self._check_steps_done(path, meta, version)
         schedule = meta.get("schedule") if self.schedule is not None else None
         if schedule:
             try:
@@ -457,26 +461,32 @@ class Shard:
         if schedule:
             self.schedule.load_state_dict(schedule)
         self.version = version
-        self.steps_done = steps_done
+        self.steps_done, self.steps_guessed = steps_done, steps_guessed
         self.started = False  # wait for the workers to come back (sync_timeout at most once one has)
         self.waiting_since = None
         self.restored = True
         log.info("shard %d: restored version %d from %s", self.shard, self.version, path)
 
     def _check_steps_done(self, path, meta, version):
-        """The checkpoint's pushes applied per worker id (async and bounded: they add up to the version)."""
+        """(pushes applied per worker id, whether they are estimates) from the checkpoint (async and bounded:
+        they add up to the version)."""
         saved_mode = meta.get("mode", self.mode)
         if (saved_mode == "sync") != (self.mode == "sync"):
             raise CheckpointError(f"{path}: checkpoint of a {saved_mode} server, this one is {self.mode}: a sync "
                                   "version is one step of every worker, an async one a single push")
         raw = meta.get("steps_done")
         if raw is None:  # written before 2026-11-29: each worker's share of the pushes, as near as can be told
-            if self.mode != "sync" and version:
+            if self.mode == "sync":
+                return {}, False
+            if version:
                 log.warning("shard %d: the checkpoint does not say how many pushes each worker made (an older "
-                            "format): each worker goes on from version / workers = %d", self.shard,
+                            "format): each worker goes on from about version / workers = %d", self.shard,
                             version // self.expected)
-                self.steps_guessed = True
-            return {w: version // self.expected for w in range(self.expected)} if self.mode != "sync" else {}
+            share, rest = divmod(version, self.expected)  # the counts still add up to the version
+            return {w: share + (w < rest) for w in range(self.expected)}, True
+        guessed = meta.get("steps_guessed", False)
+        if not isinstance(guessed, bool):
+            raise CheckpointError(f"{path}: damaged checkpoint: steps_guessed {guessed!r} is not true or false")
         ids = {}
         if isinstance(raw, dict):
             for key, count in raw.items():
@@ -486,7 +496,7 @@ class Shard:
         if not isinstance(raw, dict) or len(ids) != len(raw) or (self.mode != "sync" and sum(ids.values()) != version):
             raise CheckpointError(f"{path}: damaged checkpoint: steps_done {raw!r} is not, for worker ids below "
                                   f"{self.expected}, push counts adding up to the version {version}")
-        return ids
+        return ids, guessed
 
     def stop(self):
         with self.cond:
@@ -621,7 +631,7 @@ class Servicer(ps_pb2_grpc.ParameterServerServicer):
             nonlocal first
             for data in request_iterator:
                 try:
-                    head, chunk = decode_message(data, _PUSH_INTS, 3, unsigned=(4, 5, 6), int32=(1,))
+                    head, chunk = decode_message(data, _PUSH_INTS, 3, unsigned=_PUSH_UINT64, int32=(1,))
                 except WireError as e:
                     raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"bad push: {e}") from None
                 if first is None:
@@ -647,7 +657,8 @@ class Servicer(ps_pb2_grpc.ParameterServerServicer):
                                       signature=s.signature)
 
 
-_PUSH_INTS = {1: "worker_id", 2: "version", 4: "sequence", 5: "registration", 6: "step"}  # the last 3: uint64
+_PUSH_INTS = {1: "worker_id", 2: "version", 4: "sequence", 5: "registration", 6: "step"}
+_PUSH_UINT64 = (4, 5, 6)
 
 
 def _identity(data):
