@@ -22,7 +22,18 @@ from .train.checkpoint import CheckpointError
 from .train.config import FIELDS, ConfigError, load_toml, make_config
 
 # Errors that are the user's input, reported in one line; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ConfigError, DataError, CheckpointError, FloatingPointError, CommError, PSError)
+# errors that end a command with their message alone: a user's or the machine's doing (a full disk, too
+# little memory), not distbp's, which a traceback would not help with
+USER_ERRORS = (ConfigError, DataError, CheckpointError, FloatingPointError, CommError, PSError, OSError, MemoryError)
+
+
+def error_message(e):
+    """One line for a USER_ERRORS error."""
+    if isinstance(e, MemoryError):
+        return f"out of memory{f': {e}' if str(e) else ''} (a smaller model, batch or data set needs less)"
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    return str(e)
 
 
 def _option_type(f):
@@ -207,14 +218,14 @@ def main(argv=None):
                 raise DataError(str(e)) from None
             print(f"wrote {out}")
     except USER_ERRORS as e:
-        print(f"distbp: error: {e}", file=sys.stderr)
+        print(f"distbp: error: {error_message(e)}", file=sys.stderr)
         if args.command == "train":
             _end_mpi_job(2, backend)
         return 2
     except RankFailed as e:  # the threads backend: one rank's error stopped them all
         if not isinstance(e.error, USER_ERRORS):
             traceback.print_exception(e.error)
-        print(f"distbp: error: rank {e.rank} failed: {e.error}", file=sys.stderr)
+        print(f"distbp: error: rank {e.rank} failed: {error_message(e.error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("distbp: interrupted", file=sys.stderr)

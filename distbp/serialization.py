@@ -42,6 +42,15 @@ def _remove_stale_temporaries(path):
             pass  # alive (another user's process): leave it
 
 
+def check_finite(path, arrays):
+    """Refuse a checkpoint holding NaN or infinity: its run had diverged, or the file is damaged, and
+    training from it would fail later, blamed on the learning rate."""
+    for name, array in arrays.items():
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise CheckpointError(f"{path}: {name} holds non-finite values (NaN or infinity): the run that wrote "
+                                  "it had diverged, or the file is damaged")
+
+
 def save_safetensors(path, arrays, metadata=None):
     """Write name -> array as a safetensors file, atomically (temporary file, fsync, rename)."""
     path = Path(path)
@@ -73,6 +82,8 @@ def save_safetensors(path, arrays, metadata=None):
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # a full disk, a file too large: named after the file it was to be, which stays as it was
+        raise OSError(e.errno, f"cannot write it ({e.strerror}); the file there is unchanged", str(path)) from None
     finally:
         if tmp.exists():
             tmp.unlink()

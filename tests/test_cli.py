@@ -120,6 +120,19 @@ CASES = {
         ["train", "--resume", "--hidden", "32", "--optimizer", "adam", "--checkpoint", "ck-opt.safetensors",
          "--progress", "none"],
         ["ck-opt.safetensors"], "ck-opt.safetensors"),
+    "checkpoint-with-nan": (
+        ["train", "--resume", "--hidden", "32", "--checkpoint", "ck-nan.safetensors", "--progress", "none"],
+        ["ck-nan.safetensors", "model/0.weight holds non-finite values"], "ck-nan.safetensors"),
+    "checkpoint-position-damaged": (
+        ["train", "--resume", "--hidden", "32", "--checkpoint", "ck-pos.safetensors", "--progress", "none"],
+        ["ck-pos.safetensors", "batch 99999", "45 steps per epoch"], "ck-pos.safetensors"),
+    "checkpoint-is-a-pipe": (["train", "--checkpoint", "pipe", "--progress", "none"], ["pipe", "not a regular file"],
+                             None),
+    "outputs-in-one-file": (["train", "--checkpoint", "out", "--trace", "./out", "--progress", "none"],
+                            ["'checkpoint' and 'trace' are the same file"], None),
+    "empty-output-path": (["train", "--metrics", "", "--progress", "none"], ["'metrics' is empty"], None),
+    "ipv6-address-without-brackets": (["train", "--backend", "ps", "--ps", "::1:5000"], ["'::1:5000'", "[::1]:5000"],
+                                      None),
     "plot-not-json": (["plot", "notjson.jsonl", "-o", "x.png"], ["notjson.jsonl:2"], None),
     "plot-missing-file": (["plot", "gone.jsonl", "-o", "x.png"], ["gone.jsonl"], None),
     "plot-no-records": (["plot", "empty.jsonl", "-o", "x.png"], ["empty.jsonl"], None),
@@ -130,7 +143,29 @@ CASES = {
 
 # Extra cases, beyond the ones every user hits first, run in-process to keep the suite fast.
 IN_PROCESS = {"out-of-range-option", "malformed-toml", "missing-config", "idx-without-data-dir", "bad-idx-file",
-              "unknown-model-toml", "plot-missing-file", "plot-no-records", "plot-output-dir-missing"}
+              "unknown-model-toml", "plot-missing-file", "plot-no-records", "plot-output-dir-missing",
+              "checkpoint-with-nan", "checkpoint-position-damaged", "checkpoint-is-a-pipe", "outputs-in-one-file",
+              "empty-output-path", "ipv6-address-without-brackets"}
+
+
+def edit_checkpoint(raw, state=None, nan_in=None):
+    """The bytes of a checkpoint with its saved state updated from `state` and, if `nan_in` names an array,
+    that array's first value NaN."""
+    import struct
+
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    data = bytearray(raw[8 + n:])
+    if state:
+        meta = json.loads(header["__metadata__"]["distbp"])
+        meta["state"].update(state)
+        header["__metadata__"]["distbp"] = json.dumps(meta)
+    if nan_in:
+        start = header[nan_in]["data_offsets"][0]
+        data[start:start + 4] = struct.pack("<f", float("nan"))
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head + bytes(data)
 
 
 
@@ -167,6 +202,9 @@ def results(trained, tmp_path_factory):
     ck = (trained / "ck.safetensors").read_bytes()
     for name in ("ck-model", "ck-opt"):
         (d / f"{name}.safetensors").write_bytes(ck)
+    (d / "ck-nan.safetensors").write_bytes(edit_checkpoint(ck, nan_in="model/0.weight"))
+    (d / "ck-pos.safetensors").write_bytes(edit_checkpoint(ck, state={"batch": 99999}))
+    os.mkfifo(d / "pipe")
     (d / "ck-garbage.safetensors").write_bytes(b"\x13\x37" * 3000)
     (d / "ck-cut.safetensors").write_bytes(ck[: len(ck) * 2 // 3])
     (d / "notjson.jsonl").write_text('{"step": 1, "train_loss": 2.0}\n{"step": 2, "train_loss":\n')
@@ -227,6 +265,31 @@ def test_trained_checkpoint_resumes(trained, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert [rec["step"] for rec in records] == [135]
     assert (tmp_path / "ck.safetensors").read_bytes() != before
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_the_last_one(trained, tmp_path):
+    # a full disk, a file-size limit: the message names the file, and the checkpoint there stays whole
+    import resource
+
+    shutil.copy(trained / "ck.safetensors", tmp_path / "ck.safetensors")
+    before = (tmp_path / "ck.safetensors").read_bytes()
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, resource.RLIM_INFINITY))
+
+    r = subprocess.run([sys.executable, "-m", "distbp", "train", "--resume", "--hidden", "32", "--epochs", "3",
+                        "--checkpoint", "ck.safetensors", "--progress", "none"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120, preexec_fn=small_files)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == ("distbp: error: ck.safetensors: cannot write it (File too large); "
+                                                 "the file there is unchanged")
+    assert (tmp_path / "ck.safetensors").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.safetensors"]
+
+
+def test_out_of_memory_is_one_line():
+    assert cli.error_message(MemoryError("Unable to allocate 23.8 GiB")).startswith(
+        "out of memory: Unable to allocate 23.8 GiB")
 
 
 # --- plot ----------------------------------------------------------------------------------------------

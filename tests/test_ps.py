@@ -1009,6 +1009,20 @@ def test_a_checkpoint_of_another_kind_of_mode_is_refused(tmp_path, saved, now):
         build_shard(config, 0, 1, 2, mode=now, checkpoint=str(path))
 
 
+def test_a_checkpoint_of_a_run_with_other_settings_or_workers_is_refused(tmp_path):
+    # its optimizer state and schedule (the learning rate) would silently replace the server's own
+    from distbp.serialization import CheckpointError
+
+    config, path = _async_checkpoint(tmp_path)  # 2 workers
+    other = make_config({"epochs": 1, "progress": "none", "lr": config.lr * 5})
+    with pytest.raises(CheckpointError, match=f"written with lr = {config.lr!r}, this server has {other.lr!r}"):
+        build_shard(other, 0, 1, 2, mode="async", checkpoint=str(path))
+    with pytest.raises(CheckpointError, match="written by a server of 2 workers, this one has 3"):
+        build_shard(config, 0, 1, 3, mode="async", checkpoint=str(path))
+    longer = make_config({"epochs": 3, "progress": "none"})  # a longer run may go on from it
+    build_shard(longer, 0, 1, 2, mode="async", checkpoint=str(path)).stop()
+
+
 @pytest.mark.parametrize("steps_done", [{"0": 2**63, "1": 1}, {"7": 3, "0": 1}, {"0": 1000}, {"\u0661": 4},
                                         {"1": 1, "01": 3}, {"0": True, "1": 3}, {"0": -1, "1": 5}, {"0": 1, "1": 1}])
 def test_damaged_push_counts_in_a_checkpoint_are_refused(tmp_path, steps_done):
@@ -1533,6 +1547,10 @@ def test_a_token_with_spaces_at_either_end_is_refused_by_server_and_worker(token
     from distbp.train.config import ConfigError
     from distbp.train.launch import run
 
+    if not token:  # refused with every other empty string option
+        with pytest.raises(ConfigError, match="'ps_token' is empty"):
+            make_config({"progress": "none", "backend": "ps", "ps": "127.0.0.1:1", "ps_token": token})
+        return
     with pytest.raises(ConfigError, match="ps_token must be non-empty"):
         run(make_config({"progress": "none", "backend": "ps", "ps": "127.0.0.1:1", "ps_token": token}))
 

@@ -40,6 +40,9 @@ def parse_addresses(text):
         host, _, port = a.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"parameter-server address {a!r} is not HOST:PORT")
+        if ":" in host and not (host.startswith("[") and host.endswith("]")):  # gRPC would read another port
+            raise ValueError(f"parameter-server address {a!r}: write an IPv6 address in brackets, "
+                             f"[{host}]:{port}")
     if not addresses:
         raise ValueError("no parameter-server address given (--ps HOST:PORT[,HOST:PORT...])")
     return addresses

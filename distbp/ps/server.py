@@ -22,7 +22,7 @@ import grpc
 import numpy as np
 
 from ..autograd.tensor import Tensor
-from ..serialization import CheckpointError, is_count, load_safetensors, save_safetensors
+from ..serialization import CheckpointError, check_finite, is_count, load_safetensors, save_safetensors
 from .v1 import ps_pb2, ps_pb2_grpc
 from .wire import Assembler, WireError, chunk_ranges, decode_message, encode_chunks
 
@@ -35,7 +35,7 @@ class Shard:
 
     def __init__(self, params, optimizer, schedule=None, mode="sync", workers=1, staleness=2, sync_timeout=60.0,
                  shard=0, num_shards=1, signature="", checkpoint=None, checkpoint_every=0, settings=None,
-                 setting_keys=None, steps_per_worker=None):
+                 setting_keys=None, steps_per_worker=None, restore_keys=()):
         if mode not in MODES:
             raise ValueError(f"parameter server: mode must be one of {MODES}, not {mode!r}")
         if workers < 1:
@@ -49,6 +49,7 @@ class Shard:
         self.settings = settings or {}  # training settings a worker must share (see register)
         # the keys a worker may send (None: any); the server's own settings leave out those that do not apply
         self.setting_keys = None if setting_keys is None else set(setting_keys) | set(self.settings)
+        self.restore_keys = restore_keys  # settings a checkpoint must share with this server to be restored
         self.checkpoint, self.checkpoint_every = checkpoint, checkpoint_every
         self.expected_shapes = {n: (p.data.shape, p.data.dtype) for n, p in params.items()}
         self.cond = threading.Condition()
@@ -406,7 +407,8 @@ class Shard:
         meta = {"version": self.version, "mode": self.mode, "shard": self.shard, "num_shards": self.num_shards,
                 "scalars": scalars,
                 "schedule": self.schedule.state_dict() if self.schedule is not None else None,
-                "signature": self.signature, "steps_done": {str(w): n for w, n in self.steps_done.items()}}
+                "signature": self.signature, "steps_done": {str(w): n for w, n in self.steps_done.items()},
+                "settings": self.settings, "workers": self.expected}
         if self.steps_guessed:  # still estimates, after a restart too (see _applied_here)
             meta["steps_guessed"] = True
         save_safetensors(path, arrays, {"distbp-ps": json.dumps(meta)})
@@ -415,6 +417,7 @@ class Shard:
     def restore(self, path):
         """Load a checkpoint written by save(); everything is checked before anything changes."""
         arrays, metadata = load_safetensors(path)
+        check_finite(path, arrays)
         try:
             meta = json.loads(metadata["distbp-ps"])
             version, scalars = meta["version"], meta["scalars"]
@@ -429,6 +432,7 @@ class Shard:
                                   f"{self.num_shards} (parameters {sorted(self.params)})")
         if not is_count(version):
             raise CheckpointError(f"{path}: damaged checkpoint: version {version!r} is not an integer >= 0")
+        self._check_same_run(path, meta)
         if not isinstance(scalars, dict) or not all(isinstance(v, dict) for v in scalars.values()):
             raise CheckpointError(f"{path}: damaged checkpoint: the optimizer counters are not objects by parameter")
         steps_done, steps_guessed = self._check_steps_done(path, meta, version)
@@ -466,6 +470,21 @@ class Shard:
         self.waiting_since = None
         self.restored = True
         log.info("shard %d: restored version %d from %s", self.shard, self.version, path)
+
+    def _check_same_run(self, path, meta):
+        """Refuse a checkpoint of a run with other settings or another number of workers: its optimizer state
+        and schedule would silently replace this server's (checkpoints before 2026-11-29 do not say)."""
+        saved = meta.get("settings")
+        if isinstance(saved, dict):
+            for key in self.restore_keys:
+                if key in saved and key in self.settings and not _same_setting(saved[key], self.settings[key]):
+                    raise CheckpointError(f"{path}: written with {key} = {saved[key]!r}, this server has "
+                                          f"{self.settings[key]!r}: restart with the run's settings, or give a new "
+                                          "--checkpoint-path to start another run")
+        workers = meta.get("workers")
+        if workers is not None and workers != self.expected:
+            raise CheckpointError(f"{path}: written by a server of {workers!r} workers, this one has {self.expected}: "
+                                  "the data shards and the schedule depend on it")
 
     def _check_steps_done(self, path, meta, version):
         """(pushes applied per worker id, whether they are estimates) from the checkpoint (async and bounded:

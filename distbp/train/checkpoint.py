@@ -12,7 +12,7 @@ import json
 
 import numpy as np
 
-from ..serialization import CheckpointError, is_count, load_safetensors, save_safetensors  # noqa: F401
+from ..serialization import CheckpointError, check_finite, is_count, load_safetensors, save_safetensors  # noqa: F401
 
 FORMAT = "distbp-checkpoint-1"
 
@@ -57,6 +57,7 @@ def _read(path):
         raise CheckpointError(f"{path}: damaged checkpoint metadata: no {missing[0]!r}")
     if not isinstance(meta["state"], dict):
         raise CheckpointError(f"{path}: damaged checkpoint metadata: the saved state is not an object")
+    check_finite(path, arrays)
     return arrays, meta
 
 

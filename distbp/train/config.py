@@ -125,6 +125,8 @@ def _coerce_scalar(f, value, where):
         ok = isinstance(value, str)
     if not ok:
         raise ConfigError(f"{where}: '{f.name}' must be {_type_name(f)}, got {value!r} ({type(value).__name__})")
+    if f.type is str and not value.strip():  # an unset shell variable: the output or input would be lost silently
+        raise ConfigError(f"{where}: '{f.name}' is empty; leave it out for none")
     if f.type is float and not math.isfinite(value):  # nan passes every bound check
         raise ConfigError(f"{where}: '{f.name}' must be a finite number, got {value}")
     if f.choices and value not in f.choices:
@@ -219,6 +221,8 @@ def check_writable(what, path):
     target = Path(path)
     if target.is_dir():
         raise ConfigError(f"{what} is {path}, which is a directory, not a file")
+    if target.exists() and not target.is_file():  # replaced or written to, a device or a FIFO would be lost or hang
+        raise ConfigError(f"{what} is {path}, which is not a regular file (a device, a pipe or a socket)")
     parent = target.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -226,6 +230,21 @@ def check_writable(what, path):
         raise ConfigError(f"{what} is {path}, but {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"{what} is {path}, but {parent} is not writable")
+
+
+def check_outputs(config, keys):
+    """check_writable for each of the config's output files that is set, and refuse two of them that are one
+    file: each is written whole (the checkpoint replaced, the trace at the end) over what the other wrote."""
+    seen = {}
+    for key in keys:
+        path = getattr(config, key)
+        if not path:
+            continue
+        check_writable(f"config: '{key}'", path)
+        real = os.path.realpath(path)
+        if real in seen:
+            raise ConfigError(f"config: '{seen[real]}' and '{key}' are the same file ({path}): give each its own")
+        seen[real] = key
 
 
 def check_pem(what, path):
@@ -240,6 +259,11 @@ def check_pem(what, path):
 
 # Settings a parameter-server worker must share with the servers, which build the optimizer and schedule
 # from their own copy of the options: checked when the worker registers.
+# Keys a resumed run (or a restarted parameter server) must share with its checkpoint: the data and its order,
+# and the optimizer's settings, which the checkpoint's optimizer state and schedule would overwrite.
+# (Another optimizer is refused by load_checkpoint.)
+RESUME_KEYS = ("dataset", "synthetic_size", "max_chars", "block_size", "batch_size", "seed",
+               "lr", "momentum", "weight_decay")
 PS_SHARED_KEYS = ("dataset", "synthetic_size", "max_chars", "block_size", "epochs", "max_steps", "batch_size",
                   "optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup_steps", "seed")
 

@@ -73,8 +73,11 @@ class MetricsLog:
 
     def write(self, **record):
         if self.path:
-            with open(self.path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+            except OSError as e:  # a full disk: named after the file (a write error names none)
+                raise OSError(e.errno, f"cannot write the metrics ({e.strerror})", str(self.path)) from None
 
 
 def read_metrics(path):

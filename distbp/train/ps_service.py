@@ -11,7 +11,7 @@ from ..data import BatchLoader, ShardSampler
 from ..ps.client import model_signature
 from ..ps.server import Shard, check_token, serve
 from ..ps.wire import assign_shards
-from .config import PS_SHARED_KEYS, ConfigError, check_pem, check_writable, ps_settings
+from .config import PS_SHARED_KEYS, RESUME_KEYS, ConfigError, check_pem, check_writable, ps_settings
 from .trainer import build_data, build_model, build_optimizer, build_schedule
 
 
@@ -39,7 +39,7 @@ def build_shard(config, shard=0, num_shards=1, workers=1, mode="sync", staleness
         steps_per_worker = min(steps_per_worker, config.max_steps)
     return Shard(mine, optimizer, schedule, mode, workers, staleness, sync_timeout, shard, num_shards,
                  model_signature(named), checkpoint, checkpoint_every, settings=ps_settings(config),
-                 setting_keys=PS_SHARED_KEYS, steps_per_worker=steps_per_worker)
+                 setting_keys=PS_SHARED_KEYS, steps_per_worker=steps_per_worker, restore_keys=RESUME_KEYS)
 
 
 def check_server_options(config, args):

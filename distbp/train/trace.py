@@ -52,4 +52,7 @@ def write_trace(path, events_per_rank):
             events.append({"name": "thread_name", "ph": "M", "pid": rank, "tid": tid, "args": {"name": lane}})
         events.extend(rank_events)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
+    try:
+        Path(path).write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
+    except OSError as e:  # a full disk: named after the file (a write error names none)
+        raise OSError(e.errno, f"cannot write the trace ({e.strerror})", str(path)) from None

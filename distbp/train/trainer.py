@@ -17,7 +17,7 @@ from ..data import BatchLoader, CharDataset, ShardSampler, load_digits, load_idx
 from ..data.datasets import DataError
 from ..optim.optimizer import is_finite_real
 from .checkpoint import CheckpointError, is_count, load_checkpoint, load_weights, save_checkpoint
-from .config import ConfigError, check_writable, effective_settings, to_dict
+from .config import RESUME_KEYS, ConfigError, check_outputs, effective_settings, to_dict
 from .progress import MetricsLog, Progress
 from .steps import LocalStep
 from .trace import Tracer, write_trace
@@ -146,8 +146,8 @@ class Trainer:
         self._check_model_name(path, state.get("model"))
         saved = state.get("config")
         if isinstance(saved, dict):
-            theirs = effective_settings(saved, [k for k in _RESUME_KEYS if k in saved])
-            mine = effective_settings(to_dict(self.config), _RESUME_KEYS)
+            theirs = effective_settings(saved, [k for k in RESUME_KEYS if k in saved])
+            mine = effective_settings(to_dict(self.config), RESUME_KEYS)
             for key, value in theirs.items():
                 if key in mine and value != mine[key]:
                     raise CheckpointError(
@@ -168,6 +168,10 @@ class Trainer:
             value = state.get(key)
             if not is_count(value):
                 raise CheckpointError(f"{path}: damaged checkpoint state: {key} is {value!r}, not an integer >= 0")
+        step, epoch, batch = state["step"], state["epoch"], state["batch"]
+        if batch > self.steps_per_epoch or step != epoch * self.steps_per_epoch + batch:
+            raise CheckpointError(f"{path}: its position (step {step}, epoch {epoch + 1}, batch {batch}) does not fit "
+                                  f"this run's {self.steps_per_epoch} steps per epoch: a damaged file, or another data set")
         running = state.get("running_loss", _NO_RUNNING_LOSS)
         if (not isinstance(running, dict) or not is_count(running.get("count"))
                 or not is_finite_real(running.get("sum")) or not is_finite_real(state.get("lr_used", 0.0))):
@@ -294,9 +298,7 @@ class Trainer:
             self.epoch, self.batch = self.epoch + 1, 0
         self._check_same_run()
         if self.is_main:
-            for key in ("checkpoint", "metrics", "trace"):
-                if getattr(cfg, key):
-                    check_writable(f"config: '{key}'", getattr(cfg, key))
+            check_outputs(cfg, ("checkpoint", "metrics", "trace"))
         self.tracer = Tracer(self.strategy.rank) if cfg.trace else None
         self.strategy.prepare(self.model, self.optimizer, self.tracer)
         # appended to when the run goes on: resumed, or a parameter-server worker the servers had at a step
@@ -465,10 +467,6 @@ class Trainer:
 _PER_RANK_KEYS = {"metrics", "trace", "progress"}
 # The running training loss of a checkpoint written before 2026-11-29, which did not keep it.
 _NO_RUNNING_LOSS = {"sum": 0.0, "count": 0}
-# Keys a resumed run must share with its checkpoint: the data and its order, and the optimizer's settings, which
-# the checkpoint's optimizer state and schedule would overwrite. (Another optimizer is refused by load_checkpoint.)
-_RESUME_KEYS = ("dataset", "synthetic_size", "max_chars", "block_size", "batch_size", "seed",
-                "lr", "momentum", "weight_decay")
 
 
 def _count(n, noun):
