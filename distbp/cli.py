@@ -195,7 +195,7 @@ def main(argv=None):
             from .train.launch import run
 
             config = config_from_args(args)
-            backend = config.backend
+            backend = "ps" if config.backend == "auto" and config.ps else config.backend  # as resolve_backend
             run(config)
         elif args.command == "ps":
             from .train.ps_service import run_server
@@ -210,6 +210,8 @@ def main(argv=None):
             from .train.progress import plot_metrics
 
             out = args.out or str(Path(args.metrics).with_suffix(".png"))
+            if Path(out).is_dir():
+                raise DataError(f"plot: the output {out} is a directory; name the image file to write")
             if not Path(out).suffix:
                 out += ".png"  # what matplotlib would write, named as it is
             try:

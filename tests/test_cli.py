@@ -139,13 +139,14 @@ CASES = {
     "plot-not-an-object": (["plot", "scalar.jsonl", "-o", "x.png"], ["scalar.jsonl"], None),
     "plot-record-without-step": (["plot", "nostep.jsonl", "-o", "x.png"], ["nostep.jsonl"], None),
     "plot-output-dir-missing": (["plot", "metrics.jsonl", "-o", "no-dir/out.png"], ["no-dir"], None),
+    "plot-output-is-a-directory": (["plot", "metrics.jsonl", "-o", "badidx"], ["badidx is a directory"], None),
 }
 
 # Extra cases, beyond the ones every user hits first, run in-process to keep the suite fast.
 IN_PROCESS = {"out-of-range-option", "malformed-toml", "missing-config", "idx-without-data-dir", "bad-idx-file",
               "unknown-model-toml", "plot-missing-file", "plot-no-records", "plot-output-dir-missing",
               "checkpoint-with-nan", "checkpoint-position-damaged", "checkpoint-is-a-pipe", "outputs-in-one-file",
-              "empty-output-path", "ipv6-address-without-brackets"}
+              "empty-output-path", "ipv6-address-without-brackets", "plot-output-is-a-directory"}
 
 
 def edit_checkpoint(raw, state=None, nan_in=None):

@@ -1635,14 +1635,15 @@ def test_a_finite_gradient_whose_square_overflows_is_applied_without_a_warning()
 def _serve_args(**overrides):
     import argparse
 
-    values = dict(port=0, workers=1, staleness=2, checkpoint_every_versions=0, sync_timeout=60.0, tls_cert=None,
-                  tls_key=None, tls_client_ca=None, checkpoint_path=None, token=None)
+    values = dict(port=0, workers=1, num_shards=1, staleness=2, checkpoint_every_versions=0, sync_timeout=60.0,
+                  tls_cert=None, tls_key=None, tls_client_ca=None, checkpoint_path=None, token=None)
     return argparse.Namespace(**{**values, **overrides})
 
 
 @pytest.mark.parametrize("overrides,words", [
     (dict(port=70000), "--port must be in [0, 65535]"), (dict(port=-1), "--port"),
     (dict(workers=0), "--workers must be >= 1"), (dict(staleness=-1), "--staleness must be >= 0"),
+    (dict(num_shards=0), "--num-shards must be >= 1"),
     (dict(checkpoint_every_versions=-1), "--checkpoint-every-versions"),
     (dict(sync_timeout=0.0), "--sync-timeout must be a positive"), (dict(sync_timeout=float("nan")), "--sync-timeout"),
     (dict(tls_key="k.pem"), "need --tls-cert"), (dict(tls_client_ca="ca.pem"), "need --tls-cert"),
@@ -1698,6 +1699,28 @@ def test_worker_options_that_cannot_work_are_refused(overrides, words):
 
     with pytest.raises(ConfigError, match=words):
         run(make_config({"progress": "none", "backend": "ps", "ps": "127.0.0.1:1", **overrides}))
+
+
+@pytest.mark.parametrize("overrides,words", [
+    (dict(backend="local", ps="127.0.0.1:1"), "'ps' is an option of backend ps, but the backend is local"),
+    (dict(backend="threads", world_size=2, ps_token="t", ps_worker_id=1),
+     "'ps_token', 'ps_worker_id' are options of backend ps, but the backend is threads"),
+    (dict(ps_tls_ca="ca.pem"), "'ps_tls_ca' is an option of backend ps, but the backend is local"),
+])
+def test_parameter_server_options_of_another_backend_are_refused(overrides, words):
+    # ignored, they would let a run meant for the servers train alone
+    from distbp.train.config import ConfigError
+    from distbp.train.launch import resolve_backend
+
+    with pytest.raises(ConfigError, match=re_escape(words)):
+        resolve_backend(make_config({"progress": "none", **overrides}))
+
+
+def test_parameter_server_addresses_choose_the_ps_backend():
+    from distbp.train.launch import resolve_backend
+
+    assert resolve_backend(make_config({"ps": "127.0.0.1:1"})) == "ps"
+    assert resolve_backend(make_config({})) == "local"
 
 
 @pytest.mark.parametrize("args", [["--epochs", "1"], ["2", "--epochs", "1"], ["0", "2"], ["2", "0"], ["x", "1"]])

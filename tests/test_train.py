@@ -387,6 +387,18 @@ def test_records_of_steps_taken_again_replace_the_earlier_ones(tmp_path):
     assert read_metrics(path)[1]["train_loss"] == 1.0 / 12
 
 
+def test_a_record_still_being_written_is_left_out_and_a_broken_one_named(tmp_path):
+    # `distbp plot` while a run writes its metrics: the last line may be half there
+    from distbp.train.progress import read_metrics
+
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 6, "train_loss": 1.0}\n{"step": 12, "train_lo')
+    assert [r["step"] for r in read_metrics(path)] == [6]
+    path.write_text('{"step": 6, "train_loss": 1.0}\n{"step": 12, "train_lo\n')  # ended: broken, not unfinished
+    with pytest.raises(ValueError, match="m.jsonl:2: not a JSON line"):
+        read_metrics(path)
+
+
 def test_a_move_back_does_not_count_the_losses_of_the_steps_taken_again(tmp_path):
     # refused at step 8, the servers at 3: the record at step 6 is the mean of steps 3-5, not also of the
     # abandoned 6-7

@@ -67,7 +67,8 @@ FIELDS = (
           "fastest on one", minimum=0),
     # data parallelism
     Field("backend", str, "auto", "how ranks combine gradients: local (one process), threads (world_size "
-          "ranks in this process), mpi (ranks started by mpiexec); auto: mpi under mpiexec, else local",
+          "ranks in this process), mpi (ranks started by mpiexec), ps (parameter servers); auto: ps when 'ps' "
+          "is given, mpi under mpiexec, else local",
           choices=("auto", "local", "threads", "mpi", "ps")),
     Field("world_size", int, 1, "ranks for the threads backend", minimum=1),
     Field("bucket_cap_mb", float, 25.0, "megabytes of gradients per all-reduce bucket", minimum=0.0,

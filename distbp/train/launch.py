@@ -12,11 +12,22 @@ from .steps import LocalStep, allreduce_step
 from .trainer import Trainer
 
 
+_PS_KEYS = ("ps", "ps_token", "ps_tls_ca", "ps_tls_cert", "ps_tls_key")
+
+
 def resolve_backend(config):
-    backend = detect_backend() if config.backend == "auto" else config.backend
+    if config.backend == "auto":  # parameter-server addresses say which backend is meant
+        backend = "ps" if config.ps else detect_backend()
+    else:
+        backend = config.backend
     if backend != "threads" and config.world_size != 1:
         raise ConfigError(f"config: 'world_size' is for the threads backend; with {backend}, "
                           "the launcher (mpiexec -n N) sets the number of ranks")
+    ps_given = [k for k in _PS_KEYS if getattr(config, k)] + (["ps_worker_id"] if config.ps_worker_id != -1 else [])
+    if backend != "ps" and ps_given:  # they would be ignored: a run meant for the servers would train alone
+        raise ConfigError(f"config: {', '.join(repr(k) for k in ps_given)} "
+                          f"{'is an option' if len(ps_given) == 1 else 'are options'} of backend ps, but the "
+                          f"backend is {backend}")
     return backend
 
 

@@ -81,25 +81,29 @@ class MetricsLog:
 
 
 def read_metrics(path):
-    """The records of a metrics file that stand; a malformed line raises ValueError naming it.
+    """The records of a metrics file that stand; a malformed line raises ValueError naming it, except an
+    unfinished last one (no newline yet: the run is writing it), which is left out.
 
     A record at a step not past the one before starts the run over from there (steps taken again: a
     parameter-server worker that went back to where its restored servers had it): it replaces the records
     at or after its step."""
     records = []
     try:
-        lines = Path(path).read_text().splitlines()
+        text = Path(path).read_text()
     except FileNotFoundError:
         raise ValueError(f"metrics file {path} does not exist") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"metrics file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:  # a directory, no permission
         raise ValueError(f"metrics file {path}: {e.strerror or e}") from None
+    lines = text.splitlines()
     for n, line in enumerate(lines, 1):
         if line.strip():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
+                if n == len(lines) and not text.endswith("\n"):  # a record still being written: not there yet
+                    break
                 raise ValueError(f"{path}:{n}: not a JSON line ({e.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get("step"), (int, float)):
                 raise ValueError(f"{path}:{n}: not a metrics record (a JSON object with a 'step')")

@@ -19,7 +19,7 @@ def build_shard(config, shard=0, num_shards=1, workers=1, mode="sync", staleness
                 checkpoint=None, checkpoint_every=0):
     """The shard's parameters (initialised exactly as the workers' models), optimizer and schedule."""
     if not 0 <= shard < num_shards:
-        raise ConfigError(f"ps serve: shard {shard} is not in [0, {num_shards})")
+        raise ConfigError(f"ps serve: --shard {shard} is not in [0, {num_shards}) (--num-shards {num_shards})")
     manual_seed(config.seed)
     split = build_data(config)
     model = build_model(config, split)
@@ -45,7 +45,7 @@ def build_shard(config, shard=0, num_shards=1, workers=1, mode="sync", staleness
 def check_server_options(config, args):
     """Refuse, before anything starts, options that could not work or would be silently ignored."""
     for name, value, low, high in (("--port", args.port, 0, 65535), ("--workers", args.workers, 1, None),
-                                   ("--staleness", args.staleness, 0, None),
+                                   ("--num-shards", args.num_shards, 1, None), ("--staleness", args.staleness, 0, None),
                                    ("--checkpoint-every-versions", args.checkpoint_every_versions, 0, None)):
         if value < low or (high is not None and value > high):
             raise ConfigError(f"ps serve: {name} must be {f'in [{low}, {high}]' if high is not None else f'>= {low}'}"
