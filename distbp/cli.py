@@ -6,6 +6,7 @@ documents every key a TOML config file may hold, and the two are checked by the 
 
 import argparse
 import os
+import signal
 import sys
 import threading
 import time
@@ -190,12 +191,14 @@ def main(argv=None):
         if e.code:  # a usage error (--help exits 0 and ends only this rank)
             _end_mpi_job(e.code, _option_after("--backend", sys.argv[1:] if argv is None else argv))
         raise
+    replaced = None
     try:
         if args.command == "train":
-            from .train.launch import run
+            from .train.launch import run, stop_on_sigterm
 
             config = config_from_args(args)
             backend = "ps" if config.backend == "auto" and config.ps else config.backend  # as resolve_backend
+            replaced = stop_on_sigterm()
             run(config)
         elif args.command == "ps":
             from .train.ps_service import run_server
@@ -229,9 +232,12 @@ def main(argv=None):
             traceback.print_exception(e.error)
         print(f"distbp: error: rank {e.rank} failed: {error_message(e.error)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("distbp: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
+        print(f"distbp: {getattr(e, 'what', 'interrupted')}", file=sys.stderr)
+        return getattr(e, "code", 130)
+    finally:
+        if replaced is not None:
+            signal.signal(signal.SIGTERM, replaced)
     return 0
 
 

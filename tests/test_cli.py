@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import traceback
@@ -286,6 +287,29 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_the_last_one
                                                  "the file there is unchanged")
     assert (tmp_path / "ck.safetensors").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["ck.safetensors"]
+
+
+@pytest.mark.parametrize("sent,code,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+@pytest.mark.parametrize("ranks", [[], ["--backend", "threads", "--world-size", "2"]], ids=["local", "threads"])
+def test_ctrl_c_or_sigterm_stops_training_at_once_with_one_line(tmp_path, sent, code, word, ranks):
+    # SIGTERM is how schedulers end a job; in the threads backend the rank threads, which the signal does
+    # not reach, used to train on to the end
+    command = [sys.executable, "-m", "distbp", "train", "--dataset", "synthetic", "--synthetic-size", "20000",
+               "--epochs", "50", "--progress", "plain", "--log-every", "1", "--checkpoint", "c.ckpt",
+               "--checkpoint-every", "2", *ranks]
+    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while "step" not in proc.stdout.readline():  # training has begun
+            assert proc.poll() is None, proc.stderr.read()
+        proc.send_signal(sent)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == code, err
+    assert err.strip().splitlines() == [f"distbp: {word}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["c.ckpt"])  # no half-written checkpoint left
 
 
 def test_out_of_memory_is_one_line():

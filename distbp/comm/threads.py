@@ -234,8 +234,14 @@ def run_ranks(size, fn, timeout=DEFAULT_TIMEOUT):
     threads = [threading.Thread(target=body, args=(r,), name=f"distbp-rank-{r}") for r in range(size)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
+    try:
+        for t in threads:
+            t.join()
+    except BaseException:  # Ctrl-C or SIGTERM reach the main thread only: every rank stops at its next collective
+        group.abort(-1, "stopped: the process was interrupted")
+        for t in threads:
+            t.join()
+        raise
     if group.failure is not None:
         rank = group.failure[0]
         first = errors[rank] or next(e for e in errors if e is not None)

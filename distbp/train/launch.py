@@ -12,6 +12,28 @@ from .steps import LocalStep, allreduce_step
 from .trainer import Trainer
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler ending or preempting the job): training stops as on Ctrl-C, cleanly (a checkpoint
+    being written is finished or removed, never left half-written), with the shell's code for it."""
+
+    code, what = 143, "terminated"
+
+
+def stop_on_sigterm():
+    """Make SIGTERM raise Terminated in the main thread; returns the handler it replaced (None: not the main
+    thread, where no handler can be set)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, terminate)
+
+
 _PS_KEYS = ("ps", "ps_token", "ps_tls_ca", "ps_tls_cert", "ps_tls_key")
 
 
@@ -59,10 +81,11 @@ def _run_mpi(config, stream):
     except BaseException as e:  # end every rank now, rather than leave them waiting for this one
         if isinstance(e, SystemExit) and not e.code:
             raise
-        if isinstance(e, KeyboardInterrupt):  # Ctrl-C reaches every rank: no traceback, the shell's code
-            sys.stderr.write(f"distbp: rank {comm.rank} of {comm.size} interrupted\n")
-            _abort(comm, 130)
-            raise SystemExit(130) from None  # reported: the command must not report it again
+        if isinstance(e, KeyboardInterrupt):  # Ctrl-C or SIGTERM reaches every rank: no traceback, the shell's code
+            code, what = (e.code, e.what) if isinstance(e, Terminated) else (130, "interrupted")
+            sys.stderr.write(f"distbp: rank {comm.rank} of {comm.size} {what}\n")
+            _abort(comm, code)
+            raise SystemExit(code) from None  # reported: the command must not report it again
         detail = "" if isinstance(e, (GroupAborted,)) else "".join(traceback.format_exception_only(type(e), e)).strip()
         sys.stderr.write(f"distbp: rank {comm.rank} of {comm.size} failed: {detail}\n")
         if not _is_user_error(e):
@@ -86,7 +109,7 @@ def _is_user_error(e):
     return isinstance(e, USER_ERRORS)
 
 
-__all__ = ["run", "resolve_backend", "RankFailed"]
+__all__ = ["run", "resolve_backend", "RankFailed", "Terminated", "stop_on_sigterm"]
 
 
 def _run_ps(config, stream):
