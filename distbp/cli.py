@@ -73,6 +73,9 @@ def config_from_args(args):
     values = load_toml(args.config) if args.config else {}
     make_config(values, f"config file {args.config}")  # name the file in its own errors
     overrides = {f.name: getattr(args, f.name) for f in FIELDS if getattr(args, f.name) is not None}
+    for f in FIELDS:  # --checkpoint "" clears a path the file sets (without one, "" is refused as empty)
+        if f.nullable and overrides.get(f.name) == "" and values.get(f.name) is not None:
+            overrides[f.name] = None
     return make_config({**values, **overrides}, "options")
 
 
@@ -194,10 +197,11 @@ def main(argv=None):
     replaced = None
     try:
         if args.command == "train":
-            from .train.launch import run, stop_on_sigterm
+            from .train.launch import resolve_backend, run, stop_on_sigterm
 
             config = config_from_args(args)
-            backend = "ps" if config.backend == "auto" and config.ps else config.backend  # as resolve_backend
+            backend = config.backend
+            backend = resolve_backend(config)
             replaced = stop_on_sigterm()
             run(config)
         elif args.command == "ps":
@@ -212,6 +216,8 @@ def main(argv=None):
 
             from .train.progress import plot_metrics
 
+            if args.out is not None and not args.out.strip():
+                raise DataError("plot: -o is empty; leave it out for the metrics file's name with .png")
             out = args.out or str(Path(args.metrics).with_suffix(".png"))
             if Path(out).is_dir():
                 raise DataError(f"plot: the output {out} is a directory; name the image file to write")
@@ -231,7 +237,7 @@ def main(argv=None):
         if not isinstance(e.error, USER_ERRORS):
             traceback.print_exception(e.error)
         print(f"distbp: error: rank {e.rank} failed: {error_message(e.error)}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e.error, USER_ERRORS) else 1  # as on one rank
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
         print(f"distbp: {getattr(e, 'what', 'interrupted')}", file=sys.stderr)
         return getattr(e, "code", 130)

@@ -10,6 +10,7 @@ point leaves either the old file or the new one, never a torn one.
 import json
 import math
 import os
+import stat
 import struct
 from pathlib import Path
 
@@ -42,11 +43,12 @@ def _remove_stale_temporaries(path):
             pass  # alive (another user's process): leave it
 
 
-def check_finite(path, arrays):
-    """Refuse a checkpoint holding NaN or infinity: its run had diverged, or the file is damaged, and
-    training from it would fail later, blamed on the learning rate."""
+def check_finite(path, arrays, prefix):
+    """Refuse a checkpoint whose parameters (the arrays named `prefix`...) hold NaN or infinity: its run had
+    diverged, or the file is damaged, and training from it would fail later, blamed on the learning rate.
+    (Optimizer state may be infinite in a sound run: Adam's squared gradients overflow first.)"""
     for name, array in arrays.items():
-        if array.dtype.kind == "f" and not np.isfinite(array).all():
+        if name.startswith(prefix) and array.dtype.kind == "f" and not np.isfinite(array).all():
             raise CheckpointError(f"{path}: {name} holds non-finite values (NaN or infinity): the run that wrote "
                                   "it had diverged, or the file is damaged")
 
@@ -101,6 +103,8 @@ def load_safetensors(path):
     """(name -> array, metadata) from a safetensors file; a malformed file raises CheckpointError."""
     path = Path(path)
     try:
+        if not stat.S_ISREG(path.stat().st_mode):  # reading a pipe or a device would block or never end
+            raise CheckpointError(f"checkpoint {path} is not a regular file (a device, a pipe or a socket)")
         raw = path.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None

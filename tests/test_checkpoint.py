@@ -765,3 +765,14 @@ def test_atomic_write_survives_sigkill(tmp_path):
         assert time.monotonic() < deadline, "the kill test is too slow"
     # some kills did hit writes in progress: the test exercised atomicity, not just the gaps between writes
     assert killed_mid_write >= 1, f"seed {seed}: no kill landed mid-write"
+
+
+def test_parameters_must_be_finite_and_optimizer_state_may_overflow(tmp_path):
+    # Adam's squared gradients overflow first, in a run that goes on soundly (its steps are then 0)
+    from distbp.serialization import CheckpointError, check_finite
+
+    state = {"model/w": np.ones(3, np.float32), "optim/0/exp_avg_sq": np.array([np.inf], np.float32)}
+    check_finite("ck", state, "model/")
+    state["model/w"][1] = np.nan
+    with pytest.raises(CheckpointError, match="ck: model/w holds non-finite values"):
+        check_finite("ck", state, "model/")

@@ -127,10 +127,21 @@ CASES = {
     "checkpoint-position-damaged": (
         ["train", "--resume", "--hidden", "32", "--checkpoint", "ck-pos.safetensors", "--progress", "none"],
         ["ck-pos.safetensors", "batch 99999", "45 steps per epoch"], "ck-pos.safetensors"),
+    "checkpoint-step-damaged": (
+        ["train", "--resume", "--hidden", "32", "--checkpoint", "ck-step.safetensors", "--progress", "none"],
+        ["ck-step.safetensors", "step 91, epoch 3, batch 0"], "ck-step.safetensors"),
     "checkpoint-is-a-pipe": (["train", "--checkpoint", "pipe", "--progress", "none"], ["pipe", "not a regular file"],
                              None),
+    "resume-from-a-pipe": (["train", "--resume", "--checkpoint", "pipe", "--progress", "none"],
+                           ["pipe is not a regular file"], None),
+    "init-from-a-pipe": (["train", "--init-from", "pipe", "--progress", "none"], ["pipe is not a regular file"], None),
     "outputs-in-one-file": (["train", "--checkpoint", "out", "--trace", "./out", "--progress", "none"],
                             ["'checkpoint' and 'trace' are the same file"], None),
+    "outputs-in-one-file-by-a-link": (["train", "--checkpoint", "real.out", "--metrics", "link.out", "--progress",
+                                       "none"], ["'checkpoint' and 'metrics' are the same file"], None),
+    "threads-rank-refuses-a-checkpoint": (
+        ["train", "--backend", "threads", "--world-size", "2", "--resume", "--hidden", "32", "--checkpoint",
+         "ck-garbage.safetensors", "--progress", "none"], ["failed: ck-garbage.safetensors"], None),
     "empty-output-path": (["train", "--metrics", "", "--progress", "none"], ["'metrics' is empty"], None),
     "ipv6-address-without-brackets": (["train", "--backend", "ps", "--ps", "::1:5000"], ["'::1:5000'", "[::1]:5000"],
                                       None),
@@ -143,11 +154,14 @@ CASES = {
     "plot-output-is-a-directory": (["plot", "metrics.jsonl", "-o", "badidx"], ["badidx is a directory"], None),
 }
 
-# Extra cases, beyond the ones every user hits first, run in-process to keep the suite fast.
+# Extra cases, beyond the ones every user hits first, run in-process to keep the suite fast. (Not those that
+# could hang: a subprocess has a timeout.)
 IN_PROCESS = {"out-of-range-option", "malformed-toml", "missing-config", "idx-without-data-dir", "bad-idx-file",
               "unknown-model-toml", "plot-missing-file", "plot-no-records", "plot-output-dir-missing",
               "checkpoint-with-nan", "checkpoint-position-damaged", "checkpoint-is-a-pipe", "outputs-in-one-file",
-              "empty-output-path", "ipv6-address-without-brackets", "plot-output-is-a-directory"}
+              "empty-output-path", "ipv6-address-without-brackets", "plot-output-is-a-directory",
+              "checkpoint-step-damaged", "outputs-in-one-file-by-a-link",
+              "threads-rank-refuses-a-checkpoint"}
 
 
 def edit_checkpoint(raw, state=None, nan_in=None):
@@ -206,7 +220,9 @@ def results(trained, tmp_path_factory):
         (d / f"{name}.safetensors").write_bytes(ck)
     (d / "ck-nan.safetensors").write_bytes(edit_checkpoint(ck, nan_in="model/0.weight"))
     (d / "ck-pos.safetensors").write_bytes(edit_checkpoint(ck, state={"batch": 99999}))
+    (d / "ck-step.safetensors").write_bytes(edit_checkpoint(ck, state={"step": 91}))  # epoch 2, batch 0
     os.mkfifo(d / "pipe")
+    (d / "link.out").symlink_to("real.out")
     (d / "ck-garbage.safetensors").write_bytes(b"\x13\x37" * 3000)
     (d / "ck-cut.safetensors").write_bytes(ck[: len(ck) * 2 // 3])
     (d / "notjson.jsonl").write_text('{"step": 1, "train_loss": 2.0}\n{"step": 2, "train_loss":\n')
@@ -310,6 +326,15 @@ def test_ctrl_c_or_sigterm_stops_training_at_once_with_one_line(tmp_path, sent, 
     assert proc.returncode == code, err
     assert err.strip().splitlines() == [f"distbp: {word}"]
     assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["c.ckpt"])  # no half-written checkpoint left
+
+
+def test_an_empty_option_clears_what_the_config_file_sets(tmp_path):
+    # without a value in the file, "" is refused (an unset shell variable would lose the output silently)
+    (tmp_path / "run.toml").write_text('checkpoint = "run.ckpt"\nps = "127.0.0.1:1"\n')
+    r = run_in_process(tmp_path, "train", "--config", "run.toml", "--checkpoint", "", "--ps", "", "--max-steps", "2",
+                       "--progress", "none")
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "run.ckpt").exists()
 
 
 def test_out_of_memory_is_one_line():

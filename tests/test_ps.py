@@ -1019,6 +1019,9 @@ def test_a_checkpoint_of_a_run_with_other_settings_or_workers_is_refused(tmp_pat
         build_shard(other, 0, 1, 2, mode="async", checkpoint=str(path))
     with pytest.raises(CheckpointError, match="written by a server of 2 workers, this one has 3"):
         build_shard(config, 0, 1, 3, mode="async", checkpoint=str(path))
+    adam = make_config({"epochs": 1, "progress": "none", "optimizer": "adam", "lr": config.lr})
+    with pytest.raises(CheckpointError, match="written with optimizer = 'sgd', this server has 'adam'"):
+        build_shard(adam, 0, 1, 2, mode="async", checkpoint=str(path))
     longer = make_config({"epochs": 3, "progress": "none"})  # a longer run may go on from it
     build_shard(longer, 0, 1, 2, mode="async", checkpoint=str(path)).stop()
 
@@ -1704,8 +1707,11 @@ def test_worker_options_that_cannot_work_are_refused(overrides, words):
 @pytest.mark.parametrize("overrides,words", [
     (dict(backend="local", ps="127.0.0.1:1"), "'ps' is an option of backend ps, but the backend is local"),
     (dict(backend="threads", world_size=2, ps_token="t", ps_worker_id=1),
-     "'ps_token', 'ps_worker_id' are options of backend ps, but the backend is threads"),
-    (dict(ps_tls_ca="ca.pem"), "'ps_tls_ca' is an option of backend ps, but the backend is local"),
+     "'ps_token', 'ps_worker_id' are options of backend ps (and 'ps' gives the servers' addresses), but the "
+     "backend is threads"),
+    (dict(ps_tls_ca="ca.pem"), "'ps_tls_ca' is an option of backend ps (and 'ps' gives"),
+    (dict(ps_retry_seconds=5.0), "'ps_retry_seconds' is an option of backend ps"),
+    (dict(ps="127.0.0.1:1", world_size=2), "'world_size' is for the threads backend; with ps, the servers' --workers"),
 ])
 def test_parameter_server_options_of_another_backend_are_refused(overrides, words):
     # ignored, they would let a run meant for the servers train alone
@@ -1714,6 +1720,22 @@ def test_parameter_server_options_of_another_backend_are_refused(overrides, word
 
     with pytest.raises(ConfigError, match=re_escape(words)):
         resolve_backend(make_config({"progress": "none", **overrides}))
+
+
+def test_a_server_listens_on_an_ipv6_address_written_without_brackets():
+    config = make_config({"epochs": 1, "progress": "none"})
+    shard = build_shard(config)
+    try:
+        server, port = serve(shard, "::1", 0)
+    except OSError as e:  # pragma: no cover - a machine without IPv6
+        pytest.skip(f"no IPv6 loopback here: {e}")
+    try:
+        client = PSClient([f"[::1]:{port}"], _named(config))
+        assert client.status()[0].shard == 0
+        client.close()
+    finally:
+        shard.stop()
+        server.stop(0)
 
 
 def test_parameter_server_addresses_choose_the_ps_backend():

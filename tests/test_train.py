@@ -399,6 +399,16 @@ def test_a_record_still_being_written_is_left_out_and_a_broken_one_named(tmp_pat
         read_metrics(path)
 
 
+def test_records_appended_after_an_unfinished_one_start_on_a_line_of_their_own(tmp_path):
+    # a run killed while writing a record, then resumed: the torn record goes, the file stays readable
+    from distbp.train.progress import MetricsLog, read_metrics
+
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 6, "train_loss": 1.0}\n{"step": 12, "train_lo')
+    MetricsLog(path, append=True).write(step=12, train_loss=0.5)
+    assert read_metrics(path) == [{"step": 6, "train_loss": 1.0}, {"step": 12, "train_loss": 0.5}]
+
+
 def test_a_move_back_does_not_count_the_losses_of_the_steps_taken_again(tmp_path):
     # refused at step 8, the servers at 3: the record at step 6 is the mean of steps 3-5, not also of the
     # abandoned 6-7

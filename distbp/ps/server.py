@@ -417,12 +417,12 @@ class Shard:
     def restore(self, path):
         """Load a checkpoint written by save(); everything is checked before anything changes."""
         arrays, metadata = load_safetensors(path)
-        check_finite(path, arrays)
         try:
             meta = json.loads(metadata["distbp-ps"])
             version, scalars = meta["version"], meta["scalars"]
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: not a distbp parameter-server checkpoint") from None
+        check_finite(path, arrays, "param/")
         if meta.get("signature") != self.signature or meta.get("shard") != self.shard:
             raise CheckpointError(f"{path}: checkpoint of another model or shard")
         saved = {k.split("/", 1)[1] for k in arrays if k.startswith("param/")}
@@ -772,7 +772,7 @@ def serve(shard, host="127.0.0.1", port=0, token=None, tls=None, threads=None):
     for name in ("", service):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection((service, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    address = f"{host}:{port}"
+    address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"  # IPv6
     try:
         bound = _bind(server, address, tls)
     except RuntimeError:  # grpc's way of saying the port is taken, or that the certificate or key is bad

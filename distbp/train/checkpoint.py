@@ -57,7 +57,7 @@ def _read(path):
         raise CheckpointError(f"{path}: damaged checkpoint metadata: no {missing[0]!r}")
     if not isinstance(meta["state"], dict):
         raise CheckpointError(f"{path}: damaged checkpoint metadata: the saved state is not an object")
-    check_finite(path, arrays)
+    check_finite(path, arrays, "model/")
     return arrays, meta
 
 

@@ -258,13 +258,13 @@ def check_pem(what, path):
         raise ConfigError(f"{what} {path} is not a PEM file (no -----BEGIN line)")
 
 
-# Settings a parameter-server worker must share with the servers, which build the optimizer and schedule
-# from their own copy of the options: checked when the worker registers.
 # Keys a resumed run (or a restarted parameter server) must share with its checkpoint: the data and its order,
 # and the optimizer's settings, which the checkpoint's optimizer state and schedule would overwrite.
-# (Another optimizer is refused by load_checkpoint.)
+# (Another optimizer is refused by load_checkpoint; the parameter server compares it as a setting.)
 RESUME_KEYS = ("dataset", "synthetic_size", "max_chars", "block_size", "batch_size", "seed",
                "lr", "momentum", "weight_decay")
+# Settings a parameter-server worker must share with the servers, which build the optimizer and schedule
+# from their own copy of the options: checked when the worker registers.
 PS_SHARED_KEYS = ("dataset", "synthetic_size", "max_chars", "block_size", "epochs", "max_steps", "batch_size",
                   "optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup_steps", "seed")
 

@@ -7,7 +7,7 @@ import traceback
 from threadpoolctl import threadpool_limits
 
 from ..comm import GroupAborted, RankFailed, detect_backend, mpi_communicator, run_ranks
-from .config import ConfigError, check_pem, ps_settings
+from .config import Config, ConfigError, check_outputs, check_pem, ps_settings
 from .steps import LocalStep, allreduce_step
 from .trainer import Trainer
 
@@ -34,7 +34,7 @@ def stop_on_sigterm():
     return signal.signal(signal.SIGTERM, terminate)
 
 
-_PS_KEYS = ("ps", "ps_token", "ps_tls_ca", "ps_tls_cert", "ps_tls_key")
+_PS_KEYS = ("ps", "ps_token", "ps_tls_ca", "ps_tls_cert", "ps_tls_key", "ps_worker_id", "ps_retry_seconds")
 
 
 def resolve_backend(config):
@@ -43,13 +43,16 @@ def resolve_backend(config):
     else:
         backend = config.backend
     if backend != "threads" and config.world_size != 1:
-        raise ConfigError(f"config: 'world_size' is for the threads backend; with {backend}, "
-                          "the launcher (mpiexec -n N) sets the number of ranks")
-    ps_given = [k for k in _PS_KEYS if getattr(config, k)] + (["ps_worker_id"] if config.ps_worker_id != -1 else [])
+        who = {"mpi": "the launcher (mpiexec -n N)", "ps": "the servers' --workers"}.get(backend)
+        raise ConfigError(f"config: 'world_size' is for the threads backend"
+                          f"{f'; with {backend}, {who} sets the number of ranks' if who else ''}")
+    default = Config()
+    ps_given = [k for k in _PS_KEYS if getattr(config, k) != getattr(default, k)]
     if backend != "ps" and ps_given:  # they would be ignored: a run meant for the servers would train alone
+        missing = "" if config.ps else " (and 'ps' gives the servers' addresses)"
         raise ConfigError(f"config: {', '.join(repr(k) for k in ps_given)} "
-                          f"{'is an option' if len(ps_given) == 1 else 'are options'} of backend ps, but the "
-                          f"backend is {backend}")
+                          f"{'is an option' if len(ps_given) == 1 else 'are options'} of backend ps{missing}, "
+                          f"but the backend is {backend}")
     return backend
 
 
@@ -86,7 +89,14 @@ def _run_mpi(config, stream):
             sys.stderr.write(f"distbp: rank {comm.rank} of {comm.size} {what}\n")
             _abort(comm, code)
             raise SystemExit(code) from None  # reported: the command must not report it again
-        detail = "" if isinstance(e, (GroupAborted,)) else "".join(traceback.format_exception_only(type(e), e)).strip()
+        if isinstance(e, GroupAborted):
+            detail = ""
+        elif _is_user_error(e):
+            from ..cli import error_message
+
+            detail = error_message(e)
+        else:
+            detail = "".join(traceback.format_exception_only(type(e), e)).strip()
         sys.stderr.write(f"distbp: rank {comm.rank} of {comm.size} failed: {detail}\n")
         if not _is_user_error(e):
             traceback.print_exc()
@@ -130,6 +140,7 @@ def _run_ps(config, stream):
     if config.grad_clip:
         raise ConfigError("config: grad_clip is not supported with backend 'ps': a worker would clip its own "
                           "gradient, not the averaged one (and each shard holds only part of it)")
+    check_outputs(config, ("metrics", "trace"))  # before registering: a refused worker would hold its id
     if bool(config.ps_tls_cert) != bool(config.ps_tls_key):
         raise ConfigError("config: mutual TLS needs both 'ps_tls_cert' and 'ps_tls_key'")
     for key in ("ps_tls_ca", "ps_tls_cert", "ps_tls_key"):

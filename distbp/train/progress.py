@@ -70,6 +70,8 @@ class MetricsLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if not append:
                 self.path.write_text("")
+            elif self.path.exists():
+                _drop_unfinished_line(self.path)
 
     def write(self, **record):
         if self.path:
@@ -78,6 +80,15 @@ class MetricsLog:
                     fh.write(json.dumps(record) + "\n")
             except OSError as e:  # a full disk: named after the file (a write error names none)
                 raise OSError(e.errno, f"cannot write the metrics ({e.strerror})", str(self.path)) from None
+
+
+def _drop_unfinished_line(path):
+    """Cut a last record that was never finished (the run was killed while writing it), so that the records
+    appended next start on a line of their own."""
+    with open(path, "rb+") as fh:
+        data = fh.read()
+        if data and not data.endswith(b"\n"):
+            fh.truncate(data.rfind(b"\n") + 1)
 
 
 def read_metrics(path):

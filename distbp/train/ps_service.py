@@ -39,7 +39,7 @@ def build_shard(config, shard=0, num_shards=1, workers=1, mode="sync", staleness
         steps_per_worker = min(steps_per_worker, config.max_steps)
     return Shard(mine, optimizer, schedule, mode, workers, staleness, sync_timeout, shard, num_shards,
                  model_signature(named), checkpoint, checkpoint_every, settings=ps_settings(config),
-                 setting_keys=PS_SHARED_KEYS, steps_per_worker=steps_per_worker, restore_keys=RESUME_KEYS)
+                 setting_keys=PS_SHARED_KEYS, steps_per_worker=steps_per_worker, restore_keys=RESUME_KEYS + ("optimizer",))
 
 
 def check_server_options(config, args):
@@ -50,6 +50,8 @@ def check_server_options(config, args):
         if value < low or (high is not None and value > high):
             raise ConfigError(f"ps serve: {name} must be {f'in [{low}, {high}]' if high is not None else f'>= {low}'}"
                               f", got {value}")
+    if args.checkpoint_path is not None and not args.checkpoint_path.strip():
+        raise ConfigError("ps serve: --checkpoint-path is empty; leave it out for none")
     if args.token is not None:
         try:
             check_token(args.token, "ps serve: --token")
