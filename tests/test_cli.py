@@ -307,23 +307,15 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_the_last_one
 
 @pytest.mark.parametrize("sent,code,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
 @pytest.mark.parametrize("ranks", [[], ["--backend", "threads", "--world-size", "2"]], ids=["local", "threads"])
-def test_ctrl_c_or_sigterm_stops_training_at_once_with_one_line(tmp_path, sent, code, word, ranks):
+def test_ctrl_c_or_sigterm_stops_training_at_once_with_one_line(tmp_path, signal_when_training, sent, code, word,
+                                                                ranks):
     # SIGTERM is how schedulers end a job; in the threads backend the rank threads, which the signal does
     # not reach, used to train on to the end
     command = [sys.executable, "-m", "distbp", "train", "--dataset", "synthetic", "--synthetic-size", "20000",
                "--epochs", "50", "--progress", "plain", "--log-every", "1", "--checkpoint", "c.ckpt",
                "--checkpoint-every", "2", *ranks]
-    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        while "step" not in proc.stdout.readline():  # training has begun
-            assert proc.poll() is None, proc.stderr.read()
-        proc.send_signal(sent)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == code, err
+    returncode, err = signal_when_training(command, sent, cwd=tmp_path)
+    assert returncode == code, err
     assert err.strip().splitlines() == [f"distbp: {word}"]
     assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["c.ckpt"])  # no half-written checkpoint left
 

@@ -237,20 +237,11 @@ def test_ranks_resuming_from_different_checkpoints_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("sent,code,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
-def test_ctrl_c_or_sigterm_ends_every_rank_quietly(sent, code, word):
+def test_ctrl_c_or_sigterm_ends_every_rank_quietly(signal_when_training, sent, code, word):
     command = [MPIEXEC, "-n", "2", sys.executable, "-m", "distbp", "train", "--dataset", "synthetic",
                "--synthetic-size", "20000", "--epochs", "50", "--progress", "plain", "--log-every", "1"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        while "step" not in proc.stdout.readline():  # training has begun
-            assert proc.poll() is None, proc.stderr.read()
-        proc.send_signal(sent)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == code, err
+    returncode, err = signal_when_training(command, sent)
+    assert returncode == code, err
     assert f"rank 0 of 2 {word}" in err and "Traceback" not in err
 
 
