@@ -6,7 +6,6 @@ documents every key a TOML config file may hold, and the two are checked by the 
 
 import argparse
 import os
-import signal
 import sys
 import threading
 import time
@@ -194,16 +193,19 @@ def main(argv=None):
         if e.code:  # a usage error (--help exits 0 and ends only this rank)
             _end_mpi_job(e.code, _option_after("--backend", sys.argv[1:] if argv is None else argv))
         raise
-    replaced = None
+    restore_sigterm = None
     try:
         if args.command == "train":
             from .train.launch import resolve_backend, run, stop_on_sigterm
 
             config = config_from_args(args)
-            backend = config.backend
+            backend = "ps" if config.backend == "auto" and config.ps else config.backend  # if the next refuses
             backend = resolve_backend(config)
-            replaced = stop_on_sigterm()
-            run(config)
+            restore_sigterm = stop_on_sigterm()
+            try:
+                run(config)
+            finally:  # a SIGTERM while the error is reported must not escape as a traceback
+                restore_sigterm()
         elif args.command == "ps":
             from .train.ps_service import run_server
 
@@ -241,9 +243,6 @@ def main(argv=None):
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
         print(f"distbp: {getattr(e, 'what', 'interrupted')}", file=sys.stderr)
         return getattr(e, "code", 130)
-    finally:
-        if replaced is not None:
-            signal.signal(signal.SIGTERM, replaced)
     return 0
 
 

@@ -44,13 +44,16 @@ def _remove_stale_temporaries(path):
 
 
 def check_finite(path, arrays, prefix):
-    """Refuse a checkpoint whose parameters (the arrays named `prefix`...) hold NaN or infinity: its run had
-    diverged, or the file is damaged, and training from it would fail later, blamed on the learning rate.
-    (Optimizer state may be infinite in a sound run: Adam's squared gradients overflow first.)"""
+    """Refuse a checkpoint holding NaN, or infinity in its parameters (the arrays named `prefix`...): its run
+    had diverged, or the file is damaged, and training from it would fail later, blamed on the learning
+    rate. (Other optimizer state may be infinite in a sound run: Adam's squared gradients overflow first.)"""
     for name, array in arrays.items():
-        if name.startswith(prefix) and array.dtype.kind == "f" and not np.isfinite(array).all():
-            raise CheckpointError(f"{path}: {name} holds non-finite values (NaN or infinity): the run that wrote "
-                                  "it had diverged, or the file is damaged")
+        if array.dtype.kind != "f":
+            continue
+        parameter = name.startswith(prefix)
+        if not np.isfinite(array).all() if parameter else np.isnan(array).any():
+            raise CheckpointError(f"{path}: {name} holds {'non-finite values (NaN or infinity)' if parameter else 'NaN'}"
+                                  ": the run that wrote it had diverged, or the file is damaged")
 
 
 def save_safetensors(path, arrays, metadata=None):
@@ -104,7 +107,8 @@ def load_safetensors(path):
     path = Path(path)
     try:
         if not stat.S_ISREG(path.stat().st_mode):  # reading a pipe or a device would block or never end
-            raise CheckpointError(f"checkpoint {path} is not a regular file (a device, a pipe or a socket)")
+            what = "a directory" if path.is_dir() else "a device, a pipe or a socket"
+            raise CheckpointError(f"checkpoint {path} is not a regular file ({what})")
         raw = path.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None

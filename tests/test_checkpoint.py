@@ -773,6 +773,10 @@ def test_parameters_must_be_finite_and_optimizer_state_may_overflow(tmp_path):
 
     state = {"model/w": np.ones(3, np.float32), "optim/0/exp_avg_sq": np.array([np.inf], np.float32)}
     check_finite("ck", state, "model/")
-    state["model/w"][1] = np.nan
+    state["optim/0/exp_avg_sq"][0] = np.nan  # never sound
+    with pytest.raises(CheckpointError, match="ck: optim/0/exp_avg_sq holds NaN"):
+        check_finite("ck", state, "model/")
+    state["optim/0/exp_avg_sq"][0] = np.inf
+    state["model/w"][1] = np.inf
     with pytest.raises(CheckpointError, match="ck: model/w holds non-finite values"):
         check_finite("ck", state, "model/")

@@ -1738,6 +1738,28 @@ def test_a_server_listens_on_an_ipv6_address_written_without_brackets():
         server.stop(0)
 
 
+def test_sigterm_ends_a_worker_retrying_several_shards_at_once(tmp_path):
+    # the other shards' calls run in threads that the signal does not reach: they are cancelled, not waited
+    # for (a worker used to go on retrying them for --ps-retry-seconds)
+    closed = [f"127.0.0.1:{_free_port()}" for _ in range(2)]
+    proc = subprocess.Popen([sys.executable, "-m", "distbp", "train", "--ps", ",".join(closed), "--ps-retry-seconds",
+                             "60", "--progress", "none"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while "retrying" not in proc.stderr.readline():  # both shards are being retried
+            assert proc.poll() is None and time.monotonic() < deadline
+        proc.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        took = time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143 and took < 20, (proc.returncode, took, err[-2000:])
+    assert err.strip().splitlines()[-1] == "distbp: terminated"
+
+
 def test_parameter_server_addresses_choose_the_ps_backend():
     from distbp.train.launch import resolve_backend
 

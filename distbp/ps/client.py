@@ -78,6 +78,7 @@ class PSClient:
         self._push_pull = [c.stream_stream("/distbp.ps.v1.ParameterServer/PushPull", request_serializer=_identity,
                                            response_deserializer=_identity) for c in self.channels]
         self.pool = ThreadPoolExecutor(max_workers=max(len(self.stubs) - 1, 1), thread_name_prefix="distbp-ps-client")
+        self.stopping = False  # the process is being stopped: no retries
         self.worker_id = -1
         self.registrations = [0] * len(self.stubs)  # each shard's token for this registration
         self.versions = [0] * len(self.stubs)
@@ -96,7 +97,7 @@ class PSClient:
                 return fn()
             except grpc.RpcError as e:
                 code = e.code()
-                if code in _RETRY and time.monotonic() < deadline:
+                if code in _RETRY and time.monotonic() < deadline and not self.stopping:
                     log.warning("%s: shard %d at %s unavailable (%s); retrying in %.1f s",
                                 what, shard, self.addresses[shard], code.name, delay)
                     time.sleep(delay)
@@ -110,8 +111,14 @@ class PSClient:
         others = [self.pool.submit(fn, s) for s in range(1, len(self.stubs))]
         try:
             first = fn(0)
-        finally:
+            wait(others)
+        except BaseException as e:
+            if not isinstance(e, Exception):  # Ctrl-C or SIGTERM: end the other calls (retries too) at once
+                self.stopping = True
+                for channel in self.channels:
+                    channel.close()  # cancels the calls in flight
             wait(others)  # no call is left running behind an error
+            raise
         return [first] + [f.result() for f in others]
 
     def register(self, requested_id=-1, name="worker"):

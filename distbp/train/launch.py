@@ -1,6 +1,8 @@
 """Running a training job on the configured backend: one process, thread ranks, or MPI ranks."""
 
+import signal
 import sys
+import threading
 import time
 import traceback
 
@@ -20,18 +22,24 @@ class Terminated(KeyboardInterrupt):
 
 
 def stop_on_sigterm():
-    """Make SIGTERM raise Terminated in the main thread; returns the handler it replaced (None: not the main
-    thread, where no handler can be set)."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return None
+    """Make SIGTERM raise Terminated in the main thread; returns a function that puts back the handler it
+    replaced (one that does nothing outside the main thread, where no handler can be set, or where SIGTERM
+    is ignored, as the job's parent wanted)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
+        return lambda: None
 
     def terminate(signum, frame):
         raise Terminated()
 
-    return signal.signal(signal.SIGTERM, terminate)
+    replaced = signal.signal(signal.SIGTERM, terminate)
+    return lambda: signal.signal(signal.SIGTERM, replaced if replaced is not None else signal.SIG_DFL)
+
+
+def _ignore_stop_signals():
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 _PS_KEYS = ("ps", "ps_token", "ps_tls_ca", "ps_tls_cert", "ps_tls_key", "ps_worker_id", "ps_retry_seconds")
@@ -84,6 +92,7 @@ def _run_mpi(config, stream):
     except BaseException as e:  # end every rank now, rather than leave them waiting for this one
         if isinstance(e, SystemExit) and not e.code:
             raise
+        _ignore_stop_signals()  # a second Ctrl-C or SIGTERM must not escape before MPI_Abort
         if isinstance(e, KeyboardInterrupt):  # Ctrl-C or SIGTERM reaches every rank: no traceback, the shell's code
             code, what = (e.code, e.what) if isinstance(e, Terminated) else (130, "interrupted")
             sys.stderr.write(f"distbp: rank {comm.rank} of {comm.size} {what}\n")

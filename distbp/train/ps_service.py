@@ -99,7 +99,7 @@ def run_server(config, args, stream=None):
             config.momentum, args.workers - 1)
     server, port = serve(shard, args.host, args.port, args.token, tls)
     stream.write(f"distbp ps: shard {args.shard} of {args.num_shards} ({len(shard.params)} parameters, "
-                 f"{args.mode}, {args.workers} workers) serving on {args.host}:{port}, version {shard.version}\n")
+                 f"{args.mode}, {args.workers} workers) serving on {_address(args.host, port)}, version {shard.version}\n")
     stream.flush()
     stop = threading.Event()
 
@@ -117,3 +117,8 @@ def run_server(config, args, stream=None):
     server.stop(grace=1.0).wait()
     stream.write(f"distbp ps: shard {args.shard} stopped at version {shard.version}\n")
     stream.flush()
+
+
+def _address(host, port):
+    """HOST:PORT as a worker's --ps takes it (an IPv6 address in brackets)."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
