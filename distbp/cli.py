@@ -21,9 +21,8 @@ from .data.datasets import DataError
 from .train.checkpoint import CheckpointError
 from .train.config import FIELDS, ConfigError, load_toml, make_config
 
-# Errors that are the user's input, reported in one line; anything else is a bug and keeps its traceback.
-# errors that end a command with their message alone: a user's or the machine's doing (a full disk, too
-# little memory), not distbp's, which a traceback would not help with
+# Errors of the user's input or of the machine (a full disk, too little memory), reported in one line;
+# anything else is a bug and keeps its traceback.
 USER_ERRORS = (ConfigError, DataError, CheckpointError, FloatingPointError, CommError, PSError, OSError, MemoryError)
 
 
@@ -193,7 +192,6 @@ def main(argv=None):
         if e.code:  # a usage error (--help exits 0 and ends only this rank)
             _end_mpi_job(e.code, _option_after("--backend", sys.argv[1:] if argv is None else argv))
         raise
-    restore_sigterm = None
     try:
         if args.command == "train":
             from .train.launch import resolve_backend, run, stop_on_sigterm
