@@ -197,7 +197,8 @@ def main(argv=None):
             from .train.launch import resolve_backend, run, stop_on_sigterm
 
             config = config_from_args(args)
-            backend = "ps" if config.backend == "auto" and config.ps else config.backend  # if the next refuses
+            # what _end_mpi_job is told when resolve_backend refuses the config
+            backend = "ps" if config.backend == "auto" and config.ps else config.backend
             backend = resolve_backend(config)
             restore_sigterm = stop_on_sigterm()
             try:

@@ -1738,15 +1738,25 @@ def test_a_server_listens_on_an_ipv6_address_written_without_brackets():
         server.stop(0)
 
 
-def test_sigterm_ends_a_worker_retrying_several_shards_at_once(tmp_path):
+@pytest.mark.parametrize("first", ["retried", "refusing"])
+def test_sigterm_ends_a_worker_retrying_several_shards_at_once(tmp_path, first):
     # the other shards' calls run in threads that the signal does not reach: they are cancelled, not waited
-    # for (a worker used to go on retrying them for --ps-retry-seconds)
-    closed = [f"127.0.0.1:{_free_port()}" for _ in range(2)]
-    proc = subprocess.Popen([sys.executable, "-m", "distbp", "train", "--ps", ",".join(closed), "--ps-retry-seconds",
-                             "60", "--progress", "none"], stderr=subprocess.PIPE, text=True)
+    # for (a worker used to go on retrying them for --ps-retry-seconds). "refusing": shard 0 has refused the
+    # worker (a wrong token) and the signal comes while the worker waits for shard 1's retries to end
+    addresses = [f"127.0.0.1:{_free_port()}" for _ in range(2)]
+    if first == "refusing":
+        config = make_config({"epochs": 1, "progress": "none"})
+        shard = build_shard(config, 0, 2, 1)
+        server, port = serve(shard, "127.0.0.1", 0, token="goodtokengoodtoken1234")
+        addresses[0] = f"127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "distbp", "train", "--ps", ",".join(addresses), "--ps-retry-seconds",
+                             "60", "--ps-token", "badtokenbadtoken12345678", "--progress", "none"],
+                            stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
-        while "retrying" not in proc.stderr.readline():  # both shards are being retried
+        # retried: both shards, or shard 1 after shard 0's refusal (it answers at once; a few retries later)
+        wanted = "retrying in 0.8" if first == "refusing" else "retrying"
+        while wanted not in proc.stderr.readline():
             assert proc.poll() is None and time.monotonic() < deadline
         proc.send_signal(signal.SIGTERM)
         start = time.monotonic()
@@ -1756,6 +1766,9 @@ def test_sigterm_ends_a_worker_retrying_several_shards_at_once(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        if first == "refusing":
+            shard.stop()
+            server.stop(0)
     assert proc.returncode == 143 and took < 20, (proc.returncode, took, err[-2000:])
     assert err.strip().splitlines()[-1] == "distbp: terminated"
 

@@ -3,6 +3,8 @@ server is unavailable."""
 
 import json
 import logging
+import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
@@ -78,7 +80,7 @@ class PSClient:
         self._push_pull = [c.stream_stream("/distbp.ps.v1.ParameterServer/PushPull", request_serializer=_identity,
                                            response_deserializer=_identity) for c in self.channels]
         self.pool = ThreadPoolExecutor(max_workers=max(len(self.stubs) - 1, 1), thread_name_prefix="distbp-ps-client")
-        self.stopping = False  # the process is being stopped: no retries
+        self.stopping = threading.Event()  # set when the process is being stopped: no retries
         self.worker_id = -1
         self.registrations = [0] * len(self.stubs)  # each shard's token for this registration
         self.versions = [0] * len(self.stubs)
@@ -97,10 +99,10 @@ class PSClient:
                 return fn()
             except grpc.RpcError as e:
                 code = e.code()
-                if code in _RETRY and time.monotonic() < deadline and not self.stopping:
+                if code in _RETRY and time.monotonic() < deadline and not self.stopping.is_set():
                     log.warning("%s: shard %d at %s unavailable (%s); retrying in %.1f s",
                                 what, shard, self.addresses[shard], code.name, delay)
-                    time.sleep(delay)
+                    self.stopping.wait(delay)  # a stop ends the wait
                     delay = min(delay * 2, 2.0)
                     continue
                 raise PSError(f"{what} on shard {shard} ({self.addresses[shard]}): {code.name}: {e.details()}",
@@ -112,14 +114,33 @@ class PSClient:
         try:
             first = fn(0)
             wait(others)
-        except BaseException as e:
-            if not isinstance(e, Exception):  # Ctrl-C or SIGTERM: end the other calls (retries too) at once
-                self.stopping = True
-                for channel in self.channels:
-                    channel.close()  # cancels the calls in flight
-            wait(others)  # no call is left running behind an error
+        except Exception:
+            try:
+                wait(others)  # no call is left running behind an error
+            except BaseException:  # Ctrl-C or SIGTERM while the others retry
+                self._stop()
+                raise
+            raise
+        except BaseException:  # Ctrl-C or SIGTERM: end the other calls (retries too) at once
+            self._stop()
             raise
         return [first] + [f.result() for f in others]
+
+    def _stop(self):
+        """Cancel every call in flight and every retry: the process is ending. (The calls' own errors, a
+        cancellation or a closed channel, stay in their futures.) A second signal waits until it is done,
+        or it could leave a call running that the process would wait for at exit."""
+        stop_signals = {signal.SIGINT, signal.SIGTERM}
+        blocking = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+        if blocking:
+            signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+        try:
+            self.stopping.set()
+            for channel in self.channels:
+                channel.close()  # cancels the calls in flight
+        finally:
+            if blocking:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
 
     def register(self, requested_id=-1, name="worker"):
         # the addresses are checked first: a worker refused after registering would hold a worker id
