@@ -194,12 +194,11 @@ def main(argv=None):
         raise
     try:
         if args.command == "train":
-            from .train.launch import resolve_backend, run, stop_on_sigterm
+            from .train.launch import chosen_backend, resolve_backend, run, stop_on_sigterm
 
             config = config_from_args(args)
-            # what _end_mpi_job is told when resolve_backend refuses the config
-            backend = "ps" if config.backend == "auto" and config.ps else config.backend
-            backend = resolve_backend(config)
+            backend = chosen_backend(config)  # what _end_mpi_job is told, also when resolve_backend refuses
+            resolve_backend(config)
             restore_sigterm = stop_on_sigterm()
             try:
                 run(config)

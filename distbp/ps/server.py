@@ -742,6 +742,11 @@ class _TokenCheck(grpc.ServerInterceptor):
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(" ").encode(), self.token)
 
 
+def host_port(host, port):
+    """HOST:PORT as gRPC and a worker's --ps take it: an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
 def check_token(token, what="the token"):
     """ValueError unless `token` can travel as `authorization: Bearer <token>` and match there."""
     if not token or token != token.strip():
@@ -772,7 +777,7 @@ def serve(shard, host="127.0.0.1", port=0, token=None, tls=None, threads=None):
     for name in ("", service):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection((service, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"  # IPv6
+    address = host_port(host, port)
     try:
         bound = _bind(server, address, tls)
     except RuntimeError:  # grpc's way of saying the port is taken, or that the certificate or key is bad

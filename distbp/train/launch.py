@@ -45,11 +45,16 @@ def _ignore_stop_signals():
 _PS_KEYS = ("ps", "ps_token", "ps_tls_ca", "ps_tls_cert", "ps_tls_key", "ps_worker_id", "ps_retry_seconds")
 
 
-def resolve_backend(config):
+def chosen_backend(config):
+    """The backend the config asks for, 'auto' resolved (unchecked: see resolve_backend)."""
     if config.backend == "auto":  # parameter-server addresses say which backend is meant
-        backend = "ps" if config.ps else detect_backend()
-    else:
-        backend = config.backend
+        return "ps" if config.ps else detect_backend()
+    return config.backend
+
+
+def resolve_backend(config):
+    """chosen_backend(config), refusing options that do not apply to it."""
+    backend = chosen_backend(config)
     if backend != "threads" and config.world_size != 1:
         who = {"mpi": "the launcher (mpiexec -n N)", "ps": "the servers' --workers"}.get(backend)
         raise ConfigError(f"config: 'world_size' is for the threads backend"
@@ -128,7 +133,7 @@ def _is_user_error(e):
     return isinstance(e, USER_ERRORS)
 
 
-__all__ = ["run", "resolve_backend", "RankFailed", "Terminated", "stop_on_sigterm"]
+__all__ = ["run", "chosen_backend", "resolve_backend", "RankFailed", "Terminated", "stop_on_sigterm"]
 
 
 def _run_ps(config, stream):

@@ -9,7 +9,7 @@ from dataclasses import replace
 from ..autograd import manual_seed
 from ..data import BatchLoader, ShardSampler
 from ..ps.client import model_signature
-from ..ps.server import Shard, check_token, serve
+from ..ps.server import Shard, check_token, host_port, serve
 from ..ps.wire import assign_shards
 from .config import PS_SHARED_KEYS, RESUME_KEYS, ConfigError, check_pem, check_writable, ps_settings
 from .trainer import build_data, build_model, build_optimizer, build_schedule
@@ -99,7 +99,7 @@ def run_server(config, args, stream=None):
             config.momentum, args.workers - 1)
     server, port = serve(shard, args.host, args.port, args.token, tls)
     stream.write(f"distbp ps: shard {args.shard} of {args.num_shards} ({len(shard.params)} parameters, "
-                 f"{args.mode}, {args.workers} workers) serving on {_address(args.host, port)}, version {shard.version}\n")
+                 f"{args.mode}, {args.workers} workers) serving on {host_port(args.host, port)}, version {shard.version}\n")
     stream.flush()
     stop = threading.Event()
 
@@ -117,8 +117,3 @@ def run_server(config, args, stream=None):
     server.stop(grace=1.0).wait()
     stream.write(f"distbp ps: shard {args.shard} stopped at version {shard.version}\n")
     stream.flush()
-
-
-def _address(host, port):
-    """HOST:PORT as a worker's --ps takes it (an IPv6 address in brackets)."""
-    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
