@@ -1773,6 +1773,43 @@ def test_sigterm_ends_a_worker_retrying_several_shards_at_once(tmp_path, first):
     assert err.strip().splitlines()[-1] == "distbp: terminated"
 
 
+def test_a_signal_while_the_calls_start_stops_those_already_running(monkeypatch):
+    # the pool's thread for shard 1 may already be retrying when the signal interrupts the main thread in
+    # the pool's submit (it waits for the new thread to start): that call must end too, not retry on
+    client = PSClient([f"127.0.0.1:{_free_port()}" for _ in range(3)], [], retry_seconds=60)
+    submit = client.pool.submit
+    retrying = threading.Event()
+
+    def submit_then_signal(fn, shard):
+        future = submit(fn, shard)
+        if shard == 2:
+            assert retrying.wait(10)
+            raise KeyboardInterrupt
+        return future
+
+    class Unavailable(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.UNAVAILABLE
+
+    def status(shard):
+        def call():
+            retrying.set()
+            raise Unavailable()
+        return client._call("status", shard, call)
+
+    monkeypatch.setattr(client.pool, "submit", submit_then_signal)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            client._each(status)
+        assert client.stopping.is_set()
+        ended = threading.Thread(target=client.pool.shutdown, kwargs={"wait": True})
+        ended.start()
+        ended.join(20)  # the retrying call ends at once, not at its 60 s deadline
+        assert not ended.is_alive()
+    finally:
+        client.close()
+
+
 def test_parameter_server_addresses_choose_the_ps_backend():
     from distbp.train.launch import resolve_backend
 

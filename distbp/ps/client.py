@@ -110,8 +110,12 @@ class PSClient:
 
     def _each(self, fn):
         """[fn(shard) for every shard], concurrently; shard 0 runs in this thread (no hand-off for one server)."""
-        others = [self.pool.submit(fn, s) for s in range(1, len(self.stubs))]
+        others = []
         try:
+            # started inside the try: a signal can arrive while the pool starts a thread, whose call may already
+            # be retrying (it once ended the worker's main thread and left that call retrying until its deadline)
+            for shard in range(1, len(self.stubs)):
+                others.append(self.pool.submit(fn, shard))
             first = fn(0)
             wait(others)
         except Exception:
