@@ -30,6 +30,13 @@ def test_mlp_accuracy_holds_for_other_seeds(seed):
     assert summary["test_accuracy"] >= 0.97, summary
 
 
+def test_default_mlp_on_a_large_synthetic_set_learns_without_blowing_up():
+    # the synthetic features have unit variance: with their old scale (variance 5) the default learning
+    # rate sent the loss into the millions by step 1,000 of 100,000 examples
+    _, summary = fit(dataset="synthetic", synthetic_size=30_000, epochs=1)
+    assert summary["test_loss"] < 0.5 and summary["test_accuracy"] >= 0.95, summary
+
+
 def test_cnn_on_digits_reaches_98_percent():
     _, summary = fit(model="cnn")
     assert summary["test_accuracy"] >= 0.98, summary
@@ -331,6 +338,24 @@ def test_plain_progress_lines_when_not_a_terminal(capsys):
     assert "\r" not in text
     assert "step 10/" in text and "samples/s" in text and "ETA" in text
     assert "test accuracy" in text
+
+
+def test_the_rate_counts_only_the_samples_of_timed_steps(monkeypatch):
+    from distbp.train import progress as progress_module
+
+    now = [100.0]
+    monkeypatch.setattr(progress_module.time, "perf_counter", lambda: now[0])
+    out = io.StringIO()
+    progress = progress_module.Progress(4, "plain", every=1, stream=out)
+    progress.update(1, 0, 1.0, 64)  # the clock starts here: no rate yet
+    now[0] += 0.5
+    progress.update(2, 0, 1.0, 64)
+    now[0] += 0.5
+    progress.update(3, 0, 1.0, 32)
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith("- samples/s ETA --:--"), lines
+    assert "128 samples/s ETA 00:01" in lines[1], lines  # 64 in 0.5 s; 2 steps left at 0.5 s each
+    assert "96 samples/s ETA 00:00" in lines[2], lines  # (64 + 32) in 1 s
 
 
 # --- a step the servers refused (a parameter-server worker that rejoined them) -----------------------

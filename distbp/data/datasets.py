@@ -245,13 +245,14 @@ def load_text(path=None, block_size=64, test_fraction=0.1, max_chars=1_000_000):
 
 
 def load_synthetic(n=10_000, features=784, classes=10, test_fraction=0.1, seed=0, images=False):
-    """Gaussian clusters around random class centres: learnable, any size, no files."""
+    """Gaussian clusters around random class centres: learnable, any size, no files. Each feature has unit
+    variance, so the models' default learning rates suit it as they suit the digits."""
     if n < 2 or features < 1 or classes < 2:
         raise DataError(f"synthetic data needs n >= 2, features >= 1, classes >= 2 (got {n}, {features}, {classes})")
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((classes, features)).astype(np.float32)
     y = rng.integers(0, classes, n)
-    x = centres[y] + rng.standard_normal((n, features), dtype=np.float32) * 2.0
+    x = (centres[y] + rng.standard_normal((n, features), dtype=np.float32) * 2.0) / np.float32(5 ** 0.5)
     shape = (features,)
     if images:
         side = int(round(features**0.5))

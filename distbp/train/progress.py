@@ -28,28 +28,30 @@ class Progress:
 
     def update(self, step, epoch, loss, batch_samples):
         if self.first_step is None:
-            self.first_step = step - 1
-            self.start = time.perf_counter()
-        self.samples += batch_samples
+            # the clock starts when the first step ends (it pays one-off costs), so its samples are not counted:
+            # counted over no time, they made the first rate millions of samples/s
+            self.first_step, self.start = step, time.perf_counter()
+        else:
+            self.samples += batch_samples
         if self.mode == "none":
             return
         elapsed = time.perf_counter() - self.start
         done = step - self.first_step
-        rate = self.samples / elapsed if elapsed > 0 else 0.0
-        eta = elapsed / done * (self.total - step) if done else 0.0
+        timed = done > 0 and elapsed > 0
+        rate = f"{self.samples / elapsed:,.0f}" if timed else "-"
+        eta = _duration(elapsed / done * (self.total - step)) if timed else "--:--"
         if self.mode == "bar":
             width = 24
             filled = int(width * step / max(self.total, 1))
             bar = "#" * filled + "-" * (width - filled)
             self.stream.write(
                 f"\repoch {epoch + 1} [{bar}] {step}/{self.total} loss {loss:.4f} "
-                f"{rate:,.0f} samples/s ETA {_duration(eta)} "
+                f"{rate} samples/s ETA {eta} "
             )
             self.stream.flush()
             self._drawn = True
         elif step % self.every == 0 or step == self.total:
-            self.line(f"step {step}/{self.total} epoch {epoch + 1} loss {loss:.4f} {rate:,.0f} samples/s "
-                      f"ETA {_duration(eta)}")
+            self.line(f"step {step}/{self.total} epoch {epoch + 1} loss {loss:.4f} {rate} samples/s ETA {eta}")
 
     def line(self, text):
         if self.mode == "none":
