@@ -139,6 +139,9 @@ CASES = {
                             ["'checkpoint' and 'trace' are the same file"], None),
     "outputs-in-one-file-by-a-link": (["train", "--checkpoint", "real.out", "--metrics", "link.out", "--progress",
                                        "none"], ["'checkpoint' and 'metrics' are the same file"], None),
+    "outputs-in-one-file-by-a-hard-link": (["train", "--checkpoint", "hard-a.out", "--trace", "hard-b.out",
+                                            "--progress", "none"], ["'checkpoint' and 'trace' are the same file"],
+                                           None),
     "threads-rank-refuses-a-checkpoint": (
         ["train", "--backend", "threads", "--world-size", "2", "--resume", "--hidden", "32", "--checkpoint",
          "ck-garbage.safetensors", "--progress", "none"], ["failed: ck-garbage.safetensors"], None),
@@ -160,7 +163,7 @@ IN_PROCESS = {"out-of-range-option", "malformed-toml", "missing-config", "idx-wi
               "unknown-model-toml", "plot-missing-file", "plot-no-records", "plot-output-dir-missing",
               "checkpoint-with-nan", "checkpoint-position-damaged", "checkpoint-is-a-pipe", "outputs-in-one-file",
               "empty-output-path", "ipv6-address-without-brackets", "plot-output-is-a-directory",
-              "checkpoint-step-damaged", "outputs-in-one-file-by-a-link",
+              "checkpoint-step-damaged", "outputs-in-one-file-by-a-link", "outputs-in-one-file-by-a-hard-link",
               "threads-rank-refuses-a-checkpoint"}
 
 
@@ -223,6 +226,8 @@ def results(trained, tmp_path_factory):
     (d / "ck-step.safetensors").write_bytes(edit_checkpoint(ck, state={"step": 91}))  # epoch 2, batch 0
     os.mkfifo(d / "pipe")
     (d / "link.out").symlink_to("real.out")
+    (d / "hard-a.out").write_text("")
+    os.link(d / "hard-a.out", d / "hard-b.out")
     (d / "ck-garbage.safetensors").write_bytes(b"\x13\x37" * 3000)
     (d / "ck-cut.safetensors").write_bytes(ck[: len(ck) * 2 // 3])
     (d / "notjson.jsonl").write_text('{"step": 1, "train_loss": 2.0}\n{"step": 2, "train_loss":\n')

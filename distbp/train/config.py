@@ -242,10 +242,14 @@ def check_outputs(config, keys):
         if not path:
             continue
         check_writable(f"config: '{key}'", path)
-        real = os.path.realpath(path)
-        if real in seen:
-            raise ConfigError(f"config: '{seen[real]}' and '{key}' are the same file ({path}): give each its own")
-        seen[real] = key
+        try:  # an existing file is itself under any of its names (symlinks and hard links alike)
+            stat = os.stat(path)
+            identity = (stat.st_dev, stat.st_ino)
+        except OSError:
+            identity = os.path.realpath(path)
+        if identity in seen:
+            raise ConfigError(f"config: '{seen[identity]}' and '{key}' are the same file ({path}): give each its own")
+        seen[identity] = key
 
 
 def check_pem(what, path):
