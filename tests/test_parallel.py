@@ -629,6 +629,103 @@ def test_with_allow_unused_a_rank_without_data_contributes_zeros():
             np.testing.assert_allclose(g, p.grad.data / 2, rtol=1e-6)
 
 
+def test_synchronize_inside_no_sync_is_an_error_and_reduces_nothing():
+    x, y = _data()
+
+    def body(comm):
+        ddp = DataParallel(_mlp(), comm)
+        with ddp.no_sync():
+            cross_entropy(ddp(Tensor(x[:8])), y[:8]).backward()
+            with pytest.raises(RuntimeError, match=r"synchronize\(\) inside no_sync\(\)"):
+                ddp.synchronize()  # it used to return at once, and each rank stepped on its own gradient
+        return ddp.allreduce_calls
+
+    assert run_ranks(2, body) == [0, 0]
+
+
+@pytest.mark.parametrize("allow_unused", [False, True])
+def test_backwards_only_under_no_sync_are_reduced_by_the_next_synchronize(allow_unused):
+    x, y = _data()
+    reference = _mlp()
+    cross_entropy(reference(Tensor(x[:16])), y[:16]).backward()  # both ranks' halves: the mean of 2 means
+
+    def body(comm):
+        model = _mlp()
+        ddp = DataParallel(model, comm, allow_unused=allow_unused)
+        mine = slice(comm.rank * 8, comm.rank * 8 + 8)
+        with ddp.no_sync():
+            cross_entropy(ddp(Tensor(x[mine])), y[mine]).backward()
+        ddp.synchronize()  # (without allow_unused it named every parameter as unused)
+        return _grads(model)
+
+    for grads in run_ranks(2, body):
+        for name, g in _grads(reference).items():
+            np.testing.assert_allclose(grads[name], g, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_with_allow_unused_a_gradient_kept_from_the_last_step_is_kept_by_a_rank_that_does_not_use_it():
+    # as in PyTorch DDP: a rank's .grad goes in whole; it used to be zeroed on the rank that did not use the
+    # parameter this step, so the mean lost half of what every rank had kept
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head, self.extra = nn.Linear(4, 2), nn.Linear(4, 2)
+
+        def forward(self, x, use_extra):
+            return self.head(x) + self.extra(x) if use_extra else self.head(x)
+
+    x = np.random.default_rng(5).standard_normal((2, 8, 4)).astype(np.float32)
+
+    def build():
+        distbp.manual_seed(0)
+        return TwoHeads()
+
+    # step 1: both ranks use both heads; step 2 (no zero_grad): only rank 0 uses extra
+    reference = build()
+    reference(Tensor(x[0]), True).sum().backward()
+    reference(Tensor(x[1][:4]), True).sum().backward()
+    reference(Tensor(x[1][4:]), False).sum().backward()
+    expected = {n: g / 2 for n, g in _grads(reference).items()}  # the mean over 2 ranks at every step
+
+    def body(comm):
+        model = build()
+        ddp = DataParallel(model, comm, allow_unused=True)
+        mine = slice(comm.rank * 4, comm.rank * 4 + 4)
+        model(Tensor(x[0][mine]), True).sum().backward()
+        ddp.synchronize()
+        model(Tensor(x[1][mine]), comm.rank == 0).sum().backward()
+        ddp.synchronize()
+        kept = _grads(model)
+        ddp.synchronize()  # a second call leaves the mean as it is (it used to zero every gradient)
+        return kept, _grads(model)
+
+    for kept, again in run_ranks(2, body):
+        for name in expected:
+            np.testing.assert_allclose(kept[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
+            np.testing.assert_allclose(again[name], kept[name], rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+@pytest.mark.parametrize("cap", [float("nan"), "25", True, 0, -1.0])
+def test_a_bucket_cap_that_is_not_a_positive_number_is_refused(cap):
+    with pytest.raises(ValueError, match=re.escape(f"bucket_cap_mb must be a positive number of MB, got {cap!r}")):
+        DataParallel(_mlp(), LocalCommunicator(), bucket_cap_mb=cap)
+
+
+def test_bool_all_reduces_and_roots_that_are_not_ranks_are_refused_alike_on_every_backend():
+    def body(comm):
+        with pytest.raises(TypeError, match="a bool array has no sum"):
+            comm.allreduce(np.array([True, False]))
+        with pytest.raises(TypeError, match="root must be an integer rank, not 1.0"):
+            comm.broadcast(np.ones(2, np.float32), root=1.0)
+        with pytest.raises(ValueError, match="root 2 is not a rank of a group of 2"):
+            comm.broadcast(np.ones(2, np.float32), root=2)
+        return True
+
+    assert run_ranks(2, body) == [True, True]
+    with pytest.raises(TypeError, match="a bool array has no sum"):
+        LocalCommunicator().allreduce(np.array([True]))
+
+
 def test_close_gives_the_buckets_back_and_compression_does_not_take_shared_ones():
     class Recording(LocalCommunicator):
         def __init__(self):

@@ -101,10 +101,21 @@ class Communicator:
 def check_op(op, array):
     if op not in ("sum", "mean"):
         raise ValueError(f"allreduce: op must be 'sum' or 'mean', not {op!r}")
+    if array.dtype == np.bool_:  # MPI has no sum of booleans (the threads backend's numpy sum was an OR)
+        raise TypeError("allreduce: a bool array has no sum; all-reduce it as integers (astype(np.int32))")
     if op == "mean" and not np.issubdtype(array.dtype, np.floating):
         raise ValueError(f"allreduce: op 'mean' needs a floating-point array (the mean of {array.dtype} values is "
                          "not one); all-reduce the sum and divide")
     return op
+
+
+def check_root(root, size):
+    """The root of a collective: a rank of the group, as an int (1.0 or True is not a rank)."""
+    if isinstance(root, bool) or not isinstance(root, (int, np.integer)):
+        raise TypeError(f"broadcast: root must be an integer rank, not {root!r}")
+    if not 0 <= root < size:
+        raise ValueError(f"broadcast: root {root} is not a rank of a group of {size}")
+    return int(root)
 
 
 class LocalCommunicator(Communicator):
@@ -119,8 +130,7 @@ class LocalCommunicator(Communicator):
 
     def broadcast(self, array, root=0):
         check_buffer(array, "broadcast")
-        if root != 0:
-            raise ValueError(f"broadcast: root {root} is not a rank of a group of 1")
+        check_root(root, 1)
 
     def allgather(self, obj):
         return [obj]

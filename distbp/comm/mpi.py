@@ -16,7 +16,9 @@ import time
 
 import numpy as np
 
-from .base import DEFAULT_TIMEOUT, CollectiveTimeout, CommError, Communicator, Handle, check_buffer, check_op
+from .base import (
+    DEFAULT_TIMEOUT, CollectiveTimeout, CommError, Communicator, Handle, check_buffer, check_op, check_root,
+)
 from .mpi_shm import SHM_DIR, SharedBuffer, create_segment
 
 _QUERY, _REPLY = 7, 8
@@ -335,8 +337,7 @@ class MPICommunicator(Communicator):
 
     def broadcast(self, array, root=0):
         check_buffer(array, "broadcast")
-        if not 0 <= root < self.size:
-            raise ValueError(f"broadcast: root {root} is not a rank of a group of {self.size}")
+        root = check_root(root, self.size)
         seq = self._arrive("broadcast", array, root)
         _MPIHandle(self, self.comm.Ibcast(array, root=root), "broadcast", seq).wait()
 

@@ -14,7 +14,7 @@ from concurrent.futures import Future
 import numpy as np
 
 from .base import (
-    DEFAULT_TIMEOUT, CollectiveTimeout, Communicator, GroupAborted, Handle, check_buffer, check_op,
+    DEFAULT_TIMEOUT, CollectiveTimeout, Communicator, GroupAborted, Handle, check_buffer, check_op, check_root,
 )
 
 
@@ -181,8 +181,7 @@ class ThreadCommunicator(Communicator):
 
     def broadcast(self, array, root=0):
         check_buffer(array, "broadcast")
-        if not 0 <= root < self.size:
-            raise ValueError(f"broadcast: root {root} is not a rank of a group of {self.size}")
+        root = check_root(root, self.size)
 
         def combine(calls):
             _check_agree("broadcast", [(a.shape, str(a.dtype), r) for a, r in calls], "(shape, dtype, root)")

@@ -63,7 +63,9 @@ class DataParallel:
     average: True (as PyTorch DDP): after synchronize(), .grad is the mean over ranks, which costs a pass
         over every gradient to divide it by the world size. False: .grad is the sum over ranks, with no
         pass of its own -- the mean too, when every gradient comes from a loss already multiplied by
-        1 / world_size before backward (what distbp's trainer does: one scalar multiply instead).
+        1 / world_size before backward (what distbp's trainer does: one scalar multiply instead). What is
+        reduced is each rank's whole .grad: a gradient left from the last step (no zero_grad) is, like
+        the rest, identical on every rank, so the mean keeps it once and the sum counts it world_size times.
 
     Between backward and synchronize() the gradients belong to the all-reduce: a bucket may be in flight
     (in shared memory, other ranks read and write it), so read or change `.grad` only after
@@ -79,8 +81,9 @@ class DataParallel:
                  average=True):
         if compress not in (None, "fp16"):
             raise ValueError(f"DataParallel: compress must be None or 'fp16', not {compress!r}")
-        if bucket_cap_mb <= 0:
-            raise ValueError(f"DataParallel: bucket_cap_mb must be positive, got {bucket_cap_mb}")
+        if (isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float, np.integer, np.floating))
+                or not bucket_cap_mb > 0):  # (nan is not > 0)
+            raise ValueError(f"DataParallel: bucket_cap_mb must be a positive number of MB, got {bucket_cap_mb!r}")
         if getattr(model, "_data_parallel", None) is not None:
             raise RuntimeError("DataParallel: this model is already wrapped by a DataParallel (its hooks would "
                                "all-reduce every gradient twice); close() that one first")
@@ -191,7 +194,8 @@ class DataParallel:
             raise RuntimeError(
                 f"DataParallel: parameter {self._name_of[id(p)]} got a second gradient before synchronize() "
                 "(its bucket may already be in flight): call synchronize() after every backward, or "
-                "accumulate inside no_sync()"
+                "accumulate inside no_sync(). (If the last backward raised part-way, its buckets were sent: "
+                "this DataParallel cannot go on; build a new one on every rank)"
             )
         self._into_bucket(p.grad.data, bucket.views[id(p)])
         bucket.ready.add(id(p))
@@ -239,7 +243,8 @@ class DataParallel:
         (as in PyTorch DDP), so that the optimizer leaves it alone; one used on some ranks gets their sum
         (or mean) of gradients. Raising leaves the wrapper unusable: the ranks' buckets may no longer pair up."""
         if not self._syncing:
-            return
+            raise RuntimeError("DataParallel: synchronize() inside no_sync(): the gradients accumulated there are "
+                               "reduced by the first synchronize() after leaving it")
         self._check_usable()
         try:
             self._synchronize()
@@ -266,25 +271,28 @@ class DataParallel:
             # zeros: a rank with no data this step still takes part)
             raise RuntimeError("DataParallel: synchronize(): no parameter received a gradient since the last "
                                "synchronize(); call it once after each backward")
-        missing = [(n, p) for n, p in self.named if id(p) not in self._bucket_of[id(p)].ready]
+        # not in a bucket yet: no gradient in the last backward (maybe some under no_sync())
+        pending = [(n, p) for n, p in self.named if id(p) not in self._bucket_of[id(p)].ready]
+        missing = [(n, p) for n, p in pending if id(p) not in self._accumulated or p.grad is None]
+        if missing and not self.allow_unused:
+            names = ", ".join(n for n, _ in missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise UnusedParameters(
+                f"DataParallel: {len(missing)} parameter(s) received no gradient this step: {names}. "
+                "Use them in the loss, or pass allow_unused=True to treat their gradients as zero"
+            )
         unused_here = []  # (allow_unused) parameters this rank gave no gradient, not even a zeroed one
-        if missing:
-            if not self.allow_unused:
-                names = ", ".join(n for n, _ in missing[:5]) + (" ..." if len(missing) > 5 else "")
-                raise UnusedParameters(
-                    f"DataParallel: {len(missing)} parameter(s) received no gradient this step: {names}. "
-                    "Use them in the loss, or pass allow_unused=True to treat their gradients as zero"
-                )
-            for n, p in missing:
-                bucket = self._bucket_of[id(p)]
-                view = bucket.views[id(p)]
-                if id(p) in self._accumulated and p.grad is not None:
-                    self._into_bucket(p.grad.data, view)  # used under no_sync() only: what it accumulated
-                else:
-                    if p.grad is None:  # (a .grad zeroed in place stays a zero gradient, as in PyTorch)
-                        unused_here.append(p)
-                    view[...] = 0
-                bucket.ready.add(id(p))
+        for n, p in pending:
+            bucket = self._bucket_of[id(p)]
+            view = bucket.views[id(p)]
+            if p.grad is not None:
+                # what it accumulated under no_sync(), or (allow_unused) what .grad held before this step, kept
+                # or zeroed in place: this rank's .grad goes in whole, as any used parameter's does
+                self._into_bucket(p.grad.data, view)
+            else:
+                unused_here.append(p)
+                view[...] = 0
+            bucket.ready.add(id(p))
+        if pending:
             self._launch_ready()
         unused = self._unused_everywhere(unused_here)
         for bucket in self.buckets:
