@@ -164,6 +164,11 @@ add("clip-hi", [Q(8, 16)], lambda x: ops.clip(x, hi=0.75), lambda x: torch.clamp
 add("clip-method", [N(8, 16)], lambda x: x.clip(-1.0, 1.0), lambda x: x.clip(-1.0, 1.0))
 add("clip-np-float64-bounds", [N(8, 16)], lambda x: ops.clip(x, np.float64(-0.5), np.float64(0.5)),
     lambda x: torch.clamp(x, -0.5, 0.5))
+add("clip-0d-array-bounds", [N(8, 16)], lambda x: ops.clip(x, np.array(-0.5), np.array(0.5)),
+    lambda x: torch.clamp(x, -0.5, 0.5))  # a 0-d float64 array promoted the result to float64
+add("mean-over-a-full-axis-of-an-empty-batch", [N(0, 5)], lambda x: ops.mean(x, 1), lambda x: torch.mean(x, 1))
+add("max-over-a-full-axis-of-an-empty-batch", [N(0, 5)], lambda x: ops.max(x, np.int64(1)),
+    lambda x: torch.amax(x, 1))
 add("cast-to-float64", [N(8, 16)], lambda x: ops.cast(x, np.float64) * 3.0, lambda x: x.double() * 3.0,
     out_dtype=np.float64)
 add("cast-to-float32", [N(8, 16)], lambda x: ops.cast(x, np.float32) * 3.0, lambda x: x.float() * 3.0,
@@ -462,6 +467,28 @@ def test_dropout_scaling_and_gradient_match_torch_convention(p, dtype):
     np.testing.assert_array_equal(again.data, dy.data)
     other = ops.dropout(Tensor(x, dtype=dtype), p, rng=np.random.default_rng(2))
     assert (other.data != dy.data).any()
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # the forward's 0 ** -1, as numpy says
+@pytest.mark.parametrize("create_graph", [False, True], ids=["plain", "create_graph"])
+def test_pow_gradients_where_base_or_exponent_is_zero_or_the_base_negative_match_torch(create_graph):
+    # 0 ** 0 gave the base a nan gradient (0 * inf), and a negative base gave the exponent 0 where torch
+    # says nan (log of a negative number)
+    a = np.array([0.0, 0.0, 0.0, 2.0, -2.0, -2.0, 0.5, 0.0], np.float32)
+    b = np.array([0.0, 2.0, -1.0, 0.0, 2.0, 0.0, 1.5, 1.0], np.float32)
+    da, db = Tensor(a, requires_grad=True), Tensor(b, requires_grad=True)
+    ga, gb = grad(ops.pow(da, db).sum(), [da, db], create_graph=create_graph)
+    ta, tb = torch.from_numpy(a).requires_grad_(True), torch.from_numpy(b).requires_grad_(True)
+    torch.pow(ta, tb).sum().backward()
+    assert ga.dtype == gb.dtype == np.float32
+    np.testing.assert_allclose(ga.data, ta.grad.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(gb.data, tb.grad.numpy(), rtol=1e-6)  # nan where torch has nan, inf where inf
+
+
+def test_layer_norm_of_integers_is_float32_and_mean_over_nothing_is_refused():
+    assert ops.layer_norm(Tensor(np.array([[1, 4]])), 2).dtype == np.float32  # was float64
+    with pytest.raises(ValueError, match=r"mean over an empty axis of a tensor of shape \(3, 0\)"):
+        ops.mean(Tensor(np.zeros((3, 0), np.float32)), 1)
 
 
 # --- max pooling of a window whose maximum is NaN ----------------------------------------------------

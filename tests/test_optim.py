@@ -733,6 +733,29 @@ def test_lambda_lr_matches_torch():
     np.testing.assert_allclose(d, t, rtol=1e-12)
 
 
+@pytest.mark.parametrize("make", [lambda o: optim.LambdaLR(o, lambda t: np.cos(0.1 * t)),
+                                  lambda o: optim.StepLR(o, 1, gamma=np.float64(0.5))], ids=["lambda", "step"])
+def test_a_schedule_sets_python_float_rates_and_the_steps_stay_float32(make):
+    # a np.float64 rate turned Adam's update into a float64 temporary on every step
+    p = nn.Parameter(np.ones(3, np.float32))
+    opt = optim.Adam([p], lr=0.1)
+    schedule = make(opt)
+    for _ in range(3):
+        p.grad = Tensor(np.ones(3, np.float32))
+        opt.step()
+        schedule.step()
+        assert type(opt.param_groups[0]["lr"]) is float
+    assert p.data.dtype == np.float32 and opt.state[p]["exp_avg"].dtype == np.float32
+
+
+def test_a_schedule_that_gives_a_rate_that_is_not_a_finite_non_negative_number_is_refused():
+    opt = optim.SGD([nn.Parameter(np.ones(3, np.float32))], lr=0.1)
+    schedule = optim.LambdaLR(opt, lambda t: float("nan") if t == 2 else 1.0)
+    schedule.step()
+    with pytest.raises(ValueError, match="LambdaLR: learning rate nan at step 2"):
+        schedule.step()
+
+
 def test_schedule_drives_the_optimizer_steps():
     p = nn.Parameter(np.zeros(1, np.float32))
     opt = optim.SGD([p], lr=1.0)

@@ -130,9 +130,14 @@ class Pow(Function):
     @staticmethod
     def backward(ctx, g):
         a, b = ctx.inputs
-        ga = g * b * a ** (b - 1) if ctx.needs(0) else None
-        # d/db a**b = a**b log a; where a == 0 the limit is 0 (for b > 0), not nan
-        gb = g * xp().where(a > 0, ctx.out * xp().log(xp().where(a > 0, a, 1)), 0) if ctx.needs(1) else None
+        a_values, b_values = ctx.input_arrays  # the masks are constants in either mode
+        np_ = xp()
+        ga = gb = None
+        with np.errstate(divide="ignore", invalid="ignore"):  # 0 ** -1, log 0 and log of a negative: as torch
+            if ctx.needs(0):  # where b == 0, a ** b is 1 for every a: 0, also at a == 0 (b * a**(b-1) is 0 * inf)
+                ga = g * np_.where(b_values == 0, 0, b * a ** (b - 1))
+            if ctx.needs(1):  # a**b log a: 0 where a == 0 and b >= 0 (the limit), nan for a < 0 (no real log)
+                gb = g * np_.where((a_values == 0) & (b_values >= 0), 0, ctx.out * np_.log(a))
         return ga, gb
 
 
@@ -395,7 +400,7 @@ class Cast(Function):
 def _axes(axis, ndim):
     if axis is None:
         return tuple(range(ndim))
-    if isinstance(axis, int):
+    if isinstance(axis, (int, np.integer)):
         axis = (axis,)
     out = []
     for a in axis:
@@ -1311,8 +1316,9 @@ def minimum(a, b):
 
 
 def _number(v):
-    """A numpy scalar as a Python number: a np.float64 constant would promote float32 data to float64."""
-    return v.item() if isinstance(v, np.generic) else v
+    """A numpy scalar or 0-d array as a Python number: a np.float64 constant would promote float32 data to
+    float64 (numpy 2 keeps a 0-d array's dtype as it keeps a numpy scalar's)."""
+    return v.item() if isinstance(v, np.generic) or (isinstance(v, np.ndarray) and v.ndim == 0) else v
 
 
 def clip(x, lo=None, hi=None):
@@ -1349,6 +1355,13 @@ def cast(x, dtype):
     return Cast.apply(x, dtype=dtype)
 
 
+def _check_not_over_nothing(name, x, axes):
+    """Refuse a reduction with no value to reduce (an empty axis among `axes`); an empty tensor reduced over
+    axes that are not empty gives an empty result."""
+    if x.data.size == 0 and not all(x.data.shape[a] for a in axes):
+        raise ValueError(f"{name} over an empty axis of a tensor of shape {x.data.shape}")
+
+
 def sum(x, axis=None, keepdims=False):
     x = _tensor(x)
     return Sum.apply(x, axes=_axes(axis, x.data.ndim), keepdims=keepdims)
@@ -1357,23 +1370,22 @@ def sum(x, axis=None, keepdims=False):
 def mean(x, axis=None, keepdims=False):
     x = _floating(x)
     axes = _axes(axis, x.data.ndim)
-    if x.data.size == 0:
-        raise ValueError("mean of an empty tensor")
+    _check_not_over_nothing("mean", x, axes)
     return Mean.apply(x, axes=axes, keepdims=keepdims)
 
 
 def max(x, axis=None, keepdims=False):
     x = _tensor(x)
-    if x.data.size == 0:
-        raise ValueError("max of an empty tensor")
-    return Max.apply(x, axes=_axes(axis, x.data.ndim), keepdims=keepdims, minimum=False)
+    axes = _axes(axis, x.data.ndim)
+    _check_not_over_nothing("max", x, axes)
+    return Max.apply(x, axes=axes, keepdims=keepdims, minimum=False)
 
 
 def min(x, axis=None, keepdims=False):
     x = _tensor(x)
-    if x.data.size == 0:
-        raise ValueError("min of an empty tensor")
-    return Max.apply(x, axes=_axes(axis, x.data.ndim), keepdims=keepdims, minimum=True)
+    axes = _axes(axis, x.data.ndim)
+    _check_not_over_nothing("min", x, axes)
+    return Max.apply(x, axes=axes, keepdims=keepdims, minimum=True)
 
 
 def var(x, axis=None, keepdims=False, correction=0):
@@ -1615,7 +1627,7 @@ def mse_loss(x, y, reduction="mean"):
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
-    x = _tensor(x)
+    x = _floating(x)
     weight, bias = _weight(weight, x), _weight(bias, x)
     normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     k = len(normalized_shape)

@@ -3,7 +3,7 @@
 import math
 import numbers
 
-from .optimizer import is_finite_real
+from .optimizer import _plain, is_finite_real
 
 
 class LRScheduler:
@@ -20,7 +20,11 @@ class LRScheduler:
 
     def _apply(self):
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = self.lr_at(base, self.last_step)
+            # a Python float: a np.float64 rate (np.cos in a lambda, say) made every update a float64 temporary
+            lr = _plain(self.lr_at(base, self.last_step))
+            if not is_finite_real(lr) or lr < 0:  # nan would turn the parameters into nan at the next step
+                raise ValueError(f"{type(self).__name__}: learning rate {lr!r} at step {self.last_step}")
+            group["lr"] = lr
 
     def step(self):
         self.last_step += 1
