@@ -14,25 +14,11 @@ import traceback
 # gRPC's core logs its own copy of errors that distbp reports in one line (GRPC_VERBOSITY=ERROR to see them)
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
-from .comm import CommError, RankFailed
-from .ps.client import PSError
-
+from .comm import RankFailed
 from .data.datasets import DataError
-from .train.checkpoint import CheckpointError
-from .train.config import FIELDS, ConfigError, load_toml, make_config
-
-# Errors of the user's input or of the machine (a full disk, too little memory), reported in one line;
-# anything else is a bug and keeps its traceback.
-USER_ERRORS = (ConfigError, DataError, CheckpointError, FloatingPointError, CommError, PSError, OSError, MemoryError)
-
-
-def error_message(e):
-    """One line for a USER_ERRORS error."""
-    if isinstance(e, MemoryError):
-        return f"out of memory{f': {e}' if str(e) else ''} (a smaller model, batch or data set needs less)"
-    if isinstance(e, OSError) and e.strerror:
-        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
-    return str(e)
+from .ps.client import PSError
+from .train.config import FIELDS, load_toml, make_config
+from .train.errors import USER_ERRORS, error_message
 
 
 def _option_type(f):

@@ -165,9 +165,17 @@ def test_a_failing_rank_ends_the_job_promptly(kind):
     code, out, err, seconds = mpiexec(2, str(HERE / "mpi_faults.py"), kind, timeout=60)
     assert code != 0
     assert seconds < 30
-    if kind == "raise":
+    if kind == "raise":  # a bug: its traceback, and status 1
         assert "rank 1 of 2 failed" in err and "injected failure on rank 1" in err
+        assert code == 1 and "Traceback" in err, err
     assert not left_behind(before)  # MPICH removes its segment only in MPI_Finalize, which never came
+
+
+def test_bad_input_found_by_every_rank_exits_2_in_one_line_per_rank_as_on_one_process(tmp_path):
+    code, _, err, _ = mpiexec(2, "-m", "distbp", "train", "--backend", "mpi", "--dataset", "idx", "--data-dir",
+                              str(tmp_path), timeout=60)
+    assert code == 2, err  # was 1
+    assert err.count("no train-images-idx3-ubyte") == 2 and "Traceback" not in err, err
 
 
 @pytest.mark.parametrize("ranks", [2, 3])

@@ -10,6 +10,7 @@ from threadpoolctl import threadpool_limits
 
 from ..comm import GroupAborted, RankFailed, detect_backend, mpi_communicator, run_ranks
 from .config import Config, ConfigError, check_outputs, check_pem, ps_settings
+from .errors import USER_ERRORS, error_message
 from .steps import LocalStep, allreduce_step
 from .trainer import Trainer
 
@@ -105,17 +106,16 @@ def _run_mpi(config, stream):
             raise SystemExit(code) from None  # reported: the command must not report it again
         if isinstance(e, GroupAborted):
             detail = ""
-        elif _is_user_error(e):
-            from ..cli import error_message
-
+        elif isinstance(e, USER_ERRORS):
             detail = error_message(e)
         else:
             detail = "".join(traceback.format_exception_only(type(e), e)).strip()
         sys.stderr.write(f"distbp: rank {comm.rank} of {comm.size} failed: {detail}\n")
-        if not _is_user_error(e):
+        code = 2 if isinstance(e, USER_ERRORS) else 1  # as on one rank
+        if code == 1:
             traceback.print_exc()
-        _abort(comm, 1)
-        raise SystemExit(1) from None  # reported: the command must not report it again
+        _abort(comm, code)
+        raise SystemExit(code) from None  # reported: the command must not report it again
 
 
 def _abort(comm, code):
@@ -125,12 +125,6 @@ def _abort(comm, code):
     sys.stderr.flush()
     time.sleep(0.3)
     comm.abort(code)
-
-
-def _is_user_error(e):
-    from ..cli import USER_ERRORS
-
-    return isinstance(e, USER_ERRORS)
 
 
 __all__ = ["run", "chosen_backend", "resolve_backend", "RankFailed", "Terminated", "stop_on_sigterm"]
