@@ -22,12 +22,12 @@ def write(tmp_path, text, name="run.toml"):
 
 
 def test_flat_toml(tmp_path):
-    path = write(tmp_path, 'model = "cnn"\nlr = 0.02\nepochs = 3\nhidden = [64, 32]\nresume = true\n'
+    path = write(tmp_path, 'model = "mlp"\nlr = 0.02\nepochs = 3\nhidden = [64, 32]\nresume = true\n'
                            'checkpoint = "ck.safetensors"\n')
-    assert load_toml(path) == {"model": "cnn", "lr": 0.02, "epochs": 3, "hidden": [64, 32], "resume": True,
+    assert load_toml(path) == {"model": "mlp", "lr": 0.02, "epochs": 3, "hidden": [64, 32], "resume": True,
                                "checkpoint": "ck.safetensors"}
     cfg = config_from(["--config", str(path)])
-    assert (cfg.model, cfg.lr, cfg.epochs, cfg.hidden, cfg.resume) == ("cnn", 0.02, 3, (64, 32), True)
+    assert (cfg.model, cfg.lr, cfg.epochs, cfg.hidden, cfg.resume) == ("mlp", 0.02, 3, (64, 32), True)
     assert cfg.checkpoint == "ck.safetensors"
 
 
@@ -142,7 +142,7 @@ def test_unknown_key_without_suggestion(tmp_path):
     ('resume = "yes"', "resume", ["true or false"]),
     ("resume = 1", "resume", ["true or false"]),
     ("model = 3", "model", ["string"]),
-    ("hidden = 64", "hidden", ["list"]),
+    ("hidden = 64.0", "hidden", ["list"]),
     ("hidden = [64.5]", "hidden", ["integer"]),
     ('hidden = ["a"]', "hidden", ["integer"]),
     ("hidden = []", "hidden", ["list"]),
@@ -181,7 +181,8 @@ def test_nan_on_the_command_line_is_refused():
 
 
 def test_in_range_edges_accepted():
-    cfg = make_config({"dropout": 0.5, "lr": 1e-9, "epochs": 1, "momentum": 1.0, "max_steps": 0})
+    cfg = make_config({"model": "charlm", "dropout": 0.5, "lr": 1e-9, "epochs": 1, "max_steps": 0})
+    assert make_config({"momentum": 1.0}).momentum == 1.0
     assert cfg.dropout == 0.5 and cfg.lr == 1e-9 and cfg.epochs == 1
 
 
@@ -242,3 +243,44 @@ def test_every_field_is_a_config_attribute():
     names = {f.name for f in dataclasses.fields(Config)}
     assert names == {f.name for f in FIELDS}
     assert len(FIELDS) == len(names)  # no key declared twice
+
+
+# --- keys that nothing would read ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"model": "cnn", "hidden": [256, 128]}, "'hidden' is for the mlp model; the model is cnn"),
+    ({"dropout": 0.5}, "'dropout' is for the charlm model; the model is mlp"),
+    ({"model": "cnn", "n_heads": 8}, "'n_heads' is for the charlm model; the model is cnn"),
+    ({"model": "cnn", "text_file": "small.txt"}, "'text_file' is for the text data set; the data set is digits"),
+    ({"data_dir": "mnist"}, "'data_dir' is for the idx data set; the data set is digits"),
+    ({"dataset": "digits", "synthetic_size": 500}, "'synthetic_size' is for the synthetic data set"),
+    ({"optimizer": "adam", "momentum": 0.5}, "'momentum' is for the sgd optimizer; the optimizer is adam"),
+    ({"model": "charlm", "momentum": 0.5}, "'momentum' is for the sgd optimizer; the optimizer is adam"),
+])
+def test_a_key_that_nothing_reads_is_refused_not_ignored(values, message):
+    # they used to train as if not given
+    with pytest.raises(ConfigError, match=message):
+        make_config(values)
+
+
+def test_keys_at_their_defaults_and_keys_that_apply_pass():
+    make_config({"model": "cnn", "hidden": [128], "momentum": 0.9, "dropout": 0.0})
+    make_config({"model": "charlm", "dropout": 0.1, "n_heads": 2, "d_model": 32, "max_chars": 5000})
+    make_config({"dataset": "synthetic", "synthetic_size": 500, "optimizer": "sgd", "momentum": 0.5})
+
+
+def test_one_integer_is_a_list_of_one_in_toml_as_on_the_command_line(tmp_path):
+    path = write(tmp_path, "hidden = 256\n")
+    assert config_from(["--config", str(path)]).hidden == (256,)
+
+
+@pytest.mark.parametrize("values, backend", [({"compress": "fp16"}, "local"), ({"bucket_cap_mb": 5.0}, "local"),
+                                             ({"allow_unused": True, "ps": "127.0.0.1:1"}, "ps"),
+                                             ({"timeout": 10.0}, "local")])
+def test_all_reduce_options_without_an_all_reduce_are_refused(values, backend):
+    from distbp.train.launch import resolve_backend
+
+    with pytest.raises(ConfigError, match=f"of the all-reduce \\(backends threads and mpi\\), but the backend is {backend}"):
+        resolve_backend(make_config(values))
+    assert resolve_backend(make_config({**values, "backend": "threads", "ps": None})) == "threads"

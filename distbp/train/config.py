@@ -102,7 +102,8 @@ FIELDS = (
           "schedule and position start afresh; with resume, only when there is nothing to resume)",
           nullable=True),
     Field("metrics", str, None, "write metrics as JSON lines to this file", nullable=True),
-    Field("progress", str, "auto", "progress display", choices=("auto", "bar", "plain", "none")),
+    Field("progress", str, "auto", "progress display: a bar on a terminal, else plain lines (auto); none "
+          "prints nothing but errors", choices=("auto", "bar", "plain", "none")),
 )
 
 _BY_NAME = {f.name: f for f in FIELDS}
@@ -152,6 +153,8 @@ def validate_value(name, value, where="config"):
             return None
         raise ConfigError(f"{where}: '{name}' cannot be empty")
     if f.is_list:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value]  # hidden = 256 in TOML, as --hidden 256 on the command line
         if not isinstance(value, (list, tuple)) or not value:
             raise ConfigError(f"{where}: '{name}' must be {_type_name(f)}, got {value!r}")
         return tuple(_coerce_scalar(f, v, where) for v in value)
@@ -172,7 +175,30 @@ Config.__doc__ = "A validated training configuration (see distbp.train.config.FI
 def make_config(values=None, where="config"):
     """A Config from a mapping of keys to values, every key and value checked."""
     checked = {name: validate_value(name, value, where) for name, value in (values or {}).items()}
-    return resolve(Config(**checked))
+    config = resolve(Config(**checked))
+    check_applies(config)
+    return config
+
+
+# Keys that only one model, data set or optimizer reads: given for another, they would be ignored silently.
+# (The backend's keys are checked with the backend: see launch.resolve_backend.)
+_MODEL_KEYS = {"hidden": "mlp", "block_size": "charlm", "d_model": "charlm", "n_layers": "charlm",
+               "n_heads": "charlm", "dropout": "charlm", "sample_length": "charlm"}
+_DATASET_KEYS = {"data_dir": "idx", "text_file": "text", "max_chars": "text", "synthetic_size": "synthetic"}
+
+
+def check_applies(config):
+    """Refuse a key set to other than its default where nothing reads it (--hidden with the cnn, say)."""
+    default = Config()
+    dataset = config.dataset or ("text" if config.model == "charlm" else "digits")
+    for key, model in _MODEL_KEYS.items():
+        if config.model != model and getattr(config, key) != getattr(default, key):
+            raise ConfigError(f"config: '{key}' is for the {model} model; the model is {config.model}")
+    for key, wanted in _DATASET_KEYS.items():
+        if dataset != wanted and getattr(config, key) != getattr(default, key):
+            raise ConfigError(f"config: '{key}' is for the {wanted} data set; the data set is {dataset}")
+    if config.optimizer != "sgd" and config.momentum != default.momentum:
+        raise ConfigError(f"config: 'momentum' is for the sgd optimizer; the optimizer is {config.optimizer}")
 
 
 def load_toml(path):

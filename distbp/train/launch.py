@@ -43,6 +43,7 @@ def _ignore_stop_signals():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+_ALLREDUCE_KEYS = ("bucket_cap_mb", "allow_unused", "compress", "timeout")
 _PS_KEYS = ("ps", "ps_token", "ps_tls_ca", "ps_tls_cert", "ps_tls_key", "ps_worker_id", "ps_retry_seconds")
 
 
@@ -61,6 +62,12 @@ def resolve_backend(config):
         raise ConfigError(f"config: 'world_size' is for the threads backend"
                           f"{f'; with {backend}, {who} sets the number of ranks' if who else ''}")
     default = Config()
+    if backend not in ("threads", "mpi"):  # no all-reduce to tune
+        given = [k for k in _ALLREDUCE_KEYS if getattr(config, k) != getattr(default, k)]
+        if given:
+            raise ConfigError(f"config: {', '.join(repr(k) for k in given)} "
+                              f"{'is an option' if len(given) == 1 else 'are options'} of the all-reduce (backends "
+                              f"threads and mpi), but the backend is {backend}")
     ps_given = [k for k in _PS_KEYS if getattr(config, k) != getattr(default, k)]
     if backend != "ps" and ps_given:  # they would be ignored: a run meant for the servers would train alone
         missing = "" if config.ps else " (and 'ps' gives the servers' addresses)"
