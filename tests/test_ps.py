@@ -2,7 +2,9 @@
 
 import io
 import json
+import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -866,6 +868,14 @@ def _start_server_process(port, ckpt, extra=()):
     return process
 
 
+def test_a_server_names_the_workers_options_it_ignores(tmp_path):
+    server = _start_server_process(_free_port(), tmp_path / "ps.ckpt",
+                                   ["--metrics", str(tmp_path / "m.jsonl"), "--trace", str(tmp_path / "t.json")])
+    server.terminate()
+    _, err = server.communicate(timeout=30)
+    assert "options of the workers, not of a server, ignored here: --trace, --metrics" in err, err
+
+
 @pytest.mark.parametrize("workers, mode", [(1, "sync"), (2, "sync"), (2, "async")])
 def test_killed_and_restarted_server_training_completes(tmp_path, workers, mode):
     # with 2 sync workers, one is usually waiting inside its PushPull call for the other when the server dies
@@ -1485,7 +1495,7 @@ def test_a_worker_with_equivalent_settings_is_accepted():
     config = make_config({"epochs": 1, "progress": "none"})  # dataset and lr left to their defaults
     addresses, _, stop = start_servers(config)
     try:
-        same = make_config({"epochs": 1, "progress": "none", "dataset": "digits", "lr": 0.1, "block_size": 8})
+        same = make_config({"epochs": 1, "progress": "none", "dataset": "digits", "lr": 0.1, "optimizer": "sgd"})
         PSClient(addresses, _named(config), settings=ps_settings(same)).register()
     finally:
         stop()
@@ -1754,10 +1764,10 @@ def test_sigterm_ends_a_worker_retrying_several_shards_at_once(tmp_path, first):
                             stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
-        # retried: both shards, or shard 1 after shard 0's refusal (it answers at once; a few retries later)
-        wanted = "retrying in 0.8" if first == "refusing" else "retrying"
-        while wanted not in proc.stderr.readline():
+        while "retrying for up to 60 s" not in proc.stderr.readline():
             assert proc.poll() is None and time.monotonic() < deadline
+        if first == "refusing":  # shard 0 answers at once: the signal comes during shard 1's retries after that
+            time.sleep(1.5)
         proc.send_signal(signal.SIGTERM)
         start = time.monotonic()
         _, err = proc.communicate(timeout=60)
@@ -1771,6 +1781,25 @@ def test_sigterm_ends_a_worker_retrying_several_shards_at_once(tmp_path, first):
             server.stop(0)
     assert proc.returncode == 143 and took < 20, (proc.returncode, took, err[-2000:])
     assert err.strip().splitlines()[-1] == "distbp: terminated"
+
+
+def test_a_worker_waiting_for_a_server_says_so_once_and_then_every_few_seconds(caplog, monkeypatch):
+    # it used to print a line per retry: about 30 a minute, before every normal start of the cluster script
+    from distbp.ps import client as client_module
+
+    monkeypatch.setattr(client_module, "RETRY_REPORT_SECONDS", 1.0)
+    address = f"127.0.0.1:{_free_port()}"
+    client = PSClient([address], [], retry_seconds=2.5)
+    try:
+        with caplog.at_level(logging.INFO, logger="distbp.ps"), pytest.raises(PSError) as raised:
+            client.status()
+    finally:
+        client.close()
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert lines[0] == (f"status: shard 0 at {address} is unavailable (UNAVAILABLE): no server answers there yet, "
+                        "or it is restarting; retrying for up to 2.5 s"), lines
+    assert 1 <= len(lines) - 1 <= 2 and all("still unavailable after" in line for line in lines[1:]), lines
+    assert re.match(rf"status on shard 0 at {address} \(unavailable for \d+ s\): UNAVAILABLE", str(raised.value))
 
 
 def test_a_signal_while_the_calls_start_stops_those_already_running(monkeypatch):

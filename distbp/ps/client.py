@@ -18,6 +18,7 @@ from .wire import Assembler, assign_shards, decode_message, encode_chunks
 
 log = logging.getLogger("distbp.ps")
 _RETRY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+RETRY_REPORT_SECONDS = 10.0  # while a shard stays away, a line this often (the retries themselves log at debug)
 
 
 def _identity(data):
@@ -92,21 +93,31 @@ class PSClient:
 
     def _call(self, what, shard, fn):
         """fn() with retries and backoff while the shard is unavailable."""
-        deadline = time.monotonic() + self.retry_seconds
+        start = time.monotonic()
+        deadline = start + self.retry_seconds
         delay = 0.1
+        said = None  # when the wait was last reported: once at first, then every RETRY_REPORT_SECONDS
         while True:
             try:
                 return fn()
             except grpc.RpcError as e:
                 code = e.code()
-                if code in _RETRY and time.monotonic() < deadline and not self.stopping.is_set():
-                    log.warning("%s: shard %d at %s unavailable (%s); retrying in %.1f s",
-                                what, shard, self.addresses[shard], code.name, delay)
+                now = time.monotonic()
+                where = f"shard {shard} at {self.addresses[shard]}"
+                if code in _RETRY and now < deadline and not self.stopping.is_set():
+                    if said is None:
+                        log.warning("%s: %s is unavailable (%s): no server answers there yet, or it is restarting; "
+                                    "retrying for up to %g s", what, where, code.name, self.retry_seconds)
+                        said = now
+                    elif now - said >= RETRY_REPORT_SECONDS:
+                        log.warning("%s: %s still unavailable after %.0f s; retrying", what, where, now - start)
+                        said = now
+                    log.debug("%s: %s unavailable; retrying in %.1f s", what, where, delay)
                     self.stopping.wait(delay)  # a stop ends the wait
                     delay = min(delay * 2, 2.0)
                     continue
-                raise PSError(f"{what} on shard {shard} ({self.addresses[shard]}): {code.name}: {e.details()}",
-                              code) from None
+                waited = f" (unavailable for {now - start:.0f} s)" if said is not None else ""
+                raise PSError(f"{what} on {where}{waited}: {code.name}: {e.details()}", code) from None
 
     def _each(self, fn):
         """[fn(shard) for every shard], concurrently; shard 0 runs in this thread (no hand-off for one server)."""

@@ -11,7 +11,7 @@ from ..data import BatchLoader, ShardSampler
 from ..ps.client import model_signature
 from ..ps.server import Shard, check_token, host_port, serve
 from ..ps.wire import assign_shards
-from .config import PS_SHARED_KEYS, RESUME_KEYS, ConfigError, check_pem, check_writable, ps_settings
+from .config import PS_SHARED_KEYS, RESUME_KEYS, Config, ConfigError, check_pem, check_writable, ps_settings
 from .trainer import build_data, build_model, build_optimizer, build_schedule
 
 
@@ -59,7 +59,6 @@ def check_server_options(config, args):
             raise ConfigError(str(e)) from None
     if not 0 < args.sync_timeout < float("inf"):  # (false for nan too)
         raise ConfigError(f"ps serve: --sync-timeout must be a positive number of seconds, got {args.sync_timeout}")
-    # (the workers' outputs, metrics and trace, are ignored: launch/ps_cluster.sh gives both the same options)
     training_only = [k for k in ("checkpoint", "init_from") if getattr(config, k)] + (["resume"] if config.resume else [])
     if training_only:
         raise ConfigError(f"ps serve: {', '.join(training_only)}: options of distbp train, not of the server "
@@ -82,12 +81,28 @@ def check_server_options(config, args):
         raise ConfigError("ps serve: --checkpoint-every-versions needs --checkpoint-path (where to write)")
 
 
+# Training options that only a worker reads (its backend, outputs and display)
+_WORKER_KEYS = ("backend", "world_size", "bucket_cap_mb", "allow_unused", "compress", "timeout", "trace", "ps",
+                "ps_token", "ps_tls_ca", "ps_tls_cert", "ps_tls_key", "ps_worker_id", "ps_retry_seconds",
+                "eval_every", "log_every", "checkpoint_every", "metrics", "progress", "sample_length")
+
+
+def workers_options_given(config):
+    """The worker-only keys `config` sets to other than their defaults."""
+    default = Config()
+    return [k for k in _WORKER_KEYS if getattr(config, k) != getattr(default, k)]
+
+
 def run_server(config, args, stream=None):
     """Serve until SIGTERM or SIGINT; on either, stop taking pushes, write the checkpoint (if configured)
     and stop."""
     stream = stream or sys.stdout
     logging.basicConfig(level=logging.INFO, format="distbp ps: %(message)s")
     check_server_options(config, args)
+    ignored = workers_options_given(config)
+    if ignored:  # one option list serves servers and workers alike (launch/ps_cluster.sh gives both the same)
+        logging.getLogger("distbp.ps").info("options of the workers, not of a server, ignored here: %s",
+                                            ", ".join(f"--{k.replace('_', '-')}" for k in ignored))
     shard = build_shard(config, args.shard, args.num_shards, args.workers, args.mode, args.staleness,
                         args.sync_timeout, args.checkpoint_path, args.checkpoint_every_versions)
     tls = dict(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca) if args.tls_cert else None
@@ -99,7 +114,7 @@ def run_server(config, args, stream=None):
             config.momentum, args.workers - 1)
     server, port = serve(shard, args.host, args.port, args.token, tls)
     stream.write(f"distbp ps: shard {args.shard} of {args.num_shards} ({len(shard.params)} parameters, "
-                 f"{args.mode}, {args.workers} workers) serving on {host_port(args.host, port)}, version {shard.version}\n")
+                 f"{args.mode}, {args.workers} worker{'s' if args.workers != 1 else ''}) serving on {host_port(args.host, port)}, version {shard.version}\n")
     stream.flush()
     stop = threading.Event()
 
