@@ -214,20 +214,34 @@ def main(argv=None):
             except ValueError as e:
                 raise DataError(str(e)) from None
             print(f"wrote {out}")
+    except BrokenPipeError:  # the reader of our output has gone (| head): stop quietly, as a killed writer would
+        return _output_closed()
+    except RankFailed as e:  # the threads backend: one rank's error stopped them all
+        if isinstance(e.error, BrokenPipeError):
+            return _output_closed()
+        if not isinstance(e.error, USER_ERRORS):
+            traceback.print_exception(e.error)
+        print(f"distbp: error: rank {e.rank} failed: {error_message(e.error)}", file=sys.stderr)
+        return 2 if isinstance(e.error, USER_ERRORS) else 1  # as on one rank
     except USER_ERRORS as e:
         print(f"distbp: error: {error_message(e)}", file=sys.stderr)
         if args.command == "train":
             _end_mpi_job(2, backend)
         return 2
-    except RankFailed as e:  # the threads backend: one rank's error stopped them all
-        if not isinstance(e.error, USER_ERRORS):
-            traceback.print_exception(e.error)
-        print(f"distbp: error: rank {e.rank} failed: {error_message(e.error)}", file=sys.stderr)
-        return 2 if isinstance(e.error, USER_ERRORS) else 1  # as on one rank
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
         print(f"distbp: {getattr(e, 'what', 'interrupted')}", file=sys.stderr)
         return getattr(e, "code", 130)
     return 0
+
+
+def _output_closed():
+    """Exit status 141 (a writer killed by SIGPIPE), with stdout sent nowhere: Python's flush at exit must not
+    fail on the closed pipe again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 141
 
 
 if __name__ == "__main__":

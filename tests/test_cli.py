@@ -387,3 +387,15 @@ def test_a_directory_or_binary_file_where_a_file_is_expected_is_one_line(tmp_pat
         assert cli.main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("distbp: error:") and str(target) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("backend", [["--backend", "local"], ["--backend", "threads", "--world-size", "2"]],
+                         ids=["local", "threads"])
+def test_output_piped_to_a_reader_that_stops_ends_quietly(backend):
+    # `distbp train | head -1`: it used to say "distbp: error: Broken pipe" and exit 2
+    proc = subprocess.Popen([sys.executable, "-m", "distbp", "train", *backend, "--progress", "plain", "--log-every",
+                             "1", "--epochs", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("training mlp")
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(60) == 141 and err == "", err
