@@ -1802,6 +1802,32 @@ def test_a_worker_waiting_for_a_server_says_so_once_and_then_every_few_seconds(c
     assert re.match(rf"status on shard 0 at {address} \(unavailable for \d+ s\): UNAVAILABLE", str(raised.value))
 
 
+def test_a_channel_whose_close_never_ends_does_not_hold_a_stopping_worker(monkeypatch):
+    # gRPC's close waits for its calls' bookkeeping, which a signal inside gRPC's start of a call can leave
+    # unfinished: the cluster script's Ctrl-C test hung on it once in a few runs
+    from distbp.ps import client as client_module
+
+    monkeypatch.setattr(client_module, "CLOSE_SECONDS", 0.5)
+    client = PSClient([f"127.0.0.1:{_free_port()}"], [], retry_seconds=1)
+    never = threading.Event()
+    real_channels = client.channels
+
+    class StuckChannel:
+        def close(self):
+            never.wait()
+
+    client.channels = [StuckChannel()]
+    try:
+        stopper = threading.Thread(target=client._stop)
+        stopper.start()
+        stopper.join(20)
+        assert not stopper.is_alive() and client.stopping.is_set()
+    finally:
+        never.set()
+        client.channels = real_channels
+        client.close()
+
+
 def test_a_signal_while_the_calls_start_stops_those_already_running(monkeypatch):
     # the pool's thread for shard 1 may already be retrying when the signal interrupts the main thread in
     # the pool's submit (it waits for the new thread to start): that call must end too, not retry on

@@ -18,6 +18,7 @@ from .wire import Assembler, assign_shards, decode_message, encode_chunks
 
 log = logging.getLogger("distbp.ps")
 _RETRY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+CLOSE_SECONDS = 5.0  # the longest a stopping worker waits for its channels to close (see _stop)
 RETRY_REPORT_SECONDS = 10.0  # while a shard stays away, a line this often (the retries themselves log at debug)
 
 
@@ -151,8 +152,15 @@ class PSClient:
             signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
         try:
             self.stopping.set()
-            for channel in self.channels:
-                channel.close()  # cancels the calls in flight
+            # Closing a channel cancels its calls at once, then waits for gRPC's bookkeeping of them to end. A
+            # signal that strikes inside gRPC's own start of a call can leave that wait unending (a worker hung
+            # at exit), so each close runs in a thread of its own, waited for CLOSE_SECONDS at most.
+            closing = [threading.Thread(target=c.close, daemon=True, name="distbp-ps-close") for c in self.channels]
+            for thread in closing:
+                thread.start()
+            deadline = time.monotonic() + CLOSE_SECONDS
+            for thread in closing:
+                thread.join(max(deadline - time.monotonic(), 0.0))
         finally:
             if blocking:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
