@@ -42,6 +42,16 @@ class Split:
         self.meta = meta or {}
 
 
+def read_only(split):
+    """The split with its arrays made read-only: ranks that share one (the threads backend loads the data
+    once) cannot change it under each other. Returns the split."""
+    for dataset in (split.train, split.test):
+        for value in vars(dataset).values():
+            if isinstance(value, np.ndarray):
+                value.flags.writeable = False
+    return split
+
+
 def _split(x, y, test_fraction, seed, name, input_shape, num_classes, meta=None):
     order = np.random.default_rng(seed).permutation(len(x))
     n_test = max(int(round(len(x) * test_fraction)), 1)  # every data set keeps a test split of its own

@@ -94,13 +94,14 @@ class Trainer:
     EVAL_BATCH = 512
     EVAL_TEXT_WINDOWS = 512
 
-    def __init__(self, config, step=None, stream=None):
+    def __init__(self, config, step=None, stream=None, split=None):
+        """split: the data, when already loaded (build_data(config)); thread ranks share one, read-only."""
         self.config = config
         self.strategy = step or LocalStep()
         self.stream = stream or sys.stdout
         self.is_main = self.strategy.rank == 0
         manual_seed(config.seed)  # the same initialisation on every rank
-        self.split = build_data(config)
+        self.split = split if split is not None else build_data(config)
         self.model = build_model(config, self.split)
         if hasattr(self.strategy, "bind"):  # a parameter-server worker learns its rank by registering
             self.strategy.bind(self.model)
