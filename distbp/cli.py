@@ -17,7 +17,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 from .comm import RankFailed
 from .data.datasets import DataError
 from .ps.client import PSError
-from .train.config import FIELDS, load_toml, make_config
+from .train.config import FIELDS, check_writable, load_toml, make_config
 from .train.errors import USER_ERRORS, error_message
 
 
@@ -209,6 +209,8 @@ def main(argv=None):
                 raise DataError(f"plot: the output {out} is a directory; name the image file to write")
             if not Path(out).suffix:
                 out += ".png"  # what matplotlib would write, named as it is
+            check_writable("plot: the output", out)
+            Path(out).parent.mkdir(parents=True, exist_ok=True)  # as for training's outputs
             try:
                 plot_metrics(args.metrics, out)
             except ValueError as e:

@@ -153,14 +153,15 @@ CASES = {
     "plot-no-records": (["plot", "empty.jsonl", "-o", "x.png"], ["empty.jsonl"], None),
     "plot-not-an-object": (["plot", "scalar.jsonl", "-o", "x.png"], ["scalar.jsonl"], None),
     "plot-record-without-step": (["plot", "nostep.jsonl", "-o", "x.png"], ["nostep.jsonl"], None),
-    "plot-output-dir-missing": (["plot", "metrics.jsonl", "-o", "no-dir/out.png"], ["no-dir"], None),
+    "plot-output-under-a-file": (["plot", "metrics.jsonl", "-o", "metrics.jsonl/out.png"],
+                                 ["metrics.jsonl is not a directory"], None),
     "plot-output-is-a-directory": (["plot", "metrics.jsonl", "-o", "badidx"], ["badidx is a directory"], None),
 }
 
 # Extra cases, beyond the ones every user hits first, run in-process to keep the suite fast. (Not those that
 # could hang: a subprocess has a timeout.)
 IN_PROCESS = {"out-of-range-option", "malformed-toml", "missing-config", "idx-without-data-dir", "bad-idx-file",
-              "unknown-model-toml", "plot-missing-file", "plot-no-records", "plot-output-dir-missing",
+              "unknown-model-toml", "plot-missing-file", "plot-no-records", "plot-output-under-a-file",
               "checkpoint-with-nan", "checkpoint-position-damaged", "checkpoint-is-a-pipe", "outputs-in-one-file",
               "empty-output-path", "ipv6-address-without-brackets", "plot-output-is-a-directory",
               "checkpoint-step-damaged", "outputs-in-one-file-by-a-link", "outputs-in-one-file-by-a-hard-link",
@@ -371,6 +372,11 @@ def test_plot_default_output_name(trained, tmp_path, capsys):
     png = tmp_path / "run.png"
     assert png.read_bytes()[:8] == PNG_SIGNATURE
     assert str(png) in capsys.readouterr().out
+
+
+def test_plot_makes_the_directories_of_its_output_as_training_does_for_its_outputs(trained, tmp_path):
+    assert cli.main(["plot", str(trained / "metrics.jsonl"), "-o", str(tmp_path / "new" / "dir" / "c.png")]) == 0
+    assert (tmp_path / "new" / "dir" / "c.png").read_bytes()[:8] == PNG_SIGNATURE  # it refused: no such directory
 
 
 def test_plot_names_the_file_it_writes_without_a_suffix(trained, tmp_path, capsys):
