@@ -17,7 +17,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 from .comm import RankFailed
 from .data.datasets import DataError
 from .ps.client import PSError
-from .train.config import FIELDS, check_writable, load_toml, make_config
+from .train.config import FIELDS, check_writable, load_toml, make_config, validate_values
 from .train.errors import USER_ERRORS, error_message
 
 
@@ -55,7 +55,7 @@ def _add_config_options(parser):
 def config_from_args(args):
     """Defaults, then the TOML file, then the command-line options; all validated."""
     values = load_toml(args.config) if args.config else {}
-    make_config(values, f"config file {args.config}")  # name the file in its own errors
+    validate_values(values, f"config file {args.config}")  # name the file in its own errors
     overrides = {f.name: getattr(args, f.name) for f in FIELDS if getattr(args, f.name) is not None}
     for f in FIELDS:  # --checkpoint "" clears a path the file sets (without one, "" is refused as empty)
         if f.nullable and overrides.get(f.name) == "" and values.get(f.name) is not None:

@@ -275,12 +275,31 @@ def test_one_integer_is_a_list_of_one_in_toml_as_on_the_command_line(tmp_path):
     assert config_from(["--config", str(path)]).hidden == (256,)
 
 
-@pytest.mark.parametrize("values, backend", [({"compress": "fp16"}, "local"), ({"bucket_cap_mb": 5.0}, "local"),
+@pytest.mark.parametrize("values, backend", [({"compress": "fp16", "backend": "local"}, "local"),
+                                             ({"bucket_cap_mb": 5.0, "backend": "local"}, "local"),
                                              ({"allow_unused": True, "ps": "127.0.0.1:1"}, "ps"),
-                                             ({"timeout": 10.0}, "local")])
+                                             ({"timeout": 10.0, "backend": "ps", "ps": "127.0.0.1:1"}, "ps")])
 def test_all_reduce_options_without_an_all_reduce_are_refused(values, backend):
     from distbp.train.launch import resolve_backend
 
     with pytest.raises(ConfigError, match=f"of the all-reduce \\(backends threads and mpi\\), but the backend is {backend}"):
         resolve_backend(make_config(values))
     assert resolve_backend(make_config({**values, "backend": "threads", "ps": None})) == "threads"
+
+
+def test_all_reduce_options_with_the_backend_left_to_auto_pass_on_one_rank():
+    # a sweep over 1, 2, 4 ranks with one option list: one rank is the local backend
+    from distbp.train.launch import resolve_backend
+
+    assert resolve_backend(make_config({"timeout": 600.0, "compress": "fp16"})) == "local"
+
+
+def test_a_config_file_is_checked_with_the_options_that_choose_its_model(tmp_path):
+    # the file used to be checked alone, as if for the default model, data set and optimizer
+    path = write(tmp_path, "d_model = 32\nn_heads = 2\nmomentum = 0.5\n")
+    cfg = config_from(["--config", str(path), "--model", "charlm", "--optimizer", "sgd"])
+    assert (cfg.d_model, cfg.momentum) == (32, 0.5)
+    path = write(tmp_path, "synthetic_size = 500\n", "synthetic.toml")
+    assert config_from(["--config", str(path), "--dataset", "synthetic"]).synthetic_size == 500
+    with pytest.raises(ConfigError, match="'synthetic_size' is for the synthetic data set; the data set is digits"):
+        config_from(["--config", str(path)])

@@ -39,7 +39,7 @@ FIELDS = (
     Field("text_file", str, None, "UTF-8 text file to train charlm on (default: Python's stdlib sources)",
           nullable=True),
     Field("hidden", int, (128,), "mlp hidden layer widths, e.g. 256,128", minimum=1, is_list=True),
-    Field("synthetic_size", int, 10_000, "examples in the synthetic data set", minimum=2),
+    Field("synthetic_size", int, 10_000, "examples in the synthetic data set", minimum=2, maximum=10**9),
     # charlm
     Field("block_size", int, 64, "charlm context length in characters", minimum=2),
     Field("d_model", int, 64, "charlm embedding width", minimum=1),
@@ -47,7 +47,7 @@ FIELDS = (
     Field("n_heads", int, 4, "charlm attention heads", minimum=1),
     Field("dropout", float, 0.0, "dropout probability (charlm)", minimum=0.0, maximum=0.99),
     Field("sample_length", int, 300, "characters charlm samples after training", minimum=0),
-    Field("max_chars", int, 400_000, "characters of text to read (text data set)", minimum=100),
+    Field("max_chars", int, 400_000, "characters of text to read (text data set)", minimum=100, maximum=10**12),
     # optimisation
     Field("epochs", int, None, "passes over the training data (default: the model's)", minimum=1, nullable=True),
     Field("max_steps", int, 0, "stop after this many steps in all (0: no limit)", minimum=0),
@@ -172,10 +172,15 @@ Config = _config_class()
 Config.__doc__ = "A validated training configuration (see distbp.train.config.FIELDS)."
 
 
+def validate_values(values, where="config"):
+    """Each key and value of a mapping checked on its own (a config file's, before options are added to it)."""
+    return {name: validate_value(name, value, where) for name, value in (values or {}).items()}
+
+
 def make_config(values=None, where="config"):
-    """A Config from a mapping of keys to values, every key and value checked."""
-    checked = {name: validate_value(name, value, where) for name, value in (values or {}).items()}
-    config = resolve(Config(**checked))
+    """A Config from a mapping of keys to values, every key and value checked, and every key that is set
+    read by the model, data set and optimizer chosen."""
+    config = resolve(Config(**validate_values(values, where)))
     check_applies(config)
     return config
 

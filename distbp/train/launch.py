@@ -63,7 +63,9 @@ def resolve_backend(config):
         raise ConfigError(f"config: 'world_size' is for the threads backend"
                           f"{f'; with {backend}, {who} sets the number of ranks' if who else ''}")
     default = Config()
-    if backend not in ("threads", "mpi"):  # no all-reduce to tune
+    # no all-reduce to tune: with the backend left to auto, one rank (local) may be one of a sweep of
+    # ranks counts run with the same options, so only a local backend asked for refuses them
+    if backend == "ps" or config.backend == "local":
         given = [k for k in _ALLREDUCE_KEYS if getattr(config, k) != getattr(default, k)]
         if given:
             raise ConfigError(f"config: {', '.join(repr(k) for k in given)} "
