@@ -643,6 +643,20 @@ def test_synchronize_inside_no_sync_is_an_error_and_reduces_nothing():
     assert run_ranks(2, body) == [0, 0]
 
 
+def test_a_backward_under_no_sync_after_a_synchronized_one_is_an_error():
+    # it added into buckets already sent: the result was the mean of the first plus the sum of the second
+    x, y = _data()
+
+    def body(comm):
+        ddp = DataParallel(_mlp(), comm)
+        cross_entropy(ddp(Tensor(x[:8])), y[:8]).backward()
+        with ddp.no_sync(), pytest.raises(RuntimeError, match="under no_sync\\(\\) after a backward outside it"):
+            cross_entropy(ddp(Tensor(x[8:16])), y[8:16]).backward()
+        return True
+
+    assert run_ranks(2, body) == [True, True]
+
+
 @pytest.mark.parametrize("allow_unused", [False, True])
 def test_backwards_only_under_no_sync_are_reduced_by_the_next_synchronize(allow_unused):
     x, y = _data()

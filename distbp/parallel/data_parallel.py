@@ -187,6 +187,11 @@ class DataParallel:
     def _grad_ready(self, p):
         self._check_usable()
         if not self._syncing:
+            if any(b.ready for b in self.buckets):  # its bucket may be in flight: the gradient would be lost or half-counted
+                raise RuntimeError(
+                    f"DataParallel: parameter {self._name_of[id(p)]} got a gradient under no_sync() after a backward "
+                    "outside it, before synchronize(): call synchronize() first, or run the synchronized backward "
+                    "last")
             self._accumulated.add(id(p))  # its .grad holds a gradient for the next synchronize()
             return
         bucket = self._bucket_of[id(p)]
