@@ -23,18 +23,16 @@ def _imported_layers(path):
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 0:
-                names = [node.module or ""]
+            module = node.module or ""
+            if node.level == 0 and module == "distbp":  # from distbp import cli
+                names = [a.name for a in node.names]
+            elif node.level == 0:  # from distbp.cli import main; other packages are no layer
+                names = [module.removeprefix("distbp.")] if module.startswith("distbp.") else []
             elif node.level - 1 == depth:  # relative to distbp itself: "from ..comm import", "from . import nn"
-                names = [node.module] if node.module else [a.name for a in node.names]
-            elif node.level - 1 < depth:
-                continue  # within its own layer
+                names = [module] if module else [a.name for a in node.names]
             else:
-                names = []
+                names = []  # within its own layer (or above the package)
             for name in names:
-                name = name.removeprefix("distbp.") if node.level == 0 else name
-                if node.level == 0 and not (node.module or "").startswith("distbp"):
-                    continue
                 found.add(name.split(".")[0])
         elif isinstance(node, ast.Import):
             found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("distbp."))
