@@ -4,6 +4,7 @@ import gzip
 import json
 import math
 import re
+import shutil
 import struct
 from collections import Counter
 
@@ -568,6 +569,88 @@ def test_an_idx_header_whose_size_overflows_is_refused(tmp_path):
     path.write_bytes(bytes([0, 0, 0x08, 3]) + struct.pack(">3I", 2**31, 2**31, 2**31))
     with pytest.raises(DataError, match="header says"):
         read_idx(path)
+
+
+def test_a_small_gzip_file_that_expands_past_its_header_is_refused_without_expanding_it(tmp_path):
+    import tracemalloc
+
+    path = tmp_path / "bomb-idx3-ubyte.gz"
+    header = bytes([0, 0, 0x08, 3]) + struct.pack(">3I", 2, 4, 4)  # 32 bytes of data declared
+    path.write_bytes(gzip.compress(header + bytes(64 * 2**20), 9))  # 64 MB follow: a file of 64 KB
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=r"header says \(2, 4, 4\) \(32 bytes of data\) but the file holds more"):
+            read_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, peak  # the whole file was decompressed into memory first
+
+
+@pytest.mark.parametrize("case, words", [
+    ("plain-and-gz", "both train-labels-idx1-ubyte and train-labels-idx1-ubyte.gz: keep one"),
+    ("broken-link", "train-labels-idx1-ubyte is a broken symbolic link"),
+    ("empty", "the file is empty"),
+    ("one-class", "every train label is 3: a classifier needs two classes or more"),
+    ("huge-label", "train labels go up to 1900000000; at most 1,048,576 classes"),
+    ("no-pixels", "train images are 0x5 pixels"),
+])
+def test_idx_directories_that_cannot_train_are_refused_in_one_line(tmp_path, case, words):
+    d = tmp_path / "d"
+    make_mnist_dir(d)
+    labels = d / MNIST_NAMES["train_y"]
+    if case == "plain-and-gz":
+        write_idx(d / (MNIST_NAMES["train_y"] + ".gz"), np.arange(96) % 10, compress=True)
+    elif case == "broken-link":
+        labels.unlink()
+        labels.symlink_to(tmp_path / "gone")
+    elif case == "empty":
+        labels.write_bytes(b"")
+    elif case == "one-class":
+        write_idx(labels, np.full(96, 3))
+    elif case == "huge-label":
+        write_idx(labels, np.arange(96) * 20_000_000, np.dtype(">i4"))
+    else:
+        write_idx(d / MNIST_NAMES["train_x"], np.zeros((96, 0, 5)))
+    with pytest.raises(DataError, match=re.escape(words)):
+        load_idx_dir(d)
+
+
+def test_a_huge_max_chars_reads_a_small_text_file_without_asking_for_the_memory(tmp_path):
+    import tracemalloc
+
+    path = tmp_path / "small.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog\n" * 100)
+    tracemalloc.start()
+    try:
+        split = load_text(path, block_size=8, max_chars=10**11)  # read(4e11 bytes) ran out of memory
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(split.train) + len(split.test) > 0 and peak < 64 * 2**20, peak
+
+
+def test_an_empty_text_file_is_named_empty(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(DataError, match="text file .*empty.txt is empty"):
+        load_text(tmp_path / "empty.txt")
+
+
+def test_a_run_is_not_resumed_on_other_data_of_the_same_shapes(tmp_path):
+    # Fashion-MNIST for MNIST, say: it resumed silently (data_dir is a path, which may move, so not a setting)
+    from distbp.train import CheckpointError, Trainer, make_config
+
+    make_mnist_dir(tmp_path / "first", seed=0)
+    make_mnist_dir(tmp_path / "other", seed=1)
+    ckpt = str(tmp_path / "run.ckpt")
+    base = {"dataset": "idx", "epochs": 2, "checkpoint": ckpt, "progress": "none"}
+    Trainer(make_config({**base, "data_dir": str(tmp_path / "first"), "max_steps": 2})).fit()
+    with pytest.raises(CheckpointError, match="written on other training data"):
+        Trainer(make_config({**base, "data_dir": str(tmp_path / "other"), "resume": True})).fit()
+    shutil.copytree(tmp_path / "first", tmp_path / "moved")  # the same data elsewhere: resumed
+    again = Trainer(make_config({**base, "data_dir": str(tmp_path / "moved"), "resume": True, "max_steps": 3}))
+    again.fit()
+    assert again.step == 3
 
 
 def test_a_tiny_synthetic_data_set_keeps_a_test_split():

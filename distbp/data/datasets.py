@@ -42,6 +42,20 @@ class Split:
         self.meta = meta or {}
 
 
+def fingerprint(split):
+    """A short digest of a split's training data (every array's shape and dtype, and its values, sampled
+    evenly when large): a run resumed on other data of the same shapes (Fashion-MNIST for MNIST, another
+    text with the same characters) is told apart by it. The sample keeps it to a few milliseconds."""
+    digest = 0
+    for name, value in sorted(vars(split.train).items()):
+        if isinstance(value, np.ndarray):
+            flat = value.reshape(-1)
+            sample = np.ascontiguousarray(flat[::max(flat.size // (1 << 22), 1)])
+            digest = zlib.crc32(f"{name}{value.shape}{value.dtype}".encode(), digest)
+            digest = zlib.crc32(sample.view(np.uint8), digest)
+    return f"{len(split.train)}:{digest:08x}"
+
+
 def read_only(split):
     """The split with its arrays made read-only: ranks that share one (the threads backend loads the data
     once) cannot change it under each other. Returns the split."""
@@ -82,43 +96,68 @@ def load_digits(test_fraction=0.2, seed=0, images=False):
 _IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
+MAX_CLASSES = 1 << 20
+
+
 def read_idx(path):
-    """Read an IDX file (gzip or plain) into an array; a malformed file raises DataError naming it."""
+    """Read an IDX file (gzip or plain) into an array; a malformed file raises DataError naming it.
+
+    The header is read first and then no more data than it declares (and one byte, to find extra data): a
+    small gzip file that expands to gigabytes is refused without expanding it."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            raw = f.read()
+            gzipped = f.read(2) == b"\x1f\x8b"
+            f.seek(0)
+            stream = gzip.GzipFile(fileobj=f) if gzipped else f
+            try:
+                return _read_idx_stream(path, stream)
+            except (OSError, EOFError, zlib.error) as e:
+                if not gzipped:
+                    raise
+                raise DataError(f"{path}: corrupt gzip data ({e})") from None
     except OSError as e:
-        raise DataError(f"cannot read IDX file {path}: {e.strerror}") from None
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:
-            raise DataError(f"{path}: corrupt gzip data ({e})") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise DataError(f"cannot read IDX file {path}: {e.strerror or e}") from None
+
+
+def _read_idx_stream(path, stream):
+    head = stream.read(4)
+    if not head:
+        raise DataError(f"{path}: the file is empty (an IDX file expected)")
+    if len(head) < 4 or head[0] != 0 or head[1] != 0:
         raise DataError(f"{path}: not an IDX file (bad magic number)")
-    type_code, ndim = raw[2], raw[3]
+    type_code, ndim = head[2], head[3]
     if type_code not in _IDX_TYPES:
         raise DataError(f"{path}: unknown IDX element type 0x{type_code:02x}")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
+    dims_raw = stream.read(4 * ndim)
+    if len(dims_raw) < 4 * ndim:
         raise DataError(f"{path}: truncated IDX header")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    dims = struct.unpack(f">{ndim}I", dims_raw)
     dtype = np.dtype(_IDX_TYPES[type_code])
     expected = math.prod(dims) * dtype.itemsize  # Python ints: a crafted header must not wrap around
-    if len(raw) - header != expected:
-        raise DataError(
-            f"{path}: IDX header says {dims} ({expected} bytes of data) but the file holds {len(raw) - header}"
-        )
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+    data = bytearray()
+    while len(data) <= expected:  # at most one byte past what the header declares
+        piece = stream.read(min(expected + 1 - len(data), 1 << 24))
+        if not piece:
+            break
+        data += piece
+    if len(data) != expected:
+        held = f"{len(data)}" if len(data) < expected else f"more than {expected}"
+        raise DataError(f"{path}: IDX header says {dims} ({expected} bytes of data) but the file holds {held}")
+    return np.frombuffer(data, dtype=dtype).reshape(dims)
 
 
 def _find(directory, stem):
-    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
-        path = directory / name
-        if path.exists():
-            return path
-    raise DataError(f"{directory}: no {stem} or {stem}.gz (MNIST-format IDX files expected)")
+    found = [directory / name for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"),
+                                          stem.replace("-idx", ".idx") + ".gz")
+             if os.path.lexists(directory / name)]
+    if len(found) > 1:  # an old plain file would silently win over a newer .gz
+        raise DataError(f"{directory}: both {found[0].name} and {found[1].name}: keep one")
+    if not found:
+        raise DataError(f"{directory}: no {stem} or {stem}.gz (MNIST-format IDX files expected)")
+    if not found[0].exists():
+        raise DataError(f"{found[0]} is a broken symbolic link")
+    return found[0]
 
 
 def load_idx_dir(directory, images=True):
@@ -136,6 +175,8 @@ def load_idx_dir(directory, images=True):
             raise DataError(f"{directory}: {len(x)} {prefix} images but {len(y)} labels")
         if not len(x):
             raise DataError(f"{directory}: the {prefix} files hold no images")
+        if not x[0].size:
+            raise DataError(f"{directory}: {prefix} images are {x.shape[1]}x{x.shape[2]} pixels")
         if x.dtype != np.uint8:  # pixels are scaled from 0..255
             raise DataError(f"{directory}: {prefix} images are {x.dtype.name}, not unsigned bytes (0-255)")
         if y.dtype.kind not in "iu" or y.min() < 0:
@@ -147,6 +188,11 @@ def load_idx_dir(directory, images=True):
         raise DataError(f"{directory}: t10k images are {parts['test'][0].shape[1:]} but train images {(h, w)}")
     shape = (1, h, w) if images else (h * w,)
     num_classes = int(parts["train"][1].max()) + 1
+    if len(np.unique(parts["train"][1])) < 2:
+        raise DataError(f"{directory}: every train label is {num_classes - 1}: a classifier needs two classes or more")
+    if num_classes > MAX_CLASSES:  # the output layer would have a row per class up to the largest label
+        raise DataError(f"{directory}: train labels go up to {num_classes - 1}; at most {MAX_CLASSES:,} classes "
+                        "(labels 0..N-1) are supported")
     if parts["test"][1].max() >= num_classes:
         raise DataError(f"{directory}: t10k labels go up to {parts['test'][1].max()}, beyond the train labels' "
                         f"0..{num_classes - 1}")
@@ -203,8 +249,16 @@ def _read_utf8_prefix(path, max_chars):
     """The first max_chars characters of a UTF-8 file, reading no more than they can take (4 bytes each):
     only what is used must decode, a byte-order mark is not text, and line ends read as "\n" (as a file
     opened in text mode gives them)."""
+    wanted = 4 * max_chars + 3
+    pieces, held = [], 0
     with open(path, "rb") as f:
-        raw = f.read(4 * max_chars + 3)
+        while held < wanted:  # in pieces: read(n) allocates n bytes at once (a huge max_chars ran out of memory)
+            piece = f.read(min(wanted - held, 1 << 24))
+            if not piece:
+                break
+            pieces.append(piece)
+            held += len(piece)
+    raw = b"".join(pieces)
     skip = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
     raw = raw[skip:]
     try:
@@ -235,6 +289,8 @@ def load_text(path=None, block_size=64, test_fraction=0.1, max_chars=1_000_000):
             raise DataError(f"cannot read text file {path}: {e.strerror}") from None
         source = os.fspath(path)
     vocab = sorted(set(text))
+    if not text:
+        raise DataError(f"text file {source} is empty")
     if len(vocab) < 2:
         raise DataError(f"text from {source} has fewer than two distinct characters")
     lookup = np.zeros(max(map(ord, vocab)) + 1, np.int64)

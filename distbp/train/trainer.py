@@ -14,7 +14,7 @@ from .. import models, nn, optim
 from ..autograd import Tensor, check_rng_state, get_rng_state, manual_seed, no_grad, set_rng_state
 from ..autograd.ops import cross_entropy
 from ..data import BatchLoader, CharDataset, ShardSampler, load_digits, load_idx_dir, load_synthetic, load_text
-from ..data.datasets import DataError
+from ..data.datasets import DataError, fingerprint
 from ..optim.optimizer import is_finite_real
 from .checkpoint import CheckpointError, is_count, load_checkpoint, load_weights, save_checkpoint
 from .config import RESUME_KEYS, ConfigError, check_outputs, effective_settings, to_dict
@@ -127,6 +127,7 @@ class Trainer:
             "step": self.step, "epoch": self.epoch, "batch": self.batch, "model": self.config.model,
             "rng": rngs, "schedule": self.schedule.state_dict(), "lr_used": self.lr_used,
             "vocab": self.split.meta.get("vocab"),  # a text model's codes mean these characters
+            "data": self._data_fingerprint(),  # what it was trained on: a resume must go on with the same
             "running_loss": {"sum": loss_sum, "count": self.loss_count},
             "world_size": self.strategy.world_size, "config": to_dict(self.config),
         }
@@ -157,6 +158,18 @@ class Trainer:
                         "new run from the checkpoint's weights with init_from"
                     )
         self._check_vocab(path, state)
+        saved_data = state.get("data")
+        if saved_data is not None and saved_data != self._data_fingerprint():
+            raise CheckpointError(
+                f"{path}: written on other training data ({saved_data.split(':')[0]} examples, fingerprint "
+                f"{saved_data.split(':')[-1]}) than this run's ({len(self.split.train)} examples, fingerprint "
+                f"{self._data_fingerprint().split(':')[-1]}): resume on the same data, or start a new run from the "
+                "checkpoint's weights with init_from")
+
+    def _data_fingerprint(self):
+        if getattr(self, "_fingerprint", None) is None:
+            self._fingerprint = fingerprint(self.split)
+        return self._fingerprint
 
     def _check_state(self, path, state):
         """Refuse a checkpoint's saved state that resume() could not restore whole (before anything changes)."""
