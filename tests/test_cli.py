@@ -130,6 +130,9 @@ CASES = {
     "checkpoint-step-damaged": (
         ["train", "--resume", "--hidden", "32", "--checkpoint", "ck-step.safetensors", "--progress", "none"],
         ["ck-step.safetensors", "step 91, epoch 3, batch 0"], "ck-step.safetensors"),
+    "checkpoint-data-damaged": (
+        ["train", "--resume", "--hidden", "32", "--checkpoint", "ck-data.safetensors", "--progress", "none"],
+        ["ck-data.safetensors", "damaged checkpoint state: data is 5"], "ck-data.safetensors"),
     "checkpoint-is-a-pipe": (["train", "--checkpoint", "pipe", "--progress", "none"], ["pipe", "not a regular file"],
                              None),
     "resume-from-a-pipe": (["train", "--resume", "--checkpoint", "pipe", "--progress", "none"],
@@ -164,7 +167,7 @@ IN_PROCESS = {"out-of-range-option", "malformed-toml", "missing-config", "idx-wi
               "unknown-model-toml", "plot-missing-file", "plot-no-records", "plot-output-under-a-file",
               "checkpoint-with-nan", "checkpoint-position-damaged", "checkpoint-is-a-pipe", "outputs-in-one-file",
               "empty-output-path", "ipv6-address-without-brackets", "plot-output-is-a-directory",
-              "checkpoint-step-damaged", "outputs-in-one-file-by-a-link", "outputs-in-one-file-by-a-hard-link",
+              "checkpoint-step-damaged", "checkpoint-data-damaged", "outputs-in-one-file-by-a-link", "outputs-in-one-file-by-a-hard-link",
               "threads-rank-refuses-a-checkpoint"}
 
 
@@ -225,6 +228,7 @@ def results(trained, tmp_path_factory):
     (d / "ck-nan.safetensors").write_bytes(edit_checkpoint(ck, nan_in="model/0.weight"))
     (d / "ck-pos.safetensors").write_bytes(edit_checkpoint(ck, state={"batch": 99999}))
     (d / "ck-step.safetensors").write_bytes(edit_checkpoint(ck, state={"step": 91}))  # epoch 2, batch 0
+    (d / "ck-data.safetensors").write_bytes(edit_checkpoint(ck, state={"data": 5}))
     os.mkfifo(d / "pipe")
     (d / "link.out").symlink_to("real.out")
     (d / "hard-a.out").write_text("")

@@ -587,8 +587,32 @@ def test_a_small_gzip_file_that_expands_past_its_header_is_refused_without_expan
     assert peak < 8 * 2**20, peak  # the whole file was decompressed into memory first
 
 
+def test_the_data_fingerprint_reads_the_data_only_and_not_its_byte_order():
+    from distbp.data.datasets import fingerprint
+
+    split = load_text(None, block_size=8, max_chars=5000)
+    other = load_text(None, block_size=8, max_chars=5000)
+    other.train._offsets = other.train._offsets.astype(np.int32)  # a helper array, int32 on some platforms
+    assert fingerprint(split) == fingerprint(other)
+    digits, swapped = load_digits(), load_digits()
+    swapped.train.x = swapped.train.x.astype(">f4")
+    assert fingerprint(digits) == fingerprint(swapped)
+    reordered = load_digits()
+    reordered.train.y = reordered.train.y[::-1].copy()
+    assert fingerprint(digits) != fingerprint(reordered)
+
+
+def test_plain_files_beside_the_gz_files_they_came_from_load(tmp_path):
+    # torchvision's MNIST/raw keeps both; so does gunzip -k
+    arrays = make_mnist_dir(tmp_path / "d", compress=True)
+    for stem in MNIST_NAMES.values():
+        (tmp_path / "d" / stem).write_bytes(gzip.decompress((tmp_path / "d" / (stem + ".gz")).read_bytes()))
+    split = load_idx_dir(tmp_path / "d", images=False)
+    np.testing.assert_array_equal(split.train.y, arrays["train_y"])
+
+
 @pytest.mark.parametrize("case, words", [
-    ("plain-and-gz", "both train-labels-idx1-ubyte and train-labels-idx1-ubyte.gz: keep one"),
+    ("plain-and-gz", "both train-labels-idx1-ubyte and train-labels-idx1-ubyte.gz, and they differ: keep one"),
     ("broken-link", "train-labels-idx1-ubyte is a broken symbolic link"),
     ("empty", "the file is empty"),
     ("one-class", "every train label is 3: a classifier needs two classes or more"),
@@ -600,7 +624,7 @@ def test_idx_directories_that_cannot_train_are_refused_in_one_line(tmp_path, cas
     make_mnist_dir(d)
     labels = d / MNIST_NAMES["train_y"]
     if case == "plain-and-gz":
-        write_idx(d / (MNIST_NAMES["train_y"] + ".gz"), np.arange(96) % 10, compress=True)
+        write_idx(d / (MNIST_NAMES["train_y"] + ".gz"), (np.arange(96) + 1) % 10, compress=True)
     elif case == "broken-link":
         labels.unlink()
         labels.symlink_to(tmp_path / "gone")

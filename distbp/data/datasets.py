@@ -43,17 +43,23 @@ class Split:
 
 
 def fingerprint(split):
-    """A short digest of a split's training data (every array's shape and dtype, and its values, sampled
-    evenly when large): a run resumed on other data of the same shapes (Fashion-MNIST for MNIST, another
-    text with the same characters) is told apart by it. The sample keeps it to a few milliseconds."""
+    """A short digest of a split's training data (each data array's name, shape and type, and its values,
+    sampled evenly when large, as little-endian bytes): a run resumed on other data of the same shapes
+    (Fashion-MNIST for MNIST, another text with the same characters) is told apart by it. The sample keeps
+    it to a few milliseconds; it is computed once per split (thread ranks share theirs)."""
+    cached = getattr(split, "_fingerprint", None)
+    if cached is not None:
+        return cached
     digest = 0
     for name, value in sorted(vars(split.train).items()):
-        if isinstance(value, np.ndarray):
+        if isinstance(value, np.ndarray) and not name.startswith("_"):  # the data, not helper arrays
             flat = value.reshape(-1)
-            sample = np.ascontiguousarray(flat[::max(flat.size // (1 << 22), 1)])
-            digest = zlib.crc32(f"{name}{value.shape}{value.dtype}".encode(), digest)
+            sample = flat[::max(flat.size // (1 << 22), 1)]
+            sample = np.ascontiguousarray(sample, sample.dtype.newbyteorder("<"))
+            digest = zlib.crc32(f"{name}{value.shape}{value.dtype.kind}{value.dtype.itemsize}".encode(), digest)
             digest = zlib.crc32(sample.view(np.uint8), digest)
-    return f"{len(split.train)}:{digest:08x}"
+    split._fingerprint = f"{len(split.train)}:{digest:08x}"
+    return split._fingerprint
 
 
 def read_only(split):
@@ -148,16 +154,38 @@ def _read_idx_stream(path, stream):
 
 
 def _find(directory, stem):
-    found = [directory / name for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"),
-                                          stem.replace("-idx", ".idx") + ".gz")
-             if os.path.lexists(directory / name)]
-    if len(found) > 1:  # an old plain file would silently win over a newer .gz
-        raise DataError(f"{directory}: both {found[0].name} and {found[1].name}: keep one")
+    names = (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz")
+    found = [directory / name for name in names if os.path.lexists(directory / name)]
     if not found:
         raise DataError(f"{directory}: no {stem} or {stem}.gz (MNIST-format IDX files expected)")
-    if not found[0].exists():
-        raise DataError(f"{found[0]} is a broken symbolic link")
-    return found[0]
+    files = [path for path in found if not path.is_dir()] or found  # (a directory alone: read_idx names it)
+    if len(files) > 1 and not _same_data(files[0], files[1]):
+        # an old plain file would win silently over a newer .gz (a plain file beside the .gz it came from,
+        # as torchvision keeps them, is the same data and is read)
+        raise DataError(f"{directory}: both {files[0].name} and {files[1].name}, and they differ: keep one")
+    if not files[0].exists():
+        raise DataError(f"{files[0]} is a broken symbolic link")
+    return files[0]
+
+
+def _same_data(first, second):
+    """Whether two candidate files hold the same IDX bytes once decompressed (compared a piece at a time)."""
+    def opened(path, f):
+        gzipped = f.read(2) == b"\x1f\x8b"
+        f.seek(0)
+        return gzip.GzipFile(fileobj=f) if gzipped else f
+
+    try:
+        with open(first, "rb") as f1, open(second, "rb") as f2:
+            a, b = opened(first, f1), opened(second, f2)
+            while True:
+                piece = a.read(1 << 20)
+                if piece != b.read(1 << 20):
+                    return False
+                if not piece:
+                    return True
+    except (OSError, EOFError, zlib.error):
+        return False  # one cannot be read: named as differing, then read_idx says what is wrong
 
 
 def load_idx_dir(directory, images=True):

@@ -53,6 +53,10 @@ class _Bucket:
         return sum(p.data.nbytes for _, p in self.params)
 
 
+_AFTER_A_FAILED_BACKWARD = (" (If the last backward raised part-way, some of its buckets were sent: this "
+                            "DataParallel cannot go on; build a new one on every rank)")
+
+
 class DataParallel:
     """Wrap `model` for data-parallel training over communicator `comm`.
 
@@ -191,7 +195,7 @@ class DataParallel:
                 raise RuntimeError(
                     f"DataParallel: parameter {self._name_of[id(p)]} got a gradient under no_sync() after a backward "
                     "outside it, before synchronize(): call synchronize() first, or run the synchronized backward "
-                    "last")
+                    f"last.{_AFTER_A_FAILED_BACKWARD}")
             self._accumulated.add(id(p))  # its .grad holds a gradient for the next synchronize()
             return
         bucket = self._bucket_of[id(p)]
@@ -199,8 +203,7 @@ class DataParallel:
             raise RuntimeError(
                 f"DataParallel: parameter {self._name_of[id(p)]} got a second gradient before synchronize() "
                 "(its bucket may already be in flight): call synchronize() after every backward, or "
-                "accumulate inside no_sync(). (If the last backward raised part-way, its buckets were sent: "
-                "this DataParallel cannot go on; build a new one on every rank)"
+                f"accumulate inside no_sync().{_AFTER_A_FAILED_BACKWARD}"
             )
         self._into_bucket(p.grad.data, bucket.views[id(p)])
         bucket.ready.add(id(p))

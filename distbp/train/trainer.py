@@ -159,6 +159,8 @@ class Trainer:
                     )
         self._check_vocab(path, state)
         saved_data = state.get("data")
+        if saved_data is not None and (not isinstance(saved_data, str) or saved_data.count(":") != 1):
+            raise CheckpointError(f"{path}: damaged checkpoint state: data is {saved_data!r}, not COUNT:FINGERPRINT")
         if saved_data is not None and saved_data != self._data_fingerprint():
             raise CheckpointError(
                 f"{path}: written on other training data ({saved_data.split(':')[0]} examples, fingerprint "
@@ -167,9 +169,7 @@ class Trainer:
                 "checkpoint's weights with init_from")
 
     def _data_fingerprint(self):
-        if getattr(self, "_fingerprint", None) is None:
-            self._fingerprint = fingerprint(self.split)
-        return self._fingerprint
+        return fingerprint(self.split)
 
     def _check_state(self, path, state):
         """Refuse a checkpoint's saved state that resume() could not restore whole (before anything changes)."""
