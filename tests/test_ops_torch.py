@@ -491,6 +491,20 @@ def test_layer_norm_of_integers_is_float32_and_mean_over_nothing_is_refused():
         ops.mean(Tensor(np.zeros((3, 0), np.float32)), 1)
 
 
+@pytest.mark.parametrize("create_graph", [False, True], ids=["plain", "create_graph"])
+@pytest.mark.parametrize("kw", [dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=(3, 2), stride=1,
+                                                                                padding=(1, 1))],
+                         ids=["3-2-1", "rect-overlapping"])
+def test_max_pool2d_gives_the_gradient_of_a_window_of_minus_inf_to_its_first_cell_not_the_padding(kw, create_graph):
+    x = np.random.default_rng(1).standard_normal((1, 2, 5, 4)).astype(np.float32)
+    x[0, 0, :2, :2] = x[0, 1, 3:, 2:] = -np.inf  # a corner of each channel: windows there tie with the padding
+    dx = Tensor(x, requires_grad=True)
+    (gx,) = grad(ops.max_pool2d(dx, **kw).sum(), [dx], create_graph=create_graph)
+    tx = torch.from_numpy(x).requires_grad_(True)
+    F.max_pool2d(tx, **kw).sum().backward()
+    np.testing.assert_array_equal(gx.data, tx.grad.numpy())  # the -inf corner's gradient was lost
+
+
 # --- max pooling of a window whose maximum is NaN ----------------------------------------------------
 
 

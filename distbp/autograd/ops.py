@@ -1060,14 +1060,24 @@ class MaxOverWindow(Function):
     save_inputs = True
 
     @staticmethod
-    def forward(ctx, cols):
+    def forward(ctx, cols, inside=None):
+        ctx.saved = inside  # (1, 1, k, oh, ow): the cells that are not padding, when there is padding
         return cols.max(axis=2)
 
     @staticmethod
     def backward(ctx, g):
         cols = ctx.input_arrays[0]  # the winner mask is a constant in either mode
+        first = cols.argmax(axis=2)[:, :, None]
+        inside = ctx.saved
+        if inside is not None:
+            # a window whose maximum is -inf ties with its padding: the first cell of the image gets the
+            # gradient, as in PyTorch (the first cell may be padding, and the gradient was lost)
+            padded = ~np.take_along_axis(np.broadcast_to(inside, cols.shape), first, axis=2)
+            if padded.any():
+                ties = (cols == cols.max(axis=2, keepdims=True)) & inside
+                first = np.where(padded, ties.argmax(axis=2)[:, :, None], first)
         winner = np.zeros(cols.shape, cols.dtype)
-        np.put_along_axis(winner, cols.argmax(axis=2)[:, :, None], 1, axis=2)
+        np.put_along_axis(winner, first, 1, axis=2)
         n, c, _, oh, ow = cols.shape
         return (g.reshape(n, c, 1, oh, ow) * winner,)
 
@@ -1725,7 +1735,13 @@ def _pool(x, kernel_size, stride, padding, reduce, pad_value):
         return reduce(tiles, (3, 5))
     cols = unfold(x, kernel, stride, padding, pad_value)
     cols = reshape(cols, (n, c, kernel[0] * kernel[1], oh, ow))
-    return MaxOverWindow.apply(cols) if reduce is max else reduce(cols, 2)
+    if reduce is not max:
+        return reduce(cols, 2)
+    inside = None
+    if padding != (0, 0):  # which cells of each window are the image's, not padding (see MaxOverWindow)
+        inside = _unfold_array(np.ones((1, 1, h, w), bool), kernel, stride, padding, False)
+        inside = inside.reshape(1, 1, kernel[0] * kernel[1], oh, ow)
+    return MaxOverWindow.apply(cols, inside=inside)
 
 
 def max_pool2d(x, kernel_size, stride=None, padding=0):
