@@ -240,7 +240,11 @@ def _output_closed():
     """Exit status 141 (a writer killed by SIGPIPE), with stdout sent nowhere: Python's flush at exit must not
     fail on the closed pipe again."""
     try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
     except (OSError, ValueError):
         pass
     return 141
