@@ -170,14 +170,14 @@ def _find(directory, stem):
 
 def _same_data(first, second):
     """Whether two candidate files hold the same IDX bytes once decompressed (compared a piece at a time)."""
-    def opened(path, f):
+    def opened(f):
         gzipped = f.read(2) == b"\x1f\x8b"
         f.seek(0)
         return gzip.GzipFile(fileobj=f) if gzipped else f
 
     try:
         with open(first, "rb") as f1, open(second, "rb") as f2:
-            a, b = opened(first, f1), opened(second, f2)
+            a, b = opened(f1), opened(f2)
             while True:
                 piece = a.read(1 << 20)
                 if piece != b.read(1 << 20):
