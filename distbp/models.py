@@ -42,6 +42,10 @@ class CharLM(nn.Module):
 
     def __init__(self, vocab_size, block_size, d_model=64, n_layers=2, n_heads=4, dropout=0.0):
         super().__init__()
+        for name, value in (("vocab_size", vocab_size), ("block_size", block_size), ("d_model", d_model),
+                            ("n_layers", n_layers)):
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"CharLM: {name} must be an integer >= 1, got {value!r}")
         self.vocab_size, self.block_size = vocab_size, block_size
         self.token = nn.Embedding(vocab_size, d_model)
         self.position = nn.Embedding(block_size, d_model)
@@ -75,6 +79,9 @@ class CharLM(nn.Module):
         if length < 0:
             raise ValueError(f"CharLM.generate: length must be >= 0, got {length}")
         rng = default_rng() if rng is None else rng
+        prompt = np.asarray(prompt)
+        if prompt.ndim != 1 or (prompt.size and prompt.dtype.kind not in "iu"):
+            raise ValueError(f"CharLM.generate: the prompt must be a 1-d sequence of integer codes, got {prompt!r}")
         codes = [int(c) for c in prompt] or [0]
         start = len(codes)
         was_training = self.training
@@ -83,8 +90,11 @@ class CharLM(nn.Module):
             with no_grad():
                 for _ in range(length):
                     window = np.asarray(codes[-self.block_size:])[None]
-                    logits = self(window).data[0, -1] / max(temperature, 1e-6)
-                    p = softmax(Tensor(logits)).data.astype(np.float64)
+                    logits = self(window).data[0, -1]
+                    if temperature == 0:  # greedy: the first of the largest (a tiny temperature still sampled near-ties)
+                        codes.append(int(np.argmax(logits)))
+                        continue
+                    p = softmax(Tensor(logits / np.float32(temperature))).data.astype(np.float64)
                     codes.append(int(rng.choice(len(p), p=p / p.sum())))
         finally:
             self.train(was_training)

@@ -6,6 +6,7 @@ parameter gradients must agree.
 
 import contextlib
 import math
+import re
 
 import numpy as np
 import pytest
@@ -889,6 +890,29 @@ def test_charlm_generate_temperature_zero_is_greedy():
         for _ in range(4):
             codes.append(int(np.argmax(m(np.asarray(codes[-4:])[None]).data[0, -1])))
     assert greedy == codes[2:]
+
+
+def test_charlm_generate_at_temperature_zero_takes_the_first_of_near_tied_codes_every_time():
+    # it divided by 1e-6 and still sampled: logits 2e-6 apart were picked 21 and 179 times in 200
+    m = _charlm()
+    m.head.weight.data[...] = 0
+    m.head.bias.data[...] = np.array([5.0, 5.0 + 2e-6, 0, 0, 0, 0, 0], np.float32)
+    picks = {m.generate([1], 1, temperature=0, rng=np.random.default_rng(i))[0] for i in range(50)}
+    assert picks == {1}
+    m.head.bias.data[...] = np.array([5.0, 5.0, 0, 0, 0, 0, 0], np.float32)  # an exact tie: the first
+    assert {m.generate([1], 1, temperature=0, rng=np.random.default_rng(i))[0] for i in range(20)} == {0}
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda: CharLM(7, 4, d_model=8, n_layers=1, n_heads=0), "n_heads must be an integer >= 1, got 0"),
+    (lambda: CharLM(7, 4, d_model=8, n_layers=1, n_heads=-4), "n_heads must be an integer >= 1, got -4"),
+    (lambda: CharLM(7, 0, d_model=8, n_layers=1, n_heads=2), "block_size must be an integer >= 1, got 0"),
+    (lambda: _charlm().generate(np.array([[1, 2]]), 1), "the prompt must be a 1-d sequence of integer codes"),
+    (lambda: _charlm().generate("ab", 1), "the prompt must be a 1-d sequence of integer codes"),
+], ids=["zero-heads", "negative-heads", "zero-block", "2-d-prompt", "string-prompt"])
+def test_charlm_sizes_and_prompts_it_cannot_use_are_refused_by_name(make, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        make()
 
 
 @pytest.mark.parametrize("training", [True, False])
