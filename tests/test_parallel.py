@@ -1047,3 +1047,58 @@ def test_thread_ranks_load_the_data_once_and_share_it_read_only(monkeypatch):
     launch.run(make_config({"backend": "threads", "world_size": 3, "max_steps": 2, "progress": "none"}))
     assert len(loads) == 1 and len(shared) == 3 and all(s is shared[0] for s in shared)
     assert not shared[0].train.x.flags.writeable and not shared[0].test.y.flags.writeable
+
+
+def _spans(path):
+    return [e for e in json.loads(path.read_text())["traceEvents"] if e["ph"] == "X"]
+
+
+def test_the_trace_draws_well_formed_rows_on_one_clock_labelled_with_the_runs_steps(tmp_path):
+    # each bucket's all-reduce on a row no other in-flight one shares (they overlapped on one row, which
+    # Perfetto draws wrongly); spans that do not overlap by rounding; one origin for every rank; steps of
+    # the run (a resumed one counted from 0); written once the traced steps are done
+    ckpt, path = tmp_path / "c.ckpt", tmp_path / "t.json"
+    _train_ranks(2, epochs=2, max_steps=5, checkpoint=str(ckpt), bucket_cap_mb=1e-4)
+    _train_ranks(2, epochs=2, max_steps=12, checkpoint=str(ckpt), resume=True, bucket_cap_mb=1e-4, trace=str(path))
+    spans = _spans(path)
+    assert {e["args"]["step"] for e in spans} == set(range(6, 13))
+    rows = {}
+    for e in spans:
+        rows.setdefault((e["pid"], e["tid"]), []).append((e["ts"], e["ts"] + e["dur"]))
+    assert any(tid > 1 for _, tid in rows)  # tiny buckets in flight together: more than one all-reduce row
+    for row in rows.values():
+        row.sort()
+        assert all(end <= start for (_, end), (start, _) in zip(row, row[1:])), row  # no partial overlaps
+    firsts = [min(e["ts"] for e in spans if e["pid"] == rank and e["name"] == "forward") for rank in (0, 1)]
+    assert abs(firsts[0] - firsts[1]) < 50_000  # the same step on one clock (each rank began at 0 before)
+
+
+def test_the_trace_is_written_once_its_steps_are_traced_so_a_run_stopped_later_keeps_it(tmp_path, monkeypatch):
+    from distbp.train import trace
+
+    path, stopped = tmp_path / "t.json", {}
+    real_write = trace.write_trace
+
+    def write_then_stop(p, events):
+        real_write(p, events)
+        stopped["written"] = True
+        raise KeyboardInterrupt  # as if the run were stopped after its traced steps
+
+    monkeypatch.setattr("distbp.train.trainer.write_trace", write_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(make_config({"epochs": 3, "trace": str(path), "progress": "none"})).fit()  # 135 steps
+    assert stopped and {e["args"]["step"] for e in _spans(path)} == set(range(1, 51))
+
+
+def test_a_resumed_run_drops_the_records_its_checkpoint_does_not_cover(tmp_path):
+    # killed at step 33 with a checkpoint at 20: the record of step 30 was written twice
+    from distbp.train.progress import read_metrics
+
+    ckpt, metrics = str(tmp_path / "c.ckpt"), tmp_path / "m.jsonl"
+    base = dict(epochs=1, checkpoint=ckpt, metrics=str(metrics), eval_every=10, checkpoint_every=20)
+    _train_ranks(1, **base, max_steps=20)
+    with open(metrics, "a") as fh:  # what the killed run recorded after its last checkpoint
+        fh.write(json.dumps({"step": 30, "train_loss": 9.0}) + "\n")
+    _train_ranks(1, **base, max_steps=40, resume=True)
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == [10, 20, 30, 40] and read_metrics(metrics)[2]["train_loss"] != 9.0

@@ -1,6 +1,7 @@
 """What a run shows and records: a progress bar on a terminal, plain lines elsewhere, metrics as JSON lines."""
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -66,7 +67,9 @@ class Progress:
 class MetricsLog:
     """Appends one JSON object per event to a file (or does nothing without a path)."""
 
-    def __init__(self, path, append=False):
+    def __init__(self, path, append=False, after_step=None):
+        """append: go on with the file's records; after_step: then drop those past that step first (a run
+        resumed from its checkpoint takes those steps again, and records them again)."""
         self.path = Path(path) if path else None
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,6 +77,8 @@ class MetricsLog:
                 self.path.write_text("")
             elif self.path.exists():
                 _drop_unfinished_line(self.path)
+                if after_step is not None:
+                    _drop_records_after(self.path, after_step)
 
     def write(self, **record):
         if self.path:
@@ -91,6 +96,25 @@ def _drop_unfinished_line(path):
         data = fh.read()
         if data and not data.endswith(b"\n"):
             fh.truncate(data.rfind(b"\n") + 1)
+
+
+def _drop_records_after(path, step):
+    """Remove the records of steps past `step` (lines that are not records are kept, for read_metrics to
+    name); the file is replaced whole, or left as it was."""
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if not _past(line, step)]
+    if len(kept) != len(lines):
+        partial = path.with_name(path.name + f".tmp-{os.getpid()}")
+        partial.write_text("".join(kept))
+        os.replace(partial, path)
+
+
+def _past(line, step):
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step
 
 
 def read_metrics(path):
@@ -117,7 +141,7 @@ def read_metrics(path):
             except json.JSONDecodeError as e:
                 if n == len(lines) and not text.endswith("\n"):  # a record still being written: not there yet
                     break
-                raise ValueError(f"{path}:{n}: not a JSON line ({e.msg})") from None
+                raise ValueError(f"{path}:{n}: not a JSON line ({e.msg} at column {e.colno})") from None
             if not isinstance(record, dict) or not isinstance(record.get("step"), (int, float)):
                 raise ValueError(f"{path}:{n}: not a metrics record (a JSON object with a 'step')")
             while records and records[-1]["step"] >= record["step"]:

@@ -106,6 +106,11 @@ class Trainer:
         if hasattr(self.strategy, "bind"):  # a parameter-server worker learns its rank by registering
             self.strategy.bind(self.model)
             self.is_main = self.strategy.rank == 0
+            outputs = [f"--{k}" for k in ("metrics", "trace") if getattr(config, k)]
+            if not self.is_main and outputs:  # (an MPI rank's are rank 0's too, but all ranks share one command)
+                self.stream.write(f"worker {self.strategy.rank}: {' and '.join(outputs)} {'is' if len(outputs) == 1 else 'are'} written by worker 0 "
+                                  "alone, as its progress is shown; this worker writes none\n")
+                self.stream.flush()
         self.optimizer = build_optimizer(config, self.model)
         sampler = ShardSampler(len(self.split.train), self.strategy.rank, self.strategy.world_size,
                                shuffle=True, seed=config.seed)
@@ -313,10 +318,14 @@ class Trainer:
         self._check_same_run()
         if self.is_main:
             check_outputs(cfg, ("checkpoint", "metrics", "trace"))
-        self.tracer = Tracer(self.strategy.rank) if cfg.trace else None
+        self.tracer = None
+        if cfg.trace:  # time 0 is rank 0's now on every rank (one clock per machine: its ranks line up)
+            origin = self.strategy.gather(time.perf_counter())[0]
+            self.tracer = Tracer(self.strategy.rank, origin=origin, first_step=self.step)
         self.strategy.prepare(self.model, self.optimizer, self.tracer)
         # appended to when the run goes on: resumed, or a parameter-server worker the servers had at a step
-        metrics = MetricsLog(cfg.metrics if self.is_main else None, append=cfg.resume or self.step > 0)
+        metrics = MetricsLog(cfg.metrics if self.is_main else None, append=cfg.resume or self.step > 0,
+                             after_step=self.step)
         progress = Progress(stop_at, cfg.progress if self.is_main else "none", cfg.log_every, self.stream)
         self._say(f"training {cfg.model} ({_count(self.model.num_parameters(), 'parameter')}) on "
                   f"{self.split.train.name}: {_count(len(self.split.train), 'example')}, "
@@ -337,6 +346,8 @@ class Trainer:
                 self.loss_sum += loss
                 self.loss_count += 1
                 self.step += 1
+                if self.tracer is not None and not self.tracer.active:
+                    self._write_trace()  # all traced: written now, so a run stopped later still has it
                 self.batch += 1
                 progress.update(self.step, self.epoch, loss, len(y) * self.strategy.world_size)
                 if not math.isfinite(loss):
@@ -374,11 +385,18 @@ class Trainer:
             summary["sample"] = self.sample(cfg.sample_length)
             self._say("sample:\n" + summary["sample"])
         if self.tracer is not None:
-            events = self.strategy.gather(self.tracer.events)
-            if self.is_main:
-                write_trace(cfg.trace, events)
+            self._write_trace()  # (a run of fewer steps than are traced)
         self.strategy.close()
         return summary
+
+    def _write_trace(self):
+        """Gather every rank's spans and write the trace, once (every rank calls this at the same step)."""
+        if self.tracer.written:
+            return
+        self.tracer.written = True
+        events = self.strategy.gather(self.tracer.events)
+        if self.is_main:
+            write_trace(self.config.trace, events)
 
     def _train_step(self, x, y):
         tracer = self.tracer
@@ -397,10 +415,14 @@ class Trainer:
         resume_at = self.strategy.apply(self.model, self.optimizer)
         self.lr_used = self.optimizer.param_groups[0]["lr"]
         self.schedule.step()
-        if tracer is not None:
+        if tracer is not None and tracer.active:
             t4 = time.perf_counter()
-            for name, start, end in (("forward", t0, t1), ("backward", t1, t2), ("wait for all-reduce", t2, t3),
-                                     ("optimizer step", t3, t4)):
+            backend = self.strategy.backend
+            spans = [("forward", t0, t1), ("backward", t1, t2)]
+            if backend in ("threads", "mpi"):
+                spans.append(("wait for all-reduce", t2, t3))
+            spans.append(("push + pull" if backend == "ps" else "optimizer step", t3, t4))
+            for name, start, end in spans:
                 tracer.span(name, start, end)
             tracer.step += 1
         return float(loss.data), resume_at
