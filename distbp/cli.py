@@ -209,6 +209,8 @@ def main(argv=None):
                 raise DataError(f"plot: the output {out} is a directory; name the image file to write")
             if not Path(out).suffix:
                 out += ".png"  # what matplotlib would write, named as it is
+            if Path(out).exists() and os.path.samefile(out, args.metrics):
+                raise DataError(f"plot: the output {out} is the metrics file itself; name the image file with -o")
             check_writable("plot: the output", out)
             Path(out).parent.mkdir(parents=True, exist_ok=True)  # as for training's outputs
             try:

@@ -156,6 +156,7 @@ CASES = {
     "plot-no-records": (["plot", "empty.jsonl", "-o", "x.png"], ["empty.jsonl"], None),
     "plot-not-an-object": (["plot", "scalar.jsonl", "-o", "x.png"], ["scalar.jsonl"], None),
     "plot-record-without-step": (["plot", "nostep.jsonl", "-o", "x.png"], ["nostep.jsonl"], None),
+    "plot-over-its-input": (["plot", "same.png"], ["the output same.png is the metrics file itself"], None),
     "plot-output-under-a-file": (["plot", "metrics.jsonl", "-o", "metrics.jsonl/out.png"],
                                  ["metrics.jsonl is not a directory"], None),
     "plot-output-is-a-directory": (["plot", "metrics.jsonl", "-o", "badidx"], ["badidx is a directory"], None),
@@ -164,7 +165,7 @@ CASES = {
 # Extra cases, beyond the ones every user hits first, run in-process to keep the suite fast. (Not those that
 # could hang: a subprocess has a timeout.)
 IN_PROCESS = {"out-of-range-option", "malformed-toml", "missing-config", "idx-without-data-dir", "bad-idx-file",
-              "unknown-model-toml", "plot-missing-file", "plot-no-records", "plot-output-under-a-file",
+              "unknown-model-toml", "plot-missing-file", "plot-no-records", "plot-output-under-a-file", "plot-over-its-input",
               "checkpoint-with-nan", "checkpoint-position-damaged", "checkpoint-is-a-pipe", "outputs-in-one-file",
               "empty-output-path", "ipv6-address-without-brackets", "plot-output-is-a-directory",
               "checkpoint-step-damaged", "checkpoint-data-damaged", "outputs-in-one-file-by-a-link", "outputs-in-one-file-by-a-hard-link",
@@ -240,6 +241,7 @@ def results(trained, tmp_path_factory):
     (d / "scalar.jsonl").write_text("5\n")
     (d / "nostep.jsonl").write_text('{"train_loss": 1.0}\n')
     shutil.copy(trained / "metrics.jsonl", d / "metrics.jsonl")
+    shutil.copy(trained / "metrics.jsonl", d / "same.png")
     originals = {name: (d / ck_name).read_bytes() for name, (_, _, ck_name) in CASES.items() if ck_name}
 
     def one(name):

@@ -868,6 +868,22 @@ def _start_server_process(port, ckpt, extra=()):
     return process
 
 
+def test_a_worker_other_than_worker_0_says_that_it_writes_no_metrics_or_trace(tmp_path):
+    # it printed nothing and wrote nothing, with exit status 0
+    config = make_config({"epochs": 1, "max_steps": 2, "progress": "none", "metrics": str(tmp_path / "m.jsonl")})
+    addresses, _, stop = start_servers(config, workers=2, mode="async")
+    streams = [io.StringIO(), io.StringIO()]
+    try:
+        trainers = [Trainer(config, PSStep(addresses, requested_id=i), stream=streams[i]) for i in range(2)]
+        for t in trainers:
+            t.fit()
+    finally:
+        stop()
+    assert streams[0].getvalue() == ""
+    assert streams[1].getvalue() == ("worker 1: --metrics is written by worker 0 alone, as its progress is shown; "
+                                     "this worker writes none\n")
+
+
 def test_a_server_names_the_workers_options_it_ignores(tmp_path):
     server = _start_server_process(_free_port(), tmp_path / "ps.ckpt",
                                    ["--metrics", str(tmp_path / "m.jsonl"), "--trace", str(tmp_path / "t.json")])
