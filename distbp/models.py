@@ -6,7 +6,6 @@ import numpy as np
 
 from . import nn
 from .autograd import Tensor, no_grad
-from .autograd.ops import softmax
 from .autograd.random import default_rng
 
 
@@ -44,7 +43,7 @@ class CharLM(nn.Module):
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("block_size", block_size), ("d_model", d_model),
                             ("n_layers", n_layers)):
-            if not isinstance(value, (int, np.integer)) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"CharLM: {name} must be an integer >= 1, got {value!r}")
         self.vocab_size, self.block_size = vocab_size, block_size
         self.token = nn.Embedding(vocab_size, d_model)
@@ -91,10 +90,14 @@ class CharLM(nn.Module):
                 for _ in range(length):
                     window = np.asarray(codes[-self.block_size:])[None]
                     logits = self(window).data[0, -1]
-                    if temperature == 0:  # greedy: the first of the largest (a tiny temperature still sampled near-ties)
+                    with np.errstate(over="ignore", divide="ignore"):
+                        scaled = logits.astype(np.float64) / temperature if temperature else None
+                    if scaled is None or not np.isfinite(scaled).all():
+                        # greedy: the first of the largest (at temperature 0, and at one so small that the
+                        # logits over it overflow; a floor of 1e-6 still sampled among near-ties)
                         codes.append(int(np.argmax(logits)))
                         continue
-                    p = softmax(Tensor(logits / np.float32(temperature))).data.astype(np.float64)
+                    p = np.exp(scaled - scaled.max())
                     codes.append(int(rng.choice(len(p), p=p / p.sum())))
         finally:
             self.train(was_training)

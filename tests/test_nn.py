@@ -903,13 +903,19 @@ def test_charlm_generate_at_temperature_zero_takes_the_first_of_near_tied_codes_
     assert {m.generate([1], 1, temperature=0, rng=np.random.default_rng(i))[0] for i in range(20)} == {0}
 
 
+def test_charlm_generate_at_a_temperature_too_small_to_divide_by_is_greedy():
+    m = _charlm()  # 1e-50 overflowed the float32 logits: NaN probabilities
+    assert m.generate([1, 2], 5, temperature=1e-50) == m.generate([1, 2], 5, temperature=0)
+
+
 @pytest.mark.parametrize("make, words", [
     (lambda: CharLM(7, 4, d_model=8, n_layers=1, n_heads=0), "n_heads must be an integer >= 1, got 0"),
     (lambda: CharLM(7, 4, d_model=8, n_layers=1, n_heads=-4), "n_heads must be an integer >= 1, got -4"),
     (lambda: CharLM(7, 0, d_model=8, n_layers=1, n_heads=2), "block_size must be an integer >= 1, got 0"),
+    (lambda: CharLM(7, 4, d_model=8, n_layers=1, n_heads=True), "n_heads must be an integer >= 1, got True"),
     (lambda: _charlm().generate(np.array([[1, 2]]), 1), "the prompt must be a 1-d sequence of integer codes"),
     (lambda: _charlm().generate("ab", 1), "the prompt must be a 1-d sequence of integer codes"),
-], ids=["zero-heads", "negative-heads", "zero-block", "2-d-prompt", "string-prompt"])
+], ids=["zero-heads", "negative-heads", "zero-block", "bool-heads", "2-d-prompt", "string-prompt"])
 def test_charlm_sizes_and_prompts_it_cannot_use_are_refused_by_name(make, words):
     with pytest.raises(ValueError, match=re.escape(words)):
         make()

@@ -1102,3 +1102,17 @@ def test_a_resumed_run_drops_the_records_its_checkpoint_does_not_cover(tmp_path)
     _train_ranks(1, **base, max_steps=40, resume=True)
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == [10, 20, 30, 40] and read_metrics(metrics)[2]["train_loss"] != 9.0
+
+
+def test_resuming_keeps_a_symlinked_metrics_file_a_link_and_a_finished_run_keeps_its_trace(tmp_path):
+    ckpt, real, link, trace = tmp_path / "c.ckpt", tmp_path / "real.jsonl", tmp_path / "link.jsonl", tmp_path / "t.json"
+    link.symlink_to(real)
+    base = dict(epochs=1, checkpoint=str(ckpt), metrics=str(link), eval_every=10, checkpoint_every=20)
+    _train_ranks(1, **base, max_steps=20, trace=str(trace))
+    with open(link, "a") as fh:
+        fh.write(json.dumps({"step": 30, "train_loss": 9.0}) + "\n")
+    _train_ranks(1, **base, max_steps=40, resume=True)
+    assert link.is_symlink() and [json.loads(line)["step"] for line in real.read_text().splitlines()] == [10, 20, 30, 40]
+    spans = len(_spans(trace))
+    _train_ranks(1, **base, max_steps=40, resume=True, trace=str(trace))  # nothing left to train
+    assert len(_spans(trace)) == spans  # it was replaced by a trace of no step

@@ -14,7 +14,7 @@ class CausalSelfAttention(Module):
 
     def __init__(self, d_model, n_heads, dropout=0.0):
         super().__init__()
-        if not isinstance(n_heads, (int, np.integer)) or n_heads < 1:
+        if isinstance(n_heads, bool) or not isinstance(n_heads, (int, np.integer)) or n_heads < 1:
             raise ValueError(f"CausalSelfAttention: n_heads must be an integer >= 1, got {n_heads!r}")
         if d_model % n_heads:
             raise ValueError(f"CausalSelfAttention: d_model={d_model} is not divisible by n_heads={n_heads}")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -104,9 +105,11 @@ def _drop_records_after(path, step):
     lines = path.read_text().splitlines(keepends=True)
     kept = [line for line in lines if not _past(line, step)]
     if len(kept) != len(lines):
-        partial = path.with_name(path.name + f".tmp-{os.getpid()}")
+        real = Path(os.path.realpath(path))  # a symlink's target is rewritten, not the link replaced
+        partial = real.with_name(real.name + f".tmp-{os.getpid()}")
         partial.write_text("".join(kept))
-        os.replace(partial, path)
+        shutil.copymode(real, partial)
+        os.replace(partial, real)
 
 
 def _past(line, step):

@@ -391,7 +391,7 @@ class Trainer:
 
     def _write_trace(self):
         """Gather every rank's spans and write the trace, once (every rank calls this at the same step)."""
-        if self.tracer.written:
+        if self.tracer.written or not self.tracer.step:  # (a run with no step to trace keeps an earlier trace)
             return
         self.tracer.written = True
         events = self.strategy.gather(self.tracer.events)
