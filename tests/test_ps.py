@@ -1165,6 +1165,20 @@ def test_a_worker_refused_mid_run_goes_on_from_the_step_its_servers_count(mode, 
         stop()
 
 
+def test_a_worker_refused_mid_trace_labels_its_spans_with_the_steps_of_its_run(tmp_path):
+    # the refused step 6 is taken again: spans are labelled by the step of the run, not the count traced
+    trace = tmp_path / "t.json"
+    config = make_config({"epochs": 1, "progress": "none", "max_steps": 12, "trace": str(trace)})
+    addresses, shards, stop = start_servers(config, 1, 1, mode="async")
+    try:
+        Trainer(config, _DroppedOnce(addresses, shards, at=5)).fit()
+    finally:
+        stop()
+    pushes = [e["args"]["step"] for e in json.loads(trace.read_text())["traceEvents"]
+              if e["ph"] == "X" and e["name"] == "push + pull"]
+    assert pushes == [1, 2, 3, 4, 5, 6, 6, 7, 8, 9, 10, 11, 12], pushes  # (7..13 counted the refused one)
+
+
 def test_a_worker_resumed_from_its_checkpoint_goes_on_where_its_servers_have_its_run(tmp_path):
     # its checkpoint (step 10) is older than the servers' count (14 pushes): the servers hold the parameters,
     # so their count wins; going on at 10 applied steps 10-13 twice (27 pushes for a run of 23)

@@ -13,14 +13,16 @@ class Tracer:
     """Spans of the first `max_steps` steps of one rank.
 
     origin: the perf_counter() time that is 0 in the trace, the same on every rank (the monotonic clock is
-    the machine's: ranks of one machine line up). first_step: the run's step count when tracing starts (a
-    resumed run), so that each span is labelled with the step of the run it belongs to."""
+    the machine's: ranks of one machine line up). run_step: the step of the run that spans now belong to,
+    set by the trainer as each step starts (a resumed run's, or a parameter-server worker's that the
+    servers moved, are not the count of steps traced)."""
 
-    def __init__(self, rank=0, max_steps=50, origin=None, first_step=0):
-        self.rank, self.max_steps, self.first_step = rank, max_steps, first_step
+    def __init__(self, rank=0, max_steps=50, origin=None):
+        self.rank, self.max_steps = rank, max_steps
         self.origin = time.perf_counter() if origin is None else origin
         self.events = []
         self.step = 0  # steps traced so far
+        self.run_step = 1
         self.written = False
         self._comm_rows = []  # each communication row's last end, in trace microseconds
 
@@ -43,7 +45,7 @@ class Tracer:
             self._comm_rows[row] = te
             tid = 1 + row
         self.events.append({"name": name, "ph": "X", "pid": self.rank, "tid": tid, "ts": ts,
-                            "dur": te - ts, "args": {"step": self.first_step + self.step + 1}})
+                            "dur": te - ts, "args": {"step": self.run_step}})
 
     def time(self, name, lane="compute"):
         return _Span(self, name, lane)

@@ -321,7 +321,7 @@ class Trainer:
         self.tracer = None
         if cfg.trace:  # time 0 is rank 0's now on every rank (one clock per machine: its ranks line up)
             origin = self.strategy.gather(time.perf_counter())[0]
-            self.tracer = Tracer(self.strategy.rank, origin=origin, first_step=self.step)
+            self.tracer = Tracer(self.strategy.rank, origin=origin)
         self.strategy.prepare(self.model, self.optimizer, self.tracer)
         # appended to when the run goes on: resumed, or a parameter-server worker the servers had at a step
         metrics = MetricsLog(cfg.metrics if self.is_main else None, append=cfg.resume or self.step > 0,
@@ -400,6 +400,8 @@ class Trainer:
 
     def _train_step(self, x, y):
         tracer = self.tracer
+        if tracer is not None:
+            tracer.run_step = self.step + 1  # (all-reduce spans are recorded during the step)
         t0 = time.perf_counter()
         self.optimizer.zero_grad()
         inputs = x if isinstance(self.split.train, CharDataset) else Tensor(x)
