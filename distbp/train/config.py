@@ -192,17 +192,27 @@ _MODEL_KEYS = {"hidden": "mlp", "block_size": "charlm", "d_model": "charlm", "n_
 _DATASET_KEYS = {"data_dir": "idx", "text_file": "text", "max_chars": "text", "synthetic_size": "synthetic"}
 
 
+def default_dataset(model):
+    """The data set a model trains on when none is given."""
+    return "text" if model == "charlm" else "digits"
+
+
+def keys_given(config, keys):
+    """Those of `keys` that `config` sets to other than their defaults."""
+    default = Config()
+    return [k for k in keys if getattr(config, k) != getattr(default, k)]
+
+
 def check_applies(config):
     """Refuse a key set to other than its default where nothing reads it (--hidden with the cnn, say)."""
-    default = Config()
-    dataset = config.dataset or ("text" if config.model == "charlm" else "digits")
-    for key, model in _MODEL_KEYS.items():
-        if config.model != model and getattr(config, key) != getattr(default, key):
-            raise ConfigError(f"config: '{key}' is for the {model} model; the model is {config.model}")
-    for key, wanted in _DATASET_KEYS.items():
-        if dataset != wanted and getattr(config, key) != getattr(default, key):
-            raise ConfigError(f"config: '{key}' is for the {wanted} data set; the data set is {dataset}")
-    if config.optimizer != "sgd" and config.momentum != default.momentum:
+    dataset = config.dataset or default_dataset(config.model)
+    for key in keys_given(config, _MODEL_KEYS):
+        if config.model != _MODEL_KEYS[key]:
+            raise ConfigError(f"config: '{key}' is for the {_MODEL_KEYS[key]} model; the model is {config.model}")
+    for key in keys_given(config, _DATASET_KEYS):
+        if dataset != _DATASET_KEYS[key]:
+            raise ConfigError(f"config: '{key}' is for the {_DATASET_KEYS[key]} data set; the data set is {dataset}")
+    if config.optimizer != "sgd" and keys_given(config, ["momentum"]):
         raise ConfigError(f"config: 'momentum' is for the sgd optimizer; the optimizer is {config.optimizer}")
 
 
@@ -317,7 +327,7 @@ def effective_settings(values, keys):
     v = dict(values)
     model = v.get("model") or "mlp"
     if v.get("dataset") is None:
-        v["dataset"] = "text" if model == "charlm" else "digits"
+        v["dataset"] = default_dataset(model)
     for key, default in MODEL_DEFAULTS.get(model, {}).items():
         if v.get(key) is None:
             v[key] = default

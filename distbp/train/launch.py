@@ -10,7 +10,7 @@ from threadpoolctl import threadpool_limits
 
 from ..comm import GroupAborted, RankFailed, detect_backend, mpi_communicator, run_ranks
 from ..data.datasets import read_only
-from .config import Config, ConfigError, check_outputs, check_pem, ps_settings
+from .config import ConfigError, check_outputs, check_pem, keys_given, ps_settings
 from .errors import USER_ERRORS, error_message
 from .steps import LocalStep, allreduce_step
 from .trainer import Trainer, build_data
@@ -62,16 +62,15 @@ def resolve_backend(config):
         who = {"mpi": "the launcher (mpiexec -n N)", "ps": "the servers' --workers"}.get(backend)
         raise ConfigError(f"config: 'world_size' is for the threads backend"
                           f"{f'; with {backend}, {who} sets the number of ranks' if who else ''}")
-    default = Config()
     # no all-reduce to tune: with the backend left to auto, one rank (local) may be one of a sweep of
     # ranks counts run with the same options, so only a local backend asked for refuses them
     if backend == "ps" or config.backend == "local":
-        given = [k for k in _ALLREDUCE_KEYS if getattr(config, k) != getattr(default, k)]
+        given = keys_given(config, _ALLREDUCE_KEYS)
         if given:
             raise ConfigError(f"config: {', '.join(repr(k) for k in given)} "
                               f"{'is an option' if len(given) == 1 else 'are options'} of the all-reduce (backends "
                               f"threads and mpi), but the backend is {backend}")
-    ps_given = [k for k in _PS_KEYS if getattr(config, k) != getattr(default, k)]
+    ps_given = keys_given(config, _PS_KEYS)
     if backend != "ps" and ps_given:  # they would be ignored: a run meant for the servers would train alone
         missing = "" if config.ps else " (and 'ps' gives the servers' addresses)"
         raise ConfigError(f"config: {', '.join(repr(k) for k in ps_given)} "

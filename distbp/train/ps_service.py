@@ -11,7 +11,7 @@ from ..data import BatchLoader, ShardSampler
 from ..ps.client import model_signature
 from ..ps.server import Shard, check_token, host_port, serve
 from ..ps.wire import assign_shards
-from .config import PS_SHARED_KEYS, RESUME_KEYS, Config, ConfigError, check_pem, check_writable, ps_settings
+from .config import PS_SHARED_KEYS, RESUME_KEYS, ConfigError, check_pem, check_writable, keys_given, ps_settings
 from .trainer import build_data, build_model, build_optimizer, build_schedule
 
 
@@ -87,19 +87,13 @@ _WORKER_KEYS = ("backend", "world_size", "bucket_cap_mb", "allow_unused", "compr
                 "eval_every", "log_every", "checkpoint_every", "metrics", "progress", "sample_length")
 
 
-def workers_options_given(config):
-    """The worker-only keys `config` sets to other than their defaults."""
-    default = Config()
-    return [k for k in _WORKER_KEYS if getattr(config, k) != getattr(default, k)]
-
-
 def run_server(config, args, stream=None):
     """Serve until SIGTERM or SIGINT; on either, stop taking pushes, write the checkpoint (if configured)
     and stop."""
     stream = stream or sys.stdout
     logging.basicConfig(level=logging.INFO, format="distbp ps: %(message)s")
     check_server_options(config, args)
-    ignored = workers_options_given(config)
+    ignored = keys_given(config, _WORKER_KEYS)
     if ignored:  # one option list serves servers and workers alike (launch/ps_cluster.sh gives both the same)
         logging.getLogger("distbp.ps").info("options of the workers, not of a server, ignored here: %s",
                                             ", ".join(f"--{k.replace('_', '-')}" for k in ignored))

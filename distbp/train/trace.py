@@ -42,7 +42,8 @@ class Tracer:
             row = next((i for i, last in enumerate(self._comm_rows) if last <= ts), len(self._comm_rows))
             if row == len(self._comm_rows):
                 self._comm_rows.append(te)
-            self._comm_rows[row] = te
+            else:
+                self._comm_rows[row] = te
             tid = 1 + row
         self.events.append({"name": name, "ph": "X", "pid": self.rank, "tid": tid, "ts": ts,
                             "dur": te - ts, "args": {"step": self.run_step}})

@@ -17,7 +17,7 @@ from ..data import BatchLoader, CharDataset, ShardSampler, load_digits, load_idx
 from ..data.datasets import DataError, fingerprint
 from ..optim.optimizer import is_finite_real
 from .checkpoint import CheckpointError, is_count, load_checkpoint, load_weights, save_checkpoint
-from .config import RESUME_KEYS, ConfigError, check_outputs, effective_settings, to_dict
+from .config import RESUME_KEYS, ConfigError, check_outputs, default_dataset, effective_settings, to_dict
 from .progress import MetricsLog, Progress
 from .steps import LocalStep
 from .trace import Tracer, write_trace
@@ -27,7 +27,7 @@ from .trace import Tracer, write_trace
 
 
 def build_data(config):
-    dataset = config.dataset or ("text" if config.model == "charlm" else "digits")
+    dataset = config.dataset or default_dataset(config.model)
     images = config.model == "cnn"
     if config.model == "charlm" and dataset != "text":
         raise ConfigError(f"config: model 'charlm' trains on dataset 'text', not {dataset!r}")
