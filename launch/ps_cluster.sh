@@ -8,7 +8,8 @@
 # --checkpoint-path FILE --checkpoint-every-versions K (one file per shard: FILE.shardN; the same command
 # again continues the job from the servers' checkpoints). The training
 # options must be the same for servers and workers: the servers build the same model and optimizer.
-# Ports come from BASE_PORT (default 50051) upwards. Ctrl-C stops everything.
+# Ports come from BASE_PORT (default 50051) upwards. Ctrl-C stops everything: SIGTERM to every process,
+# then SIGKILL to any still running STOP_GRACE seconds later (default 30).
 set -euo pipefail
 usage="usage: launch/ps_cluster.sh SERVERS WORKERS [server options --] [training options]"
 servers=${1:-}
@@ -34,10 +35,31 @@ for ((i = 0; i < ${#server_opts[@]}; i++)); do
 done
 pids=()
 worker_pids=()
-# background jobs of a script ignore Ctrl-C's SIGINT: on it (or SIGTERM), end workers and servers ourselves
+grace=${STOP_GRACE:-30}
+if ! [[ $grace =~ ^[0-9]+$ ]]; then
+  echo "launch/ps_cluster.sh: STOP_GRACE must be a whole number of seconds, not '${grace}'" >&2
+  exit 2
+fi
+# background jobs of a script ignore Ctrl-C's SIGINT: on it (or SIGTERM), end workers and servers ourselves.
+# SIGTERM first (a server writes its checkpoint); whatever still runs STOP_GRACE seconds later is killed,
+# so the script never waits for ever on a process that did not stop
 cleanup() {
-  kill "${worker_pids[@]}" "${pids[@]}" 2>/dev/null || true
-  for p in "${worker_pids[@]}" "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  local all=("${worker_pids[@]}" "${pids[@]}") left p ticks=0
+  [ ${#all[@]} -gt 0 ] || return 0
+  kill "${all[@]}" 2>/dev/null || true
+  while :; do
+    left=()
+    for p in "${all[@]}"; do kill -0 "$p" 2>/dev/null && left+=("$p"); done
+    [ ${#left[@]} -gt 0 ] || break
+    if [ $ticks -ge $((grace * 5)) ]; then
+      echo "launch/ps_cluster.sh: killing ${left[*]}: still running ${grace} s after SIGTERM (STOP_GRACE)" >&2
+      kill -KILL "${left[@]}" 2>/dev/null || true
+      break
+    fi
+    sleep 0.2
+    ticks=$((ticks + 1))
+  done
+  for p in "${all[@]}"; do wait "$p" 2>/dev/null || true; done
 }
 trap cleanup EXIT
 trap 'cleanup; exit 130' INT

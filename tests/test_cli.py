@@ -332,6 +332,34 @@ def test_ctrl_c_or_sigterm_stops_training_at_once_with_one_line(tmp_path, signal
     assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["c.ckpt"])  # no half-written checkpoint left
 
 
+@pytest.mark.parametrize("sent,caught", [(signal.SIGTERM, "Terminated"), (signal.SIGINT, "KeyboardInterrupt")])
+def test_a_stop_signal_that_python_drops_inside_a_callback_is_sent_again(sent, caught):
+    # a handler's exception raised inside a weakref callback (one runs in every import) is printed and dropped:
+    # a worker signalled during an import ran on, waiting for its servers
+    code = f"""
+import os, signal, sys, time, weakref
+from distbp.train.launch import Terminated, stop_on_sigterm
+stop_on_sigterm()
+class Thing:
+    pass
+def callback(ref):
+    os.kill(os.getpid(), {int(sent)})
+    for _ in range(100000):  # the handler runs in here, and its exception is dropped
+        pass
+thing = Thing()
+ref = weakref.ref(thing, callback)
+try:
+    del thing
+    print("ran on", flush=True)
+    time.sleep(30)
+except {caught}:
+    print("stopped", flush=True)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.split() == ["ran", "on", "stopped"], (r.stdout, r.stderr[-2000:])
+    assert "Exception ignored" in r.stderr  # Python's own report of the first, dropped one
+
+
 def test_an_empty_option_clears_what_the_config_file_sets(tmp_path):
     # without a value in the file, "" is refused (an unset shell variable would lose the output silently)
     (tmp_path / "run.toml").write_text('checkpoint = "run.ckpt"\nps = "127.0.0.1:1"\n')

@@ -1946,6 +1946,43 @@ def test_ctrl_c_stops_the_whole_cluster_script(tmp_path):
             proc.wait()
 
 
+def test_the_cluster_script_kills_a_process_that_ignores_sigterm(tmp_path):
+    # a worker that does not stop (here: its SIGTERM ignored) is killed STOP_GRACE seconds after the SIGTERM,
+    # instead of the script waiting for it for ever
+    python = tmp_path / "python"
+    python.write_text(f'#!/usr/bin/env bash\nif [ "$3" = train ]; then trap "" TERM; fi\nexec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(python), "BASE_PORT": str(_free_port()), "STOP_GRACE": "2"}
+    proc = subprocess.Popen(["bash", str(ROOT / "launch" / "ps_cluster.sh"), "1", "1", "--", "--epochs", "200",
+                             "--progress", "plain", "--log-every", "1"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        while "step" not in proc.stdout.readline():
+            assert proc.poll() is None, proc.stderr.read()
+        children = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "distbp"], capture_output=True,
+                                  text=True).stdout.split()
+        assert len(children) == 2
+        start = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+        assert proc.returncode == 130 and 2 <= time.monotonic() - start < 15
+        err = proc.stderr.read()
+        assert "still running 2 s after SIGTERM (STOP_GRACE)" in err, err
+        for pid in children:
+            assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_the_cluster_script_refuses_a_bad_stop_grace():
+    env = {**os.environ, "PYTHON": sys.executable, "STOP_GRACE": "soon"}
+    done = subprocess.run(["bash", str(ROOT / "launch" / "ps_cluster.sh"), "1", "1"], capture_output=True, text=True,
+                          timeout=30, env=env)
+    assert done.returncode == 2 and "STOP_GRACE must be a whole number of seconds, not 'soon'" in done.stderr
+
+
 def test_a_checkpoint_of_another_sharding_is_refused(tmp_path):
     from distbp.serialization import CheckpointError
 

@@ -1,5 +1,6 @@
 """Running a training job on the configured backend: one process, thread ranks, or MPI ranks."""
 
+import os
 import signal
 import sys
 import threading
@@ -35,7 +36,33 @@ def stop_on_sigterm():
         raise Terminated()
 
     replaced = signal.signal(signal.SIGTERM, terminate)
-    return lambda: signal.signal(signal.SIGTERM, replaced if replaced is not None else signal.SIG_DFL)
+    hook = sys.unraisablehook
+    sys.unraisablehook = _stop_again_if_dropped(hook)
+
+    def restore():
+        signal.signal(signal.SIGTERM, replaced if replaced is not None else signal.SIG_DFL)
+        sys.unraisablehook = hook
+
+    return restore
+
+
+def _stop_again_if_dropped(hook):
+    """An unraisablehook that signals the process again when a stop was dropped.
+
+    A signal handler runs wherever the main thread is. If that is a finalizer or a weakref callback (one
+    runs inside every import), Python prints the handler's exception and drops it. The process then ran on:
+    a worker whose SIGTERM came during an import went on waiting for its servers. So the same signal is
+    sent again, a moment later, when it will most likely land elsewhere."""
+
+    def unraisable(event):
+        hook(event)
+        if isinstance(event.exc_value, KeyboardInterrupt):  # Ctrl-C's, or Terminated
+            signum = signal.SIGTERM if isinstance(event.exc_value, Terminated) else signal.SIGINT
+            again = threading.Timer(0.01, os.kill, (os.getpid(), signum))
+            again.daemon = True
+            again.start()
+
+    return unraisable
 
 
 def _ignore_stop_signals():
