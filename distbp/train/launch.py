@@ -55,12 +55,14 @@ def _stop_again_if_dropped(hook):
     sent again, a moment later, when it will most likely land elsewhere."""
 
     def unraisable(event):
-        hook(event)
-        if isinstance(event.exc_value, KeyboardInterrupt):  # Ctrl-C's, or Terminated
-            signum = signal.SIGTERM if isinstance(event.exc_value, Terminated) else signal.SIGINT
-            again = threading.Timer(0.01, os.kill, (os.getpid(), signum))
-            again.daemon = True
-            again.start()
+        if not isinstance(event.exc_value, KeyboardInterrupt):  # (Ctrl-C's, or Terminated)
+            hook(event)
+            return
+        # not reported: the stop is not lost, and the job ends with its usual one line
+        signum = signal.SIGTERM if isinstance(event.exc_value, Terminated) else signal.SIGINT
+        again = threading.Timer(0.01, os.kill, (os.getpid(), signum))
+        again.daemon = True
+        again.start()
 
     return unraisable
 
