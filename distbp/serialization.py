@@ -10,8 +10,10 @@ point leaves either the old file or the new one, never a torn one.
 import json
 import math
 import os
+import shutil
 import stat
 import struct
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +33,9 @@ class CheckpointError(ValueError):
 def _remove_stale_temporaries(path):
     """Delete temporary files of `path` left by writers that were killed mid-write (their process is gone):
     a job preempted again and again would otherwise pile them up beside the checkpoint."""
-    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[1]
+    prefix = f".{path.name}.tmp-"
+    for tmp in path.parent.glob(prefix + "*"):
+        pid = tmp.name[len(prefix):].split("-")[0]  # .NAME.tmp-PID-THREAD (older versions: .NAME.tmp-PID)
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:
@@ -75,9 +78,13 @@ def save_safetensors(path, arrays, metadata=None):
         header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the format aligns the data to 8 bytes
+    if path.is_symlink():  # the link's target is rewritten, not the link replaced by a file
+        path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # one temporary per writer: threads (the threads backend's ranks) that save the same file at once
+    # would otherwise write into, and rename, one another's half-written temporary
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_native_id()}")
     try:
         with open(tmp, "wb") as fh:
             fh.write(struct.pack("<Q", len(head)))
@@ -86,6 +93,8 @@ def save_safetensors(path, arrays, metadata=None):
                 fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        if path.exists():
+            shutil.copymode(path, tmp)  # a file kept private stays private
         os.replace(tmp, path)
     except OSError as e:  # a full disk, a file too large: named after the file it was to be, which stays as it was
         raise OSError(e.errno, f"cannot write it ({e.strerror}); the file there is unchanged", str(path)) from None

@@ -2,9 +2,11 @@
 
 import json
 import signal
+import stat
 import struct
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -678,6 +680,7 @@ def test_parameter_server_restore_round_trip(tmp_path):
 WRITER = r"""
 import importlib.util
 import sys
+import threading
 import numpy as np
 spec = importlib.util.spec_from_file_location("distbp_checkpoint", sys.argv[3])
 module = importlib.util.module_from_spec(spec)
@@ -719,6 +722,53 @@ def test_a_write_removes_temporary_files_of_writers_that_died(tmp_path):
     np.testing.assert_array_equal(load_safetensors(path)[0]["a"], np.ones(3, np.float32))
 
 
+def test_threads_saving_one_file_at_once_leave_it_whole(tmp_path):
+    # the threads backend runs ranks as threads: they shared one temporary file, and wrote and renamed one
+    # another's half-written one (a torn checkpoint, and "the file there is unchanged" errors)
+    path = tmp_path / "ck.safetensors"
+    errors = []
+
+    def save(k):
+        try:
+            for _ in range(5):
+                save_safetensors(path, {"a": np.full(300_000 + k, k, np.float32), "b": np.full(7, k, np.float32)})
+        except Exception as e:  # noqa: BLE001 -- collected for the assert
+            errors.append(e)
+
+    threads = [threading.Thread(target=save, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    arrays, _ = load_safetensors(path)
+    k = int(arrays["b"][0])
+    assert arrays["a"].shape == (300_000 + k,) and (arrays["a"] == k).all() and (arrays["b"] == k).all()
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.safetensors"]
+
+
+def test_a_rewritten_file_keeps_its_permissions_and_a_link_keeps_pointing_at_it(tmp_path):
+    target = tmp_path / "run3.safetensors"
+    save_safetensors(target, {"a": np.zeros(2, np.float32)})
+    target.chmod(0o600)
+    link = tmp_path / "latest.safetensors"
+    link.symlink_to(target.name)
+    save_safetensors(link, {"a": np.ones(2, np.float32)})
+    assert link.is_symlink() and stat.S_IMODE(target.stat().st_mode) == 0o600
+    np.testing.assert_array_equal(load_safetensors(target)[0]["a"], np.ones(2, np.float32))
+
+
+def test_a_write_removes_temporaries_of_dead_writers_threads(tmp_path):
+    path = tmp_path / "ck.safetensors"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".{path.name}.tmp-{int(dead.stdout)}-12345"
+    stale.write_bytes(b"torn")
+    live = tmp_path / f".{path.name}.tmp-1-1"
+    live.write_bytes(b"x")
+    save_safetensors(path, {"a": np.ones(3, np.float32)})
+    assert not stale.exists() and live.exists()
+
+
 def test_atomic_write_survives_sigkill(tmp_path):
     """SIGKILL a process that rewrites a ~60 MB checkpoint in a loop, at random moments: the file at the path
     must always load and hold one complete version. Odd rounds wait for a write to begin (its temporary file
@@ -732,7 +782,7 @@ def test_atomic_write_survives_sigkill(tmp_path):
     for round_ in range(6):
         argv = [sys.executable, "-c", WRITER, str(path), str(round_ * 1000), checkpoint_module.__file__]
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        tmp = tmp_path / f".{path.name}.tmp-{proc.pid}"
+        tmp = tmp_path / f".{path.name}.tmp-{proc.pid}-{proc.pid}"  # (its main thread's id is its pid)
         try:
             first = proc.stdout.readline()  # this process's first complete write exists
             assert first.strip(), f"writer failed: {proc.stderr.read() if proc.poll() is not None else ''}"
