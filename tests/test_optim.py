@@ -532,11 +532,28 @@ def test_unknown_key_in_param_group(make):
 def test_non_parameters_rejected():
     with pytest.raises(TypeError, match="ndarray"):
         optim.SGD([np.zeros(3, np.float32)], lr=0.1)
-    with pytest.raises(ValueError, match="does not require grad"):
-        optim.SGD([Tensor(np.zeros(3, np.float32))], lr=0.1)
+    with pytest.raises(ValueError, match=r"shape \(3,\) computed from others is not a parameter"):
+        optim.SGD([_p() * 2], lr=0.1)
     p = _p()
     with pytest.raises(ValueError, match="more than one group"):
         optim.SGD([{"params": [p]}, {"params": [p]}], lr=0.1)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_a_frozen_parameter_is_taken_and_steps_once_unfrozen(name):
+    # fine-tuning: the backbone is frozen, and the optimizer gets every parameter (PyTorch takes them too)
+    frozen, live = nn.Parameter(np.ones(3, np.float32)), nn.Parameter(np.full(3, 2, np.float32))
+    frozen.requires_grad_(False)
+    before = frozen.data.copy()
+    opt = getattr(optim, name)([frozen, live], lr=0.1, weight_decay=0.1)
+    (live * live).sum().backward()
+    opt.step()
+    np.testing.assert_array_equal(frozen.data, before)
+    frozen.requires_grad_(True)
+    opt.zero_grad()
+    (frozen * live).sum().backward()
+    opt.step()
+    assert not np.array_equal(frozen.data, before)
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])

@@ -42,8 +42,9 @@ class Optimizer:
         for p in params:
             if not isinstance(p, Tensor):
                 raise TypeError(f"{type(self).__name__}: expected parameters, got {type(p).__name__}")
-            if not p.requires_grad:
-                raise ValueError(f"{type(self).__name__}: a parameter of shape {p.shape} does not require grad")
+            if not p.is_leaf:  # (a frozen parameter is taken, as in PyTorch: it steps once it has a gradient)
+                raise ValueError(f"{type(self).__name__}: a tensor of shape {p.shape} computed from others is not a "
+                                 "parameter (optimize the tensors it came from)")
         seen = set()
         for i, p in enumerate(params):
             if id(p) in seen:  # it would be stepped once per listing
