@@ -829,3 +829,13 @@ def test_scheduler_state_dict_round_trip(make):
 def test_scheduler_rejects_bad_arguments(factory, match):
     with pytest.raises(ValueError, match=match):
         factory(optim.SGD([_p()], lr=0.1))
+
+
+def test_a_schedule_refuses_a_group_added_after_it():
+    # it left the new group at its own rate, unscheduled (PyTorch's StepLR decays it too)
+    a, b = _p(), _p()
+    opt = optim.SGD([a], lr=0.1)
+    schedule = optim.StepLR(opt, 2, 0.5)
+    opt.add_param_group({"params": [b], "lr": 1.0})
+    with pytest.raises(ValueError, match="2 parameter groups and the schedule was made for 1: make the schedule after"):
+        schedule.step()

@@ -19,6 +19,10 @@ class LRScheduler:
         raise NotImplementedError
 
     def _apply(self):
+        groups = len(self.optimizer.param_groups)
+        if groups != len(self.base_lrs):  # zip would leave a group added since at its own rate, unscheduled
+            raise ValueError(f"{type(self).__name__}: the optimizer has {groups} parameter groups and the schedule "
+                             f"was made for {len(self.base_lrs)}: make the schedule after adding every group")
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             # a Python float: a np.float64 rate (np.cos in a lambda, say) made every update a float64 temporary
             lr = _plain(self.lr_at(base, self.last_step))
