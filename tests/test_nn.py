@@ -487,11 +487,36 @@ def test_load_state_dict_wrong_dtype_error_and_atomic():
     m, other = _model(0), _model(1)
     snap = m.state_dict()
     sd = _bad_state(m, other)
-    sd["3.bias"] = sd["3.bias"].astype(np.float64)
-    with pytest.raises(TypeError, match=r"3\.bias.*float64.*float32"):
+    sd["3.bias"] = sd["3.bias"].astype(np.complex64)  # no float holds it
+    with pytest.raises(TypeError, match=r"3\.bias.*complex64.*float32"):
         m.load_state_dict(sd)
     _assert_unchanged(m, snap)
     assert all(p.data.dtype == np.float32 for p in m.parameters())
+
+
+def test_load_state_dict_converts_float64_and_python_numbers_into_the_models_dtype():
+    # as PyTorch copies: a float64 state (numpy, scipy, a model.to(np.float64) run) loads; the model stays float32
+    m, other = _model(0), _model(1)
+    params = dict(m.named_parameters())
+    sd = {k: v.astype(np.float64) for k, v in other.state_dict().items()}
+    assert m.load_state_dict(sd) == ([], [])
+    for name, p in m.named_parameters():
+        assert p is params[name] and p.data.dtype == np.float32
+        np.testing.assert_array_equal(p.data, sd[name].astype(np.float32))
+    scalar = nn.Module()
+    scalar.t = nn.Parameter(np.float32(0.0))
+    scalar.load_state_dict({"t": 2.5})
+    assert scalar.t.data.dtype == np.float32 and scalar.t.data == 2.5
+
+
+def test_load_state_dict_into_a_read_only_buffer_is_refused_before_anything_changes():
+    m, other = _model(0), _model(1)
+    snap = m.state_dict()
+    m.register_buffer("table", np.broadcast_to(np.float32(0), (3,)))  # read-only, and registered last
+    sd = {**other.state_dict(), "table": np.ones(3, np.float32)}
+    with pytest.raises(ValueError, match="the model's table is read-only"):
+        m.load_state_dict(sd)
+    _assert_unchanged(m, snap)
 
 
 def test_load_state_dict_non_strict_reports_and_loads_the_rest():

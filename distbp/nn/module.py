@@ -240,8 +240,12 @@ class Module:
             cur = current.data if isinstance(current, Tensor) else np.asarray(current)
             if arr.shape != cur.shape:
                 raise ValueError(f"load_state_dict: {name} has shape {arr.shape}, the model expects {cur.shape}")
-            if arr.dtype != cur.dtype:
+            # converted to the model's dtype, as PyTorch copies (float64 arrays load into a float32 model, which
+            # stays float32); a value that would lose its kind (float into int, complex into float) is refused
+            if arr.dtype != cur.dtype and not np.can_cast(arr.dtype, cur.dtype, "same_kind"):
                 raise TypeError(f"load_state_dict: {name} has dtype {arr.dtype}, the model expects {cur.dtype}")
+            if not cur.flags.writeable:
+                raise ValueError(f"load_state_dict: the model's {name} is read-only")
             staged[name] = arr
         for name, arr in staged.items():
             current = targets[name]
