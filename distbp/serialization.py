@@ -66,6 +66,8 @@ def save_safetensors(path, arrays, metadata=None):
     offset = 0
     blobs = []
     for name, arr in arrays.items():
+        if name == "__metadata__":  # the format's own key: the file would not load
+            raise CheckpointError("cannot store an array named '__metadata__': the format reserves the name")
         arr = np.asarray(arr)
         code = _CODES.get(arr.dtype.newbyteorder("="))
         if code is None:
@@ -140,6 +142,10 @@ def load_safetensors(path):
     body = memoryview(raw)[8 + n:]
     entries = []  # (begin, end, name, dtype, shape)
     for name, info in header.items():
+        code = info.get("dtype") if isinstance(info, dict) else None
+        if isinstance(code, str) and code not in _DTYPES:  # BF16, U16, F8_E4M3, ...: the format has more
+            raise CheckpointError(f"{path}: entry {name!r} has dtype {code}, which distbp does not read "
+                                  f"(it reads {', '.join(_DTYPES)})")
         try:
             dtype = np.dtype(_DTYPES[info["dtype"]]).newbyteorder("<")
             shape, offsets = info["shape"], info["data_offsets"]

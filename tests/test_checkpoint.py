@@ -830,3 +830,17 @@ def test_parameters_must_be_finite_and_optimizer_state_may_overflow(tmp_path):
     state["model/w"][1] = np.inf
     with pytest.raises(CheckpointError, match="ck: model/w holds non-finite values"):
         check_finite("ck", state, "model/")
+
+
+def test_a_file_of_a_dtype_distbp_does_not_read_says_so(tmp_path):
+    # bfloat16, as the safetensors library writes it: it was "a malformed description"
+    head = json.dumps({"w": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}}).encode()
+    (tmp_path / "bf16.safetensors").write_bytes(struct.pack("<Q", len(head)) + head + bytes(4))
+    with pytest.raises(CheckpointError, match="entry 'w' has dtype BF16, which distbp does not read .it reads F64, F32"):
+        load_safetensors(tmp_path / "bf16.safetensors")
+
+
+def test_an_array_named_like_the_formats_metadata_is_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="'__metadata__': the format reserves the name"):
+        save_safetensors(tmp_path / "x.safetensors", {"__metadata__": np.zeros(2, np.float32)})
+    assert list(tmp_path.iterdir()) == []
