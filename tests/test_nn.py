@@ -172,7 +172,7 @@ def test_shared_parameter_counted_once_and_gradients_accumulate(rng):
     assert [n for n, _ in d.named_parameters()] == [n for n, _ in t.named_parameters()] == ["emb.weight"]
     assert len(list(d.parameters())) == 1
     assert d.num_parameters() == 40
-    assert list(d.state_dict()) == ["emb.weight"]
+    assert list(d.state_dict()) == list(t.state_dict()) == ["emb.weight", "head.weight"]  # each name, as torch
 
     idx = rng.integers(0, 10, size=(3, 5))
     copy_into_torch(d, t)
@@ -1203,3 +1203,39 @@ def test_clip_grad_norm_single_tensor(rng):
     total_d = nn.clip_grad_norm_(dps[0], 1.0)
     assert float(total_d) == pytest.approx(float(total_t), rel=1e-6)
     np.testing.assert_allclose(dps[0].grad.data, t2n(tps[0].grad), rtol=1e-6)
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(5, 3)
+        self.out = nn.Linear(3, 5, bias=False)
+        self.out.weight = self.emb.weight
+
+
+def test_a_tied_parameter_is_in_the_state_under_each_of_its_names_as_in_pytorch():
+    torch = pytest.importorskip("torch")
+
+    class TorchTied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(5, 3)
+            self.out = torch.nn.Linear(3, 5, bias=False)
+            self.out.weight = self.emb.weight
+
+    m, t = _Tied(), TorchTied()
+    assert list(m.state_dict()) == list(t.state_dict()) == ["emb.weight", "out.weight"]
+    assert [n for n, _ in m.named_parameters()] == ["emb.weight"]  # the optimizer still sees it once
+    assert m.load_state_dict({k: v.numpy() for k, v in t.state_dict().items()}) == ([], [])
+    np.testing.assert_array_equal(m.out.weight.data, t.emb.weight.detach().numpy())
+    t.load_state_dict({k: torch.from_numpy(v) for k, v in _Tied().state_dict().items()})  # and back
+
+
+def test_a_tied_parameter_named_once_loads_and_two_values_for_it_are_refused():
+    m, other = _Tied(), _Tied()
+    assert m.load_state_dict({"emb.weight": other.emb.weight.data}) == ([], [])  # an older distbp state
+    np.testing.assert_array_equal(m.out.weight.data, other.emb.weight.data)
+    before = m.emb.weight.data.copy()
+    with pytest.raises(ValueError, match="emb.weight and out.weight are one .tied. parameter, and the state gives"):
+        m.load_state_dict({"emb.weight": np.zeros((5, 3), np.float32), "out.weight": np.ones((5, 3), np.float32)})
+    np.testing.assert_array_equal(m.emb.weight.data, before)

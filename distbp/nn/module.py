@@ -204,10 +204,20 @@ class Module:
 
     # --- state -----------------------------------------------------------------------------------------
 
+    def _parameter_places(self, prefix=""):
+        """(dotted name, Parameter) for every place a parameter is registered: a shared (tied) one under each of
+        its names, as PyTorch's state_dict keys it."""
+        for name, p in self._parameters.items():
+            if p is not None:
+                yield prefix + name, p
+        for name, child in self._modules.items():
+            if child is not None:
+                yield from child._parameter_places(f"{prefix}{name}.")
+
     def state_dict(self):
-        """Name -> array copy, for every parameter and persistent buffer."""
+        """Name -> array copy, for every parameter (a tied one under each of its names) and persistent buffer."""
         out = OrderedDict()
-        for name, p in self.named_parameters():
+        for name, p in self._parameter_places():
             out[name] = p.data.copy()
         for name, b in self.named_buffers(persistent_only=True):
             out[name] = np.array(b.data if isinstance(b, Tensor) else b, copy=True)
@@ -219,10 +229,13 @@ class Module:
         With strict=False, missing and unexpected names are skipped (and returned); shape and dtype
         mismatches are always errors.
         """
-        own = OrderedDict(self.named_parameters())
+        own = OrderedDict(self._parameter_places())
         buffers = OrderedDict(self.named_buffers(persistent_only=True))
         targets = {**own, **buffers}
-        missing = [k for k in targets if k not in state]
+        given = {id(targets[k]) for k in state if k in targets}
+        # a tied parameter found under one of its names is not missing under the others (a state that names
+        # it once: distbp's own before it wrote every name)
+        missing = [k for k in targets if k not in state and id(targets[k]) not in given]
         unexpected = [k for k in state if k not in targets]
         if strict and (missing or unexpected):
             parts = []
@@ -232,6 +245,7 @@ class Module:
                 parts.append(f"unexpected {unexpected}")
             raise KeyError(f"load_state_dict for {type(self).__name__}: " + "; ".join(parts))
         staged = {}
+        named_first = {}  # id of a parameter or buffer -> the first of its names in the state
         for name, value in state.items():
             if name not in targets:
                 continue
@@ -246,6 +260,10 @@ class Module:
                 raise TypeError(f"load_state_dict: {name} has dtype {arr.dtype}, the model expects {cur.dtype}")
             if not cur.flags.writeable:
                 raise ValueError(f"load_state_dict: the model's {name} is read-only")
+            other = named_first.setdefault(id(current), name)
+            if other != name and not np.array_equal(staged[other], arr):
+                raise ValueError(f"load_state_dict: {other} and {name} are one (tied) parameter, and the state "
+                                 "gives them different values")
             staged[name] = arr
         for name, arr in staged.items():
             current = targets[name]
