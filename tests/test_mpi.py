@@ -244,6 +244,22 @@ def test_ranks_resuming_from_different_checkpoints_are_refused(tmp_path):
     assert "rank 1 starts at step 0 but rank 0 at step 5" in err
 
 
+def test_ranks_resuming_from_checkpoints_of_two_runs_at_one_step_are_refused(tmp_path):
+    # node-local copies of two runs, both at step 5: rank 0's parameters were broadcast, but each rank kept
+    # its own optimizer state and schedule, and the job trained on to a wrong result
+    for run, epochs in (("a", "2"), ("b", "3")):  # the schedules differ, so do the parameters at step 5
+        (tmp_path / run).mkdir()
+        code, _, err, _ = mpiexec(2, "-m", "distbp", "train", *COMMON, "--batch-size", "16", "--max-steps", "5",
+                                  "--epochs", epochs, "--checkpoint", str(tmp_path / run / "run.ckpt"))
+        assert code == 0, err
+    args = [*COMMON, "--batch-size", "16", "--epochs", "2", "--checkpoint", "run.ckpt", "--resume"]
+    code, err, seconds = _mpmd(["-wdir", str(tmp_path / "a"), args], ["-wdir", str(tmp_path / "b"), args])
+    assert code != 0 and seconds < 30, err
+    assert "rank 1 resumed from a checkpoint whose contents differ from rank 0's (both at step 5)" in err
+    code, err, _ = _mpmd(["-wdir", str(tmp_path / "a"), args], ["-wdir", str(tmp_path / "a"), args])
+    assert code == 0, err  # the same file (or an identical copy) resumes
+
+
 @pytest.mark.parametrize("sent,code,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
 def test_ctrl_c_or_sigterm_ends_every_rank_quietly(signal_when_training, sent, code, word):
     command = [MPIEXEC, "-n", "2", sys.executable, "-m", "distbp", "train", "--dataset", "synthetic",

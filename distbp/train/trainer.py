@@ -2,9 +2,11 @@
 `LocalStep` here; the MPI all-reduce and the parameter server plug in the same way.
 """
 
+import json
 import math
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -250,8 +252,22 @@ class Trainer:
         self.loss_sum, self.loss_count = running["sum"] / self.strategy.world_size, running["count"]
         self.lr_used = state.get("lr_used", self.optimizer.param_groups[0]["lr"])
         set_rng_state(self._rank_rngs(state)[self.strategy.rank])
+        self.resumed_contents = self._contents_checksum(state)
         self._say(f"resumed from {path} at step {self.step} (epoch {self.epoch + 1}, batch {self.batch})")
         return True
+
+    def _contents_checksum(self, state):
+        """A checksum of all a resumed run took from its checkpoint. Ranks that read different files (node-local
+        copies of two runs) at the same step would train on together: DataParallel gives every rank rank 0's
+        parameters, but each would keep its own optimizer state and schedule."""
+        crc = zlib.crc32(json.dumps(state, sort_keys=True, default=repr).encode())
+        for p in self.model.parameters():
+            crc = zlib.crc32(np.ascontiguousarray(p.data), crc)
+        for entries in self.optimizer.state.values():
+            for value in entries.values():
+                crc = zlib.crc32(np.ascontiguousarray(value) if isinstance(value, np.ndarray) else repr(value).encode(),
+                                 crc)
+        return crc
 
     def _move_to(self, step):
         """Take up the run at `step`: its place in the data and in the schedule."""
@@ -436,12 +452,19 @@ class Trainer:
         mine = {**to_dict(self.config), "train examples": len(self.split.train),
                 "parameters": self.model.num_parameters(), "tracing": bool(self.config.trace),
                 "position": (self.step, self.epoch, self.batch)}
+        mine["checkpoint contents"] = getattr(self, "resumed_contents", None)
         everyone = self.strategy.gather(mine)
         for rank, theirs in enumerate(everyone):
             if theirs["position"] != everyone[0]["position"]:
                 raise ConfigError(
                     f"rank {rank} starts at step {theirs['position'][0]} but rank 0 at step "
                     f"{everyone[0]['position'][0]}: resuming ranks must all read the same checkpoint"
+                )
+            if theirs["checkpoint contents"] != everyone[0]["checkpoint contents"]:
+                raise ConfigError(
+                    f"rank {rank} resumed from a checkpoint whose contents differ from rank 0's (both at step "
+                    f"{theirs['position'][0]}): resuming ranks must all read the same checkpoint (a file on a "
+                    "shared file system, or the same copy on every machine)"
                 )
             for key in mine:
                 if theirs.get(key) != everyone[0].get(key) and key not in _PER_RANK_KEYS:
