@@ -225,6 +225,37 @@ def test_a_failing_process_of_another_backend_under_mpiexec_exits_without_waitin
     assert "does not exist" in done.stderr
 
 
+def test_checked_collectives_asked_for_on_one_rank_are_checked_on_all():
+    # the one rank's check paired with its peers' real collectives: garbage, an IndexError, and the peers
+    # waited for the whole timeout
+    code, err, seconds = _mpmd([["--epochs", "1"]], ["env", "DISTBP_CHECK_COLLECTIVES=1", ["--epochs", "1"]])
+    assert code == 0 and seconds < 30, err
+
+
+FAIL_IN_THE_COMMUNICATOR = """
+import os, sys
+import distbp.comm.mpi as mpi
+made = mpi.MPICommunicator.__init__
+def failing(self, *args, **kwargs):
+    if self_rank() == 1:
+        raise RuntimeError("no communicator for rank 1")
+    made(self, *args, **kwargs)
+def self_rank():
+    return mpi._mpi().COMM_WORLD.Get_rank()
+mpi.MPICommunicator.__init__ = failing
+from distbp.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_rank_failing_to_make_its_communicator_ends_the_job_at_once():
+    # its peers wait in the communicator's own collectives: they waited for the whole timeout, then MPI's end
+    code, _, err, seconds = mpiexec(2, "-c", FAIL_IN_THE_COMMUNICATOR, "train", "--backend", "mpi", "--timeout",
+                                    "60", "--epochs", "1", "--progress", "none")
+    assert code != 0 and seconds < 30, err
+    assert "distbp: rank 1 of 2 failed: RuntimeError: no communicator for rank 1" in err
+
+
 def test_tracing_on_one_rank_only_is_refused_at_start_up(tmp_path):
     code, err, seconds = _mpmd([["--epochs", "1", "--trace", str(tmp_path / "t.json")]], [["--epochs", "1"]])
     assert code != 0 and seconds < 15, err

@@ -18,6 +18,13 @@ def detect_backend(environ=None):
     return "mpi" if launched_by_mpi(os.environ if environ is None else environ) else "local"
 
 
+def mpi_world():
+    """MPI's world: its rank, size and abort(code), to end the job when no communicator could be made."""
+    from .mpi import World
+
+    return World()
+
+
 def mpi_communicator(timeout=DEFAULT_TIMEOUT):
     """COMM_WORLD's communicator; refused when a launcher started several processes and MPI sees one."""
     from .mpi import MPICommunicator, check_launch

@@ -182,7 +182,8 @@ class MPICommunicator(Communicator):
         self._asked = {}  # peer -> (collective #, its index) of the last question it asked: it timed out there
         if check_collectives is None:
             check_collectives = os.environ.get("DISTBP_CHECK_COLLECTIVES", "0") not in ("", "0")
-        self.check_collectives = bool(check_collectives)
+        self.check_collectives = False  # until the ranks agree (below): a check on some ranks only pairs with
+        # their peers' real collectives
         if shared_memory is None:
             shared_memory = os.environ.get("DISTBP_MPI_SHM", "1") != "0"
         node = base.Split_type(MPI.COMM_TYPE_SHARED)
@@ -193,7 +194,9 @@ class MPICommunicator(Communicator):
             remove_names(sorted(set.intersection(*mapped)))
         node.Free()
         can = bool(shared_memory) and one_machine and self.size > 1 and os.path.isdir(SHM_DIR)
-        self.shared_memory = all(self.allgather(can))  # the same answer on every rank, or none uses it
+        answers = self.allgather((can, bool(check_collectives)))
+        self.shared_memory = all(a for a, _ in answers)  # the same answer on every rank, or none uses it
+        self.check_collectives = any(c for _, c in answers)  # asked for on one rank: on for all
         self.shared_memory_error = None  # why a buffer() could not be shared, if one could not
         self._base = base
         self._shared = {}  # (address, size, dtype) of each shared buffer handed out -> its SharedBuffer
@@ -384,13 +387,30 @@ _DTYPE_CODES = {np.dtype(t).str: i for i, t in enumerate((np.float16, np.float32
 
 def _describe_call(values):
     kind, size, dtype, detail, shared = (int(v) for v in values)
+    if not 0 <= kind < len(_COLLECTIVES):  # not a check's values: a peer made another call
+        return "something else (not a checked collective)"
     name = _COLLECTIVES[kind]
     if size < 0:
         return name
     dtype_name = next((np.dtype(s).name for s, c in _DTYPE_CODES.items() if c == dtype), "another dtype")
-    extra = f" op {_OPS[detail]}" if name == "allreduce" else f" root {detail}"
+    op = _OPS[detail] if 0 <= detail < len(_OPS) else f"#{detail}"
+    extra = f" op {op}" if name == "allreduce" else f" root {detail}"
     where = ", a comm.buffer()" if shared else ""
     return f"{name} of {size} {dtype_name}{extra}{where}"
+
+
+class World:
+    """MPI's world communicator's rank, size and abort(code)."""
+
+    def __init__(self):
+        self._world = _mpi().COMM_WORLD
+        self.rank, self.size = self._world.Get_rank(), self._world.Get_size()
+
+    def abort(self, code=1):
+        try:
+            remove_names(mpich_segments())  # as MPICommunicator.abort
+        finally:
+            self._world.Abort(code)
 
 
 def launched_by_mpi(environ):

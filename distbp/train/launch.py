@@ -9,7 +9,7 @@ import traceback
 
 from threadpoolctl import threadpool_limits
 
-from ..comm import GroupAborted, RankFailed, detect_backend, mpi_communicator, run_ranks
+from ..comm import GroupAborted, RankFailed, detect_backend, mpi_communicator, mpi_world, run_ranks
 from ..data.datasets import read_only
 from .config import ConfigError, check_outputs, check_pem, keys_given, ps_settings
 from .errors import USER_ERRORS, error_message
@@ -132,30 +132,41 @@ def run(config, stream=None):
 
 
 def _run_mpi(config, stream):
-    comm = mpi_communicator(config.timeout)
+    try:
+        comm = mpi_communicator(config.timeout)
+    except BaseException as e:  # the peers may wait in a collective of the communicator's making
+        world = mpi_world()
+        if world.size == 1:  # this process alone: reported as on one process
+            raise
+        _end_job(world, e)
     try:
         return Trainer(config, allreduce_step(config, comm), stream).fit()
-    except BaseException as e:  # end every rank now, rather than leave them waiting for this one
-        if isinstance(e, SystemExit) and not e.code:
-            raise
-        _ignore_stop_signals()  # a second Ctrl-C or SIGTERM must not escape before MPI_Abort
-        if isinstance(e, KeyboardInterrupt):  # Ctrl-C or SIGTERM reaches every rank: no traceback, the shell's code
-            code, what = (e.code, e.what) if isinstance(e, Terminated) else (130, "interrupted")
-            sys.stderr.write(f"distbp: rank {comm.rank} of {comm.size} {what}\n")
-            _abort(comm, code)
-            raise SystemExit(code) from None  # reported: the command must not report it again
-        if isinstance(e, GroupAborted):
-            detail = ""
-        elif isinstance(e, USER_ERRORS):
-            detail = error_message(e)
-        else:
-            detail = "".join(traceback.format_exception_only(type(e), e)).strip()
-        sys.stderr.write(f"distbp: rank {comm.rank} of {comm.size} failed: {detail}\n")
-        code = 2 if isinstance(e, USER_ERRORS) else 1  # as on one rank
-        if code == 1:
-            traceback.print_exc()
+    except BaseException as e:
+        _end_job(comm, e)
+
+
+def _end_job(comm, e):
+    """Report this rank's exception and end every rank now, rather than leave them waiting for this one."""
+    if isinstance(e, SystemExit) and not e.code:
+        raise e
+    _ignore_stop_signals()  # a second Ctrl-C or SIGTERM must not escape before MPI_Abort
+    if isinstance(e, KeyboardInterrupt):  # Ctrl-C or SIGTERM reaches every rank: no traceback, the shell's code
+        code, what = (e.code, e.what) if isinstance(e, Terminated) else (130, "interrupted")
+        sys.stderr.write(f"distbp: rank {comm.rank} of {comm.size} {what}\n")
         _abort(comm, code)
         raise SystemExit(code) from None  # reported: the command must not report it again
+    if isinstance(e, GroupAborted):
+        detail = ""
+    elif isinstance(e, USER_ERRORS):
+        detail = error_message(e)
+    else:
+        detail = "".join(traceback.format_exception_only(type(e), e)).strip()
+    sys.stderr.write(f"distbp: rank {comm.rank} of {comm.size} failed: {detail}\n")
+    code = 2 if isinstance(e, USER_ERRORS) else 1  # as on one rank
+    if code == 1:
+        traceback.print_exception(e)
+    _abort(comm, code)
+    raise SystemExit(code) from None  # reported: the command must not report it again
 
 
 def _abort(comm, code):
