@@ -291,7 +291,7 @@ def test_trained_checkpoint_resumes(trained, tmp_path):
     r = run(tmp_path, "train", "--resume", "--hidden", "32", "--epochs", "3", "--checkpoint", "ck.safetensors",
             "--progress", "plain", "--metrics", "m.jsonl")
     assert r.returncode == 0, r.stderr
-    assert "resumed from ck.safetensors at step 90" in r.stdout  # 2 epochs of 45 steps
+    assert "resumed from ck.safetensors at step 90 (the end of epoch 2)" in r.stdout  # 2 epochs of 45 steps
     records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert [rec["step"] for rec in records] == [135]
     assert (tmp_path / "ck.safetensors").read_bytes() != before

@@ -182,7 +182,8 @@ class Trainer:
         """Refuse a checkpoint's saved state that resume() could not restore whole (before anything changes)."""
         if state.get("world_size", 1) != self.strategy.world_size:
             raise CheckpointError(
-                f"{path}: written by {state.get('world_size')} ranks; resume with the same world size "
+                f"{path}: written by {state.get('world_size')} rank{'' if state.get('world_size') == 1 else 's'}; "
+                f"resume with the same world size "
                 f"(now {self.strategy.world_size}): the data order depends on it"
             )
         for key in ("step", "epoch", "batch"):
@@ -253,7 +254,9 @@ class Trainer:
         self.lr_used = state.get("lr_used", self.optimizer.param_groups[0]["lr"])
         set_rng_state(self._rank_rngs(state)[self.strategy.rank])
         self.resumed_contents = self._contents_checksum(state)
-        self._say(f"resumed from {path} at step {self.step} (epoch {self.epoch + 1}, batch {self.batch})")
+        where = (f"the end of epoch {self.epoch}" if self.batch == 0 and self.epoch > 0 else
+                 f"epoch {self.epoch + 1}, batch {self.batch}")
+        self._say(f"resumed from {path} at step {self.step} ({where})")
         return True
 
     def _contents_checksum(self, state):
