@@ -118,6 +118,17 @@ def build_parser():
     return parser
 
 
+def _rank_in_mpi_job(backend):
+    """'rank R of N: ' for a rank of an MPI job that fails before MPI starts (MPICH's own abort line names
+    the rank only by node), else ''."""
+    from .comm.mpi import launched_by_mpi, launcher_count, launcher_rank
+
+    if backend not in (None, "auto", "mpi") or not launched_by_mpi(os.environ):
+        return ""
+    rank = launcher_rank(os.environ)
+    return "" if rank is None else f"rank {rank} of {launcher_count(os.environ)[1]}: "
+
+
 def _end_mpi_job(code, backend=None):
     """Under mpiexec, end every rank of an MPI job. A rank that fails before it starts MPI (a bad option, a
     missing config file) would otherwise leave its peers waiting in MPI's start-up for it, forever.
@@ -228,7 +239,8 @@ def main(argv=None):
         print(f"distbp: error: rank {e.rank} failed: {error_message(e.error)}", file=sys.stderr)
         return 2 if isinstance(e.error, USER_ERRORS) else 1  # as on one rank
     except USER_ERRORS as e:
-        print(f"distbp: error: {error_message(e)}", file=sys.stderr)
+        where = _rank_in_mpi_job(backend) if args.command == "train" else ""
+        print(f"distbp: error: {where}{error_message(e)}", file=sys.stderr)
         if args.command == "train":
             _end_mpi_job(2, backend)
         return 2

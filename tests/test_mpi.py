@@ -210,7 +210,7 @@ def test_a_rank_refusing_its_options_ends_the_job_at_once():
     before = mpich_names()
     code, err, seconds = _mpmd([["--epochs", "1"]], [["--epochs", "1", "--hidden", "-3"]])
     assert code != 0 and seconds < 15, err
-    assert "'hidden' must be >= 1" in err
+    assert "distbp: error: rank 1 of 2: options: 'hidden' must be >= 1" in err
     assert not left_behind(before)
 
 

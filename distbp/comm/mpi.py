@@ -433,6 +433,15 @@ def launcher_count(environ):
     return None
 
 
+def launcher_rank(environ):
+    """This process's rank as its launcher numbered it (before MPI starts), or None."""
+    for key in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK", "SLURM_PROCID"):
+        value = environ.get(key, "")
+        if value.isdigit():
+            return int(value)
+    return None
+
+
 def check_launch(comm, environ):
     """Refuse a group of one in a process that a launcher started as one of several: the launcher and the
     MPI library do not understand each other, and every process would train alone on all the data."""
