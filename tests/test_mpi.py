@@ -256,6 +256,19 @@ def test_a_rank_failing_to_make_its_communicator_ends_the_job_at_once():
     assert "distbp: rank 1 of 2 failed: RuntimeError: no communicator for rank 1" in err
 
 
+def test_ranks_whose_copies_of_the_data_differ_are_refused_at_start_up(tmp_path):
+    # one path, two machines' disks: the same characters in another order trained on without a word
+    text = "".join(chr(97 + i % 26) for i in range(6000))
+    for name, content in (("a", text), ("b", text[::-1])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "corpus.txt").write_text(content)
+    args = ["--model", "charlm", "--text-file", "corpus.txt", "--max-steps", "2"]
+    code, err, seconds = _mpmd(["-wdir", str(tmp_path / "a"), args], ["-wdir", str(tmp_path / "b"), args])
+    assert code != 0 and seconds < 30, err
+    assert "rank 1 trains on other data than rank 0 (fingerprints" in err
+    assert "every machine's copy of the data set must be the same" in err
+
+
 def test_tracing_on_one_rank_only_is_refused_at_start_up(tmp_path):
     code, err, seconds = _mpmd([["--epochs", "1", "--trace", str(tmp_path / "t.json")]], [["--epochs", "1"]])
     assert code != 0 and seconds < 15, err

@@ -1559,6 +1559,20 @@ def test_a_worker_with_other_training_settings_is_refused_naming_the_setting():
         stop()
 
 
+def test_a_worker_whose_copy_of_the_data_differs_from_the_servers_is_refused():
+    # the same options on another machine, whose file at the same path holds other data
+    from distbp.train.config import ps_settings
+
+    config = make_config({"epochs": 1, "progress": "none"})
+    addresses, _, stop = start_servers(config)
+    try:
+        with pytest.raises(PSError, match="the worker's training data differs from the server's .fingerprints "
+                                          "1438:0000abcd and 1438:[0-9a-f]{8}.: every machine's copy"):
+            PSClient(addresses, _named(config), settings={**ps_settings(config), "data": "1438:0000abcd"}).register()
+    finally:
+        stop()
+
+
 def _register_raw(address, signature, settings="", token=None):
     """Register with only the generated stubs, as a client in another language would."""
     from distbp.ps.v1 import ps_pb2_grpc

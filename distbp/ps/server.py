@@ -94,6 +94,10 @@ class Shard:
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
                            f"unknown settings {unknown}; known: {sorted(self.setting_keys)}")
         for key, value in (settings or {}).items():
+            if key == "data" and key in self.settings and value != self.settings[key]:
+                raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"the worker's training data differs from the server's (fingerprints {value} and "
+                               f"{self.settings[key]}): every machine's copy of the data set must be the same")
             if key in self.settings and not _same_setting(self.settings[key], value):
                 raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
                                f"the worker has {key} = {value!r} but the server {self.settings[key]!r}: give the "

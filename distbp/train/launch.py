@@ -10,7 +10,7 @@ import traceback
 from threadpoolctl import threadpool_limits
 
 from ..comm import GroupAborted, RankFailed, detect_backend, mpi_communicator, mpi_world, run_ranks
-from ..data.datasets import read_only
+from ..data.datasets import fingerprint, read_only
 from .config import ConfigError, check_outputs, check_pem, keys_given, ps_settings
 from .errors import USER_ERRORS, error_message
 from .steps import LocalStep, allreduce_step
@@ -209,7 +209,8 @@ def _run_ps(config, stream):
         addresses = parse_addresses(config.ps)
     except ValueError as e:
         raise ConfigError(f"config: {e}") from None
+    split = build_data(config)  # before registering: the servers compare its fingerprint with their data's
     step = PSStep(addresses, config.ps_token, config.ps_tls_ca, config.ps_retry_seconds,
                   requested_id=config.ps_worker_id, tls_cert=config.ps_tls_cert, tls_key=config.ps_tls_key,
-                  settings=ps_settings(config))
-    return Trainer(config, step, stream).fit()
+                  settings={**ps_settings(config), "data": fingerprint(split)})
+    return Trainer(config, step, stream, split).fit()

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 from ..autograd import manual_seed
 from ..data import BatchLoader, ShardSampler
+from ..data.datasets import fingerprint
 from ..ps.client import model_signature
 from ..ps.server import Shard, check_token, host_port, serve
 from ..ps.wire import assign_shards
@@ -38,8 +39,9 @@ def build_shard(config, shard=0, num_shards=1, workers=1, mode="sync", staleness
     if config.max_steps:
         steps_per_worker = min(steps_per_worker, config.max_steps)
     return Shard(mine, optimizer, schedule, mode, workers, staleness, sync_timeout, shard, num_shards,
-                 model_signature(named), checkpoint, checkpoint_every, settings=ps_settings(config),
-                 setting_keys=PS_SHARED_KEYS, steps_per_worker=steps_per_worker, restore_keys=RESUME_KEYS + ("optimizer",))
+                 model_signature(named), checkpoint, checkpoint_every,
+                 settings={**ps_settings(config), "data": fingerprint(split)},
+                 setting_keys=PS_SHARED_KEYS + ("data",), steps_per_worker=steps_per_worker, restore_keys=RESUME_KEYS + ("optimizer",))
 
 
 def check_server_options(config, args):

@@ -456,8 +456,14 @@ class Trainer:
                 "parameters": self.model.num_parameters(), "tracing": bool(self.config.trace),
                 "position": (self.step, self.epoch, self.batch)}
         mine["checkpoint contents"] = getattr(self, "resumed_contents", None)
+        mine["data"] = fingerprint(self.split)  # the same path may hold other data on another machine
         everyone = self.strategy.gather(mine)
         for rank, theirs in enumerate(everyone):
+            if theirs["data"] != everyone[0]["data"]:
+                raise ConfigError(
+                    f"rank {rank} trains on other data than rank 0 (fingerprints {theirs['data']} and "
+                    f"{everyone[0]['data']}): every machine's copy of the data set must be the same"
+                )
             if theirs["position"] != everyone[0]["position"]:
                 raise ConfigError(
                     f"rank {rank} starts at step {theirs['position'][0]} but rank 0 at step "
