@@ -1,5 +1,6 @@
 """Real MPI ranks started with mpiexec from the test suite: equivalence with one process, and failures."""
 
+import json
 import os
 import shutil
 import signal
@@ -267,6 +268,31 @@ def test_ranks_whose_copies_of_the_data_differ_are_refused_at_start_up(tmp_path)
     assert code != 0 and seconds < 30, err
     assert "rank 1 trains on other data than rank 0 (fingerprints" in err
     assert "every machine's copy of the data set must be the same" in err
+
+
+ON_ANOTHER_MACHINE = """
+import socket, sys, time
+from mpi4py import MPI
+if MPI.COMM_WORLD.Get_rank() == 1:  # a machine of its own, booted 1000 s later than rank 0's
+    clock = time.perf_counter
+    time.perf_counter = lambda: clock() - 1000.0
+    socket.gethostname = lambda: "another-machine"
+from distbp.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_trace_of_ranks_on_two_machines_has_one_time_origin(tmp_path):
+    # each machine's perf_counter counts from its own boot: rank 0's reading put the other machine's spans
+    # 1000 s before the first
+    path = tmp_path / "t.json"
+    code, _, err, _ = mpiexec(2, "-c", ON_ANOTHER_MACHINE, "train", "--backend", "mpi", *COMMON, "--max-steps", "5",
+                              "--progress", "none", "--trace", str(path))
+    assert code == 0, err
+    spans = [e for e in json.loads(path.read_text())["traceEvents"] if e["ph"] == "X"]
+    firsts = [min(e["ts"] for e in spans if e["pid"] == rank) for rank in (0, 1)]
+    assert all(0 <= first < 10_000_000 for first in firsts), firsts  # microseconds
+    assert abs(firsts[0] - firsts[1]) < 1_000_000
 
 
 def test_tracing_on_one_rank_only_is_refused_at_start_up(tmp_path):

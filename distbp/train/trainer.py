@@ -4,6 +4,7 @@
 
 import json
 import math
+import socket
 import sys
 import time
 import zlib
@@ -338,9 +339,8 @@ class Trainer:
         if self.is_main:
             check_outputs(cfg, ("checkpoint", "metrics", "trace"))
         self.tracer = None
-        if cfg.trace:  # time 0 is rank 0's now on every rank (one clock per machine: its ranks line up)
-            origin = self.strategy.gather(time.perf_counter())[0]
-            self.tracer = Tracer(self.strategy.rank, origin=origin)
+        if cfg.trace:
+            self.tracer = Tracer(self.strategy.rank, origin=self._trace_origin())
         self.strategy.prepare(self.model, self.optimizer, self.tracer)
         # appended to when the run goes on: resumed, or a parameter-server worker the servers had at a step
         metrics = MetricsLog(cfg.metrics if self.is_main else None, append=cfg.resume or self.step > 0,
@@ -447,6 +447,15 @@ class Trainer:
                 tracer.span(name, start, end)
             tracer.step += 1
         return float(loss.data), resume_at
+
+    def _trace_origin(self):
+        """Time 0 of the trace on this rank's clock: the moment the ranks leave one exchange, as the first rank
+        of this machine read it. Ranks of one machine share a clock, so theirs line up exactly; another
+        machine's perf_counter counts from its own boot, so its ranks take their own reading of that moment."""
+        self.strategy.gather(None)  # every rank leaves this at about the same moment
+        readings = self.strategy.gather((socket.gethostname(), time.perf_counter()))
+        host = readings[self.strategy.rank][0]
+        return next(t for h, t in readings if h == host)
 
     def _check_same_run(self):
         """Every rank must train the same model on the same data with the same settings."""
