@@ -107,7 +107,7 @@ def build_parser():
     server.add_argument("--tls-key", help="server private key (PEM)")
     server.add_argument("--tls-client-ca", help="CA (PEM) that client certificates must chain to (mutual TLS)")
     server.add_argument("--checkpoint-path", help="checkpoint file: restored at start, written every K versions "
-                        "and on SIGTERM")
+                        "and on SIGTERM (with several shards, shard I's is FILE.shardI)")
     server.add_argument("--checkpoint-every-versions", type=int, default=0, help="K (0: only on SIGTERM)")
     _add_config_options(serve)
     plot = sub.add_parser("plot", help="plot a metrics file's loss and accuracy curves to a PNG",

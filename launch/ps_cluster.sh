@@ -4,9 +4,10 @@
 #   launch/ps_cluster.sh 2 4 --mode sync -- --model mlp --epochs 10
 #      servers workers [server options --] [training options, given to servers and workers alike]
 #
-# Server options: --mode sync|async|bounded, --staleness S, --sync-timeout SEC, --token T,
-# --checkpoint-path FILE --checkpoint-every-versions K (one file per shard: FILE.shardN; the same command
-# again continues the job from the servers' checkpoints). The training
+# Server options: --mode sync|async|bounded, --staleness S, --sync-timeout SEC, --token T (passed on to the
+# workers), --tls-cert/--tls-key/--tls-client-ca (the workers' --ps-tls-* go among the training options),
+# --checkpoint-path FILE --checkpoint-every-versions K (with several shards, each writes FILE.shardN; the
+# same command again continues the job from the servers' checkpoints). The training
 # options must be the same for servers and workers: the servers build the same model and optimizer.
 # Ports come from BASE_PORT (default 50051) upwards. Ctrl-C stops everything: SIGTERM to every process,
 # then SIGKILL to any still running STOP_GRACE seconds later (default 30).
@@ -30,9 +31,19 @@ fi
 python=${PYTHON:-python3}
 base=${BASE_PORT:-50051}
 token_opts=()
+tls=""
 for ((i = 0; i < ${#server_opts[@]}; i++)); do
-  if [ "${server_opts[$i]}" = "--token" ]; then token_opts=(--ps-token "${server_opts[$((i + 1))]}"); fi
+  case "${server_opts[$i]}" in
+    --token) token_opts=(--ps-token "${server_opts[$((i + 1))]:-}") ;;
+    --token=*) token_opts=(--ps-token "${server_opts[$i]#--token=}") ;;
+    --tls-cert | --tls-cert=*) tls=yes ;;
+  esac
 done
+if [ -n "$tls" ] && [[ " $* " != *" --ps-tls-ca"* ]]; then
+  echo "launch/ps_cluster.sh: the servers serve TLS (--tls-cert): give the workers the CA that signed it among" \
+    "the training options (-- ... --ps-tls-ca CA.pem; for mutual TLS also --ps-tls-cert and --ps-tls-key)" >&2
+  exit 2
+fi
 pids=()
 worker_pids=()
 grace=${STOP_GRACE:-30}
@@ -67,16 +78,8 @@ trap 'cleanup; exit 143' TERM
 addresses=""
 for ((s = 0; s < servers; s++)); do
   port=$((base + s))
-  shard_opts=()
-  previous=""
-  for opt in "${server_opts[@]}"; do
-    # each shard checkpoints to its own file
-    if [ "$previous" = "--checkpoint-path" ]; then opt="$opt.shard$s"; fi
-    shard_opts+=("$opt")
-    previous=$opt
-  done
   OMP_NUM_THREADS=1 "$python" -m distbp ps serve --shard "$s" --num-shards "$servers" --workers "$workers" \
-    --port "$port" "${shard_opts[@]}" "$@" &
+    --port "$port" "${server_opts[@]}" "$@" &
   pids+=($!)
   addresses+="${addresses:+,}127.0.0.1:$port"
 done

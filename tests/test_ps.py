@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -892,6 +893,38 @@ def test_a_server_names_the_workers_options_it_ignores(tmp_path):
     assert "options of the workers, not of a server, ignored here: --trace, --metrics" in err, err
 
 
+def test_the_token_can_come_from_the_environment_for_server_and_worker(tmp_path, monkeypatch):
+    # a token on the command line is visible to every user of the machine in `ps`
+    port = _free_port()
+    command = [sys.executable, "-m", "distbp", "ps", "serve", "--port", str(port), "--workers", "1", "--epochs", "1",
+               "--max-steps", "2"]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "DISTBP_PS_TOKEN": "from-the-environment"})
+    try:
+        assert "serving on" in server.stdout.readline(), server.stderr.read()
+        config = make_config({"epochs": 1, "progress": "none"})
+        with pytest.raises(PSError, match="UNAUTHENTICATED"):
+            PSClient([f"127.0.0.1:{port}"], _named(config)).register()
+        monkeypatch.setenv("DISTBP_PS_TOKEN", "from-the-environment")
+        from distbp.train.launch import run
+
+        summary = run(replace(config, backend="ps", ps=f"127.0.0.1:{port}", max_steps=2))
+        assert summary["steps"] == 2
+    finally:
+        server.terminate()
+        server.communicate(timeout=30)
+
+
+def test_a_server_open_beyond_this_machine_without_token_or_tls_warns(tmp_path):
+    server = subprocess.Popen([sys.executable, "-m", "distbp", "ps", "serve", "--host", "0.0.0.0", "--port",
+                               str(_free_port()), "--workers", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={k: v for k, v in os.environ.items() if k != "DISTBP_PS_TOKEN"})
+    assert "serving on" in server.stdout.readline(), server.stderr.read()
+    server.terminate()
+    _, err = server.communicate(timeout=30)
+    assert "listening on 0.0.0.0 with neither a token nor TLS: anyone who can reach the port" in err, err
+
+
 @pytest.mark.parametrize("workers, mode", [(1, "sync"), (2, "sync"), (2, "async")])
 def test_killed_and_restarted_server_training_completes(tmp_path, workers, mode):
     # with 2 sync workers, one is usually waiting inside its PushPull call for the other when the server dies
@@ -1103,6 +1136,37 @@ def test_the_one_machine_cluster_script_trains(tmp_path):
     assert (tmp_path / "m.jsonl").read_text().count("test_accuracy") == 1
     # the worker whose progress is shown is worker 0, the one that reports (whichever registers first)
     assert done.stdout.count("done: 23 steps") == 1, done.stdout
+
+
+def test_shards_of_a_cluster_checkpoint_to_files_of_their_own_and_pass_the_token_on(tmp_path):
+    # a path given once (with '=' too, which the script did not rename) was one file that the shards wrote
+    # over each other's; '--token=T' did not reach the workers
+    env = {**os.environ, "PYTHON": sys.executable, "BASE_PORT": str(_free_port())}
+    done = subprocess.run(["bash", str(ROOT / "launch" / "ps_cluster.sh"), "2", "1", f"--checkpoint-path={tmp_path}/ck",
+                           "--token=abc", "--", "--epochs", "1", "--max-steps", "3"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.shard0", "ck.shard1"]
+    assert f"written to {tmp_path}/ck.shard1" in done.stderr + done.stdout
+
+
+def test_a_shards_file_named_as_for_one_shard_is_refused_not_started_over(tmp_path):
+    from distbp.train.config import ConfigError
+    from distbp.train.ps_service import shard_checkpoint_path
+
+    assert shard_checkpoint_path(str(tmp_path / "ck"), 0, 1) == str(tmp_path / "ck")
+    assert shard_checkpoint_path(str(tmp_path / "ck"), 1, 2) == str(tmp_path / "ck.shard1")
+    (tmp_path / "ck").write_bytes(b"a checkpoint written before shards named their files")
+    with pytest.raises(ConfigError, match=r"there is a file at .*ck, but shard 1 of 2 checkpoints to .*ck.shard1"):
+        shard_checkpoint_path(str(tmp_path / "ck"), 1, 2)
+
+
+def test_the_cluster_script_refuses_tls_servers_without_a_ca_for_the_workers():
+    # the workers retried a server they could not talk to for a minute, calling it unavailable
+    done = subprocess.run(["bash", str(ROOT / "launch" / "ps_cluster.sh"), "1", "1", "--tls-cert", "c.pem",
+                           "--tls-key", "k.pem", "--", "--epochs", "1"], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "PYTHON": sys.executable})
+    assert done.returncode == 2 and "give the workers the CA that signed it" in done.stderr
 
 
 def test_a_restarted_worker_rejoins_with_its_id_and_the_current_parameters():
@@ -1841,7 +1905,8 @@ def test_a_worker_waiting_for_a_server_says_so_once_and_then_every_few_seconds(c
         client.close()
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert lines[0] == (f"status: shard 0 at {address} is unavailable (UNAVAILABLE): no server answers there yet, "
-                        "or it is restarting; retrying for up to 2.5 s"), lines
+                        "or it is restarting (or it serves TLS, and this worker was given no --ps-tls-ca); "
+                        "retrying for up to 2.5 s"), lines
     assert 1 <= len(lines) - 1 <= 2 and all("still unavailable after" in line for line in lines[1:]), lines
     assert re.match(rf"status on shard 0 at {address} \(unavailable for \d+ s\): UNAVAILABLE", str(raised.value))
 

@@ -64,7 +64,8 @@ class PSClient:
         self.owner = assign_shards({n: p.data.size for n, p in self.params.items()}, len(self.addresses))
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.retry_seconds = retry_seconds
-        if tls_ca or tls_cert:
+        self.tls = bool(tls_ca or tls_cert)
+        if self.tls:
             creds = grpc.ssl_channel_credentials(
                 root_certificates=Path(tls_ca).read_bytes() if tls_ca else None,
                 private_key=Path(tls_key).read_bytes() if tls_key else None,
@@ -107,8 +108,10 @@ class PSClient:
                 where = f"shard {shard} at {self.addresses[shard]}"
                 if code in _RETRY and now < deadline and not self.stopping.is_set():
                     if said is None:
-                        log.warning("%s: %s is unavailable (%s): no server answers there yet, or it is restarting; "
-                                    "retrying for up to %g s", what, where, code.name, self.retry_seconds)
+                        log.warning("%s: %s is unavailable (%s): no server answers there yet, or it is restarting%s; "
+                                    "retrying for up to %g s", what, where, code.name,
+                                    "" if self.tls else " (or it serves TLS, and this worker was given no --ps-tls-ca)",
+                                    self.retry_seconds)
                         said = now
                     elif now - said >= RETRY_REPORT_SECONDS:
                         log.warning("%s: %s still unavailable after %.0f s; retrying", what, where, now - start)

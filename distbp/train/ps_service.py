@@ -1,10 +1,13 @@
 """`distbp ps serve`: one parameter-server shard built from the same configuration as the workers."""
 
+import ipaddress
 import logging
+import os
 import signal
 import sys
 import threading
 from dataclasses import replace
+from pathlib import Path
 
 from ..autograd import manual_seed
 from ..data import BatchLoader, ShardSampler
@@ -56,7 +59,7 @@ def check_server_options(config, args):
         raise ConfigError("ps serve: --checkpoint-path is empty; leave it out for none")
     if args.token is not None:
         try:
-            check_token(args.token, "ps serve: --token")
+            check_token(args.token, getattr(args, "token_from", "ps serve: --token"))
         except ValueError as e:
             raise ConfigError(str(e)) from None
     if not 0 < args.sync_timeout < float("inf"):  # (false for nan too)
@@ -89,11 +92,38 @@ _WORKER_KEYS = ("backend", "world_size", "bucket_cap_mb", "allow_unused", "compr
                 "eval_every", "log_every", "checkpoint_every", "metrics", "progress", "sample_length")
 
 
+TOKEN_VARIABLE = "DISTBP_PS_TOKEN"  # the token, for servers without --token and workers without ps_token
+
+
+def _loopback(host):
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def shard_checkpoint_path(path, shard, num_shards):
+    """The file a shard checkpoints to: `path` itself for a single shard, `path.shardI` for shard I of several
+    (shards given one path, on one machine or on a shared file system, wrote over each other's file)."""
+    if not path or not path.strip() or num_shards == 1 or not 0 <= shard < num_shards:
+        return path  # (refused or unused: check_server_options says why)
+    own = f"{path}.shard{shard}"
+    if Path(path).exists() and not Path(own).exists():  # written by shard files of one name (distbp before)
+        raise ConfigError(f"ps serve: there is a file at {path}, but shard {shard} of {num_shards} checkpoints to "
+                          f"{own} (each shard has a file of its own): if it is this shard's checkpoint, rename it "
+                          f"to {own}")
+    return own
+
+
 def run_server(config, args, stream=None):
     """Serve until SIGTERM or SIGINT; on either, stop taking pushes, write the checkpoint (if configured)
     and stop."""
     stream = stream or sys.stdout
     logging.basicConfig(level=logging.INFO, format="distbp ps: %(message)s")
+    args.checkpoint_path = shard_checkpoint_path(args.checkpoint_path, args.shard, args.num_shards)
+    args.token_from = "ps serve: --token"
+    if args.token is None and os.environ.get(TOKEN_VARIABLE):  # off the command line, where other users read it
+        args.token, args.token_from = os.environ[TOKEN_VARIABLE], TOKEN_VARIABLE
     check_server_options(config, args)
     ignored = keys_given(config, _WORKER_KEYS)
     if ignored:  # one option list serves servers and workers alike (launch/ps_cluster.sh gives both the same)
@@ -108,6 +138,10 @@ def run_server(config, args, stream=None):
             "%s mode with %d workers and momentum %g: each gradient is about %d steps stale, which acts as extra "
             "momentum; if training diverges, lower --momentum (e.g. 0.5) or --lr", args.mode, args.workers,
             config.momentum, args.workers - 1)
+    if not args.token and not tls and not _loopback(args.host):
+        logging.getLogger("distbp.ps").warning(
+            "listening on %s with neither a token nor TLS: anyone who can reach the port can read and change the "
+            "parameters (give --token or %s, and --tls-cert/--tls-key)", args.host, TOKEN_VARIABLE)
     server, port = serve(shard, args.host, args.port, args.token, tls)
     stream.write(f"distbp ps: shard {args.shard} of {args.num_shards} ({len(shard.params)} parameters, "
                  f"{args.mode}, {args.workers} worker{'s' if args.workers != 1 else ''}) serving on {host_port(args.host, port)}, version {shard.version}\n")
