@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import stat
 import struct
 import threading
@@ -26,6 +27,9 @@ _DTYPES = {
 _CODES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 
+_HOST = socket.gethostname().replace("/", "_")[:64] or "host"
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit, with the reason."""
 
@@ -35,8 +39,11 @@ def _remove_stale_temporaries(path):
     a job preempted again and again would otherwise pile them up beside the checkpoint."""
     prefix = f".{path.name}.tmp-"
     for tmp in path.parent.glob(prefix + "*"):
-        pid = tmp.name[len(prefix):].split("-")[0]  # .NAME.tmp-PID-THREAD (older versions: .NAME.tmp-PID)
-        if not pid.isdigit() or int(pid) == os.getpid():
+        # .NAME.tmp-PID-THREAD-HOST (older versions: .NAME.tmp-PID): a pid means something on its own machine
+        # only, and a directory on a shared file system holds other machines' temporaries too
+        pid, _, rest = tmp.name[len(prefix):].partition("-")
+        host = rest.partition("-")[2]
+        if not pid.isdigit() or int(pid) == os.getpid() or (host and host != _HOST):
             continue
         try:
             os.kill(int(pid), 0)
@@ -86,7 +93,7 @@ def save_safetensors(path, arrays, metadata=None):
     _remove_stale_temporaries(path)
     # one temporary per writer: threads (the threads backend's ranks) that save the same file at once
     # would otherwise write into, and rename, one another's half-written temporary
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_native_id()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_native_id()}-{_HOST}")
     try:
         with open(tmp, "wb") as fh:
             fh.write(struct.pack("<Q", len(head)))

@@ -761,12 +761,14 @@ def test_a_rewritten_file_keeps_its_permissions_and_a_link_keeps_pointing_at_it(
 def test_a_write_removes_temporaries_of_dead_writers_threads(tmp_path):
     path = tmp_path / "ck.safetensors"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / f".{path.name}.tmp-{int(dead.stdout)}-12345"
+    stale = tmp_path / f".{path.name}.tmp-{int(dead.stdout)}-12345-{checkpoint_module._HOST}"
     stale.write_bytes(b"torn")
-    live = tmp_path / f".{path.name}.tmp-1-1"
+    live = tmp_path / f".{path.name}.tmp-1-1-{checkpoint_module._HOST}"
     live.write_bytes(b"x")
+    elsewhere = tmp_path / f".{path.name}.tmp-{int(dead.stdout)}-12345-another-machine"  # its pid says nothing here
+    elsewhere.write_bytes(b"being written")
     save_safetensors(path, {"a": np.ones(3, np.float32)})
-    assert not stale.exists() and live.exists()
+    assert not stale.exists() and live.exists() and elsewhere.exists()
 
 
 def test_atomic_write_survives_sigkill(tmp_path):
@@ -782,7 +784,7 @@ def test_atomic_write_survives_sigkill(tmp_path):
     for round_ in range(6):
         argv = [sys.executable, "-c", WRITER, str(path), str(round_ * 1000), checkpoint_module.__file__]
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        tmp = tmp_path / f".{path.name}.tmp-{proc.pid}-{proc.pid}"  # (its main thread's id is its pid)
+        tmp = tmp_path / f".{path.name}.tmp-{proc.pid}-{proc.pid}-{checkpoint_module._HOST}"  # (main thread: pid)
         try:
             first = proc.stdout.readline()  # this process's first complete write exists
             assert first.strip(), f"writer failed: {proc.stderr.read() if proc.poll() is not None else ''}"
