@@ -839,3 +839,10 @@ def test_a_schedule_refuses_a_group_added_after_it():
     opt.add_param_group({"params": [b], "lr": 1.0})
     with pytest.raises(ValueError, match="2 parameter groups and the schedule was made for 1: make the schedule after"):
         schedule.step()
+
+
+def test_a_gradient_assigned_as_an_array_is_named():
+    p = _p()
+    p.grad = np.ones(3, np.float32)  # PyTorch refuses the assignment; distbp says so at the step
+    with pytest.raises(TypeError, match=r"the .grad of a parameter of shape \(3,\) is a ndarray, not a Tensor"):
+        optim.SGD([p], lr=0.1).step()

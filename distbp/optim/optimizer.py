@@ -91,6 +91,9 @@ class Optimizer:
         for p in group["params"]:
             if p.grad is None:
                 continue
+            if not isinstance(p.grad, Tensor):  # (numpy's .data is a memoryview: an AttributeError about that)
+                raise TypeError(f"{type(self).__name__}: the .grad of a parameter of shape {p.shape} is a "
+                                f"{type(p.grad).__name__}, not a Tensor (assign Tensor(array), or None)")
             g = p.grad.data
             if g.shape != p.data.shape or g.dtype != p.data.dtype:
                 raise ValueError(
