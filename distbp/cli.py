@@ -236,7 +236,7 @@ def main(argv=None):
             return _output_closed()
         if not isinstance(e.error, USER_ERRORS):
             traceback.print_exception(e.error)
-        print(f"distbp: error: rank {e.rank} failed: {error_message(e.error)}", file=sys.stderr)
+        print(f"distbp: error: {e.who} failed: {error_message(e.error)}", file=sys.stderr)
         return 2 if isinstance(e.error, USER_ERRORS) else 1  # as on one rank
     except USER_ERRORS as e:
         where = _rank_in_mpi_job(backend) if args.command == "train" else ""

@@ -100,6 +100,27 @@ def test_a_failing_rank_stops_the_others_instead_of_hanging():
     assert info.value.rank == 1
 
 
+def test_ranks_that_fail_alike_are_named_as_such_not_by_the_first_thread_to_fail():
+    # a refused checkpoint fails every rank the same way: "rank 4 failed" suggested rank 4 was at fault
+    def body(comm):
+        time.sleep(0.01 * (comm.size - comm.rank))  # the last rank fails first
+        raise ValueError("the same for all")
+
+    with pytest.raises(RankFailed, match="^every rank failed: ValueError: the same for all") as info:
+        run_ranks(4, body, timeout=60)
+    assert info.value.every and info.value.rank == 0
+
+    def some(comm):
+        if comm.rank in (1, 3):
+            time.sleep(0.01 * (comm.size - comm.rank))
+            raise ValueError("odd ranks only")
+        comm.allreduce(np.ones(2, np.float32))
+
+    with pytest.raises(RankFailed, match="^rank 1 failed: ValueError: odd ranks only") as info:
+        run_ranks(4, some, timeout=60)
+    assert not info.value.every
+
+
 def test_collectives_in_different_orders_are_caught():
     def body(comm):
         if comm.rank == 0:

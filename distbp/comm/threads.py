@@ -244,11 +244,16 @@ def run_ranks(size, fn, timeout=DEFAULT_TIMEOUT):
     if group.failure is not None:
         rank = group.failure[0]
         first = errors[rank] or next(e for e in errors if e is not None)
-        raise RankFailed(rank, first) from first
+        # ranks that failed alike (a refused checkpoint, say): naming whichever thread was first blamed it
+        alike = [r for r, e in enumerate(errors) if type(e) is type(first) and str(e) == str(first)]
+        raise RankFailed(min(alike, default=rank), first, every=len(alike) == size > 1) from first
     return results
 
 
 class RankFailed(RuntimeError):
-    def __init__(self, rank, error):
-        super().__init__(f"rank {rank} failed: {type(error).__name__}: {error}")
-        self.rank, self.error = rank, error
+    """A thread rank's error, which stopped the group. every: each rank failed with the same error."""
+
+    def __init__(self, rank, error, every=False):
+        self.who = "every rank" if every else f"rank {rank}"
+        super().__init__(f"{self.who} failed: {type(error).__name__}: {error}")
+        self.rank, self.error, self.every = rank, error, every
