@@ -121,12 +121,12 @@ def build_parser():
 def _rank_in_mpi_job(backend):
     """'rank R of N: ' for a rank of an MPI job that fails before MPI starts (MPICH's own abort line names
     the rank only by node), else ''."""
-    from .comm.mpi import launched_by_mpi, launcher_count, launcher_rank
+    from .comm.mpi import launched_by_mpi, launcher_rank
 
     if backend not in (None, "auto", "mpi") or not launched_by_mpi(os.environ):
         return ""
-    rank = launcher_rank(os.environ)
-    return "" if rank is None else f"rank {rank} of {launcher_count(os.environ)[1]}: "
+    numbered = launcher_rank(os.environ)
+    return "" if numbered is None else "rank {} of {}: ".format(*numbered)
 
 
 def _end_mpi_job(code, backend=None):

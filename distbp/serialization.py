@@ -7,6 +7,8 @@ temporary file in the same directory, is flushed to disk, then renamed over the 
 point leaves either the old file or the new one, never a torn one.
 """
 
+import glob
+import hashlib
 import json
 import math
 import os
@@ -30,6 +32,15 @@ _CODES = {np.dtype(v): k for k, v in _DTYPES.items()}
 _HOST = socket.gethostname().replace("/", "_")[:64] or "host"
 
 
+def _temporary_prefix(path):
+    """The start of the names of `path`'s temporary files (PID-THREAD-HOST follows): its own name, or a digest
+    of it where that name and the rest would pass the file system's 255 bytes."""
+    prefix = f".{path.name}.tmp-"
+    if len(prefix.encode()) + 100 > 255:
+        prefix = f".{hashlib.sha1(path.name.encode()).hexdigest()[:20]}.tmp-"
+    return prefix
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit, with the reason."""
 
@@ -37,8 +48,8 @@ class CheckpointError(ValueError):
 def _remove_stale_temporaries(path):
     """Delete temporary files of `path` left by writers that were killed mid-write (their process is gone):
     a job preempted again and again would otherwise pile them up beside the checkpoint."""
-    prefix = f".{path.name}.tmp-"
-    for tmp in path.parent.glob(prefix + "*"):
+    prefix = _temporary_prefix(path)
+    for tmp in path.parent.glob(glob.escape(prefix) + "*"):
         # .NAME.tmp-PID-THREAD-HOST (older versions: .NAME.tmp-PID): a pid means something on its own machine
         # only, and a directory on a shared file system holds other machines' temporaries too
         pid, _, rest = tmp.name[len(prefix):].partition("-")
@@ -93,7 +104,7 @@ def save_safetensors(path, arrays, metadata=None):
     _remove_stale_temporaries(path)
     # one temporary per writer: threads (the threads backend's ranks) that save the same file at once
     # would otherwise write into, and rename, one another's half-written temporary
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_native_id()}-{_HOST}")
+    tmp = path.with_name(f"{_temporary_prefix(path)}{os.getpid()}-{threading.get_native_id()}-{_HOST}")
     try:
         with open(tmp, "wb") as fh:
             fh.write(struct.pack("<Q", len(head)))

@@ -30,18 +30,19 @@ if [[ " $* " == *" -- "* ]]; then
 fi
 python=${PYTHON:-python3}
 base=${BASE_PORT:-50051}
-token_opts=()
+token=""
 tls=""
 for ((i = 0; i < ${#server_opts[@]}; i++)); do
   case "${server_opts[$i]}" in
-    --token) token_opts=(--ps-token "${server_opts[$((i + 1))]:-}") ;;
-    --token=*) token_opts=(--ps-token "${server_opts[$i]#--token=}") ;;
+    --token) token=${server_opts[$((i + 1))]:-} ;;
+    --token=*) token=${server_opts[$i]#--token=} ;;
     --tls-cert | --tls-cert=*) tls=yes ;;
   esac
 done
-if [ -n "$tls" ] && [[ " $* " != *" --ps-tls-ca"* ]]; then
+if [ -n "$tls" ] && [[ " $* " != *" --ps-tls-ca"* && " $* " != *" --config"* ]]; then
   echo "launch/ps_cluster.sh: the servers serve TLS (--tls-cert): give the workers the CA that signed it among" \
-    "the training options (-- ... --ps-tls-ca CA.pem; for mutual TLS also --ps-tls-cert and --ps-tls-key)" >&2
+    "the training options (-- ... --ps-tls-ca CA.pem, or ps_tls_ca in a --config file; for mutual TLS also" \
+    "--ps-tls-cert and --ps-tls-key)" >&2
   exit 2
 fi
 pids=()
@@ -87,8 +88,9 @@ for ((w = 0; w < workers; w++)); do
   progress=none
   [ "$w" = 0 ] && progress=auto
   # worker w asks for id w: the worker with id 0 reports, and it is the one whose progress is shown
-  OMP_NUM_THREADS=1 "$python" -m distbp train --backend ps --ps "$addresses" "${token_opts[@]}" \
-    --ps-worker-id "$w" --progress "$progress" "$@" &
+  # the token goes in the environment, which other users cannot read, not on the command line, which they can
+  DISTBP_PS_TOKEN=${token:-${DISTBP_PS_TOKEN:-}} OMP_NUM_THREADS=1 "$python" -m distbp train --backend ps \
+    --ps "$addresses" --ps-worker-id "$w" --progress "$progress" "$@" &
   worker_pids+=($!)
 done
 # wait for the workers; a server that exits meanwhile (a port in use, a bad option) ends the job at once,

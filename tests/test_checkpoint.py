@@ -846,3 +846,12 @@ def test_an_array_named_like_the_formats_metadata_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="'__metadata__': the format reserves the name"):
         save_safetensors(tmp_path / "x.safetensors", {"__metadata__": np.zeros(2, np.float32)})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_whose_name_leaves_no_room_for_the_temporarys_suffix_saves(tmp_path):
+    # the temporary's name (the file's, plus pid, thread and host) passed 255 bytes: ENAMETOOLONG
+    path = tmp_path / ("c" * 240 + ".st")
+    save_safetensors(path, {"a": np.ones(2, np.float32)})
+    save_safetensors(path, {"a": np.zeros(2, np.float32)})
+    np.testing.assert_array_equal(load_safetensors(path)[0]["a"], np.zeros(2, np.float32))
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]

@@ -202,7 +202,9 @@ def _mpmd(first, second, timeout=60, cwd=None):
     base = [sys.executable, "-m", "distbp", "train", "--backend", "mpi", "--progress", "none", "--timeout", "20"]
     command = [MPIEXEC, "-n", "1", *first[:-1], *base, *first[-1], ":", "-n", "1", *second[:-1], *base, *second[-1]]
     start = time.monotonic()
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    # this checkout's distbp, also for ranks that -wdir puts elsewhere (they imported the installed one)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
     return done.returncode, done.stderr, time.monotonic() - start
 
 
@@ -366,3 +368,12 @@ def test_the_one_machine_launch_script_trains(tmp_path):
                           capture_output=True, text=True, timeout=90, env={**os.environ, "PYTHON": sys.executable})
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "m.jsonl").read_text().count("test_accuracy") == 1
+
+
+def test_a_launchers_rank_is_read_with_its_own_size():
+    from distbp.comm.mpi import launcher_rank
+
+    assert launcher_rank({"PMI_RANK": "1", "PMI_SIZE": "3"}) == (1, 3)
+    # a global Slurm rank beside another launcher's per-machine count: "rank 5 of 4"
+    assert launcher_rank({"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "MPI_LOCALNRANKS": "4"}) == (5, 8)
+    assert launcher_rank({"SLURM_PROCID": "5"}) is None

@@ -1239,3 +1239,9 @@ def test_a_tied_parameter_named_once_loads_and_two_values_for_it_are_refused():
     with pytest.raises(ValueError, match="emb.weight and out.weight are one .tied. parameter, and the state gives"):
         m.load_state_dict({"emb.weight": np.zeros((5, 3), np.float32), "out.weight": np.ones((5, 3), np.float32)})
     np.testing.assert_array_equal(m.emb.weight.data, before)
+
+
+def test_a_tied_parameter_holding_nan_loads_its_own_state():
+    m = _Tied()
+    m.emb.weight.data[0, 0] = np.nan
+    assert m.load_state_dict(m.state_dict()) == ([], [])

@@ -839,6 +839,7 @@ def test_a_schedule_refuses_a_group_added_after_it():
     opt.add_param_group({"params": [b], "lr": 1.0})
     with pytest.raises(ValueError, match="2 parameter groups and the schedule was made for 1: make the schedule after"):
         schedule.step()
+    assert schedule.state_dict()["last_step"] == 0  # the refused step is not counted
 
 
 def test_a_gradient_assigned_as_an_array_is_named():

@@ -1167,6 +1167,11 @@ def test_the_cluster_script_refuses_tls_servers_without_a_ca_for_the_workers():
                            "--tls-key", "k.pem", "--", "--epochs", "1"], capture_output=True, text=True, timeout=30,
                           env={**os.environ, "PYTHON": sys.executable})
     assert done.returncode == 2 and "give the workers the CA that signed it" in done.stderr
+    # a CA in the workers' config file is theirs too: the servers start (and refuse the missing files)
+    done = subprocess.run(["bash", str(ROOT / "launch" / "ps_cluster.sh"), "1", "1", "--tls-cert", "c.pem",
+                           "--tls-key", "k.pem", "--", "--config", "w.toml"], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHON": sys.executable, "BASE_PORT": str(_free_port())})
+    assert "give the workers the CA" not in done.stderr and "config file w.toml does not exist" in done.stderr
 
 
 def test_a_restarted_worker_rejoins_with_its_id_and_the_current_parameters():
@@ -2060,6 +2065,38 @@ def test_the_cluster_script_refuses_a_bad_stop_grace():
     done = subprocess.run(["bash", str(ROOT / "launch" / "ps_cluster.sh"), "1", "1"], capture_output=True, text=True,
                           timeout=30, env=env)
     assert done.returncode == 2 and "STOP_GRACE must be a whole number of seconds, not 'soon'" in done.stderr
+
+
+def test_a_server_checkpoint_of_other_data_is_refused_at_restore(tmp_path):
+    # the fingerprint was saved with the settings but not compared: a server restarted on another machine's
+    # copy of the data went on, and so did its workers
+    from distbp.serialization import CheckpointError
+
+    text = "".join(chr(97 + i % 7) for i in range(3000))
+    (tmp_path / "a.txt").write_text(text)
+    (tmp_path / "b.txt").write_text(text[::-1])
+    options = {"epochs": 1, "progress": "none", "model": "charlm", "max_chars": 3000}
+    first = build_shard(make_config({**options, "text_file": str(tmp_path / "a.txt")}), mode="async")
+    first.save(tmp_path / "ps.ckpt")
+    first.stop()
+    with pytest.raises(CheckpointError, match=r"written on other training data .fingerprint \d+:[0-9a-f]{8}. than "
+                                              r"this server's .\d+:[0-9a-f]{8}."):
+        build_shard(make_config({**options, "text_file": str(tmp_path / "b.txt")}), mode="async",
+                    checkpoint=str(tmp_path / "ps.ckpt"))
+    build_shard(make_config({**options, "text_file": str(tmp_path / "a.txt")}), mode="async",
+                checkpoint=str(tmp_path / "ps.ckpt")).stop()  # the same data restores
+
+
+def test_a_single_servers_checkpoint_named_as_the_cluster_script_named_it_is_refused(tmp_path):
+    # the script named a single server's file FILE.shard0; the server now writes FILE, and started over
+    from distbp.train.config import ConfigError
+    from distbp.train.ps_service import shard_checkpoint_path
+
+    (tmp_path / "ck.shard0").write_bytes(b"an older job's checkpoint")
+    with pytest.raises(ConfigError, match=r"no checkpoint at .*ck, but one at .*ck.shard0 .*rename it to"):
+        shard_checkpoint_path(str(tmp_path / "ck"), 0, 1)
+    (tmp_path / "ck").write_bytes(b"renamed")
+    assert shard_checkpoint_path(str(tmp_path / "ck"), 0, 1) == str(tmp_path / "ck")
 
 
 def test_a_checkpoint_of_another_sharding_is_refused(tmp_path):

@@ -434,11 +434,14 @@ def launcher_count(environ):
 
 
 def launcher_rank(environ):
-    """This process's rank as its launcher numbered it (before MPI starts), or None."""
-    for key in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK", "SLURM_PROCID"):
-        value = environ.get(key, "")
-        if value.isdigit():
-            return int(value)
+    """(rank, size) of this process as its launcher numbered it (before MPI starts), read from one launcher's
+    pair of variables, or None."""
+    for rank_key, size_key in (("PMI_RANK", "PMI_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+                               ("PMIX_RANK", "PMIX_SIZE"), ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE"),
+                               ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS")):
+        rank, size = environ.get(rank_key, ""), environ.get(size_key, "")
+        if rank.isdigit() and size.isdigit() and int(rank) < int(size):
+            return int(rank), int(size)
     return None
 
 

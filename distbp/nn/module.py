@@ -261,7 +261,7 @@ class Module:
             if not cur.flags.writeable:
                 raise ValueError(f"load_state_dict: the model's {name} is read-only")
             other = named_first.setdefault(id(current), name)
-            if other != name and not np.array_equal(staged[other], arr):
+            if other != name and not np.array_equal(staged[other], arr, equal_nan=True):
                 raise ValueError(f"load_state_dict: {other} and {name} are one (tied) parameter, and the state "
                                  "gives them different values")
             staged[name] = arr

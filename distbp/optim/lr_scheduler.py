@@ -18,11 +18,14 @@ class LRScheduler:
     def lr_at(self, base_lr, t):
         raise NotImplementedError
 
-    def _apply(self):
+    def _check_groups(self):
         groups = len(self.optimizer.param_groups)
         if groups != len(self.base_lrs):  # zip would leave a group added since at its own rate, unscheduled
             raise ValueError(f"{type(self).__name__}: the optimizer has {groups} parameter groups and the schedule "
                              f"was made for {len(self.base_lrs)}: make the schedule after adding every group")
+
+    def _apply(self):
+        self._check_groups()
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             # a Python float: a np.float64 rate (np.cos in a lambda, say) made every update a float64 temporary
             lr = _plain(self.lr_at(base, self.last_step))
@@ -31,6 +34,7 @@ class LRScheduler:
             group["lr"] = lr
 
     def step(self):
+        self._check_groups()  # before the step is counted: a refused step changes nothing
         self.last_step += 1
         self._apply()
 

@@ -482,6 +482,10 @@ class Shard:
         if isinstance(saved, dict):
             for key in self.restore_keys:
                 if key in saved and key in self.settings and not _same_setting(saved[key], self.settings[key]):
+                    if key == "data":
+                        raise CheckpointError(f"{path}: written on other training data (fingerprint {saved[key]}) "
+                                              f"than this server's ({self.settings[key]}): restart with the run's "
+                                              "data, or give a new --checkpoint-path to start another run")
                     raise CheckpointError(f"{path}: written with {key} = {saved[key]!r}, this server has "
                                           f"{self.settings[key]!r}: restart with the run's settings, or give a new "
                                           "--checkpoint-path to start another run")

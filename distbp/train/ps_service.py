@@ -44,7 +44,7 @@ def build_shard(config, shard=0, num_shards=1, workers=1, mode="sync", staleness
     return Shard(mine, optimizer, schedule, mode, workers, staleness, sync_timeout, shard, num_shards,
                  model_signature(named), checkpoint, checkpoint_every,
                  settings={**ps_settings(config), "data": fingerprint(split)},
-                 setting_keys=PS_SHARED_KEYS + ("data",), steps_per_worker=steps_per_worker, restore_keys=RESUME_KEYS + ("optimizer",))
+                 setting_keys=PS_SHARED_KEYS + ("data",), steps_per_worker=steps_per_worker, restore_keys=RESUME_KEYS + ("optimizer", "data"))
 
 
 def check_server_options(config, args):
@@ -105,8 +105,13 @@ def _loopback(host):
 def shard_checkpoint_path(path, shard, num_shards):
     """The file a shard checkpoints to: `path` itself for a single shard, `path.shardI` for shard I of several
     (shards given one path, on one machine or on a shared file system, wrote over each other's file)."""
-    if not path or not path.strip() or num_shards == 1 or not 0 <= shard < num_shards:
+    if not path or not path.strip() or not 0 <= shard < num_shards:
         return path  # (refused or unused: check_server_options says why)
+    if num_shards == 1:
+        if not Path(path).exists() and Path(f"{path}.shard0").exists():  # launch/ps_cluster.sh's name before
+            raise ConfigError(f"ps serve: no checkpoint at {path}, but one at {path}.shard0 (launch/ps_cluster.sh "
+                              f"named a single server's file so before): rename it to {path} to go on from it")
+        return path
     own = f"{path}.shard{shard}"
     if Path(path).exists() and not Path(own).exists():  # written by shard files of one name (distbp before)
         raise ConfigError(f"ps serve: there is a file at {path}, but shard {shard} of {num_shards} checkpoints to "

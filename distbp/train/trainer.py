@@ -181,9 +181,10 @@ class Trainer:
 
     def _check_state(self, path, state):
         """Refuse a checkpoint's saved state that resume() could not restore whole (before anything changes)."""
-        if state.get("world_size", 1) != self.strategy.world_size:
+        written_by = state.get("world_size", 1)  # (checkpoints of one rank may not say)
+        if written_by != self.strategy.world_size:
             raise CheckpointError(
-                f"{path}: written by {state.get('world_size')} rank{'' if state.get('world_size') == 1 else 's'}; "
+                f"{path}: written by {written_by} rank{'' if written_by == 1 else 's'}; "
                 f"resume with the same world size "
                 f"(now {self.strategy.world_size}): the data order depends on it"
             )
