@@ -2031,21 +2031,21 @@ def test_ctrl_c_stops_the_whole_cluster_script(tmp_path):
 
 
 def test_the_cluster_script_kills_a_process_that_ignores_sigterm(tmp_path):
-    # a worker that does not stop (here: its SIGTERM ignored) is killed STOP_GRACE seconds after the SIGTERM,
-    # instead of the script waiting for it for ever
+    # a worker that does not stop (here: a stand-in that ignores SIGTERM) is killed STOP_GRACE seconds after
+    # the SIGTERM, instead of the script waiting for it for ever
     python = tmp_path / "python"
-    python.write_text(f'#!/usr/bin/env bash\nif [ "$3" = train ]; then trap "" TERM; fi\nexec {sys.executable} "$@"\n')
+    python.write_text(f'#!/usr/bin/env bash\nif [ "$3" = train ]; then trap "" TERM; exec -a distbp-stuck-worker sleep 600; fi\n'
+                      f'exec {sys.executable} "$@"\n')
     python.chmod(0o755)
     env = {**os.environ, "PYTHON": str(python), "BASE_PORT": str(_free_port()), "STOP_GRACE": "2"}
-    proc = subprocess.Popen(["bash", str(ROOT / "launch" / "ps_cluster.sh"), "1", "1", "--", "--epochs", "200",
-                             "--progress", "plain", "--log-every", "1"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(["bash", str(ROOT / "launch" / "ps_cluster.sh"), "1", "1", "--", "--epochs", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        while "step" not in proc.stdout.readline():
+        while "serving on" not in proc.stdout.readline():
             assert proc.poll() is None, proc.stderr.read()
         children = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "distbp"], capture_output=True,
                                   text=True).stdout.split()
-        assert len(children) == 2
+        assert len(children) == 2  # the server and the stuck worker
         start = time.monotonic()
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
@@ -2058,6 +2058,7 @@ def test_the_cluster_script_kills_a_process_that_ignores_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        subprocess.run(["pkill", "-KILL", "-f", "distbp-stuck-worker"])  # (left behind only if the test failed)
 
 
 def test_the_cluster_script_refuses_a_bad_stop_grace():
