@@ -272,6 +272,13 @@ def test_a_shard_needs_a_new_optimizer_over_its_own_parameters():
         Shard({"w": mine}, used)
 
 
+def _numbered(shard, worker_id, version, chunks, sequence, **options):
+    """shard.push of push number `sequence`, made under the worker's current registration (a number counts
+    only with the registration it was given under, as distbp's client sends it)."""
+    return shard.push(worker_id, version, chunks, sequence=sequence, registration=shard.registrations[worker_id],
+                      **options)
+
+
 def _sync_shard_of_two_workers():
     """A sync shard of w = zeros(4) (SGD, lr 1) with workers 0 and 1 registered, and chunks(v): w's
     gradient full of v, as chunks."""
@@ -299,11 +306,59 @@ def test_a_numbered_sync_push_retried_after_its_step_is_not_stale():
     # the reply to worker 0's push was lost, and the step happened meanwhile: its retry is answered with
     # the new version, not refused as a stale push (which would make the worker rejoin and skip a step)
     shard, chunks = _sync_shard_of_two_workers()
-    assert shard.push(0, 0, iter(chunks(1.0)), sequence=1) == 0
-    assert shard.push(1, 0, iter(chunks(3.0)), sequence=1) == 1
-    assert shard.push(0, 0, iter(chunks(1.0)), sequence=1) == 1  # the retry
+    assert _numbered(shard, 0, 0, iter(chunks(1.0)), 1) == 0
+    assert _numbered(shard, 1, 0, iter(chunks(3.0)), 1) == 1
+    assert _numbered(shard, 0, 0, iter(chunks(1.0)), 1) == 1  # the retry
     assert shard.pushes == 2 and shard.version == 1
     np.testing.assert_array_equal(shard.params["w"].data, np.full(4, -2.0, np.float32))
+    shard.stop()
+
+
+def test_a_number_sent_without_a_registration_does_not_swallow_the_workers_own_pushes():
+    # another client pushing as worker 0 with registration 0 and sequence 2**64 - 1: every later push of the
+    # worker itself was answered OK as "applied once" and dropped
+    from distbp.optim import SGD
+
+    shard = _shard_of({"w": np.zeros(4, np.float32)}, lambda ps: SGD(ps, lr=1.0))
+    shard.register(0, shard.signature)
+    chunks = lambda value: list(to_chunks("w", np.full(4, value, np.float32)))  # noqa: E731
+    assert shard.push(0, 0, iter(chunks(1.0)), sequence=2**64 - 1) == 1  # unnumbered: applied
+    assert _numbered(shard, 0, 1, iter(chunks(2.0)), 1) == 2
+    assert _numbered(shard, 0, 2, iter(chunks(4.0)), 2) == 3
+    np.testing.assert_array_equal(shard.params["w"].data, np.full(4, -7.0, np.float32))
+    shard.stop()
+
+
+def test_a_sync_push_before_every_worker_joined_is_refused():
+    # one worker pushing alone stepped the job three versions on (averaging over one worker), and the
+    # second joined at version 3
+    from distbp.optim import SGD
+
+    shard = _shard_of({"w": np.zeros(4, np.float32)}, lambda ps: SGD(ps, lr=1.0))
+    shard.mode, shard.expected, shard.started = "sync", 2, False
+    shard.register(0, shard.signature)
+    with pytest.raises(_Refused) as err:
+        shard.push(0, 0, iter(to_chunks("w", np.ones(4, np.float32))))
+    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "the job has not started: 1 of 2 workers have registered" in err.value.message
+    assert shard.version == 0 and shard.pushes == 0
+    shard.stop()
+
+
+def test_a_push_from_a_worker_not_taking_part_is_refused_before_its_stream_is_read():
+    # its chunks were held (each a whole message) until the stream ended: memory for as long as it lasted
+    from distbp.optim import SGD
+
+    shard = _shard_of({"w": np.zeros(4, np.float32)}, lambda ps: SGD(ps, lr=1.0))
+    read = []
+
+    def stream():
+        read.append(1)
+        yield from to_chunks("w", np.ones(4, np.float32))
+
+    with pytest.raises(_Refused, match="worker 7 is not taking part"):
+        shard.push(7, 0, stream())
+    assert read == []
     shard.stop()
 
 
@@ -313,16 +368,16 @@ def test_a_numbered_async_push_sent_again_is_applied_once():
     shard = _shard_of({"w": np.zeros(4, np.float32)}, lambda ps: SGD(ps, lr=1.0))
     shard.register(0, shard.signature)
     chunks = lambda value: list(to_chunks("w", np.full(4, value, np.float32)))  # noqa: E731
-    assert shard.push(0, 0, iter(chunks(1.0)), sequence=1) == 1
-    assert shard.push(0, 0, iter(chunks(1.0)), sequence=1) == 1  # the retry: not applied again
-    assert shard.push(0, 1, iter(chunks(2.0)), sequence=2) == 2
+    assert _numbered(shard, 0, 0, iter(chunks(1.0)), 1) == 1
+    assert _numbered(shard, 0, 0, iter(chunks(1.0)), 1) == 1  # the retry: not applied again
+    assert _numbered(shard, 0, 1, iter(chunks(2.0)), 2) == 2
     assert shard.pushes == 2
     np.testing.assert_array_equal(shard.params["w"].data, np.full(4, -3.0, np.float32))
     shard.push(0, 2, iter(chunks(4.0)))  # not numbered (another client): always applied
     shard.push(0, 3, iter(chunks(4.0)))
     np.testing.assert_array_equal(shard.params["w"].data, np.full(4, -11.0, np.float32))
     shard.register(0, shard.signature)  # a rejoining worker numbers its pushes from 1 again
-    assert shard.push(0, 4, iter(chunks(1.0)), sequence=1) == 5
+    assert _numbered(shard, 0, 4, iter(chunks(1.0)), 1) == 5
     np.testing.assert_array_equal(shard.params["w"].data, np.full(4, -12.0, np.float32))
     shard.stop()
 
@@ -336,23 +391,23 @@ def test_an_async_shard_ahead_of_the_step_its_worker_goes_on_from_skips_the_step
     chunks = lambda value: list(to_chunks("w", np.full(4, value, np.float32)))  # noqa: E731
     shard.register(0, shard.signature)
     for step in range(3):
-        assert shard.push(0, step, iter(chunks(1.0)), sequence=step + 1, step=step + 1) == step + 1
+        assert _numbered(shard, 0, step, iter(chunks(1.0)), step + 1, step=step + 1) == step + 1
     assert shard.register(0, shard.signature)[2] == 3  # the worker rejoins; another shard counts 1 step
     with caplog.at_level("WARNING", logger="distbp.ps"):
-        assert shard.push(0, 3, iter(chunks(1.0)), sequence=1, step=2) == 3  # step 2 again: skipped
-        assert shard.push(0, 3, iter(chunks(1.0)), sequence=1, step=2) == 3  # its retry
-        assert shard.push(0, 3, iter(chunks(1.0)), sequence=2, step=3) == 3
+        assert _numbered(shard, 0, 3, iter(chunks(1.0)), 1, step=2) == 3  # step 2 again: skipped
+        assert _numbered(shard, 0, 3, iter(chunks(1.0)), 1, step=2) == 3  # its retry
+        assert _numbered(shard, 0, 3, iter(chunks(1.0)), 2, step=3) == 3
     assert "goes on from step 1 of its run, and this shard has applied its steps up to 3" in caplog.text
     assert len(caplog.records) == 1  # once per rejoin, not per push
-    assert shard.push(0, 3, iter(chunks(2.0)), sequence=3, step=4) == 4
+    assert _numbered(shard, 0, 3, iter(chunks(2.0)), 3, step=4) == 4
     assert shard.pushes == 4 and shard.steps_done[0] == 4
     np.testing.assert_array_equal(shard.params["w"].data, np.full(4, -5.0, np.float32))
     with pytest.raises(_Refused) as gap:  # a step past the next one: its retries could not be told apart
-        shard.push(0, 4, iter(chunks(1.0)), sequence=4, step=6)
+        _numbered(shard, 0, 4, iter(chunks(1.0)), 4, step=6)
     assert gap.value.code == grpc.StatusCode.INVALID_ARGUMENT and "step 6 of its run" in gap.value.message
     assert "applied 4 of its pushes" in gap.value.message and shard.pushes == 4
-    assert shard.push(0, 4, iter(chunks(1.0)), sequence=4, step=5) == 5  # the refused number is still free
-    assert shard.push(0, 5, iter(chunks(1.0)), sequence=5) == 6  # no step given: applied, as before
+    assert _numbered(shard, 0, 4, iter(chunks(1.0)), 4, step=5) == 5  # the refused number is still free
+    assert _numbered(shard, 0, 5, iter(chunks(1.0)), 5) == 6  # no step given: applied, as before
     shard.stop()
 
 
@@ -369,9 +424,10 @@ def test_a_push_in_flight_when_its_worker_registers_again_is_refused():
         shard.register(0, shard.signature)  # the successor joins while the old push is still arriving
 
     with pytest.raises(_Refused) as err:
-        shard.push(0, 0, old_chunks(), sequence=57)
-    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION and "registered again" in err.value.message
-    assert shard.push(0, 0, iter(to_chunks("w", np.ones(4, np.float32))), sequence=1) == 1
+        _numbered(shard, 0, 0, old_chunks(), 57)
+    # the old process is the one replaced: told to stop (without its registration, FAILED_PRECONDITION)
+    assert err.value.code == grpc.StatusCode.ABORTED and "registered again" in err.value.message
+    assert _numbered(shard, 0, 0, iter(to_chunks("w", np.ones(4, np.float32))), 1) == 1
     np.testing.assert_array_equal(shard.params["w"].data, np.full(4, -1.0, np.float32))
     shard.stop()
 
@@ -696,9 +752,9 @@ def test_mutual_tls_refuses_a_client_without_a_certificate(tmp_path):
         stop()
 
 
-def _push(stub, worker_id, version, chunks, sequence=0):
-    return stub.Push(iter([ps_pb2.PushRequest(worker_id=worker_id, version=version, chunk=c, sequence=sequence)
-                           for c in chunks]))
+def _push(stub, worker_id, version, chunks, sequence=0, registration=0):
+    return stub.Push(iter([ps_pb2.PushRequest(worker_id=worker_id, version=version, chunk=c, sequence=sequence,
+                                              registration=registration) for c in chunks]))
 
 
 def _grad_chunks(shard, tweak=None):
@@ -771,9 +827,10 @@ def test_push_numbers_travel_as_uint64_from_any_client():
         client = PSClient(addresses, _named(config))
         wid = client.register().worker_id
         stub = client.stubs[0]
-        assert _push(stub, wid, 0, _grad_chunks(shard), sequence=2**63 + 1).version == 1
-        assert _push(stub, wid, 1, _grad_chunks(shard), sequence=2**63 + 1).version == 1  # its retry
-        assert _push(stub, wid, 1, _grad_chunks(shard), sequence=2**64 - 1).version == 2
+        reg = client.registrations[0]
+        assert _push(stub, wid, 0, _grad_chunks(shard), sequence=2**63 + 1, registration=reg).version == 1
+        assert _push(stub, wid, 1, _grad_chunks(shard), sequence=2**63 + 1, registration=reg).version == 1  # retry
+        assert _push(stub, wid, 1, _grad_chunks(shard), sequence=2**64 - 1, registration=reg).version == 2
         assert shard.pushes == 2
     finally:
         stop()
@@ -1110,7 +1167,7 @@ def test_a_checkpoint_without_push_counts_shares_the_version_out(tmp_path):
         assert [restored.register(w, restored.signature)[2] for w in (0, 1)] == [2, 1]
         restored.steps_done = {0: 1, 1: 2}  # the guess is wrong now: worker 1 made only 1 of the 3 pushes
         # a step a guessed count covers is applied, not skipped as one this shard has (which would lose it)
-        assert restored.push(1, 3, chunks(restored), sequence=1, step=2) == 4
+        assert _numbered(restored, 1, 3, chunks(restored), 1, step=2) == 4
         restored.save(path)
     finally:
         restored.stop()
@@ -1118,7 +1175,7 @@ def test_a_checkpoint_without_push_counts_shares_the_version_out(tmp_path):
     try:
         assert again.steps_guessed and again.steps_done == {0: 1, 1: 3}  # still estimates after a restart
         again.register(1, again.signature)
-        assert again.push(1, 4, chunks(again), sequence=1, step=3) == 5
+        assert _numbered(again, 1, 4, chunks(again), 1, step=3) == 5
     finally:
         again.stop()
     _edit_checkpoint_meta(path, lambda meta: meta.update(steps_guessed="yes"))

@@ -170,7 +170,9 @@ class Shard:
         step: the push's place in the worker's run, from 1 (0: not given). Async and bounded: a step this
         shard has applied is not applied again (see _applied_here).
         """
-        registration_at_start = self.registrations.get(worker_id)  # a push in flight across a re-registration
+        with self.cond:  # before the stream is read: a push that will be refused holds no memory meanwhile
+            self._check_sender(worker_id, registration)
+            registration_at_start = self.registrations.get(worker_id)  # a push in flight across a re-registration
         assembler = Assembler(self.expected_shapes, copy=False)
         try:
             for chunk in chunks:
@@ -187,15 +189,14 @@ class Shard:
         with self.cond:
             if self.stopping:  # after the final checkpoint: the push would be acknowledged, then lost
                 raise _Refused(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry after its restart")
-            if registration and worker_id in self.active and registration != self.registrations.get(worker_id):
-                raise _Refused(grpc.StatusCode.ABORTED,
-                               f"worker {worker_id} has been registered again since this worker registered (by "
-                               "another process given the same id, or one that replaced this one while it was "
-                               "stalled): this process must stop")
+            self._check_sender(worker_id, registration)
             if self.registrations.get(worker_id) != registration_at_start:
                 raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
                                f"worker {worker_id} registered again while this push was in flight: not applied")
-            if sequence and worker_id in self.active and sequence <= self.sequences.get(worker_id, 0):
+            # a number counts only with the registration it was given under: a push without one (registration
+            # 0: another client, or a buggy one) must not make the worker's own next pushes look like retries
+            numbered = sequence if registration else 0
+            if numbered and numbered <= self.sequences.get(worker_id, 0):
                 log.info("shard %d: worker %d sent push %d again; it was applied once", self.shard, worker_id, sequence)
                 self.last_push[worker_id] = time.monotonic()  # alive: bounded mode must not drop it
                 return self.version
@@ -205,9 +206,13 @@ class Shard:
                          self.shard, worker_id, version)
                 return self.version
             self._check_push(worker_id, version)
+            if self.mode == "sync" and not self.started:  # a step now would average fewer workers than the job's
+                raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"the job has not started: {len(self.active)} of {self.expected} workers have "
+                               "registered (a worker pulls first: its pull waits for them)")
             skip = bool(step) and self.mode != "sync" and self._applied_here(worker_id, step)  # or refused
-            if sequence:
-                self.sequences[worker_id] = sequence
+            if numbered:
+                self.sequences[worker_id] = numbered
             if skip:
                 return self.version
             if self.mode == "sync":
@@ -224,6 +229,18 @@ class Shard:
             self.last_push[worker_id] = time.monotonic()
             self.pushes += 1
             return self.version
+
+    def _check_sender(self, worker_id, registration):
+        """Refuse a push from a worker that is not taking part, or from a registration that is no longer its
+        (lock held)."""
+        if worker_id not in self.active:
+            raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"worker {worker_id} is not taking part (register again to rejoin)")
+        if registration and registration != self.registrations.get(worker_id):
+            raise _Refused(grpc.StatusCode.ABORTED,
+                           f"worker {worker_id} has been registered again since this worker registered (by "
+                           "another process given the same id, or one that replaced this one while it was "
+                           "stalled): this process must stop")
 
     def _applied_here(self, worker_id, step):
         """(async, bounded; lock held) Whether step `step` of the worker's run was applied on this shard
@@ -259,10 +276,7 @@ class Shard:
         return [flat[a:b] for a, b in ranges]
 
     def _check_push(self, worker_id, version):
-        """Refuse a push this shard must not apply now (lock held)."""
-        if worker_id not in self.active:
-            raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
-                           f"worker {worker_id} is not taking part (register again to rejoin)")
+        """Refuse a push of a version this shard must not apply now (lock held; the sender is checked)."""
         if version < 0 or version > self.version:
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
                            f"bad push from worker {worker_id}: version {version} is not in [0, {self.version}]")
