@@ -97,6 +97,46 @@ def _length_delimited(number, payload):
     return _key(number, 2) + bytes([len(payload)]) + payload
 
 
+def _push_message(chunk):
+    return ps_pb2.PushRequest(worker_id=0, version=0, chunk=chunk).SerializeToString()
+
+
+def test_the_decoder_refuses_long_shapes_and_swarms_of_fields_without_decoding_them_all():
+    # a 15 MB message of 15 million shape entries, or of millions of unknown fields, took seconds of CPU each
+    long_shape = _push_message(ps_pb2.TensorChunk(name="w", dtype="float32", shape=[1] * 2_000_000))
+    with pytest.raises(WireError, match="a shape of more than 32 dimensions"):
+        decode_message(long_shape, _PUSH_INTS, 3, unsigned=_PUSH_UINT64, int32=(1,))
+    many = _push_message(ps_pb2.TensorChunk(name="w", dtype="float32", shape=[4]))
+    many += b"".join(_key(15, 0) + b"\x01" for _ in range(200_000))  # unknown varint fields
+    with pytest.raises(WireError, match="a message of more than 1000 fields"):
+        decode_message(many, _PUSH_INTS, 3, unsigned=_PUSH_UINT64, int32=(1,))
+
+
+def test_a_kept_chunk_does_not_hold_a_message_much_larger_than_its_data():
+    # one float with a megabyte of padding, many times over: every message stayed alive until the push ended
+    chunk = ps_pb2.TensorChunk(name="w", dtype="float32", shape=[2], offset=0, data=np.ones(1, "<f4").tobytes(),
+                               padding=bytes(1 << 20))
+    head, decoded = decode_message(_push_message(chunk), _PUSH_INTS, 3, unsigned=_PUSH_UINT64, int32=(1,))
+    values = Assembler({"w": ((2,), np.float32)}, copy=False).add(decoded)
+    assert values.flags.owndata  # a copy, not a view that keeps the message alive
+
+
+def test_empty_chunks_of_a_tensor_with_elements_are_refused():
+    assembler = Assembler({"w": ((2,), np.float32)}, copy=False)
+    with pytest.raises(WireError, match="w: an empty chunk"):
+        assembler.add(ps_pb2.TensorChunk(name="w", dtype="float32", shape=[2], offset=0, data=b""))
+    empty = Assembler({"e": ((0,), np.float32)}, copy=False)
+    empty.add(ps_pb2.TensorChunk(name="e", dtype="float32", shape=[0], offset=0, data=b""))  # a tensor of none
+    with pytest.raises(WireError, match="e: an empty chunk"):
+        empty.add(ps_pb2.TensorChunk(name="e", dtype="float32", shape=[0], offset=0, data=b""))
+
+
+def test_an_error_echoes_a_long_name_cut_short():
+    with pytest.raises(WireError) as err:
+        Assembler({"w": ((2,), np.float32)}).add(ps_pb2.TensorChunk(name="x" * 20_000, dtype="float32", shape=[2]))
+    assert len(str(err.value)) < 200 and "(20002 characters)" in str(err.value)
+
+
 def test_the_decoder_merges_a_chunk_given_in_parts_and_skips_groups_as_protobuf_does():
     data = np.arange(4, dtype=np.float32).tobytes()
     head = _length_delimited(1, b"w") + _length_delimited(2, b"float32") + _length_delimited(3, bytes([4]))

@@ -25,6 +25,15 @@ def to_chunks(name, array, chunk_bytes=CHUNK_BYTES):
         yield ps_pb2.TensorChunk(name=name, dtype=dtype, shape=shape, offset=start, data=flat[start:stop].tobytes())
 
 
+MESSAGE_SLACK = 64 * 1024  # bytes of a message beyond its tensor data that a kept view may hold on to
+
+
+def _shown(value, limit=80):
+    """repr(value), cut short: error details echo what a client sent, and gRPC refuses long ones."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 class Assembler:
     """Collects chunks into whole arrays, refusing anything that does not fit `expected` (name -> (shape, dtype)).
 
@@ -43,12 +52,12 @@ class Assembler:
     def add(self, chunk):
         name = chunk.name
         if name not in self.expected:
-            raise WireError(f"unknown parameter {name!r}")
+            raise WireError(f"unknown parameter {_shown(name)}")
         shape, dtype = self.expected[name]
         if chunk.dtype != np.dtype(dtype).name:
-            raise WireError(f"{name}: dtype {chunk.dtype!r}, expected {np.dtype(dtype).name}")
+            raise WireError(f"{name}: dtype {_shown(chunk.dtype)}, expected {np.dtype(dtype).name}")
         if tuple(chunk.shape) != tuple(shape):
-            raise WireError(f"{name}: shape {list(chunk.shape)}, expected {list(shape)}")
+            raise WireError(f"{name}: shape {_shown(list(chunk.shape))}, expected {list(shape)}")
         wire = DTYPES[chunk.dtype]
         if len(chunk.data) % wire.itemsize:
             raise WireError(f"{name}: {len(chunk.data)} bytes is not a whole number of {chunk.dtype} elements")
@@ -56,12 +65,17 @@ class Assembler:
         size = math.prod(shape)
         if chunk.offset < 0 or chunk.offset + n > size:
             raise WireError(f"{name}: chunk [{chunk.offset}, {chunk.offset + n}) runs outside {size} elements")
+        if n == 0 and (size or name in self.filled):  # (endless empty chunks would each be kept)
+            raise WireError(f"{name}: an empty chunk (a tensor's chunks carry its elements; only a tensor of "
+                            "none has one empty chunk)")
         filled = self.filled.setdefault(name, 0)
         # in order, without gaps or repeats: then `filled` proves every element arrived exactly once
         if chunk.offset != filled:
             raise WireError(f"{name}: chunk at element {chunk.offset}, expected {filled} "
                             "(a tensor's chunks come in order, without gaps or repeats)")
         values = np.frombuffer(chunk.data, wire)
+        if not self.copy and getattr(chunk, "message_size", 0) > values.nbytes + MESSAGE_SLACK:
+            values = values.copy()  # a view would keep the whole message (padding, unknown fields) alive
         if self.copy:
             flat = self.arrays.get(name)
             if flat is None:
@@ -128,10 +142,11 @@ def assign_shards(sizes, num_shards):
 class Chunk:
     """A decoded TensorChunk; `data` is a view into the received message."""
 
-    __slots__ = ("name", "dtype", "shape", "offset", "data")
+    __slots__ = ("name", "dtype", "shape", "offset", "data", "message_size")
 
     def __init__(self):
         self.name, self.dtype, self.shape, self.offset, self.data = "", "", [], 0, b""
+        self.message_size = 0  # of the whole message the data is a view of
 
 
 def _varint(value):
@@ -226,13 +241,18 @@ def _read_varint(buf, pos, end=None, low_64=True, max_bytes=10):
 _U64 = (1 << 64) - 1
 _MAX_FIELD = (1 << 29) - 1
 _MAX_GROUP_DEPTH = 100  # protobuf's own recursion limit
+MAX_FIELDS = 1000
 
 
 def _fields(buf, start, end):
     """(field number, wire type, value or (begin, end)) for each field of buf[start:end]; unknown fields of
     every wire type are skipped, as protobuf's own parsers skip them."""
     pos = start
+    fields = 0
     while pos < end:
+        fields += 1
+        if fields > MAX_FIELDS:  # ours have a handful: millions of tiny unknown ones are only work for us
+            raise WireError(f"a message of more than {MAX_FIELDS} fields")
         key, pos = _read_varint(buf, pos, end, max_bytes=5)
         number, kind = key >> 3, key & 7
         if not 0 < number <= _MAX_FIELD:
@@ -266,9 +286,13 @@ def _skip_group(buf, pos, end, number):
     """The position after the group `number` that starts at pos (after its start tag); groups nest at most
     as deep as protobuf allows."""
     open_groups = [number]
+    fields = 0
     while open_groups:
         if pos >= end:
             raise WireError("a group runs past the end of the message")
+        fields += 1
+        if fields > MAX_FIELDS:
+            raise WireError(f"a group of more than {MAX_FIELDS} fields")
         key, pos = _read_varint(buf, pos, end, max_bytes=5)
         inner, kind = key >> 3, key & 7  # (protobuf does not check the numbers of what it skips)
         if kind == 4:
@@ -303,8 +327,17 @@ def _text(buf, start, end, what):
         raise WireError(f"the {what} is not valid UTF-8") from None
 
 
+MAX_DIMENSIONS = 32  # a longer shape is no tensor's (and decoding one costs a Python loop per entry)
+
+
+def _check_dimensions(shape):
+    if len(shape) > MAX_DIMENSIONS:
+        raise WireError(f"a shape of more than {MAX_DIMENSIONS} dimensions")
+
+
 def _decode_chunk(buf, start, end):
     chunk = Chunk()
+    chunk.message_size = len(buf)
     for number, kind, value in _fields(buf, start, end):
         if number == 1 and kind == 2:
             chunk.name = _text(buf, *value, "tensor name")
@@ -315,8 +348,10 @@ def _decode_chunk(buf, start, end):
             while pos < stop:
                 n, pos = _read_varint(buf, pos, stop)
                 chunk.shape.append(_signed(n))
+                _check_dimensions(chunk.shape)
         elif number == 3 and kind == 0:
             chunk.shape.append(_signed(value))
+            _check_dimensions(chunk.shape)
         elif number == 4 and kind == 0:
             chunk.offset = _signed(value)
         elif number == 5 and kind == 2:
