@@ -22,7 +22,7 @@ from distbp.autograd import Tensor
 from distbp.comm import run_ranks
 from distbp.ps.client import PSClient, PSError, PSStep
 from distbp.ps.server import _PUSH_INTS, _PUSH_UINT64, _Refused, serve
-from distbp.ps.v1 import ps_pb2
+from distbp.ps.v1 import ps_pb2, ps_pb2_grpc
 from distbp.ps.wire import (ALIGN, CHUNK_BYTES, Assembler, WireError, assign_shards, chunk_ranges, decode_message,
                             encode_chunks, to_chunks)
 from distbp.train import Trainer, make_config
@@ -723,6 +723,44 @@ def test_token_is_checked_on_every_call():
 
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        stop()
+
+
+def test_a_call_carrying_the_token_header_twice_is_refused():
+    # only the last of two counted: a wrong first header and a right last one were let in
+    config = make_config({"epochs": 1, "progress": "none"})
+    addresses, _, stop = start_servers(config, 1, 1, token="s3cret")
+    try:
+        with grpc.insecure_channel(addresses[0]) as channel:
+            stub = ps_pb2_grpc.ParameterServerStub(channel)
+            for headers in ([("authorization", "Bearer wrong"), ("authorization", "Bearer s3cret")],
+                            [("authorization", "Bearer s3cret"), ("authorization", "Bearer s3cret")]):
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.Status(ps_pb2.StatusRequest(), metadata=headers)
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert stub.Status(ps_pb2.StatusRequest(), metadata=[("authorization", "Bearer s3cret")]).num_shards == 1
+    finally:
+        stop()
+
+
+def test_malformed_register_and_pull_requests_are_invalid_arguments_named():
+    # gRPC's own deserializer answered INTERNAL "Exception deserializing request!" and logged a traceback
+    config = make_config({"epochs": 1, "progress": "none"})
+    addresses, _, stop = start_servers(config, 1, 1)
+    try:
+        with grpc.insecure_channel(addresses[0]) as channel:
+            for method, name in (("Register", "RegisterRequest"), ("Status", "StatusRequest")):
+                call = channel.unary_unary(f"/distbp.ps.v1.ParameterServer/{method}")
+                with pytest.raises(grpc.RpcError) as err:
+                    call(b"\xff\xff\xff")
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and f"a malformed {name}" in err.value.details()
+            pull = channel.unary_stream("/distbp.ps.v1.ParameterServer/Pull")
+            with pytest.raises(grpc.RpcError) as err:
+                list(pull(b"\x0a\x05ab"))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "a malformed PullRequest" in err.value.details()
+        with pytest.raises(PSError, match="INVALID_ARGUMENT: worker id -7 is neither an id nor -1"):
+            PSClient(addresses, _named(config)).register(requested_id=-7)
     finally:
         stop()
 

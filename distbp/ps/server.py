@@ -20,6 +20,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from ..autograd.tensor import Tensor
 from ..serialization import CheckpointError, check_finite, is_count, load_safetensors, save_safetensors
@@ -102,6 +103,9 @@ class Shard:
                 raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
                                f"the worker has {key} = {value!r} but the server {self.settings[key]!r}: give the "
                                "servers and the workers the same training options")
+        if requested_id < -1:
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"worker id {requested_id} is neither an id nor -1 (any free id)")
         with self.cond:
             if requested_id >= 0:
                 if requested_id >= self.expected:
@@ -620,7 +624,8 @@ class Servicer(ps_pb2_grpc.ParameterServerServicer):
     def __init__(self, shard):
         self.shard = shard
 
-    def Register(self, request, context):
+    def Register(self, data, context):
+        request = _parsed(ps_pb2.RegisterRequest, data, context)
         try:
             try:
                 settings = json.loads(request.settings) if request.settings else None
@@ -646,8 +651,9 @@ class Servicer(ps_pb2_grpc.ParameterServerServicer):
             context.abort(e.code, e.message)
         return ps_pb2.PushReply(version=version)
 
-    def Pull(self, request, context):
+    def Pull(self, data, context):
         """Serialized PullReplies, encoded by hand (see wire.py)."""
+        request = _parsed(ps_pb2.PullRequest, data, context)
         try:
             messages = self.shard.pull_messages(request.worker_id, request.min_version, context.is_active)
         except _Refused as e:
@@ -690,7 +696,8 @@ class Servicer(ps_pb2_grpc.ParameterServerServicer):
                                   first["registration"], first["step"])
         return first["worker_id"], first["version"], version
 
-    def Status(self, request, context):
+    def Status(self, data, context):
+        _parsed(ps_pb2.StatusRequest, data, context)
         s = self.shard
         with s.cond:
             return ps_pb2.StatusReply(version=s.version, mode=s.mode, workers=sorted(s.active), pushes=s.pushes,
@@ -706,20 +713,29 @@ def _identity(data):
     return data
 
 
+def _parsed(message_class, data, context):
+    """The request parsed here, not by gRPC: malformed bytes are the client's error (INVALID_ARGUMENT, naming
+    the message), where gRPC answers INTERNAL and logs a traceback."""
+    try:
+        return message_class.FromString(data)
+    except DecodeError:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a malformed {message_class.DESCRIPTOR.name}")
+
+
 def _add_servicer(servicer, server):
     """The generated registration, except that Push, Pull and PushPull see and make serialized bytes."""
     handlers = {
         "Register": grpc.unary_unary_rpc_method_handler(
-            servicer.Register, request_deserializer=ps_pb2.RegisterRequest.FromString,
+            servicer.Register, request_deserializer=_identity,
             response_serializer=ps_pb2.RegisterReply.SerializeToString),
         "Push": grpc.stream_unary_rpc_method_handler(
             servicer.Push, request_deserializer=_identity, response_serializer=ps_pb2.PushReply.SerializeToString),
         "Pull": grpc.unary_stream_rpc_method_handler(
-            servicer.Pull, request_deserializer=ps_pb2.PullRequest.FromString, response_serializer=_identity),
+            servicer.Pull, request_deserializer=_identity, response_serializer=_identity),
         "PushPull": grpc.stream_stream_rpc_method_handler(
             servicer.PushPull, request_deserializer=_identity, response_serializer=_identity),
         "Status": grpc.unary_unary_rpc_method_handler(
-            servicer.Status, request_deserializer=ps_pb2.StatusRequest.FromString,
+            servicer.Status, request_deserializer=_identity,
             response_serializer=ps_pb2.StatusReply.SerializeToString),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("distbp.ps.v1.ParameterServer", handlers),))
@@ -749,7 +765,8 @@ class _TokenCheck(grpc.ServerInterceptor):
     def intercept_service(self, continuation, details):
         if not details.method.startswith("/distbp.ps.v1.ParameterServer/"):
             return continuation(details)  # health checks and reflection stay open
-        if self._carries_token(dict(details.invocation_metadata).get("authorization")):
+        given = [value for key, value in details.invocation_metadata if key == "authorization"]
+        if len(given) == 1 and self._carries_token(given[0]):  # (of two, which would count?)
             return continuation(details)
         if details.method.endswith("/Push"):
             return self._deny_stream_in
