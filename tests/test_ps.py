@@ -121,13 +121,16 @@ def test_a_kept_chunk_does_not_hold_a_message_much_larger_than_its_data():
     assert values.flags.owndata  # a copy, not a view that keeps the message alive
 
 
-def test_empty_chunks_of_a_tensor_with_elements_are_refused():
+def test_a_second_empty_chunk_of_a_tensor_is_refused():
+    # endless empty chunks were each kept until the push ended; one (a chunker's last) is fine
     assembler = Assembler({"w": ((2,), np.float32)}, copy=False)
-    with pytest.raises(WireError, match="w: an empty chunk"):
-        assembler.add(ps_pb2.TensorChunk(name="w", dtype="float32", shape=[2], offset=0, data=b""))
+    assembler.add(ps_pb2.TensorChunk(name="w", dtype="float32", shape=[2], offset=0, data=np.ones(2, "<f4").tobytes()))
+    assembler.add(ps_pb2.TensorChunk(name="w", dtype="float32", shape=[2], offset=2, data=b""))
+    with pytest.raises(WireError, match="w: a second empty chunk"):
+        assembler.add(ps_pb2.TensorChunk(name="w", dtype="float32", shape=[2], offset=2, data=b""))
     empty = Assembler({"e": ((0,), np.float32)}, copy=False)
     empty.add(ps_pb2.TensorChunk(name="e", dtype="float32", shape=[0], offset=0, data=b""))  # a tensor of none
-    with pytest.raises(WireError, match="e: an empty chunk"):
+    with pytest.raises(WireError, match="e: a second empty chunk"):
         empty.add(ps_pb2.TensorChunk(name="e", dtype="float32", shape=[0], offset=0, data=b""))
 
 
@@ -362,10 +365,24 @@ def test_a_number_sent_without_a_registration_does_not_swallow_the_workers_own_p
     shard = _shard_of({"w": np.zeros(4, np.float32)}, lambda ps: SGD(ps, lr=1.0))
     shard.register(0, shard.signature)
     chunks = lambda value: list(to_chunks("w", np.full(4, value, np.float32)))  # noqa: E731
-    assert shard.push(0, 0, iter(chunks(1.0)), sequence=2**64 - 1) == 1  # unnumbered: applied
+    assert shard.push(0, 0, iter(chunks(1.0)), sequence=2**64 - 1) == 1  # applied; its number is its own
     assert _numbered(shard, 0, 1, iter(chunks(2.0)), 1) == 2
     assert _numbered(shard, 0, 2, iter(chunks(4.0)), 2) == 3
     np.testing.assert_array_equal(shard.params["w"].data, np.full(4, -7.0, np.float32))
+    shard.stop()
+
+
+def test_a_client_that_numbers_its_pushes_without_a_registration_still_has_its_retries_count_once():
+    # (a client built from the proto alone, leaving registration at 0)
+    from distbp.optim import SGD
+
+    shard = _shard_of({"w": np.zeros(4, np.float32)}, lambda ps: SGD(ps, lr=1.0))
+    shard.register(0, shard.signature)
+    chunks = lambda value: list(to_chunks("w", np.full(4, value, np.float32)))  # noqa: E731
+    assert shard.push(0, 0, iter(chunks(1.0)), sequence=1) == 1
+    assert shard.push(0, 0, iter(chunks(1.0)), sequence=1) == 1  # the retry: applied once
+    assert shard.push(0, 1, iter(chunks(1.0)), sequence=2) == 2
+    np.testing.assert_array_equal(shard.params["w"].data, np.full(4, -2.0, np.float32))
     shard.stop()
 
 

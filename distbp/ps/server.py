@@ -63,7 +63,10 @@ class Shard:
         self.steps_done = {}
         # a worker's run, in pushes (None: not known): one that has made them all no longer paces the others
         self.steps_per_worker = steps_per_worker
-        self.sequences = {}  # worker id -> number of its last push applied, kept for the step, or skipped
+        # (worker id, registration) -> number of its last push applied, kept for the step, or skipped. Pushes
+        # without a registration (0: clients that do not send it) have a slot of their own, so that their
+        # numbers cannot make the registered worker's own pushes look like retries
+        self.sequences = {}
         self.skipping = set()  # async, bounded: workers retaking steps this shard has applied (logged once)
         # steps_done estimated from an older checkpoint (kept in this shard's own checkpoints): a step a count
         # covers may never have been applied, so none is skipped
@@ -120,7 +123,8 @@ class Shard:
                                    "with its own id (--ps-worker-id)")
                 wid = free[0]
             self.active.add(wid)
-            self.sequences.pop(wid, None)  # the worker numbers its pushes from 1 again
+            for key in [k for k in self.sequences if k[0] == wid]:  # the worker numbers its pushes from 1 again
+                del self.sequences[key]
             self.skipping.discard(wid)
             # random, not counted: a token from before a server restart cannot match by chance
             self.registrations[wid] = secrets.randbits(63) + 1
@@ -197,10 +201,8 @@ class Shard:
             if self.registrations.get(worker_id) != registration_at_start:
                 raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
                                f"worker {worker_id} registered again while this push was in flight: not applied")
-            # a number counts only with the registration it was given under: a push without one (registration
-            # 0: another client, or a buggy one) must not make the worker's own next pushes look like retries
-            numbered = sequence if registration else 0
-            if numbered and numbered <= self.sequences.get(worker_id, 0):
+            slot = (worker_id, registration)  # see self.sequences
+            if sequence and sequence <= self.sequences.get(slot, 0):
                 log.info("shard %d: worker %d sent push %d again; it was applied once", self.shard, worker_id, sequence)
                 self.last_push[worker_id] = time.monotonic()  # alive: bounded mode must not drop it
                 return self.version
@@ -215,8 +217,8 @@ class Shard:
                                f"the job has not started: {len(self.active)} of {self.expected} workers have "
                                "registered (a worker pulls first: its pull waits for them)")
             skip = bool(step) and self.mode != "sync" and self._applied_here(worker_id, step)  # or refused
-            if numbered:
-                self.sequences[worker_id] = numbered
+            if sequence:
+                self.sequences[slot] = sequence
             if skip:
                 return self.version
             if self.mode == "sync":

@@ -48,6 +48,7 @@ class Assembler:
         self.arrays = {}
         self.views = {}
         self.filled = {}
+        self.empty = set()  # tensors that have had their one empty chunk
 
     def add(self, chunk):
         name = chunk.name
@@ -65,9 +66,10 @@ class Assembler:
         size = math.prod(shape)
         if chunk.offset < 0 or chunk.offset + n > size:
             raise WireError(f"{name}: chunk [{chunk.offset}, {chunk.offset + n}) runs outside {size} elements")
-        if n == 0 and (size or name in self.filled):  # (endless empty chunks would each be kept)
-            raise WireError(f"{name}: an empty chunk (a tensor's chunks carry its elements; only a tensor of "
-                            "none has one empty chunk)")
+        if n == 0:  # one is fine (a tensor of no elements, or a chunker's last); endless ones would each be kept
+            if name in self.empty:
+                raise WireError(f"{name}: a second empty chunk (a tensor's chunks carry its elements)")
+            self.empty.add(name)
         filled = self.filled.setdefault(name, 0)
         # in order, without gaps or repeats: then `filled` proves every element arrived exactly once
         if chunk.offset != filled:
