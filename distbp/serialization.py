@@ -78,8 +78,7 @@ def check_finite(path, arrays, prefix):
 
 
 def save_safetensors(path, arrays, metadata=None):
-    """Write name -> array as a safetensors file, atomically (temporary file, fsync, rename)."""
-    path = Path(path)
+    """Write name -> array as a safetensors file, atomically (see replace_file)."""
     header = {}
     offset = 0
     blobs = []
@@ -98,7 +97,15 @@ def save_safetensors(path, arrays, metadata=None):
         header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the format aligns the data to 8 bytes
-    if path.is_symlink():  # the link's target is rewritten, not the link replaced by a file
+    replace_file(path, [struct.pack("<Q", len(head)), head, *blobs])
+
+
+def replace_file(path, pieces):
+    """Write the bytes `pieces` to `path` atomically: to a temporary file beside it, flushed to disk, then
+    renamed over it, so a crash at any point leaves the old file or the new one. A symlink's target is
+    rewritten (not the link replaced by a file), and a file kept private stays private."""
+    path = Path(path)
+    if path.is_symlink():
         path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(path)
@@ -107,14 +114,12 @@ def save_safetensors(path, arrays, metadata=None):
     tmp = path.with_name(f"{_temporary_prefix(path)}{os.getpid()}-{threading.get_native_id()}-{_HOST}")
     try:
         with open(tmp, "wb") as fh:
-            fh.write(struct.pack("<Q", len(head)))
-            fh.write(head)
-            for data in blobs:
-                fh.write(data)
+            for piece in pieces:
+                fh.write(piece)
             fh.flush()
             os.fsync(fh.fileno())
         if path.exists():
-            shutil.copymode(path, tmp)  # a file kept private stays private
+            shutil.copymode(path, tmp)
         os.replace(tmp, path)
     except OSError as e:  # a full disk, a file too large: named after the file it was to be, which stays as it was
         raise OSError(e.errno, f"cannot write it ({e.strerror}); the file there is unchanged", str(path)) from None

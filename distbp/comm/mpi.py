@@ -361,10 +361,7 @@ class MPICommunicator(Communicator):
         _MPIHandle(self, self.comm.Ibarrier(), "barrier", seq).wait()
 
     def abort(self, code=1, message=None):
-        try:
-            remove_names(mpich_segments())  # the job ends: no rank maps them after this
-        finally:
-            self.MPI.COMM_WORLD.Abort(code)
+        _abort_world(self.MPI.COMM_WORLD, code)
 
     def close(self):
         for request, _ in self._sends:
@@ -407,10 +404,15 @@ class World:
         self.rank, self.size = self._world.Get_rank(), self._world.Get_size()
 
     def abort(self, code=1):
-        try:
-            remove_names(mpich_segments())  # as MPICommunicator.abort
-        finally:
-            self._world.Abort(code)
+        _abort_world(self._world, code)
+
+
+def _abort_world(world, code):
+    """End every rank of the job with exit status `code`."""
+    try:
+        remove_names(mpich_segments())  # the job ends: no rank maps them after this
+    finally:
+        world.Abort(code)
 
 
 def launched_by_mpi(environ):

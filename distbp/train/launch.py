@@ -185,7 +185,7 @@ __all__ = ["run", "chosen_backend", "resolve_backend", "RankFailed", "Terminated
 def _run_ps(config, stream):
     from ..ps.client import PSStep, parse_addresses
     from ..ps.server import check_token
-    from .ps_service import TOKEN_VARIABLE
+    from .ps_service import token_and_source
 
     if not config.ps:
         raise ConfigError("config: backend 'ps' needs 'ps' (the parameter servers' HOST:PORT addresses)")
@@ -193,9 +193,8 @@ def _run_ps(config, stream):
         raise ConfigError("config: with backend 'ps' the servers hold the parameters and checkpoint them "
                           "(distbp ps serve --checkpoint-path), and a worker goes on where they have its run; "
                           "drop 'checkpoint', 'resume' and 'init_from' from the worker")
-    token_from = "config: ps_token"
-    if config.ps_token is None and os.environ.get(TOKEN_VARIABLE):  # off the command line (see ps_service)
-        config, token_from = replace(config, ps_token=os.environ[TOKEN_VARIABLE]), TOKEN_VARIABLE
+    token, token_from = token_and_source(config.ps_token, "config: ps_token")
+    config = replace(config, ps_token=token)
     if config.ps_token is not None:
         try:
             check_token(config.ps_token, token_from)

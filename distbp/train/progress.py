@@ -1,11 +1,11 @@
 """What a run shows and records: a progress bar on a terminal, plain lines elsewhere, metrics as JSON lines."""
 
 import json
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
+
+from ..serialization import replace_file
 
 
 def _duration(seconds):
@@ -105,11 +105,7 @@ def _drop_records_after(path, step):
     lines = path.read_text().splitlines(keepends=True)
     kept = [line for line in lines if not _past(line, step)]
     if len(kept) != len(lines):
-        real = Path(os.path.realpath(path))  # a symlink's target is rewritten, not the link replaced
-        partial = real.with_name(real.name + f".tmp-{os.getpid()}")
-        partial.write_text("".join(kept))
-        shutil.copymode(real, partial)
-        os.replace(partial, real)
+        replace_file(path, ["".join(kept).encode()])
 
 
 def _past(line, step):

@@ -95,6 +95,14 @@ _WORKER_KEYS = ("backend", "world_size", "bucket_cap_mb", "allow_unused", "compr
 TOKEN_VARIABLE = "DISTBP_PS_TOKEN"  # the token, for servers without --token and workers without ps_token
 
 
+def token_and_source(token, option):
+    """(token, what to call it in a message): the one given as `option`, else DISTBP_PS_TOKEN's, kept off the
+    command line, where other users of the machine read it in `ps`."""
+    if token is None and os.environ.get(TOKEN_VARIABLE):
+        return os.environ[TOKEN_VARIABLE], TOKEN_VARIABLE
+    return token, option
+
+
 def _loopback(host):
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
@@ -126,9 +134,7 @@ def run_server(config, args, stream=None):
     stream = stream or sys.stdout
     logging.basicConfig(level=logging.INFO, format="distbp ps: %(message)s")
     args.checkpoint_path = shard_checkpoint_path(args.checkpoint_path, args.shard, args.num_shards)
-    args.token_from = "ps serve: --token"
-    if args.token is None and os.environ.get(TOKEN_VARIABLE):  # off the command line, where other users read it
-        args.token, args.token_from = os.environ[TOKEN_VARIABLE], TOKEN_VARIABLE
+    args.token, args.token_from = token_and_source(args.token, "ps serve: --token")
     check_server_options(config, args)
     ignored = keys_given(config, _WORKER_KEYS)
     if ignored:  # one option list serves servers and workers alike (launch/ps_cluster.sh gives both the same)
