@@ -125,6 +125,7 @@ class Trainer:
         # the mean training loss reported at the next evaluation: this rank's sum of losses and their number
         self.loss_sum, self.loss_count = 0.0, 0
         self.lr_used = self.optimizer.param_groups[0]["lr"]  # the learning rate of the last step taken
+        self.resumed_contents = None  # set by resume() (see _contents_checksum)
         # dropout draws from the thread's generator; each rank its own stream
         manual_seed([config.seed, 1 + self.strategy.rank])
 
@@ -465,8 +466,8 @@ class Trainer:
         mine = {**to_dict(self.config), "train examples": len(self.split.train),
                 "parameters": self.model.num_parameters(), "tracing": bool(self.config.trace),
                 "position": (self.step, self.epoch, self.batch)}
-        mine["checkpoint contents"] = getattr(self, "resumed_contents", None)
-        mine["data"] = fingerprint(self.split)  # the same path may hold other data on another machine
+        mine["checkpoint contents"] = self.resumed_contents
+        mine["data"] = self._data_fingerprint()  # the same path may hold other data on another machine
         everyone = self.strategy.gather(mine)
         for rank, theirs in enumerate(everyone):
             if theirs["data"] != everyone[0]["data"]:
