@@ -576,6 +576,26 @@ def test_axes_out_of_range_are_refused_not_wrapped(rng):
     assert x.flatten(-2).shape == (6,) and x.flatten(1).shape == (2, 3) and Tensor(1.0).flatten().shape == (1,)
 
 
+def test_softmax_mask_and_scale_are_checked(rng):
+    x = Tensor(rng.standard_normal((2, 4, 4)).astype(np.float32), requires_grad=True)
+    causal = np.tril(np.ones((4, 4), dtype=bool))
+    with pytest.raises(TypeError, match="mask must be boolean"):
+        ops.softmax(x, mask=causal.astype(np.int64))
+    for bad in (np.ones((3, 4), bool), np.ones((2, 2, 4, 4), bool)):  # not broadcasting, or making x bigger
+        with pytest.raises(ValueError, match="does not broadcast to"):
+            ops.softmax(x, mask=bad)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="scale must be finite"):
+            ops.softmax(x, scale=bad)
+    y = ops.softmax(x, scale=0.25, mask=causal)
+    assert y.dtype == np.float32  # a Python float scale does not widen float32
+    assert (y.data[:, np.triu_indices(4, 1)[0], np.triu_indices(4, 1)[1]] == 0).all()
+    np.testing.assert_allclose(y.data.sum(-1), 1, rtol=1e-6)
+    (y * Tensor(rng.standard_normal((2, 4, 4)).astype(np.float32))).sum().backward()
+    g = x.grad.data
+    assert g.dtype == np.float32 and (g[:, ~causal] == 0).all() and (g[:, causal] != 0).sum() > 10
+
+
 def test_tensor_construction_defaults_to_float32():
     assert Tensor([1.0, 2.0]).dtype == np.float32
     assert Tensor(np.zeros(3)).dtype == np.float32

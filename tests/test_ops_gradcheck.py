@@ -276,6 +276,8 @@ LOSSES = [
     case("softmax-last", lambda x: ops.softmax(x, -1), N(2, 3, 4), gg=True),
     case("softmax-ax0", lambda x: ops.softmax(x, 0), N(3, 4), gg=True),
     case("softmax-ax1-3d", lambda x: ops.softmax(x, 1), N(2, 3, 4), gg=True),
+    case("softmax-scale-mask", lambda x: ops.softmax(x, -1, scale=0.5, mask=np.tril(np.ones((4, 4), bool))),
+         N(2, 4, 4), gg=True),
     case("log_softmax-last", lambda x: ops.log_softmax(x, -1), N(2, 3, 4), gg=True),
     case("log_softmax-ax0", lambda x: ops.log_softmax(x, 0), N(3, 4), gg=True),
     case("log_softmax-1d", lambda x: ops.log_softmax(x), N(5), gg=True),

@@ -228,6 +228,8 @@ add("getitem-neg-step", [N(6, 8)], lambda x: x[::-1, -1:0:-2],  # torch has no n
     lambda x: x[T(np.arange(6)[::-1].copy())][:, T(np.arange(8)[-1:0:-2].copy())])
 add("getitem-ellipsis-newaxis", [N(4, 6, 8)], lambda x: x[None, ..., 3], lambda x: x[None, ..., 3])
 add("getitem-repeated-rows", [N(6, 8)], lambda x: x[ROWS], lambda x: x[T(ROWS)])
+add("getitem-negative-rows", [N(6, 8)], lambda x: x[ROWS - 6], lambda x: x[T(ROWS - 6)])
+add("getitem-rows-of-3d", [N(6, 4, 3)], lambda x: x[ROWS.reshape(2, 3)], lambda x: x[T(ROWS.reshape(2, 3))])
 add("getitem-2d-index", [N(6, 8)], lambda x: x[ROWS.reshape(2, 3)], lambda x: x[T(ROWS.reshape(2, 3))])
 add("getitem-pair-arrays", [N(6, 8)], lambda x: x[ROWS, ROWS + 1], lambda x: x[T(ROWS), T(ROWS + 1)])
 add("getitem-array-slice", [N(6, 8)], lambda x: x[ROWS, 2:7], lambda x: x[T(ROWS), 2:7])
@@ -278,6 +280,13 @@ add("softmax-last", [N(4, 6, 10, scale=3)], lambda x: ops.softmax(x), lambda x: 
 add("softmax-ax1", [N(4, 6, 10, scale=3)], lambda x: ops.softmax(x, 1), lambda x: torch.softmax(x, 1))
 add("log_softmax-last", [N(4, 6, 10, scale=3)], lambda x: ops.log_softmax(x), lambda x: torch.log_softmax(x, -1))
 add("log_softmax-ax0", [N(4, 6, 10, scale=3)], lambda x: ops.log_softmax(x, 0), lambda x: torch.log_softmax(x, 0))
+# attention's form: scale and a causal mask in one node; torch's equivalent is masked_fill then softmax
+_CAUSAL = np.tril(np.ones((5, 5), dtype=bool))
+add("softmax-scale-mask", [N(2, 3, 5, 5, scale=3)],
+    lambda x: ops.softmax(x, -1, scale=0.35, mask=_CAUSAL),
+    lambda x: torch.softmax((x * 0.35).masked_fill(~torch.from_numpy(_CAUSAL), float("-inf")), -1))
+add("softmax-scale-ax1", [N(4, 6, 10, scale=3)], lambda x: ops.softmax(x, 1, scale=-2.0),
+    lambda x: torch.softmax(x * -2.0, 1))
 add("softmax-empty-axis", [N(3, 0)], lambda x: ops.softmax(x), lambda x: torch.softmax(x, -1))
 add("log_softmax-empty-axis", [N(3, 0)], lambda x: ops.log_softmax(x), lambda x: torch.log_softmax(x, -1))
 add("softmax-empty-batch", [N(0, 5)], lambda x: ops.softmax(x), lambda x: torch.softmax(x, -1))

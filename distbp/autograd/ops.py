@@ -565,11 +565,28 @@ class IndexAdd(Function):
 
 
 def _index_add_array(shape, index, g):
+    if isinstance(index, _ndarray) and index.dtype.kind in "iu" and index.size:
+        return _add_rows(shape, index, g)
     out = np.zeros(shape, g.dtype)
     if _is_basic_index(index):
         out[index] = g  # a basic index names each element at most once
     else:
         np.add.at(out, index, g)
+    return out
+
+
+def _add_rows(shape, index, g):
+    """zeros(shape) with g's rows added at rows `index` (an integer array on axis 0: an embedding's lookup):
+    sorted so that each row's share is one reduceat, several times faster than np.add.at (the sums round
+    differently, by an ulp or so)."""
+    rows = index.reshape(-1)
+    if rows.min() < 0:
+        rows = np.where(rows < 0, rows + shape[0], rows)
+    order = np.argsort(rows, kind="stable")
+    rows = rows[order]
+    starts = np.flatnonzero(np.concatenate(([True], rows[1:] != rows[:-1])))
+    out = np.zeros(shape, g.dtype)
+    out.reshape(shape[0], -1)[rows[starts]] = np.add.reduceat(g.reshape(rows.size, -1)[order], starts, axis=0)
     return out
 
 
@@ -643,7 +660,8 @@ class Linear(Function):
 
     @staticmethod
     def forward(ctx, x, w, b=None):
-        out = x @ w.T
+        # batch dimensions folded into one matrix product: numpy would make one BLAS call per leading index
+        out = x @ w.T if x.ndim <= 2 else (x.reshape(-1, x.shape[-1]) @ w.T).reshape(*x.shape[:-1], w.shape[0])
         if b is not None:
             out += b
         return out
@@ -651,10 +669,12 @@ class Linear(Function):
     @staticmethod
     def backward(ctx, g):
         x, w = ctx.inputs[:2]
-        gx = g @ w if ctx.needs(0) else None
+        g2 = g.reshape(-1, g.shape[-1]) if g.ndim != 2 else g
+        gx = None
+        if ctx.needs(0):
+            gx = g @ w if g.ndim <= 2 or state.graph else (g2 @ w).reshape(x.shape)
         gw = gb = None
         if ctx.needs(1) or len(ctx.parents) == 3 and ctx.needs(2):
-            g2 = g.reshape(-1, g.shape[-1]) if g.ndim != 2 else g
             if ctx.needs(1):
                 x2 = x.reshape(-1, x.shape[-1]) if x.ndim != 2 else x
                 out = ctx.grad_out(1)  # a destination is only offered in plain (numpy) backward
@@ -670,13 +690,18 @@ class Linear(Function):
 # ================================================================================================
 
 
-def _softmax_array(x, axis):
-    if x.size == 0:  # an empty axis has no maximum to subtract; the result is empty too (as in PyTorch)
-        return x.copy()
-    z = x - x.max(axis=axis, keepdims=True)
-    e = np.exp(z)
-    e /= e.sum(axis=axis, keepdims=True)
-    return e
+def _softmax_array(x, axis, scale=None, hidden=None):
+    """softmax(x * scale) over axis, with the entries where `hidden` is True weighted 0; one new array,
+    every pass after the first in place."""
+    z = x * scale if scale is not None else x.copy()
+    if z.size == 0:  # an empty axis has no maximum to subtract; the result is empty too (as in PyTorch)
+        return z
+    if hidden is not None:
+        np.copyto(z, -np.inf, where=hidden)
+    z -= z.max(axis=axis, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=axis, keepdims=True)
+    return z
 
 
 def _log_softmax_array(x, axis):
@@ -688,18 +713,31 @@ def _log_softmax_array(x, axis):
 
 
 class Softmax(Function):
+    """softmax(x * scale) over axis, entries where `hidden` is True left out: one node for attention's
+    scale, causal mask and softmax (three full-size temporaries and six passes fewer)."""
+
     __slots__ = ()
     save_output = True
 
     @staticmethod
-    def forward(ctx, x, axis):
-        ctx.saved = axis
-        return _softmax_array(x, axis)
+    def forward(ctx, x, axis, scale=None, hidden=None):
+        ctx.saved = (axis, scale)
+        return _softmax_array(x, axis, scale, hidden)
 
     @staticmethod
     def backward(ctx, g):
+        # hidden entries have p = 0, so their gradient is 0 with no mask
         p = ctx.out
-        return (p * (g - (g * p).sum(axis=ctx.saved, keepdims=True)),)
+        axis, scale = ctx.saved
+        if state.graph:
+            gx = p * (g - (g * p).sum(axis=axis, keepdims=True))
+            return (gx * scale if scale is not None else gx,)
+        gx = g * p
+        np.subtract(g, gx.sum(axis=axis, keepdims=True), out=gx)
+        gx *= p
+        if scale is not None:
+            gx *= scale
+        return (gx,)
 
 
 class LogSoftmax(Function):
@@ -1586,10 +1624,30 @@ def linear(x, weight, bias=None):
     return Linear.apply(x, weight, bias)
 
 
-def softmax(x, axis=-1):
+def softmax(x, axis=-1, *, scale=None, mask=None):
+    """softmax(x * scale) over axis. mask: booleans broadcasting to x, False where an entry takes no part
+    (weight 0, as where(mask, x, -inf) would give; attention's causal mask). A row with no entry left is NaN,
+    as in PyTorch."""
     x = _floating(x)
     _axes(axis, x.data.ndim)
-    return Softmax.apply(x, axis=axis)
+    hidden = None
+    if mask is not None:
+        mask = mask.data if isinstance(mask, Tensor) else np.asarray(mask)
+        if mask.dtype != np.bool_:
+            raise TypeError(f"softmax: the mask must be boolean, not {mask.dtype}")
+        try:
+            fits = np.broadcast_shapes(mask.shape, x.data.shape) == x.data.shape
+        except ValueError:
+            fits = False
+        if not fits:
+            raise ValueError(f"softmax: mask of shape {mask.shape} does not broadcast to {x.data.shape}")
+        hidden = ~mask
+    if scale is not None:
+        scale = float(scale)
+        if not math.isfinite(scale):
+            raise ValueError(f"softmax: scale must be finite, got {scale}")
+        scale = x.data.dtype.type(scale)  # a Python float would not change the dtype; a numpy scalar keeps it
+    return Softmax.apply(x, axis=axis, scale=scale, hidden=hidden)
 
 
 def log_softmax(x, axis=-1):

@@ -39,9 +39,8 @@ class CausalSelfAttention(Module):
         d = c // h
         qkv = self.qkv(x).reshape(b, t, 3, h, d).transpose(2, 0, 3, 1, 4)  # (3, b, h, t, d)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        scores = (q @ k.swapaxes(-1, -2)) * (1 / math.sqrt(d))
-        scores = ops.where(self._mask(t), scores, -np.inf)
-        weights = self.attn_dropout(ops.softmax(scores, -1))
+        scores = q @ k.swapaxes(-1, -2)
+        weights = self.attn_dropout(ops.softmax(scores, -1, scale=1 / math.sqrt(d), mask=self._mask(t)))
         y = (weights @ v).transpose(0, 2, 1, 3).reshape(b, t, c)
         return self.resid_dropout(self.proj(y))
 
