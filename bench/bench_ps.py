@@ -33,9 +33,10 @@ launch/ps_cluster.sh runs `distbp ps serve` (OMP_NUM_THREADS=1); --blas-threads 
 default, whose idle threads spin after every SGD axpy and, on 2 cores, take CPU from the client.
 
 Heap: both server processes and the client set glibc's malloc to keep freed blocks of up to 32 MB
-(steady_heap()). Under the default settings the echo server, which keeps nothing between messages, got
-fresh zeroed pages for about half of its messages' bytes, or for none of them, depending on the heap's
-history: its time, and so the ratio, moved by a third from run to run.
+(distbp.train.launch.keep_freed_memory(), as `distbp ps serve` and `distbp train` set it). Under the
+default settings the echo server, which keeps nothing between messages, got fresh zeroed pages for about
+half of its messages' bytes, or for none of them, depending on the heap's history: its time, and so the
+ratio, moved by a third from run to run.
 
 Method: one correctness check before any timing (the pulled parameters are the initial ones, and after
 one push exactly init - lr * grad; the echo returns the bytes it got); warm-up; each measurement's loop
@@ -66,6 +67,7 @@ from concurrent import futures
 
 import grpc
 import numpy as np
+from distbp.train.launch import keep_freed_memory
 
 from machine import cpu_model, usable_cores
 
@@ -96,26 +98,6 @@ def named_parameters(arrays):
     return [(n, Parameter(a.copy())) for n, a in arrays.items()]
 
 
-def steady_heap():
-    """Have glibc's malloc keep freed blocks of up to 32 MB for reuse, instead of mapping fresh (zeroed)
-    pages for large messages and unmapping them after (see "Heap" above). Returns a description, or None
-    where the C library is not glibc."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return None
-    limit = 32 * MB  # glibc's largest mmap threshold on 64-bit
-    done = [f"{name} {value // MB} MB" if mallopt(option, value) else f"{name} refused"
-            for name, option, value in (("M_MMAP_THRESHOLD", -3, limit), ("M_TRIM_THRESHOLD", -1, 4 * limit))]
-    if all(d.endswith("refused") for d in done):  # musl's mallopt refuses everything
-        return None
-    return "mallopt " + ", ".join(done)
-
-
 # ================================================================================================
 # Server processes. Each gets one end of a pipe: it sends its port (or an error) on it, then blocks on
 # it and stops when the parent says "stop" or when the pipe closes (the parent is gone, however).
@@ -130,7 +112,7 @@ def _server_process(conn, kind, blas_threads):
 
         import distbp.optim  # noqa: F401 -- loads scipy's BLAS (SGD's axpy): limits apply to loaded libraries only
 
-        steady_heap()
+        keep_freed_memory()
         if blas_threads:
             threadpool_limits(blas_threads)  # as deployed: launch/ps_cluster.sh runs `ps serve` with OMP_NUM_THREADS=1
         pools = sorted({p["num_threads"] for p in threadpool_info()})
@@ -521,7 +503,7 @@ def main():
     signal.signal(signal.SIGHUP, on_term)
 
     t_start = time.perf_counter()
-    heap = steady_heap()
+    heap = keep_freed_memory()
     info = machine_info()
     info["heap"] = heap
     print_machine(info)
@@ -532,7 +514,7 @@ def main():
           f"{math.ceil(PAYLOAD / CHUNK_BYTES)} chunks of {CHUNK_BYTES / MB:g} MB")
     print(f"distbp   : Shard built directly: {', '.join(f'{n}{s}' for n, s in SHAPES.items())}, SGD lr={LR:g}, "
           f"async, 1 worker; serve() in a spawned process; PSClient in this one")
-    print(f"heap     : {heap or 'the C library default (no glibc mallopt)'}, in both servers and this client")
+    print(f"heap     : {heap or 'the C library default'}, in both servers and this client")
     servers, clients = [], []
     try:
         ps = ServerProcess("distbp", args.blas_threads)

@@ -191,19 +191,22 @@ def main(argv=None):
         raise
     try:
         if args.command == "train":
-            from .train.launch import chosen_backend, resolve_backend, run, stop_on_sigterm
+            from .train.launch import chosen_backend, keep_freed_memory, resolve_backend, run, stop_on_sigterm
 
             config = config_from_args(args)
             backend = chosen_backend(config)  # what _end_mpi_job is told, also when resolve_backend refuses
             resolve_backend(config)
+            keep_freed_memory()
             restore_sigterm = stop_on_sigterm()
             try:
                 run(config)
             finally:  # a SIGTERM while the error is reported must not escape as a traceback
                 restore_sigterm()
         elif args.command == "ps":
+            from .train.launch import keep_freed_memory
             from .train.ps_service import run_server
 
+            keep_freed_memory()
             try:
                 run_server(config_from_args(args), args)
             except OSError as e:  # the port is taken, a certificate file is missing, ...
