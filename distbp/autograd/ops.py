@@ -700,8 +700,18 @@ def _softmax_array(x, axis, scale=None, hidden=None):
         np.copyto(z, -np.inf, where=hidden)
     z -= z.max(axis=axis, keepdims=True)
     np.exp(z, out=z)
-    z /= z.sum(axis=axis, keepdims=True)
+    z /= _sum_keepdims(z, axis)
     return z
+
+
+def _sum_keepdims(a, axis):
+    """a.sum(axis, keepdims=True); over the last axis of a C-contiguous array, as one matrix-vector product
+    (numpy sums short rows one at a time: a 64-wide row cost it as much as its exp). Each row's sum
+    depends on that row alone, so a causal model's earlier outputs stay bitwise the same."""
+    if a.ndim >= 2 and a.size and axis in (-1, a.ndim - 1) and a.flags.c_contiguous:
+        n = a.shape[-1]
+        return (a.reshape(-1, n) @ np.ones(n, a.dtype)).reshape(a.shape[:-1] + (1,))
+    return a.sum(axis=axis, keepdims=True)
 
 
 def _log_softmax_array(x, axis):
@@ -733,7 +743,7 @@ class Softmax(Function):
             gx = p * (g - (g * p).sum(axis=axis, keepdims=True))
             return (gx * scale if scale is not None else gx,)
         gx = g * p
-        np.subtract(g, gx.sum(axis=axis, keepdims=True), out=gx)
+        np.subtract(g, _sum_keepdims(gx, axis), out=gx)
         gx *= p
         if scale is not None:
             gx *= scale
@@ -859,18 +869,27 @@ class LayerNorm(Function):
     __slots__ = ()
     save_inputs = True
 
+    # Plain mode works on rows (one per normalized slice) and sums them by matrix-vector products: numpy
+    # reduces short rows one at a time, at several times the cost of a pass over them.
+
     @staticmethod
     def forward(ctx, x, w=None, b=None, *, axes, eps):
-        mu = x.mean(axis=axes, keepdims=True)
-        xc = x - mu
-        var = (xc * xc).mean(axis=axes, keepdims=True)
-        rstd = 1 / np.sqrt(var + eps)
-        xhat = xc * rstd
+        n = math.prod(x.shape[x.ndim - len(axes):])
+        rows = x.reshape(-1, n)  # a view when x is C-contiguous
+        ones = np.ones(n, x.dtype)
+        inv_n = x.dtype.type(1 / n)
+        xhat = rows - (rows @ ones * inv_n)[:, None]  # x - mean, then scaled in place: kept for backward
+        out = xhat * xhat
+        rstd = 1 / np.sqrt((out @ ones) * inv_n + eps)
+        xhat *= rstd[:, None]
         ctx.saved = (xhat, rstd, axes, eps)
-        out = xhat * w if w is not None else xhat.copy()
+        if w is not None:
+            np.multiply(xhat, w.reshape(-1), out=out)
+        else:
+            np.copyto(out, xhat)
         if b is not None:
-            out += b
-        return out
+            out += b.reshape(-1)
+        return out.reshape(x.shape)
 
     @staticmethod
     def backward(ctx, g):
@@ -879,9 +898,38 @@ class LayerNorm(Function):
         x = inputs[0]
         w = inputs[1] if len(inputs) > 1 else None
         if state.graph:  # recompute the statistics as differentiable functions of x
-            xc = x - x.mean(axis=axes, keepdims=True)
-            rstd = 1 / ((xc * xc).mean(axis=axes, keepdims=True) + eps).sqrt()
-            xhat = xc * rstd
+            return LayerNorm._graph_backward(ctx, g, x, w, axes, eps)
+        n = xhat.shape[1]
+        g2 = g.reshape(-1, n)
+        ones_m = np.ones(g2.shape[0], g2.dtype)
+        gx = gw = gb = None
+        if len(inputs) > 2 and ctx.needs(2):
+            gb = (ones_m @ g2).reshape(w.shape)
+        if not ctx.needs(0) and not (w is not None and ctx.needs(1)):
+            return (gx, gw, gb)[: len(inputs)]
+        dxhat_xhat = g2 * xhat  # g * xhat: the weight's gradient summed over rows, then (times w) dxhat * xhat
+        if w is not None and ctx.needs(1):
+            gw = (ones_m @ dxhat_xhat).reshape(w.shape)
+        if ctx.needs(0):
+            # gx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), row by row
+            ones_n, inv_n = np.ones(n, g2.dtype), g2.dtype.type(1 / n)
+            dxhat = g2 * w.reshape(-1) if w is not None else g2.copy()
+            if w is not None:
+                dxhat_xhat *= w.reshape(-1)
+            mean_dxhat_xhat = (dxhat_xhat @ ones_n) * inv_n
+            mean_dxhat = (dxhat @ ones_n) * inv_n
+            np.multiply(xhat, mean_dxhat_xhat[:, None], out=dxhat_xhat)
+            dxhat -= dxhat_xhat
+            dxhat -= mean_dxhat[:, None]
+            dxhat *= rstd[:, None]
+            gx = dxhat.reshape(x.shape)
+        return (gx, gw, gb)[: len(inputs)]
+
+    @staticmethod
+    def _graph_backward(ctx, g, x, w, axes, eps):
+        xc = x - x.mean(axis=axes, keepdims=True)
+        rstd = 1 / ((xc * xc).mean(axis=axes, keepdims=True) + eps).sqrt()
+        xhat = xc * rstd
         gx = gw = gb = None
         if ctx.needs(0):
             dxhat = g * w if w is not None else g
@@ -890,11 +938,11 @@ class LayerNorm(Function):
                 - dxhat.mean(axis=axes, keepdims=True)
                 - xhat * (dxhat * xhat).mean(axis=axes, keepdims=True)
             )
-        if len(inputs) > 1 and ctx.needs(1):
+        if len(ctx.inputs) > 1 and ctx.needs(1):
             gw = g * xhat
-        if len(inputs) > 2 and ctx.needs(2):
+        if len(ctx.inputs) > 2 and ctx.needs(2):
             gb = g
-        return (gx, gw, gb)[: len(inputs)]
+        return (gx, gw, gb)[: len(ctx.inputs)]
 
 
 # ================================================================================================
