@@ -7,8 +7,15 @@ zeroing the gradients. Three networks:
   MLP-big    784-1024-1024-10, batch 256   (BLAS-bound: how close is distbp to the numpy floor?)
   MLP-small  64-128-10, batch 64           (per-op overhead dominates)
   CNN        Conv2d(1,32,3,p=1)-ReLU-MaxPool2d(2)-Flatten-Linear(6272,10), 28x28x1, batch 64
+  charlm     `distbp train --model charlm`'s transformer as it trains by default: vocabulary 96, 64
+             positions, width 64, 2 pre-norm blocks of 4 heads, batch 32 (distbp and PyTorch only: no
+             hand-written numpy transformer)
 
 For both MLPs distbp's forward (model + loss, recording the graph) and backward are also timed alone.
+
+Heap: the process keeps freed memory for reuse (distbp.train.launch.keep_freed_memory(), as `distbp train`
+sets it), for every implementation alike; the transformer's step otherwise faults in fresh pages for its
+large temporaries.
 
 Method: fixed-seed float32 data; every implementation starts from distbp's initial weights; one step
 of distbp, numpy and torch is checked to agree (loss, gradients, updated weights) before any timing;
@@ -37,8 +44,10 @@ from threadpoolctl import threadpool_info, threadpool_limits
 
 import distbp
 import distbp.nn as dnn
+import distbp.models  # noqa: F401 -- distbp.models.charlm
 import distbp.nn.functional as DF
 from distbp.optim import SGD as DSGD
+from distbp.train.launch import keep_freed_memory
 
 LR = 0.01
 SEED = 0
@@ -250,15 +259,18 @@ class TorchImpl:
         self.x = torch.from_numpy(x)
         self.y = torch.from_numpy(y)
 
+    def loss(self):
+        return torch.nn.functional.cross_entropy(self.model(self.x), self.y)
+
     def step(self):
-        loss = torch.nn.functional.cross_entropy(self.model(self.x), self.y)
+        loss = self.loss()
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return loss
 
     def step_keep_grads(self):
-        loss = torch.nn.functional.cross_entropy(self.model(self.x), self.y)
+        loss = self.loss()
         loss.backward()
         grads = [p.grad.numpy().copy() for p in self.model.parameters()]
         self.opt.step()
@@ -267,6 +279,81 @@ class TorchImpl:
 
     def params(self):
         return [p.detach().numpy() for p in self.model.parameters()]
+
+
+# --- the transformer: distbp's CharLM and the same network written in PyTorch --------------------------
+
+CHARLM = dict(vocab=96, block=64, d_model=64, n_layers=2, n_heads=4, batch=32)
+
+
+class TorchCharLM(torch.nn.Module):
+    """distbp.models.CharLM in PyTorch, module for module under the same names (so one state dict fits both)."""
+
+    class Attention(torch.nn.Module):
+        def __init__(self, d, heads):
+            super().__init__()
+            self.heads = heads
+            self.qkv, self.proj = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
+
+        def forward(self, x):
+            b, t, c = x.shape
+            q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.proj(y.transpose(1, 2).reshape(b, t, c))
+
+    class MLP(torch.nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.fc, self.proj = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
+
+        def forward(self, x):
+            return self.proj(torch.nn.functional.gelu(self.fc(x), approximate="tanh"))
+
+    class Block(torch.nn.Module):
+        def __init__(self, d, heads):
+            super().__init__()
+            self.ln1 = torch.nn.LayerNorm(d)  # registered in distbp's order: parameters() lists them alike
+            self.attn = TorchCharLM.Attention(d, heads)
+            self.ln2 = torch.nn.LayerNorm(d)
+            self.mlp = TorchCharLM.MLP(d)
+
+        def forward(self, x):
+            x = x + self.attn(self.ln1(x))
+            return x + self.mlp(self.ln2(x))
+
+    def __init__(self, vocab, block, d_model, n_layers, n_heads):
+        super().__init__()
+        self.token, self.position = torch.nn.Embedding(vocab, d_model), torch.nn.Embedding(block, d_model)
+        self.blocks = torch.nn.ModuleList(TorchCharLM.Block(d_model, n_heads) for _ in range(n_layers))
+        self.norm, self.head = torch.nn.LayerNorm(d_model), torch.nn.Linear(d_model, vocab)
+
+    def forward(self, codes):
+        x = self.token(codes) + self.position(torch.arange(codes.shape[1]))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+def build_distbp_charlm():
+    distbp.manual_seed(SEED)
+    c = CHARLM
+    return distbp.models.charlm(c["vocab"], c["block"], c["d_model"], c["n_layers"], c["n_heads"])
+
+
+class TorchCharLMImpl(TorchImpl):
+    def __init__(self, dmodel, x, y):
+        c = CHARLM
+        self.model = TorchCharLM(c["vocab"], c["block"], c["d_model"], c["n_layers"], c["n_heads"])
+        self.model.load_state_dict({n: torch.from_numpy(p.data.copy()) for n, p in dmodel.named_parameters()})
+        names = [n for n, _ in self.model.named_parameters()]
+        assert names == [n for n, _ in dmodel.named_parameters()], "the two models list their parameters alike"
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=LR)
+        self.x = torch.from_numpy(x)
+        self.y = torch.from_numpy(y)
+
+    def loss(self):
+        logits = self.model(self.x)
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), self.y.reshape(-1))
 
 
 # ================================================================================================
@@ -278,7 +365,7 @@ def check_same_step(name, make_d, make_np, make_t, tol=1e-4):
     """Fresh instances; one step each; compare loss, gradients and updated weights."""
     d, nimp, t = make_d(), make_np(), make_t()
     # distbp: keep the grads by stepping by hand (no zero_grad before reading them)
-    loss_d = DF.cross_entropy(d.model(d.x), d.y)
+    loss_d = d.forward()
     loss_d.backward()
     grads_d = [p.grad.data.copy() for p in d.model.parameters()]
     d.opt.step()
@@ -403,11 +490,18 @@ NETWORKS = [
          batch=64, targets=dict(distbp_over_torch=1.0, backward_over_forward=2.5)),
     dict(key="cnn", title="CNN conv3x3(1->32)-relu-maxpool2-linear(6272->10), 28x28, batch 64", kind="cnn",
          batch=64, targets=dict(distbp_over_torch=2.0)),
+    dict(key="charlm", title=(f"charlm transformer: vocab {CHARLM['vocab']}, {CHARLM['block']} positions, width "
+                              f"{CHARLM['d_model']}, {CHARLM['n_layers']} blocks x {CHARLM['n_heads']} heads, "
+                              f"batch {CHARLM['batch']}"),
+         kind="charlm", batch=CHARLM["batch"], targets={}),
 ]
 
 
 def make_data(net):
     rng = np.random.default_rng(SEED)
+    if net["kind"] == "charlm":  # a window of character codes and the next character at every position
+        codes = rng.integers(0, CHARLM["vocab"], (net["batch"], CHARLM["block"] + 1))
+        return codes[:, :-1], codes[:, 1:].copy()
     shape = (net["batch"], net["sizes"][0]) if net["kind"] == "mlp" else (net["batch"], 1, 28, 28)
     x = rng.standard_normal(shape, dtype=np.float32)
     y = rng.integers(0, 10, net["batch"]).astype(np.int64)
@@ -417,27 +511,30 @@ def make_data(net):
 def run_network(net, target, repeats, warmup):
     x, y = make_data(net)
 
-    def dmodel():
-        return build_distbp_mlp(net["sizes"]) if net["kind"] == "mlp" else build_distbp_cnn()
-
+    builders = {"mlp": lambda: build_distbp_mlp(net["sizes"]), "cnn": build_distbp_cnn, "charlm": build_distbp_charlm}
+    dmodel = builders[net["kind"]]
     make_d = lambda: DistbpImpl(dmodel(), x, y)  # noqa: E731
-    make_np = lambda: NumpyImpl(net["kind"], dmodel(), x, y)  # noqa: E731
-    make_t = lambda: TorchImpl(dmodel(), x, y)  # noqa: E731
+    if net["kind"] == "charlm":
+        make_np = lambda: None  # noqa: E731
+        make_t = lambda: TorchCharLMImpl(dmodel(), x, y)  # noqa: E731
+    else:
+        make_np = lambda: NumpyImpl(net["kind"], dmodel(), x, y)  # noqa: E731
+        make_t = lambda: TorchImpl(dmodel(), x, y)  # noqa: E731
     check_same_step(net["key"], make_d, make_np, make_t)
 
     d, nimp, t = make_d(), make_np(), make_t()
-    measures = {
-        "distbp": Measure("distbp step", lambda n: loop_seconds(d.step, n)),
-        "numpy": Measure("numpy step", lambda n: loop_seconds(nimp.step, n)),
-        "torch": Measure("torch step", lambda n: loop_seconds(t.step, n)),
-    }
+    measures = {"distbp": Measure("distbp step", lambda n: loop_seconds(d.step, n))}
+    if nimp is not None:
+        measures["numpy"] = Measure("numpy step", lambda n: loop_seconds(nimp.step, n))
+    measures["torch"] = Measure("torch step", lambda n: loop_seconds(t.step, n))
     if net["kind"] == "mlp":
         measures["distbp_fwd"] = Measure("distbp forward", lambda n: loop_seconds(d.forward, n))
         measures["distbp_bwd"] = Measure("distbp backward", d.timed_backward)
     time_interleaved(list(measures.values()), target, repeats, warmup)
 
     ms = {k: m.median_ms() for k, m in measures.items()}
-    ratios = {"distbp_over_numpy": ms["distbp"] / ms["numpy"], "distbp_over_torch": ms["distbp"] / ms["torch"]}
+    ratios = {"distbp_over_numpy": ms["distbp"] / ms["numpy"]} if "numpy" in ms else {}
+    ratios["distbp_over_torch"] = ms["distbp"] / ms["torch"]
     if "distbp_fwd" in ms:
         ratios["backward_over_forward"] = ms["distbp_bwd"] / ms["distbp_fwd"]
     # the same ratios taken repeat by repeat (the interleaved samples of one repeat saw the same machine
@@ -511,11 +608,14 @@ def main():
     except RuntimeError:
         pass
     t_start = time.perf_counter()
+    heap = keep_freed_memory()
     with threadpool_limits(limits=1):
         info = machine_info()
+        info["heap"] = heap
         print_machine(info)
         print(f"mode     : {'quick' if args.quick else 'full'}: {repeats} interleaved repeats of ~{target:g} s each, "
               f"median reported; lr={LR}, seed={SEED}")
+        print(f"heap     : {heap or 'the C library default'}")
         print("one-step agreement (tolerance 1e-4):")
         results = {}
         for net in NETWORKS:

@@ -718,7 +718,7 @@ def _log_softmax_array(x, axis):
     if x.size == 0:
         return x.copy()
     z = x - x.max(axis=axis, keepdims=True)
-    z -= np.log(np.exp(z).sum(axis=axis, keepdims=True))
+    z -= np.log(_sum_keepdims(np.exp(z), axis))
     return z
 
 
@@ -792,7 +792,7 @@ class CrossEntropy(Function):
                 )
         z = flat - flat.max(axis=1, keepdims=True)
         e = np.exp(z)
-        s = e.sum(axis=1, keepdims=True)
+        s = _sum_keepdims(e, 1)
         rows = _rows(n)
         losses = np.log(s[:, 0]) - z[rows, t]
         count = n
