@@ -596,6 +596,43 @@ def test_softmax_mask_and_scale_are_checked(rng):
     assert g.dtype == np.float32 and (g[:, ~causal] == 0).all() and (g[:, causal] != 0).sum() > 10
 
 
+def test_softmax_gives_masked_entries_exactly_zero_gradient_as_where_does(rng):
+    # a row with nothing left unmasked (a padding query) is NaN, as in PyTorch; its gradient, and that of
+    # a masked entry beside an inf, is 0 as through where(mask, x, -inf), not 0 * NaN
+    data = np.array([[1, 2, 3], [4, 5, 6], [np.inf, 0, 1]], np.float32)
+    mask = np.array([[True, True, False], [False, False, False], [True, True, False]])
+    for create_graph in (False, True):
+        x = Tensor(data, requires_grad=True)
+        with np.errstate(invalid="ignore"):  # numpy says so for -inf - -inf, as it did through where
+            y = ops.softmax(x, -1, scale=0.5, mask=mask)
+        assert np.isnan(y.data[1]).all() and not np.isnan(y.data[0]).any()
+        (gx,) = grad(y[0].sum() + y[1].sum() * 0 + y[2, 2], [x], create_graph=create_graph)
+        assert (gx.data[~mask] == 0).all() and gx.dtype == np.float32
+
+
+def test_integer_index_gradients_of_narrow_and_negative_indices(rng):
+    x = Tensor(np.ones((200, 3), np.float32), requires_grad=True)
+    x[np.array([-1, 5, -1], np.int8)].sum().backward()  # 200 does not fit int8: summed as intp
+    want = np.zeros((200, 3), np.float32)
+    want[199], want[5] = 2, 1
+    np.testing.assert_array_equal(x.grad.data, want)
+
+
+def test_layer_norm_and_linear_with_an_empty_feature_axis():
+    x = Tensor(np.zeros((2, 0, 4), np.float32), requires_grad=True)
+    w = Tensor(np.ones((0, 4), np.float32), requires_grad=True)
+    y = ops.layer_norm(x, (0, 4), w, Tensor(np.zeros((0, 4), np.float32), requires_grad=True))
+    assert y.shape == (2, 0, 4)
+    y.sum().backward()
+    assert x.grad.shape == (2, 0, 4) and w.grad.shape == (0, 4)
+    # 3-d input with no input features, and with no output features
+    y = ops.linear(Tensor(np.zeros((2, 3, 0), np.float32)), Tensor(np.zeros((4, 0), np.float32)))
+    assert y.shape == (2, 3, 4) and (y.data == 0).all()
+    x = Tensor(np.ones((2, 3, 5), np.float32), requires_grad=True)
+    ops.linear(x, Tensor(np.zeros((0, 5), np.float32))).sum().backward()
+    assert x.grad.shape == (2, 3, 5) and (x.grad.data == 0).all()
+
+
 def test_tensor_construction_defaults_to_float32():
     assert Tensor([1.0, 2.0]).dtype == np.float32
     assert Tensor(np.zeros(3)).dtype == np.float32

@@ -581,6 +581,7 @@ def _add_rows(shape, index, g):
     differently, by an ulp or so)."""
     rows = index.reshape(-1)
     if rows.min() < 0:
+        rows = rows.astype(np.intp)  # an int8 index of a 200-row table: 200 does not fit its dtype
         rows = np.where(rows < 0, rows + shape[0], rows)
     order = np.argsort(rows, kind="stable")
     rows = rows[order]
@@ -661,7 +662,7 @@ class Linear(Function):
     @staticmethod
     def forward(ctx, x, w, b=None):
         # batch dimensions folded into one matrix product: numpy would make one BLAS call per leading index
-        out = x @ w.T if x.ndim <= 2 else (x.reshape(-1, x.shape[-1]) @ w.T).reshape(*x.shape[:-1], w.shape[0])
+        out = x @ w.T if x.ndim <= 2 else (_rows_of(x) @ w.T).reshape(*x.shape[:-1], w.shape[0])
         if b is not None:
             out += b
         return out
@@ -669,14 +670,14 @@ class Linear(Function):
     @staticmethod
     def backward(ctx, g):
         x, w = ctx.inputs[:2]
-        g2 = g.reshape(-1, g.shape[-1]) if g.ndim != 2 else g
+        g2 = _rows_of(g) if g.ndim != 2 else g
         gx = None
         if ctx.needs(0):
             gx = g @ w if g.ndim <= 2 or state.graph else (g2 @ w).reshape(x.shape)
         gw = gb = None
         if ctx.needs(1) or len(ctx.parents) == 3 and ctx.needs(2):
             if ctx.needs(1):
-                x2 = x.reshape(-1, x.shape[-1]) if x.ndim != 2 else x
+                x2 = _rows_of(x) if x.ndim != 2 else x
                 out = ctx.grad_out(1)  # a destination is only offered in plain (numpy) backward
                 gw = g2.T @ x2 if out is None else np.matmul(g2.T, x2, out=out)
             if len(ctx.parents) == 3 and ctx.needs(2):
@@ -688,6 +689,13 @@ class Linear(Function):
 # ================================================================================================
 # Losses and normalisation (fused for stability and speed)
 # ================================================================================================
+
+
+def _rows_of(a, trailing=1):
+    """a as a matrix: one row per index of its leading axes, its `trailing` last axes flattened in each.
+    (reshape(-1, n) cannot tell the row count when n is 0.)"""
+    lead = a.shape[:a.ndim - trailing]
+    return a.reshape(math.prod(lead), math.prod(a.shape[a.ndim - trailing:]))
 
 
 def _softmax_array(x, axis, scale=None, hidden=None):
@@ -706,8 +714,10 @@ def _softmax_array(x, axis, scale=None, hidden=None):
 
 def _sum_keepdims(a, axis):
     """a.sum(axis, keepdims=True); over the last axis of a C-contiguous array, as one matrix-vector product
-    (numpy sums short rows one at a time: a 64-wide row cost it as much as its exp). Each row's sum
-    depends on that row alone, so a causal model's earlier outputs stay bitwise the same."""
+    (numpy sums short rows one at a time: a 64-wide row cost it as much as its exp). A row's sum depends on
+    its values and its place in the array (BLAS's blocking), not on the other rows: a causal model's earlier
+    outputs stay bitwise the same whatever follows them, but a sample alone and in a batch may differ by
+    an ulp."""
     if a.ndim >= 2 and a.size and axis in (-1, a.ndim - 1) and a.flags.c_contiguous:
         n = a.shape[-1]
         return (a.reshape(-1, n) @ np.ones(n, a.dtype)).reshape(a.shape[:-1] + (1,))
@@ -731,22 +741,24 @@ class Softmax(Function):
 
     @staticmethod
     def forward(ctx, x, axis, scale=None, hidden=None):
-        ctx.saved = (axis, scale)
+        ctx.saved = (axis, scale, hidden)
         return _softmax_array(x, axis, scale, hidden)
 
     @staticmethod
     def backward(ctx, g):
-        # hidden entries have p = 0, so their gradient is 0 with no mask
         p = ctx.out
-        axis, scale = ctx.saved
+        axis, scale, hidden = ctx.saved
         if state.graph:
             gx = p * (g - (g * p).sum(axis=axis, keepdims=True))
-            return (gx * scale if scale is not None else gx,)
+            gx = gx * scale if scale is not None else gx
+            return (gx if hidden is None else where(~hidden, gx, 0),)
         gx = g * p
         np.subtract(g, _sum_keepdims(gx, axis), out=gx)
         gx *= p
         if scale is not None:
             gx *= scale
+        if hidden is not None:  # 0 exactly, as through where: p is 0 there, but 0 * NaN is not (a row with
+            np.copyto(gx, 0, where=hidden)  # nothing left unmasked, or an inf in it)
         return (gx,)
 
 
@@ -875,7 +887,10 @@ class LayerNorm(Function):
     @staticmethod
     def forward(ctx, x, w=None, b=None, *, axes, eps):
         n = math.prod(x.shape[x.ndim - len(axes):])
-        rows = x.reshape(-1, n)  # a view when x is C-contiguous
+        if n == 0:  # nothing to normalize: an empty result, as in PyTorch
+            ctx.saved = (None, None, axes, eps)
+            return np.empty(x.shape, x.dtype)
+        rows = _rows_of(x, len(axes))  # a view when x is C-contiguous
         ones = np.ones(n, x.dtype)
         inv_n = x.dtype.type(1 / n)
         xhat = rows - (rows @ ones * inv_n)[:, None]  # x - mean, then scaled in place: kept for backward
@@ -899,8 +914,10 @@ class LayerNorm(Function):
         w = inputs[1] if len(inputs) > 1 else None
         if state.graph:  # recompute the statistics as differentiable functions of x
             return LayerNorm._graph_backward(ctx, g, x, w, axes, eps)
+        if xhat is None:  # an empty normalized shape: every gradient is empty
+            return tuple(np.zeros(t.shape, t.dtype) if ctx.needs(i) else None for i, t in enumerate(inputs))
         n = xhat.shape[1]
-        g2 = g.reshape(-1, n)
+        g2 = _rows_of(g, len(axes))
         ones_m = np.ones(g2.shape[0], g2.dtype)
         gx = gw = gb = None
         if len(inputs) > 2 and ctx.needs(2):

@@ -26,7 +26,6 @@ class Terminated(KeyboardInterrupt):
     code, what = 143, "terminated"
 
 
-_MALLOC_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's option numbers (malloc.h)
 KEPT_BLOCK_BYTES = 32 * 2**20  # glibc's largest mmap threshold on 64-bit
 KEPT_FREE_BYTES = 4 * KEPT_BLOCK_BYTES
@@ -40,10 +39,11 @@ def keep_freed_memory():
     unmapped when freed, and returns free heap above another to the system, so a step can fault in and
     zero fresh pages again and again: 12,000 page faults a step for the charlm model here, about a tenth
     of its time. A process of `distbp train` or `distbp ps serve` sets this once at start. Nothing is
-    changed where the C library is not glibc, or where the user set malloc's own tunables
-    (MALLOC_*_ variables, glibc.malloc in GLIBC_TUNABLES). Returns what was set, or None.
+    changed where the C library is not glibc, or where the user tunes malloc (any MALLOC_ variable, or
+    glibc.malloc in GLIBC_TUNABLES). Returns what was set, or None.
     """
-    if any(v in os.environ for v in _MALLOC_VARIABLES) or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+    if not sys.platform.startswith("linux") or any(v.startswith("MALLOC_") for v in os.environ) \
+            or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return None
     try:
         libc = ctypes.CDLL(None)  # the C library this process runs on
