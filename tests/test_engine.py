@@ -267,6 +267,39 @@ def test_gradients_are_written_into_their_destinations(rng):
         np.testing.assert_allclose(d, 2 * e, rtol=1e-6, atol=1e-6)
 
 
+class _BatchedLayers(_TwoLayers):
+    """The same leaves on a batch of sequences: linear and matmul fold the batch into one product, and the
+    right-hand leaf's gradient comes out summed over it."""
+
+    def __init__(self, rng):
+        self.values = [rng.standard_normal(s).astype(np.float32) for s in ((5, 4), (5,), (5, 3))]
+
+    @staticmethod
+    def forward(params, x):
+        w, b, m = params
+        return ops.linear(x, w, b) @ m  # (2, 6, 4) -> (2, 6, 5) -> (2, 6, 3)
+
+
+def test_batched_gradients_are_written_into_their_destinations(rng):
+    build = _BatchedLayers(rng)
+    x = Tensor(rng.standard_normal((2, 6, 4)))
+    expected = _reference_grads(build, x)
+    params = build()
+    dests = [np.full(p.shape, np.nan, np.float32) for p in params]
+    for p, d in zip(params, dests):
+        p.set_grad_destination(d)
+    (build.forward(params, x) ** 2).sum().backward()
+    for p, d, e in zip(params, dests, expected):
+        assert p.grad.data is d
+        np.testing.assert_allclose(d, e, rtol=1e-5, atol=1e-5)
+    m = build()[2]  # and without a destination, against the unfolded product summed by hand
+    x64 = x.data.astype(np.float64)
+    h = x64 @ build.values[0].T.astype(np.float64) + build.values[1]
+    want = np.einsum("bti,btj->ij", h, 2 * (h @ m.data.astype(np.float64)))
+    (build.forward([Tensor(v) for v in build.values[:2]] + [m], x) ** 2).sum().backward()
+    np.testing.assert_allclose(m.grad.data, want, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize(
     "x_shape, w_shape, bias, stride, padding",
     [

@@ -638,12 +638,24 @@ class MatMul(Function):
 
     @staticmethod
     def forward(ctx, a, b):
+        if a.ndim > 2 and b.ndim == 2:  # x @ w over a batch: one matrix product (see Linear)
+            return (_rows_of(a) @ b).reshape(*a.shape[:-1], b.shape[1])
         return a @ b
 
     @staticmethod
     def backward(ctx, g):
         a, b = ctx.inputs
         ga = gb = None
+        if a.ndim > 2 and b.ndim == 2 and not state.graph:
+            # folded as in forward: b's gradient comes out summed over the batch, not as one product per
+            # batch index that is then summed away
+            g2 = _rows_of(g)
+            if ctx.needs(0):
+                ga = (g2 @ b.T).reshape(a.shape)
+            if ctx.needs(1):
+                out = ctx.grad_out(1)
+                gb = _rows_of(a).T @ g2 if out is None else np.matmul(_rows_of(a).T, g2, out=out)
+            return ga, gb
         if ctx.needs(0):
             out = ctx.grad_out(0) if a.ndim == b.ndim == 2 else None  # no batch dims to sum away
             ga = g @ b.swapaxes(-1, -2) if out is None else np.matmul(g, b.T, out=out)
