@@ -2,6 +2,8 @@
 
 import json
 import re
+import subprocess
+import sys
 import threading
 import time
 
@@ -119,6 +121,37 @@ def test_ranks_that_fail_alike_are_named_as_such_not_by_the_first_thread_to_fail
     with pytest.raises(RankFailed, match="^rank 1 failed: ValueError: odd ranks only") as info:
         run_ranks(4, some, timeout=60)
     assert not info.value.every
+
+
+_INTERRUPTED_WHILE_WRITING = """
+import os, signal, sys, time
+from distbp.comm import run_ranks
+
+def body(comm):
+    if comm.rank == 0:
+        time.sleep(0.3)  # the main thread is waiting for the ranks by now
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C
+        time.sleep(0.5)  # rank 0 is writing its checkpoint: that must be finished, not cut off by the exit
+        with open(sys.argv[1], "w") as f:
+            f.write("finished")
+    else:
+        comm.barrier()  # stopped by the abort
+
+try:
+    run_ranks(2, body, timeout=60)
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+
+
+def test_ctrl_c_waits_for_every_rank_to_stop_before_the_process_ends(tmp_path):
+    # Python 3.11 marks a thread whose join Ctrl-C interrupts as stopped: the process then ended under a
+    # rank still writing its checkpoint, and left the checkpoint's temporary file behind
+    marker = tmp_path / "written"
+    r = subprocess.run([sys.executable, "-c", _INTERRUPTED_WHILE_WRITING, str(marker)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout == "interrupted\n", r.stderr
+    assert marker.read_text() == "finished"
 
 
 def test_collectives_in_different_orders_are_caught():

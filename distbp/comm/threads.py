@@ -220,6 +220,10 @@ def run_ranks(size, fn, timeout=DEFAULT_TIMEOUT):
     group = ThreadGroup(size, timeout)
     comms = group.communicators()
     results, errors = [None] * size, [None] * size
+    # Waited on instead of joining: in Python 3.11 a join that Ctrl-C interrupts marks the running thread
+    # as stopped (its bpo-45274 handling), so the join after the abort returned at once, and the process
+    # exited under a rank still writing its checkpoint (its temporary file was left behind).
+    finished = [threading.Event() for _ in range(size)]
 
     def body(rank):
         try:
@@ -229,18 +233,23 @@ def run_ranks(size, fn, timeout=DEFAULT_TIMEOUT):
             group.abort(rank, f"{type(e).__name__}: {e}")
         finally:
             comms[rank].close()
+            finished[rank].set()
 
     threads = [threading.Thread(target=body, args=(r,), name=f"distbp-rank-{r}") for r in range(size)]
     for t in threads:
         t.start()
     try:
-        for t in threads:
-            t.join()
+        for done in finished:
+            while not done.wait(0.1):  # a timeout, so that a signal is seen even where a wait is not interrupted
+                pass
     except BaseException:  # Ctrl-C or SIGTERM reach the main thread only: every rank stops at its next collective
         group.abort(-1, "stopped: the process was interrupted")
-        for t in threads:
-            t.join()
+        for done in finished:
+            while not done.wait(0.1):
+                pass
         raise
+    for t in threads:
+        t.join()  # each has finished its work: only its exit is left
     if group.failure is not None:
         rank = group.failure[0]
         first = errors[rank] or next(e for e in errors if e is not None)
