@@ -658,6 +658,8 @@ def test_layer_norm_and_linear_with_an_empty_feature_axis():
     assert y.shape == (2, 0, 4)
     y.sum().backward()
     assert x.grad.shape == (2, 0, 4) and w.grad.shape == (0, 4)
+    gx, gw = grad(ops.layer_norm(x, (0, 4), w).sum(), [x, w], create_graph=True)  # as PyTorch: empty gradients
+    assert gx.shape == (2, 0, 4) and gw.shape == (0, 4) and gx.dtype == gw.dtype == np.float32
     # 3-d input with no input features, and with no output features
     y = ops.linear(Tensor(np.zeros((2, 3, 0), np.float32)), Tensor(np.zeros((4, 0), np.float32)))
     assert y.shape == (2, 3, 4) and (y.data == 0).all()

@@ -956,6 +956,10 @@ class LayerNorm(Function):
 
     @staticmethod
     def _graph_backward(ctx, g, x, w, axes, eps):
+        if not math.prod(x.shape[x.ndim - len(axes):]):  # an empty normalized shape: every gradient is empty
+            lead = tuple(range(x.ndim - len(axes)))
+            return (g if ctx.needs(0) else None, *(g.sum(axis=lead) if ctx.needs(i) else None
+                                                    for i in range(1, len(ctx.inputs))))
         xc = x - x.mean(axis=axes, keepdims=True)
         rstd = 1 / ((xc * xc).mean(axis=axes, keepdims=True) + eps).sqrt()
         xhat = xc * rstd

@@ -218,7 +218,7 @@ class Tensor:
         """Write this leaf's gradient into `array` (same shape and dtype, C-contiguous), or stop (None).
 
         A backward that starts the gradient afresh (`.grad` is None) offers `array` to the op that computes
-        it; an op that can write its result there does (Linear, 2-D matmul, ...), and `.grad` then holds a
+        it; an op that can write its result there does (Linear, matmul by a matrix, ...), and `.grad` then holds a
         Tensor over `array` itself, with no copy. Otherwise `.grad` is a new array, as without a
         destination. Data parallelism points each parameter at its slice of a flat all-reduce bucket.
         """
