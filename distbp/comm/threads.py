@@ -239,14 +239,10 @@ def run_ranks(size, fn, timeout=DEFAULT_TIMEOUT):
     for t in threads:
         t.start()
     try:
-        for done in finished:
-            while not done.wait(0.1):  # a timeout, so that a signal is seen even where a wait is not interrupted
-                pass
+        _wait_for_all(finished)
     except BaseException:  # Ctrl-C or SIGTERM reach the main thread only: every rank stops at its next collective
         group.abort(-1, "stopped: the process was interrupted")
-        for done in finished:
-            while not done.wait(0.1):
-                pass
+        _wait_for_all(finished)
         raise
     for t in threads:
         t.join()  # each has finished its work: only its exit is left
@@ -257,6 +253,12 @@ def run_ranks(size, fn, timeout=DEFAULT_TIMEOUT):
         alike = [r for r, e in enumerate(errors) if type(e) is type(first) and str(e) == str(first)]
         raise RankFailed(min(alike, default=rank), first, every=len(alike) == size > 1) from first
     return results
+
+
+def _wait_for_all(events):
+    for done in events:
+        while not done.wait(0.1):  # a timeout, so that a signal is seen even where a wait is not interrupted
+            pass
 
 
 class RankFailed(RuntimeError):

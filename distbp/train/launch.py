@@ -38,9 +38,9 @@ def keep_freed_memory():
     gives a block above a threshold (one that moves with the process's history) a mapping of its own,
     unmapped when freed, and returns free heap above another to the system, so a step can fault in and
     zero fresh pages again and again: 12,000 page faults a step for the charlm model here, about a
-    quarter of its time. A process of `distbp train` or `distbp ps serve` sets this once at start. Nothing is
-    changed where the C library is not glibc, or where the user tunes malloc (any MALLOC_ variable, or
-    glibc.malloc in GLIBC_TUNABLES). Returns what was set, or None.
+    quarter of its time. A process of `distbp train` or `distbp ps serve` sets this once at start.
+    Nothing is changed where the C library is not glibc, or where the user tunes malloc (any MALLOC_
+    variable, or glibc.malloc in GLIBC_TUNABLES). Returns what was set, or None.
     """
     if not sys.platform.startswith("linux") or any(v.startswith("MALLOC_") for v in os.environ) \
             or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
