@@ -158,12 +158,9 @@ def _end_mpi_job(code, backend=None):
         from mpi4py import MPI
     except ImportError:
         return
-    from .comm.mpi import mpich_segments, remove_names
+    from .comm.mpi import abort_world
 
-    try:
-        remove_names(mpich_segments())  # as MPICommunicator.abort: MPICH would leave them in /dev/shm
-    finally:
-        MPI.COMM_WORLD.Abort(code)
+    abort_world(MPI.COMM_WORLD, code)
 
 
 def _option_after(flag, argv):

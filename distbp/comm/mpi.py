@@ -361,7 +361,7 @@ class MPICommunicator(Communicator):
         _MPIHandle(self, self.comm.Ibarrier(), "barrier", seq).wait()
 
     def abort(self, code=1, message=None):
-        _abort_world(self.MPI.COMM_WORLD, code)
+        abort_world(self.MPI.COMM_WORLD, code)
 
     def close(self):
         for request, _ in self._sends:
@@ -404,11 +404,11 @@ class World:
         self.rank, self.size = self._world.Get_rank(), self._world.Get_size()
 
     def abort(self, code=1):
-        _abort_world(self._world, code)
+        abort_world(self._world, code)
 
 
-def _abort_world(world, code):
-    """End every rank of the job with exit status `code`."""
+def abort_world(world, code):
+    """End every rank of the job with exit status `code` (MPICH's shared-memory segments removed first)."""
     try:
         remove_names(mpich_segments())  # the job ends: no rank maps them after this
     finally:
