@@ -252,32 +252,32 @@ class Gelu(Function):
 
     @staticmethod
     def forward(ctx, x, approximate):
-        # Phi(x) (or its tanh form) is kept for backward; computed in place to spare passes over memory
-        if approximate == "tanh":
+        # Phi(x) (or its tanh form h) is kept for backward; computed in place to spare passes over memory
+        if approximate == "tanh":  # h = (1 + tanh(c (x + a x^3))) / 2, c = sqrt(2 / pi), a = 0.044715
             phi = x * x
-            phi *= 0.044715
-            phi += 1
+            phi *= _SQRT_2_OVER_PI * 0.044715
+            phi += _SQRT_2_OVER_PI
             phi *= x
-            phi *= _SQRT_2_OVER_PI
-            np.tanh(phi, out=phi)  # t
-            ctx.saved = (approximate, phi)
-            out = phi + 1
+            np.tanh(phi, out=phi)
+            phi *= 0.5
+            phi += 0.5
         else:
             phi = _special.erf(x * _INV_SQRT2)
             phi += 1
             phi *= 0.5
-            ctx.saved = (approximate, phi)
-            out = phi * 2
-        out *= x
-        out *= 0.5
-        return out
+        ctx.saved = (approximate, phi)
+        return phi * x
 
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.inputs
         approximate, phi = ctx.saved
         if not state.graph:
-            return (g * _gelu_slope(x, approximate, phi),)
+            slope = _gelu_slope(x, approximate, phi)
+            if slope.shape == g.shape and slope.dtype == g.dtype:
+                slope *= g  # a new array of ours: the gradient without another one
+                return (slope,)
+            return (g * slope,)
         if approximate == "tanh":
             t = tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
             dt = (1 - t * t) * _SQRT_2_OVER_PI * (1 + 0.134145 * x * x)
@@ -287,19 +287,17 @@ class Gelu(Function):
 
 
 def _gelu_slope(x, approximate, phi):
-    """d gelu / dx on arrays, in place: the create_graph formulas above, term by term, without temporaries."""
-    if approximate == "tanh":  # 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 * 0.044715 x^2)
-        slope = x * x
-        slope *= 0.134145
-        slope += 1
-        slope *= _SQRT_2_OVER_PI
-        slope *= x
-        sech2 = phi * phi
-        np.subtract(1, sech2, out=sech2)
-        slope *= sech2
+    """d gelu / dx on arrays: the create_graph formulas above, rearranged to make few passes over memory."""
+    if approximate == "tanh":
+        # with t = 2h - 1: 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3a x^2) = h + h (1 - h) x (2c + 6ac x^2)
+        w = x * x
+        w *= 6 * _SQRT_2_OVER_PI * 0.044715
+        w += 2 * _SQRT_2_OVER_PI
+        w *= x
+        slope = np.subtract(1, phi, dtype=phi.dtype)
+        slope *= phi
+        slope *= w
         slope += phi
-        slope += 1
-        slope *= 0.5
         return slope
     slope = x * x  # Phi(x) + x * exp(-x^2 / 2) / sqrt(2 pi)
     slope *= -0.5
