@@ -643,6 +643,41 @@ def test_softmax_gives_masked_entries_exactly_zero_gradient_as_where_does(rng):
         assert (gx.data[~mask] == 0).all() and gx.dtype == np.float32
 
 
+def test_softmax_rows_out_of_exp_range_are_redone_shifted_and_leave_the_others_bitwise_alone(rng):
+    # the last axis is normalized without subtracting each row's maximum while its exp sum is in range;
+    # rows that overflow, underflow or hold a NaN are redone with the maximum subtracted
+    import warnings
+
+    torch = pytest.importorskip("torch")
+    for dtype in (np.float32, np.float64):
+        x = (rng.standard_normal((6, 8, 16)) * 3).astype(dtype)
+        extreme = x.copy()
+        extreme[1, 2] = rng.standard_normal(16) + 500  # overflows exp
+        extreme[2, 5] = rng.standard_normal(16) - 500  # every exp underflows to 0
+        extreme[3, 0] = rng.standard_normal(16) - 30  # a small sum, still in range for float64 only
+        extreme[4, 4, 3] = np.inf
+        extreme[5, 7, 1] = np.nan
+        for scale in (None, 0.5):
+            with warnings.catch_warnings(), np.errstate(invalid="ignore"):  # inf - inf in the row with an inf
+                warnings.simplefilter("error")  # but overflow along the way is not the user's business
+                plain = ops.softmax(Tensor(x, dtype=dtype), -1, scale=scale).data
+                mixed = ops.softmax(Tensor(extreme, dtype=dtype), -1, scale=scale).data
+            assert mixed.dtype == dtype
+            want = torch.softmax(torch.from_numpy(extreme) * (1.0 if scale is None else scale), -1).numpy()
+            np.testing.assert_allclose(mixed, want, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-30)
+            same = (extreme == x).all(axis=-1)
+            assert (~same).sum() == 5
+            np.testing.assert_array_equal(mixed[same], plain[same])  # the other rows' bits are untouched
+    # with a mask: a row left with one large entry overflows alone, and is redone under the mask
+    x = rng.standard_normal((3, 4, 4)).astype(np.float32)
+    x[1, 0, 0] = 300
+    causal = np.tril(np.ones((4, 4), dtype=bool))
+    y = ops.softmax(Tensor(x), -1, scale=0.5, mask=causal).data
+    want = torch.softmax((torch.from_numpy(x) * 0.5).masked_fill(~torch.from_numpy(causal), float("-inf")), -1)
+    np.testing.assert_allclose(y, want.numpy(), rtol=1e-6, atol=1e-30)
+    assert y[1, 0, 0] == 1 and (y[:, ~causal] == 0).all()
+
+
 def test_integer_index_gradients_of_narrow_and_negative_indices(rng):
     x = Tensor(np.ones((200, 3), np.float32), requires_grad=True)
     x[np.array([-1, 5, -1], np.int8)].sum().backward()  # 200 does not fit int8: summed as intp

@@ -716,9 +716,42 @@ def _softmax_array(x, axis, scale=None, hidden=None):
         return z
     if hidden is not None:
         np.copyto(z, -np.inf, where=hidden)
+    if axis in (-1, z.ndim - 1) and z.flags.c_contiguous:  # (x * scale keeps a transposed x's layout)
+        return _softmax_rows(z, x, scale, hidden)
     z -= z.max(axis=axis, keepdims=True)
     np.exp(z, out=z)
     z /= _sum_keepdims(z, axis)
+    return z
+
+
+# A row whose exp sum lies in [_UNSHIFTED_MIN_SUM, float max] is normalized without subtracting its maximum:
+# its largest exp is then far above float32's smallest normal, and an entry lost to underflow weighs under
+# 2**-106. numpy takes a maximum, and subtracts it, one short row at a time: most of a 64-wide softmax's cost.
+_UNSHIFTED_MIN_SUM = 2.0 ** -20
+
+
+def _softmax_rows(z, x, scale, hidden):
+    """softmax over the last axis of z (x * scale, hidden entries -inf; a new C-contiguous array), in place.
+    Each row is exp'd as it is, and only the rows whose sum overflowed or came out too small (or NaN) are
+    redone from x with their maximum subtracted: a row's result depends on that row alone."""
+    n = z.shape[-1]
+    rows = z.reshape(-1, n)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # rows that overflow are redone below
+        np.exp(rows, out=rows)
+        sums = rows @ np.ones(n, rows.dtype)
+        fine = (sums >= _UNSHIFTED_MIN_SUM) & (sums <= np.finfo(rows.dtype).max)
+        rows /= sums[:, None]
+    if not fine.all():
+        redo = np.flatnonzero(~fine)
+        again = x.reshape(-1, n)[redo]
+        if scale is not None:
+            again *= scale
+        if hidden is not None:
+            np.copyto(again, -np.inf, where=np.broadcast_to(hidden, x.shape).reshape(-1, n)[redo])
+        again -= again.max(axis=-1, keepdims=True)
+        np.exp(again, out=again)
+        again /= again.sum(axis=-1, keepdims=True)
+        rows[redo] = again
     return z
 
 
