@@ -357,6 +357,60 @@ def test_a_numbered_sync_push_retried_after_its_step_is_not_stale():
     shard.stop()
 
 
+def test_a_retried_push_number_with_an_impossible_version_is_refused():
+    # a retry is acknowledged without being applied again, but only one that could have been sent
+    shard, chunks = _sync_shard_of_two_workers()
+    assert _numbered(shard, 0, 0, iter(chunks(1.0)), 1) == 0
+    for bad in (-7, 10**12):
+        with pytest.raises(_Refused, match=f"version {bad} is not in") as refused:
+            _numbered(shard, 0, bad, iter(chunks(1.0)), 1)
+        assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert shard.pushes == 1 and shard.version == 0 and set(shard.pending) == {0}
+    shard.stop()
+
+
+def test_the_sync_mean_of_finite_gradients_near_the_float_limit_stays_finite():
+    import warnings
+
+    shard, chunks = _sync_shard_of_two_workers()
+    big = float(np.finfo(np.float32).max) * 0.9
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow on the way
+        shard.push(0, 0, iter(chunks(big)))
+        shard.push(1, 0, iter(chunks(big)))
+    np.testing.assert_allclose(shard.params["w"].data, -big, rtol=1e-6)  # lr 1: w = 0 - mean
+    shard.stop()
+
+
+def test_a_stopped_sync_shard_takes_no_step_after_its_final_checkpoint(tmp_path):
+    # SIGTERM: the server stops taking pushes, then writes its checkpoint; the straggler monitor must not
+    # then drop the late worker and step, leaving the shard (and its replies) past the checkpoint
+    shard, chunks = _sync_shard_of_two_workers()
+    shard.sync_timeout = 0.05
+    shard.push(0, 0, iter(chunks(1.0)))  # worker 1 never pushes
+    with shard.cond:  # as the server on SIGTERM; the monitor, asleep meanwhile, then waits for the lock
+        shard.stop()
+        shard.save(tmp_path / "ps.ckpt")
+        time.sleep(0.15)  # past the timeout and a monitor round (a big model's save takes longer)
+    time.sleep(0.2)
+    assert shard.version == 0 and shard.active == {0, 1}
+    np.testing.assert_array_equal(shard.params["w"].data, np.zeros(4, np.float32))
+
+
+def test_register_echoes_a_long_setting_cut_short(tmp_path):
+    from distbp.optim import SGD
+
+    shard = _shard_of({"w": np.zeros(4, np.float32)}, lambda ps: SGD(ps, lr=1.0),
+                      settings={"lr": 0.1, "data": "abc"}, setting_keys={"lr", "data"})
+    for settings, code in (({"lr": "x" * 20000}, grpc.StatusCode.FAILED_PRECONDITION),
+                           ({"data": "y" * 20000}, grpc.StatusCode.FAILED_PRECONDITION),
+                           ({f"k{i}": 1 for i in range(5000)}, grpc.StatusCode.INVALID_ARGUMENT)):
+        with pytest.raises(_Refused) as refused:
+            shard.register(0, shard.signature, settings)
+        assert refused.value.code == code and len(refused.value.message) < 600, refused.value.message
+    shard.stop()
+
+
 def test_a_number_sent_without_a_registration_does_not_swallow_the_workers_own_pushes():
     # another client pushing as worker 0 with registration 0 and sequence 2**64 - 1: every later push of the
     # worker itself was answered OK as "applied once" and dropped

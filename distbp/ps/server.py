@@ -23,9 +23,10 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from ..autograd.tensor import Tensor
+from ..optim.optimizer import axpy
 from ..serialization import CheckpointError, check_finite, is_count, load_safetensors, save_safetensors
 from .v1 import ps_pb2, ps_pb2_grpc
-from .wire import Assembler, WireError, chunk_ranges, decode_message, encode_chunks
+from .wire import Assembler, WireError, brief, brief_repr, chunk_ranges, decode_message, encode_chunks
 
 log = logging.getLogger("distbp.ps")
 MODES = ("sync", "async", "bounded")
@@ -96,16 +97,17 @@ class Shard:
         unknown = sorted(set(settings or {}) - self.setting_keys) if self.setting_keys is not None else []
         if unknown:
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"unknown settings {unknown}; known: {sorted(self.setting_keys)}")
+                           f"unknown settings {brief_repr(unknown)}; known: {sorted(self.setting_keys)}")
         for key, value in (settings or {}).items():
             if key == "data" and key in self.settings and value != self.settings[key]:
                 raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
-                               f"the worker's training data differs from the server's (fingerprints {value} and "
-                               f"{self.settings[key]}): every machine's copy of the data set must be the same")
+                               f"the worker's training data differs from the server's (fingerprints "
+                               f"{brief(str(value))} and {self.settings[key]}): every machine's copy of the data set "
+                               "must be the same")
             if key in self.settings and not _same_setting(self.settings[key], value):
                 raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
-                               f"the worker has {key} = {value!r} but the server {self.settings[key]!r}: give the "
-                               "servers and the workers the same training options")
+                               f"the worker has {key} = {brief_repr(value)} but the server "
+                               f"{self.settings[key]!r}: give the servers and the workers the same training options")
         if requested_id < -1:
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
                            f"worker id {requested_id} is neither an id nor -1 (any free id)")
@@ -201,6 +203,7 @@ class Shard:
             if self.registrations.get(worker_id) != registration_at_start:
                 raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
                                f"worker {worker_id} registered again while this push was in flight: not applied")
+            self._check_version(worker_id, version)  # a retry's too: it is acknowledged below
             slot = (worker_id, registration)  # see self.sequences
             if sequence and sequence <= self.sequences.get(slot, 0):
                 log.info("shard %d: worker %d sent push %d again; it was applied once", self.shard, worker_id, sequence)
@@ -211,7 +214,9 @@ class Shard:
                 log.info("shard %d: worker %d pushed for version %d again; the first push counts",
                          self.shard, worker_id, version)
                 return self.version
-            self._check_push(worker_id, version)
+            if self.mode == "sync" and version != self.version:
+                raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"stale push: computed at version {version}, the server is at {self.version}")
             if self.mode == "sync" and not self.started:  # a step now would average fewer workers than the job's
                 raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
                                f"the job has not started: {len(self.active)} of {self.expected} workers have "
@@ -281,15 +286,11 @@ class Shard:
             flat[offset:offset + values.size] = values
         return [flat[a:b] for a, b in ranges]
 
-    def _check_push(self, worker_id, version):
-        """Refuse a push of a version this shard must not apply now (lock held; the sender is checked)."""
+    def _check_version(self, worker_id, version):
+        """Refuse a push computed at a version this shard has not served (lock held)."""
         if version < 0 or version > self.version:
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
                            f"bad push from worker {worker_id}: version {version} is not in [0, {self.version}]")
-        if self.mode == "sync":
-            if version != self.version:
-                raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
-                               f"stale push: computed at version {version}, the server is at {self.version}")
 
     def _step(self, contributions):
         """Average the contributions, take one optimizer step, publish the next version (lock held).
@@ -301,11 +302,10 @@ class Shard:
         for name, pieces in self.pieces.items():
             for k, piece in enumerate(pieces):
                 grad = contributions[0][name][k]
-                if len(contributions) > 1:
-                    grad = grad + contributions[1][name][k]  # a new array: ours to add into and scale
-                    for c in contributions[2:]:
-                        grad += c[name][k]
-                    grad *= grad.dtype.type(scale)
+                if len(contributions) > 1:  # scaled before they are added: finite gradients have a finite mean
+                    grad = grad * grad.dtype.type(scale)  # a new array: ours to add into
+                    for c in contributions[1:]:
+                        axpy(scale, c[name][k], grad)
                 piece.grad = Tensor._from_op(grad, None)
         self.optimizer.step()
         self.optimizer.zero_grad()
@@ -332,6 +332,8 @@ class Shard:
 
     def _drop_stragglers(self, now):
         """(lock held) Workers that hold the others up for longer than sync_timeout stop taking part."""
+        if self.stopping:  # the final checkpoint is written or being written: no step may follow it
+            return
         if not self.started and self.waiting_since is not None and now - self.waiting_since >= self.sync_timeout:
             # a restarted server whose missing workers never come back (dropped before): go on without them
             log.warning("shard %d: starting with worker(s) %s of %d: the others did not join within %g s",

@@ -28,10 +28,13 @@ def to_chunks(name, array, chunk_bytes=CHUNK_BYTES):
 MESSAGE_SLACK = 64 * 1024  # bytes of a message beyond its tensor data that a kept view may hold on to
 
 
-def _shown(value, limit=80):
-    """repr(value), cut short: error details echo what a client sent, and gRPC refuses long ones."""
-    text = repr(value)
+def brief(text, limit=80):
+    """text cut short: error details echo what a client sent, and gRPC refuses long ones."""
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def brief_repr(value, limit=80):
+    return brief(repr(value), limit)
 
 
 class Assembler:
@@ -53,12 +56,12 @@ class Assembler:
     def add(self, chunk):
         name = chunk.name
         if name not in self.expected:
-            raise WireError(f"unknown parameter {_shown(name)}")
+            raise WireError(f"unknown parameter {brief_repr(name)}")
         shape, dtype = self.expected[name]
         if chunk.dtype != np.dtype(dtype).name:
-            raise WireError(f"{name}: dtype {_shown(chunk.dtype)}, expected {np.dtype(dtype).name}")
+            raise WireError(f"{name}: dtype {brief_repr(chunk.dtype)}, expected {np.dtype(dtype).name}")
         if tuple(chunk.shape) != tuple(shape):
-            raise WireError(f"{name}: shape {_shown(list(chunk.shape))}, expected {list(shape)}")
+            raise WireError(f"{name}: shape {brief_repr(list(chunk.shape))}, expected {list(shape)}")
         wire = DTYPES[chunk.dtype]
         if len(chunk.data) % wire.itemsize:
             raise WireError(f"{name}: {len(chunk.data)} bytes is not a whole number of {chunk.dtype} elements")
