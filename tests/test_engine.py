@@ -910,3 +910,85 @@ def test_updating_a_parameter_in_place_keeps_the_modules_order(rng):
         for layer in (model[0], model[1]):
             layer.weight -= 0.1 * layer.weight.grad  # rebinds layer.weight to the same Parameter
     assert [n for n, _ in model.named_parameters()] == before
+
+
+def test_conv_and_pooling_whose_columns_are_the_input_itself_refuse_an_input_changed_in_place(rng):
+    # a 1x1 convolution, or a window over the whole image, unfolds to a view of x: changing x after forward
+    # must be caught, not give a gradient from the new values
+    for kernel, size in ((1, 4), (3, 3)):
+        x = Tensor(rng.standard_normal((2, 3, size, size)).astype(np.float32))
+        w = Tensor(rng.standard_normal((5, 3, kernel, kernel)).astype(np.float32), requires_grad=True)
+        y = ops.conv2d(x, w)
+        with no_grad():
+            x += 100.0
+        with pytest.raises(RuntimeError, match="changed in place"):
+            y.sum().backward()
+    h0 = Tensor(rng.standard_normal((1, 1, 3, 3)).astype(np.float32), requires_grad=True)
+    h = h0 * 1
+    y = ops.max_pool2d(h, 3, stride=1)
+    with no_grad():
+        h[0, 0, 0, 0] = 100.0
+    with pytest.raises(RuntimeError, match="changed in place"):
+        y.sum().backward()
+    # a window that does not cover the image copies: nothing to refuse
+    x = Tensor(rng.standard_normal((2, 3, 5, 5)).astype(np.float32))
+    w = Tensor(rng.standard_normal((5, 3, 3, 3)).astype(np.float32), requires_grad=True)
+    y = ops.conv2d(x, w)
+    with no_grad():
+        x += 100.0
+    y.sum().backward()
+
+
+def test_assigning_a_tensor_that_requires_grad_is_refused_not_silently_cut_off():
+    w = Tensor([3.0], requires_grad=True)
+    buf = Tensor(np.zeros(2, np.float32))
+    with pytest.raises(RuntimeError, match="would drop its gradient"):
+        buf[0:1] = w * 2
+    buf[0:1] = (w * 2).detach()  # what the message offers
+    with no_grad():
+        buf[1:2] = w * 3
+    np.testing.assert_array_equal(buf.data, [6.0, 9.0])
+
+
+def test_gelu_and_erf_on_0d_and_float16_tensors():
+    torch = pytest.importorskip("torch")
+    for approximate in ("none", "tanh"):
+        x = Tensor(0.7, requires_grad=True)
+        y = ops.gelu(x, approximate=approximate)
+        y.backward()
+        xt = torch.tensor(0.7, dtype=torch.float32, requires_grad=True)
+        torch.nn.functional.gelu(xt, approximate=approximate).backward()
+        assert y.shape == () and x.grad.shape == ()
+        np.testing.assert_allclose(y.data, torch.nn.functional.gelu(xt, approximate=approximate).item(), rtol=1e-6)
+        np.testing.assert_allclose(x.grad.data, xt.grad.item(), rtol=1e-5)
+        h = Tensor(np.array([-1.0, 0.5, 2.0], np.float16), requires_grad=True, dtype=np.float16)
+        out = ops.gelu(h, approximate=approximate)
+        out.sum().backward()
+        assert out.dtype == np.float16 and h.grad.dtype == np.float16
+    h = Tensor(np.array([-1.0, 0.5], np.float16), dtype=np.float16)
+    assert ops.erf(h).dtype == np.float16
+
+
+def test_grad_of_an_input_listed_twice_is_given_for_each():
+    x = Tensor(np.array([1.0, 2.0, 3.0], np.float32), requires_grad=True)
+    gx, again = grad((x * x).sum(), [x, x])
+    np.testing.assert_array_equal(gx.data, [2, 4, 6])
+    np.testing.assert_array_equal(again.data, [2, 4, 6])
+    gx.data[0] = 0  # each is its own array
+    assert again.data[0] == 2
+    y = x * 2  # a non-leaf, twice, with create_graph
+    a, b = grad((y * y).sum(), [y, x, y], create_graph=True)[::2]
+    np.testing.assert_array_equal(a.data, [4, 8, 12])
+    np.testing.assert_array_equal(b.data, [4, 8, 12])
+
+
+def test_init_functions_count_as_in_place_changes():
+    from distbp.nn import init
+
+    for fill in (lambda w: init.normal_(w), lambda w: init.constant_(w, 0.5), lambda w: init.zeros_(w)):
+        lin = nn.Linear(3, 2)
+        x = Tensor(np.ones((1, 3), np.float32), requires_grad=True)
+        y = lin(x)
+        fill(lin.weight)
+        with pytest.raises(RuntimeError, match="changed in place"):
+            y.sum().backward()

@@ -116,7 +116,8 @@ def backward(roots, grads=None, retain_graph=None, create_graph=False, inputs=No
         for i, t in enumerate(inputs):
             if not isinstance(t, Tensor) or not t.requires_grad:
                 raise RuntimeError(f"grad: input {i} is not a tensor that requires grad")
-            targets[t if t._node is None else t._node] = i
+            targets.setdefault(t if t._node is None else t._node, i)
+        first_of = [targets[t if t._node is None else t._node] for t in inputs]  # an input listed twice: its first
         captured = [None] * len(inputs)
 
     # Seeds and discovery of the reachable graph (iterative, no recursion).
@@ -278,6 +279,9 @@ def backward(roots, grads=None, retain_graph=None, create_graph=False, inputs=No
                 raise RuntimeError(
                     f"grad: input {i} was not used to compute the outputs (pass allow_unused=True)"
                 )
+        for i, first in enumerate(first_of):
+            if first != i and captured[first] is not None:  # its own copy: each result may be changed in place
+                captured[i] = captured[first] if create_graph else np.array(captured[first])
         if not create_graph:
             return [None if c is None else Tensor._from_op(np.asarray(c), None) for c in captured]
         return captured

@@ -230,7 +230,7 @@ class Erf(Function):
 
     @staticmethod
     def forward(ctx, x):
-        return _special.erf(x)
+        return np.asarray(_special.erf(x), dtype=x.dtype)  # scipy's erf widens float16 to float64
 
     @staticmethod
     def backward(ctx, g):
@@ -254,7 +254,7 @@ class Gelu(Function):
     def forward(ctx, x, approximate):
         # Phi(x) (or its tanh form h) is kept for backward; computed in place to spare passes over memory
         if approximate == "tanh":  # h = (1 + tanh(c (x + a x^3))) / 2, c = sqrt(2 / pi), a = 0.044715
-            phi = x * x
+            phi = np.asarray(x * x)  # (an array even for a 0-d x: numpy gives a scalar, no out= target)
             phi *= _SQRT_2_OVER_PI * 0.044715
             phi += _SQRT_2_OVER_PI
             phi *= x
@@ -262,7 +262,7 @@ class Gelu(Function):
             phi *= 0.5
             phi += 0.5
         else:
-            phi = _special.erf(x * _INV_SQRT2)
+            phi = np.asarray(_special.erf(x * _INV_SQRT2), dtype=x.dtype)  # scipy's erf widens float16
             phi += 1
             phi *= 0.5
         ctx.saved = (approximate, phi)
@@ -290,7 +290,7 @@ def _gelu_slope(x, approximate, phi):
     """d gelu / dx on arrays: the create_graph formulas above, rearranged to make few passes over memory."""
     if approximate == "tanh":
         # with t = 2h - 1: 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3a x^2) = h + h (1 - h) x (2c + 6ac x^2)
-        w = x * x
+        w = np.asarray(x * x)
         w *= 6 * _SQRT_2_OVER_PI * 0.044715
         w += 2 * _SQRT_2_OVER_PI
         w *= x
@@ -299,7 +299,7 @@ def _gelu_slope(x, approximate, phi):
         slope *= w
         slope += phi
         return slope
-    slope = x * x  # Phi(x) + x * exp(-x^2 / 2) / sqrt(2 pi)
+    slope = np.asarray(x * x)  # Phi(x) + x * exp(-x^2 / 2) / sqrt(2 pi)
     slope *= -0.5
     np.exp(slope, out=slope)
     slope *= _INV_SQRT_2PI
@@ -1045,6 +1045,7 @@ class Unfold(Function):
     """Image (N, C, H, W) to columns (N, C*kh*kw, OH*OW): every kernel window as a column."""
 
     __slots__ = ()
+    output_views_input = True  # a 1x1 kernel, or one window over the whole image: the columns are x itself
 
     @staticmethod
     def forward(ctx, x, kernel, stride, padding, pad_value):

@@ -321,6 +321,12 @@ class Tensor:
                 "in-place assignment into a tensor that requires grad would corrupt its graph; "
                 "assign under no_grad() or into .data"
             )
+        if isinstance(value, Tensor) and value.requires_grad and state.enabled:
+            raise RuntimeError(
+                "assigning a tensor that requires grad into another would drop its gradient (assignment "
+                "records no graph): build the result with ops.where, concatenate, stack or pad instead, or "
+                "assign value.detach() if no gradient should flow"
+            )
         self.data[index] = value.data if isinstance(value, Tensor) else value
         self._bump_version()
 

@@ -27,6 +27,7 @@ def calculate_gain(nonlinearity, param=None):
 def _fill(tensor, values):
     with no_grad():
         tensor.data[...] = values.astype(tensor.data.dtype, copy=False)
+    tensor._bump_version()  # a graph that saved the old values can no longer use them
     return tensor
 
 
@@ -40,6 +41,7 @@ def normal_(tensor, mean=0.0, std=1.0, rng=None):
 
 def constant_(tensor, value):
     tensor.data[...] = value
+    tensor._bump_version()
     return tensor
 
 
