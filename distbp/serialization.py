@@ -64,17 +64,23 @@ def _remove_stale_temporaries(path):
             pass  # alive (another user's process): leave it
 
 
-def check_finite(path, arrays, prefix):
+def check_finite(path, arrays, prefix, writing=False):
     """Refuse a checkpoint holding NaN, or infinity in its parameters (the arrays named `prefix`...): its run
     had diverged, or the file is damaged, and training from it would fail later, blamed on the learning
-    rate. (Other optimizer state may be infinite in a sound run: Adam's squared gradients overflow first.)"""
+    rate. (Other optimizer state may be infinite in a sound run: Adam's squared gradients overflow first.)
+    writing: the arrays are about to be saved to `path`; such a file is not written (it would replace the
+    last good checkpoint with one that cannot be resumed)."""
     for name, array in arrays.items():
         if array.dtype.kind != "f":
             continue
         parameter = name.startswith(prefix)
         if not np.isfinite(array).all() if parameter else np.isnan(array).any():
-            raise CheckpointError(f"{path}: {name} holds {'non-finite values (NaN or infinity)' if parameter else 'NaN'}"
-                                  ": the run that wrote it had diverged, or the file is damaged")
+            what = "non-finite values (NaN or infinity)" if parameter else "NaN"
+            if writing:
+                raise CheckpointError(f"{path} not written: {name} holds {what}, so training has diverged (a lower "
+                                      "learning rate or grad_clip may help); the file keeps its last checkpoint")
+            raise CheckpointError(f"{path}: {name} holds {what}: the run that wrote it had diverged, or the file "
+                                  "is damaged")
 
 
 def save_safetensors(path, arrays, metadata=None):

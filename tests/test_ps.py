@@ -397,6 +397,20 @@ def test_a_stopped_sync_shard_takes_no_step_after_its_final_checkpoint(tmp_path)
     np.testing.assert_array_equal(shard.params["w"].data, np.zeros(4, np.float32))
 
 
+def test_a_shard_whose_parameters_diverged_does_not_overwrite_its_checkpoint(tmp_path):
+    from distbp.serialization import CheckpointError
+
+    shard, chunks = _sync_shard_of_two_workers()
+    path = tmp_path / "ps.ckpt"
+    shard.save(path)
+    good = path.read_bytes()
+    shard.params["w"].data[1] = np.inf  # as a step with a huge learning rate leaves them
+    with pytest.raises(CheckpointError, match="not written: param/w holds non-finite values"):
+        shard.save(path)
+    assert path.read_bytes() == good
+    shard.stop()
+
+
 def test_register_echoes_a_long_setting_cut_short(tmp_path):
     from distbp.optim import SGD
 

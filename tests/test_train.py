@@ -101,6 +101,19 @@ def test_resuming_a_finished_run_trains_nothing_and_keeps_its_checkpoint(tmp_pat
         np.testing.assert_array_equal(_params(again.model)[name], value)
 
 
+def test_a_diverged_run_keeps_the_last_good_checkpoint_and_fails(tmp_path):
+    # the loss of the step whose update diverges was taken before the update: finite. The checkpoint due
+    # then must not replace the good one with weights that cannot be resumed, and the run must not end well
+    ckpt = tmp_path / "run.ckpt"
+    fit(max_steps=2, checkpoint=str(ckpt))
+    good = ckpt.read_bytes()
+    with pytest.raises(CheckpointError, match="not written: model/.* holds non-finite values"):
+        fit(lr=1e300, max_steps=1, checkpoint=str(ckpt), checkpoint_every=1)
+    assert ckpt.read_bytes() == good
+    with pytest.raises(FloatingPointError, match="test loss became nan at step 1"):
+        fit(lr=1e300, max_steps=1)
+
+
 def test_resume_compares_settings_as_they_take_effect(tmp_path):
     ckpt = tmp_path / "run.ckpt"
     fit(epochs=2, checkpoint=str(ckpt), max_steps=5)  # dataset left to the default (digits)

@@ -437,6 +437,7 @@ class Shard:
                 "settings": self.settings, "workers": self.expected}
         if self.steps_guessed:  # still estimates, after a restart too (see _applied_here)
             meta["steps_guessed"] = True
+        check_finite(path, arrays, "param/", writing=True)
         save_safetensors(path, arrays, {"distbp-ps": json.dumps(meta)})
         log.info("shard %d: checkpoint of version %d written to %s", self.shard, self.version, path)
 

@@ -39,6 +39,7 @@ def save_checkpoint(path, model, optimizer, state):
         "optimizer": {"param_groups": opt["param_groups"], "scalars": scalars},
         "state": state,
     }
+    check_finite(path, arrays, "model/", writing=True)
     save_safetensors(path, arrays, {"distbp": json.dumps(meta)})
 
 

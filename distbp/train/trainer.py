@@ -525,6 +525,9 @@ class Trainer:
         train_loss = total / ranks
         self.loss_sum, self.loss_count = 0.0, 0
         test_loss, accuracy = self.evaluate()
+        if not math.isfinite(test_loss):  # the last step's update diverged: its loss, taken before, was finite
+            raise FloatingPointError(f"the test loss became {test_loss} at step {self.step}; lower the learning "
+                                     "rate or set grad_clip")
         # the epoch the last step belongs to (after an epoch ends, self.epoch already counts the next one)
         epoch = self.epoch + 1 if self.batch else max(self.epoch, 1)
         metrics.write(step=self.step, epoch=epoch, train_loss=train_loss, test_loss=test_loss,
