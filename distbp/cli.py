@@ -17,7 +17,8 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 from .comm import RankFailed
 from .data.datasets import DataError
 from .ps.client import PSError
-from .train.config import FIELDS, check_writable, load_toml, make_config, validate_values
+from .train.config import (FIELDS, ConfigError, check_not_an_output, check_writable, load_toml, make_config,
+                           validate_values)
 from .train.errors import USER_ERRORS, error_message
 
 
@@ -54,13 +55,18 @@ def _add_config_options(parser):
 
 def config_from_args(args):
     """Defaults, then the TOML file, then the command-line options; all validated."""
+    if args.config is not None and not args.config.strip():  # an unset shell variable: not "no config file"
+        raise ConfigError("--config: the config file name is empty")
     values = load_toml(args.config) if args.config else {}
     validate_values(values, f"config file {args.config}")  # name the file in its own errors
     overrides = {f.name: getattr(args, f.name) for f in FIELDS if getattr(args, f.name) is not None}
     for f in FIELDS:  # --checkpoint "" clears a path the file sets (without one, "" is refused as empty)
         if f.nullable and overrides.get(f.name) == "" and values.get(f.name) is not None:
             overrides[f.name] = None
-    return make_config({**values, **overrides}, "options")
+    config = make_config({**values, **overrides}, "options")
+    if args.config:
+        check_not_an_output(config, args.config, "the config file", ("checkpoint", "metrics", "trace"))
+    return config
 
 
 class _Parser(argparse.ArgumentParser):

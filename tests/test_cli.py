@@ -149,6 +149,13 @@ CASES = {
         ["train", "--backend", "threads", "--world-size", "2", "--resume", "--hidden", "32", "--checkpoint",
          "ck-garbage.safetensors", "--progress", "none"], ["failed: ck-garbage.safetensors"], None),
     "empty-output-path": (["train", "--metrics", "", "--progress", "none"], ["'metrics' is empty"], None),
+    "empty-config-name": (["train", "--config", "", "--progress", "none"], ["--config", "name is empty"], None),
+    "metrics-over-the-weights-read": (
+        ["train", "--hidden", "32", "--init-from", "ck-init.safetensors", "--metrics", "ck-init.safetensors",
+         "--progress", "none"], ["'metrics' is 'init_from' (ck-init.safetensors), which the run reads"],
+        "ck-init.safetensors"),
+    "trace-over-the-config-file": (["train", "--config", "run.toml", "--trace", "run.toml", "--progress", "none"],
+                                   ["'trace' is the config file (run.toml)"], "run.toml"),
     "ipv6-address-without-brackets": (["train", "--backend", "ps", "--ps", "::1:5000"], ["'::1:5000'", "[::1]:5000"],
                                       None),
     "plot-not-json": (["plot", "notjson.jsonl", "-o", "x.png"], ["notjson.jsonl:2"], None),
@@ -169,7 +176,8 @@ IN_PROCESS = {"out-of-range-option", "malformed-toml", "missing-config", "idx-wi
               "checkpoint-with-nan", "checkpoint-position-damaged", "checkpoint-is-a-pipe", "outputs-in-one-file",
               "empty-output-path", "ipv6-address-without-brackets", "plot-output-is-a-directory",
               "checkpoint-step-damaged", "checkpoint-data-damaged", "outputs-in-one-file-by-a-link", "outputs-in-one-file-by-a-hard-link",
-              "threads-rank-refuses-a-checkpoint"}
+              "threads-rank-refuses-a-checkpoint", "empty-config-name", "metrics-over-the-weights-read",
+              "trace-over-the-config-file"}
 
 
 def edit_checkpoint(raw, state=None, nan_in=None):
@@ -224,7 +232,8 @@ def results(trained, tmp_path_factory):
     for name in ("train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
         (d / "badidx" / name).write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x01\x07")
     ck = (trained / "ck.safetensors").read_bytes()
-    for name in ("ck-model", "ck-opt"):
+    (d / "run.toml").write_text("epochs = 1\n")
+    for name in ("ck-model", "ck-opt", "ck-init"):
         (d / f"{name}.safetensors").write_bytes(ck)
     (d / "ck-nan.safetensors").write_bytes(edit_checkpoint(ck, nan_in="model/0.weight"))
     (d / "ck-pos.safetensors").write_bytes(edit_checkpoint(ck, state={"batch": 99999}))

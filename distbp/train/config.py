@@ -274,23 +274,45 @@ def check_writable(what, path):
         raise ConfigError(f"{what} is {path}, but {parent} is not writable")
 
 
+def _file_identity(path):
+    """What makes a file itself under any of its names (symlinks and hard links alike)."""
+    try:
+        stat = os.stat(path)
+        return stat.st_dev, stat.st_ino
+    except OSError:
+        return os.path.realpath(path)
+
+
+# Files a run reads that no output may be; a new run's checkpoint may replace the one it starts from.
+INPUT_KEYS = {"init_from": ("metrics", "trace"), "text_file": ("checkpoint", "metrics", "trace")}
+
+
 def check_outputs(config, keys):
     """check_writable for each of the config's output files that is set, and refuse two of them that are one
-    file: each is written whole (the checkpoint replaced, the trace at the end) over what the other wrote."""
+    file (each is written whole over what the other wrote), or one that is a file the run reads."""
     seen = {}
     for key in keys:
         path = getattr(config, key)
         if not path:
             continue
         check_writable(f"config: '{key}'", path)
-        try:  # an existing file is itself under any of its names (symlinks and hard links alike)
-            stat = os.stat(path)
-            identity = (stat.st_dev, stat.st_ino)
-        except OSError:
-            identity = os.path.realpath(path)
+        identity = _file_identity(path)
         if identity in seen:
             raise ConfigError(f"config: '{seen[identity]}' and '{key}' are the same file ({path}): give each its own")
         seen[identity] = key
+    for key, outputs in INPUT_KEYS.items():
+        path = getattr(config, key, None)
+        if path:
+            check_not_an_output(config, path, f"'{key}'", [k for k in keys if k in outputs])
+
+
+def check_not_an_output(config, path, what, keys):
+    """Refuse an output (the config's `keys`) that is `path`, a file the run reads: it would be destroyed."""
+    identity = _file_identity(path)
+    for key in keys:
+        if getattr(config, key, None) and _file_identity(getattr(config, key)) == identity:
+            raise ConfigError(f"config: '{key}' is {what} ({path}), which the run reads: writing it would "
+                              f"destroy it; give '{key}' another file")
 
 
 def check_pem(what, path):
