@@ -154,6 +154,9 @@ CASES = {
         ["train", "--hidden", "32", "--init-from", "ck-init.safetensors", "--metrics", "ck-init.safetensors",
          "--progress", "none"], ["'metrics' is 'init_from' (ck-init.safetensors), which the run reads"],
         "ck-init.safetensors"),
+    "resume-appending-to-a-binary-file": (
+        ["train", "--resume", "--hidden", "32", "--checkpoint", "new.ckpt", "--metrics", "ck-bin.safetensors",
+         "--progress", "none"], ["metrics file ck-bin.safetensors is not UTF-8 text"], "ck-bin.safetensors"),
     "trace-over-the-config-file": (["train", "--config", "run.toml", "--trace", "run.toml", "--progress", "none"],
                                    ["'trace' is the config file (run.toml)"], "run.toml"),
     "ipv6-address-without-brackets": (["train", "--backend", "ps", "--ps", "::1:5000"], ["'::1:5000'", "[::1]:5000"],
@@ -177,7 +180,7 @@ IN_PROCESS = {"out-of-range-option", "malformed-toml", "missing-config", "idx-wi
               "empty-output-path", "ipv6-address-without-brackets", "plot-output-is-a-directory",
               "checkpoint-step-damaged", "checkpoint-data-damaged", "outputs-in-one-file-by-a-link", "outputs-in-one-file-by-a-hard-link",
               "threads-rank-refuses-a-checkpoint", "empty-config-name", "metrics-over-the-weights-read",
-              "trace-over-the-config-file"}
+              "trace-over-the-config-file", "resume-appending-to-a-binary-file"}
 
 
 def edit_checkpoint(raw, state=None, nan_in=None):
@@ -233,7 +236,7 @@ def results(trained, tmp_path_factory):
         (d / "badidx" / name).write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x01\x07")
     ck = (trained / "ck.safetensors").read_bytes()
     (d / "run.toml").write_text("epochs = 1\n")
-    for name in ("ck-model", "ck-opt", "ck-init"):
+    for name in ("ck-model", "ck-opt", "ck-init", "ck-bin"):
         (d / f"{name}.safetensors").write_bytes(ck)
     (d / "ck-nan.safetensors").write_bytes(edit_checkpoint(ck, nan_in="model/0.weight"))
     (d / "ck-pos.safetensors").write_bytes(edit_checkpoint(ck, state={"batch": 99999}))

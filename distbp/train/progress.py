@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from ..serialization import replace_file
+from .config import ConfigError
 
 
 def _duration(seconds):
@@ -77,9 +78,7 @@ class MetricsLog:
             if not append:
                 self.path.write_text("")
             elif self.path.exists():
-                _drop_unfinished_line(self.path)
-                if after_step is not None:
-                    _drop_records_after(self.path, after_step)
+                _keep_records_to_go_on_from(self.path, after_step)
 
     def write(self, **record):
         if self.path:
@@ -90,22 +89,22 @@ class MetricsLog:
                 raise OSError(e.errno, f"cannot write the metrics ({e.strerror})", str(self.path)) from None
 
 
-def _drop_unfinished_line(path):
+def _keep_records_to_go_on_from(path, step):
     """Cut a last record that was never finished (the run was killed while writing it), so that the records
-    appended next start on a line of their own."""
-    with open(path, "rb+") as fh:
-        data = fh.read()
-        if data and not data.endswith(b"\n"):
-            fh.truncate(data.rfind(b"\n") + 1)
-
-
-def _drop_records_after(path, step):
-    """Remove the records of steps past `step` (lines that are not records are kept, for read_metrics to
-    name); the file is replaced whole, or left as it was."""
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if not _past(line, step)]
-    if len(kept) != len(lines):
-        replace_file(path, ["".join(kept).encode()])
+    appended next start on a line of their own, and (step not None) remove the records of steps past `step`
+    (lines that are not records are kept, for read_metrics to name). The file is checked to be text first,
+    and replaced whole, or left as it was."""
+    try:
+        text = kept = path.read_bytes().decode()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"metrics file {path} is not UTF-8 text ({e.reason} at byte {e.start}): not a metrics "
+                          "file to go on with; give --metrics another file") from None
+    if kept and not kept.endswith("\n"):
+        kept = kept[:kept.rfind("\n") + 1]
+    if step is not None:
+        kept = "".join(line for line in kept.splitlines(keepends=True) if not _past(line, step))
+    if kept != text:
+        replace_file(path, [kept.encode()])
 
 
 def _past(line, step):
