@@ -198,6 +198,29 @@ def test_a_run_killed_and_resumed_reports_the_training_loss_of_an_uninterrupted_
         assert part[step]["lr"] == whole[step]["lr"], step
 
 
+@pytest.mark.parametrize("checkpoint_every", [15, 45])
+def test_a_run_stopped_while_it_evaluates_an_epochs_end_writes_that_epochs_record_when_resumed(tmp_path,
+                                                                                              checkpoint_every):
+    # a checkpoint due at an epoch's last step (45 steps per epoch) is written after that epoch's record:
+    # written before it, a stop during the evaluation left a checkpoint past an epoch never recorded
+    class StoppedInFirstEvaluation(Trainer):
+        def _log_eval(self, metrics, progress):
+            if self.step == 45:
+                raise KeyboardInterrupt  # SIGTERM
+            return super()._log_eval(metrics, progress)
+
+    common = dict(epochs=2, checkpoint_every=checkpoint_every, progress="none")
+    fit(**common, metrics=str(tmp_path / "whole.jsonl"))
+    part = dict(common, checkpoint=str(tmp_path / "run.ckpt"), metrics=str(tmp_path / "part.jsonl"))
+    with pytest.raises(KeyboardInterrupt):
+        StoppedInFirstEvaluation(make_config(part)).fit()
+    fit(**part, resume=True)
+    whole, resumed = _records(tmp_path / "whole.jsonl"), _records(tmp_path / "part.jsonl")
+    assert [r["step"] for r in resumed] == [r["step"] for r in whole] == [45, 90]
+    for a, b in zip(resumed, whole):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-12)
+
+
 @pytest.mark.parametrize("eval_every", [0, 10])
 def test_a_run_started_again_after_its_end_adds_no_record(tmp_path, eval_every):
     # a requeued job runs the same command again: the checkpoint says the run ended and was reported

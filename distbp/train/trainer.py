@@ -376,7 +376,10 @@ class Trainer:
                                              "lower the learning rate or set grad_clip")
                 if cfg.eval_every and self.step % cfg.eval_every == 0:
                     test_loss, accuracy = self._log_eval(metrics, progress)
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                # one due at the epoch's last step is written after the epoch's record (below): before it, a
+                # stop while evaluating would leave a checkpoint past an epoch that was never recorded
+                if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
+                        and self.batch < self.steps_per_epoch):
                     self.save()
                 if self.step >= stop_at:
                     stopped = True
@@ -390,7 +393,8 @@ class Trainer:
                 if not cfg.eval_every and self.loss_count:
                     test_loss, accuracy = self._log_eval(metrics, progress)
                 self.epoch, self.batch = self.epoch + 1, 0
-                if not cfg.checkpoint_every and not stopped and self.epoch < cfg.epochs:
+                due = self.step % cfg.checkpoint_every == 0 if cfg.checkpoint_every else True
+                if due and not stopped and self.epoch < cfg.epochs:
                     self.save()  # (the run's end is saved below)
         if not finished:
             # the last record, then the last checkpoint: a run started again finds it ended and reported
