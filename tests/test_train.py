@@ -281,6 +281,18 @@ def test_a_charlm_run_is_not_resumed_or_started_from_weights_on_another_text(tmp
         fit(**{**tiny_charlm, "block_size": 8}, checkpoint=str(ckpt), resume=True)
 
 
+def test_a_charlm_checkpoint_is_not_resumed_or_started_from_with_other_heads(tmp_path, tiny_charlm):
+    # n_heads shapes no parameter: the same weights split into other heads are another model
+    ckpt = tmp_path / "lm.ckpt"
+    fit(**tiny_charlm, max_steps=3, checkpoint=str(ckpt))
+    with pytest.raises(CheckpointError, match="written with n_heads = 2, this run has 1"):
+        fit(**{**tiny_charlm, "n_heads": 1}, max_steps=5, checkpoint=str(ckpt), resume=True)
+    with pytest.raises(CheckpointError, match="written with n_heads = 2, this run has 4"):
+        fit(**{**tiny_charlm, "n_heads": 4}, max_steps=5, init_from=str(ckpt))
+    trainer, _ = fit(**{**tiny_charlm, "dropout": 0.0}, max_steps=5, checkpoint=str(ckpt), resume=True)
+    assert trainer.step == 5  # dropout may change
+
+
 def test_text_evaluation_samples_windows_spread_over_the_whole_test_split(tiny_charlm):
     from distbp.data import CharDataset
 

@@ -326,10 +326,11 @@ def check_pem(what, path):
 
 
 # Keys a resumed run (or a restarted parameter server) must share with its checkpoint: the data and its order,
-# and the optimizer's settings, which the checkpoint's optimizer state and schedule would overwrite.
+# the optimizer's settings, which the checkpoint's optimizer state and schedule would overwrite, and the one
+# model setting that shapes no parameter (charlm's heads: other heads read the same weights differently).
 # (Another optimizer is refused by load_checkpoint; the parameter server compares it as a setting.)
 RESUME_KEYS = ("dataset", "synthetic_size", "max_chars", "block_size", "batch_size", "seed",
-               "lr", "momentum", "weight_decay")
+               "lr", "momentum", "weight_decay", "n_heads")
 # Settings a parameter-server worker must share with the servers, which build the optimizer and schedule
 # from their own copy of the options: checked when the worker registers.
 PS_SHARED_KEYS = ("dataset", "synthetic_size", "max_chars", "block_size", "epochs", "max_steps", "batch_size",
@@ -355,7 +356,8 @@ def effective_settings(values, keys):
             v[key] = default
     out = {key: v.get(key) for key in keys}
     dropped = [("synthetic_size", v["dataset"] != "synthetic"), ("max_chars", v["dataset"] != "text"),
-               ("block_size", v["dataset"] != "text"), ("momentum", v.get("optimizer") != "sgd")]
+               ("block_size", v["dataset"] != "text"), ("momentum", v.get("optimizer") != "sgd"),
+               ("n_heads", model != "charlm")]
     for key, applies_not in dropped:
         if applies_not:
             out.pop(key, None)

@@ -212,6 +212,11 @@ class Trainer:
     def _check_weights_of(self, path, state):
         if state.get("model") is not None:  # (a checkpoint of the API's save_checkpoint may not say)
             self._check_model_name(path, state["model"])
+        saved = state.get("config")
+        if self.config.model == "charlm" and isinstance(saved, dict) and saved.get("n_heads") is not None:
+            if saved["n_heads"] != self.config.n_heads:  # every shape agrees, but not what the weights mean
+                raise CheckpointError(f"{path}: written with n_heads = {saved['n_heads']!r}, this run has "
+                                      f"{self.config.n_heads}: its attention weights are split into heads that way")
         self._check_vocab(path, state)
 
     def _check_model_name(self, path, saved):
