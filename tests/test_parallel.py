@@ -275,6 +275,19 @@ def test_a_communicator_timeout_must_be_positive(timeout):
         LocalCommunicator(timeout=timeout)
 
 
+def test_a_timeout_past_what_a_thread_wait_takes_means_wait_as_long_as_it_takes():
+    # 1e10 s (meaning "never") is past threading.TIMEOUT_MAX: the wait once raised OverflowError
+    def rank(comm):
+        if comm.rank == 1:
+            time.sleep(0.2)  # rank 0 waits in the collective meanwhile
+        buf = np.full(3, comm.rank + 1.0, np.float32)
+        comm.allreduce(buf, "sum")
+        return buf
+
+    for result in run_ranks(2, rank, timeout=1e10):
+        np.testing.assert_array_equal(result, [3, 3, 3])
+
+
 # --- DataParallel ---------------------------------------------------------------------------------
 
 

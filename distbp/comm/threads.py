@@ -93,7 +93,7 @@ class ThreadGroup:
                     self.failure = self.failure or (rank, message)
                     self._cond.notify_all()
                     raise CollectiveTimeout(message)
-                self._cond.wait(remaining)
+                self._cond.wait(None if remaining is None else min(remaining, threading.TIMEOUT_MAX))
             if entry["error"]:
                 raise GroupAborted(entry["error"])
             result = entry["result"]
