@@ -130,6 +130,12 @@ CASES = {
     "checkpoint-step-damaged": (
         ["train", "--resume", "--hidden", "32", "--checkpoint", "ck-step.safetensors", "--progress", "none"],
         ["ck-step.safetensors", "step 91, epoch 3, batch 0"], "ck-step.safetensors"),
+    "checkpoint-schedule-elsewhere": (
+        ["train", "--resume", "--hidden", "32", "--checkpoint", "ck-sched.safetensors", "--progress", "none"],
+        ["ck-sched.safetensors", "schedule is at step 0, the run at step 90"], "ck-sched.safetensors"),
+    "checkpoint-running-loss-damaged": (
+        ["train", "--resume", "--hidden", "32", "--checkpoint", "ck-run.safetensors", "--progress", "none"],
+        ["ck-run.safetensors", "running loss over 1000000 steps at step 90"], "ck-run.safetensors"),
     "checkpoint-data-damaged": (
         ["train", "--resume", "--hidden", "32", "--checkpoint", "ck-data.safetensors", "--progress", "none"],
         ["ck-data.safetensors", "damaged checkpoint state: data is 5"], "ck-data.safetensors"),
@@ -180,7 +186,8 @@ IN_PROCESS = {"out-of-range-option", "malformed-toml", "missing-config", "idx-wi
               "empty-output-path", "ipv6-address-without-brackets", "plot-output-is-a-directory",
               "checkpoint-step-damaged", "checkpoint-data-damaged", "outputs-in-one-file-by-a-link", "outputs-in-one-file-by-a-hard-link",
               "threads-rank-refuses-a-checkpoint", "empty-config-name", "metrics-over-the-weights-read",
-              "trace-over-the-config-file", "resume-appending-to-a-binary-file"}
+              "trace-over-the-config-file", "resume-appending-to-a-binary-file",
+              "checkpoint-schedule-elsewhere", "checkpoint-running-loss-damaged"}
 
 
 def edit_checkpoint(raw, state=None, nan_in=None):
@@ -242,6 +249,9 @@ def results(trained, tmp_path_factory):
     (d / "ck-pos.safetensors").write_bytes(edit_checkpoint(ck, state={"batch": 99999}))
     (d / "ck-step.safetensors").write_bytes(edit_checkpoint(ck, state={"step": 91}))  # epoch 2, batch 0
     (d / "ck-data.safetensors").write_bytes(edit_checkpoint(ck, state={"data": 5}))
+    schedule_at_0 = {"schedule": {"last_step": 0, "base_lrs": [0.1]}}
+    (d / "ck-sched.safetensors").write_bytes(edit_checkpoint(ck, state=schedule_at_0))
+    (d / "ck-run.safetensors").write_bytes(edit_checkpoint(ck, state={"running_loss": {"sum": 1.0, "count": 10**6}}))
     os.mkfifo(d / "pipe")
     (d / "link.out").symlink_to("real.out")
     (d / "hard-a.out").write_text("")

@@ -202,8 +202,13 @@ class Trainer:
                 or not is_finite_real(running.get("sum")) or not is_finite_real(state.get("lr_used", 0.0))):
             raise CheckpointError(f"{path}: damaged checkpoint state: running_loss {running!r} or lr_used "
                                   f"{state.get('lr_used')!r}")
+        if running["count"] > step:  # losses of steps the run has not taken
+            raise CheckpointError(f"{path}: damaged checkpoint state: a running loss over {running['count']} steps "
+                                  f"at step {step}")
         try:
-            self.schedule.check_state_dict(state.get("schedule"))
+            last_step, _ = self.schedule.check_state_dict(state.get("schedule"))
+            if last_step != step:  # the learning rate would follow the schedule from elsewhere
+                raise ValueError(f"the schedule is at step {last_step}, the run at step {step}")
             for rng in self._rank_rngs(state):
                 check_rng_state(rng)
         except ValueError as e:
