@@ -566,7 +566,7 @@ def test_after_a_failed_synchronize_the_wrapper_says_it_cannot_continue():
     ddp(Tensor(np.ones((2, 8), np.float32)))  # no backward: nothing received a gradient
     with pytest.raises(RuntimeError, match="no parameter received a gradient"):
         ddp.synchronize()
-    with pytest.raises(RuntimeError, match="cannot continue after a failed synchronize\\(\\): RuntimeError: DataParallel: "
+    with pytest.raises(RuntimeError, match="cannot continue after this error: RuntimeError: DataParallel: "
                                            "synchronize\\(\\): no parameter"):
         cross_entropy(ddp(Tensor(np.ones((2, 8), np.float32))), np.zeros(2, np.int64)).backward()
 
@@ -660,6 +660,47 @@ def test_a_second_backward_before_synchronize_is_an_error():
         return True
 
     assert run_ranks(1, body) == [True]
+
+
+def test_after_a_second_gradient_the_wrapper_refuses_to_go_on_rather_than_sum_it_in():
+    # the second gradient was already added into its bucket slice (which may be in flight): a synchronize()
+    # after the error would hand back a wrong sum
+    x, y = _data()
+
+    def body(comm):
+        ddp = DataParallel(_mlp(), comm)
+        cross_entropy(ddp(Tensor(x[:8])), y[:8]).backward()
+        with pytest.raises(RuntimeError, match="second gradient before synchronize.*cannot go on"):
+            cross_entropy(ddp(Tensor(x[:8])), y[:8]).backward()
+        with pytest.raises(RuntimeError, match="cannot continue after this error: DataParallel: parameter"):
+            ddp.synchronize()
+        return True
+
+    assert run_ranks(2, body) == [True, True]
+
+
+def test_parameters_that_are_not_contiguous_are_broadcast_and_read_only_ones_must_agree():
+    def body(comm):
+        model = _mlp(seed=comm.rank)
+        layer = model[0]
+        layer.weight.data = np.ascontiguousarray(layer.weight.data.T).T  # writeable, not C-contiguous
+        DataParallel(model, comm)
+        assert not model[0].weight.data.flags.c_contiguous
+        return {n: p.data.copy() for n, p in model.named_parameters()}
+
+    first, second = run_ranks(2, body)
+    for name in first:
+        np.testing.assert_array_equal(first[name], second[name])
+
+    def read_only_on_rank_1(comm):
+        model = _mlp()
+        model[0].bias.requires_grad_(False)
+        if comm.rank == 1:
+            model[0].bias.data.flags.writeable = False
+        DataParallel(model, comm)
+
+    with pytest.raises(RankFailed, match=r"parameter #1 is 0\.bias \[16\] float32 \(frozen\) \(read-only\) on rank 1"):
+        run_ranks(2, read_only_on_rank_1)
 
 
 def test_a_second_synchronize_after_one_backward_is_an_error():

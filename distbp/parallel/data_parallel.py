@@ -53,8 +53,8 @@ class _Bucket:
         return sum(p.data.nbytes for _, p in self.params)
 
 
-_AFTER_A_FAILED_BACKWARD = (" (If the last backward raised part-way, some of its buckets were sent: this "
-                            "DataParallel cannot go on; build a new one on every rank)")
+_CANNOT_GO_ON = (". This DataParallel cannot go on: build a new one on every rank. (If the last backward raised "
+                 "part-way, that is the cause: some of its buckets were sent.)")
 
 
 class DataParallel:
@@ -117,9 +117,12 @@ class DataParallel:
 
     def _check_same_model(self, options):
         """Every rank holds the same parameters (frozen ones too) and was given the same options."""
-        mine = [(n, tuple(p.data.shape), str(p.data.dtype), bool(p.requires_grad))
+        # read-only arrays are compared instead of broadcast: every rank must agree which those are, or the
+        # broadcasts would pair up the wrong arrays
+        mine = [(n, tuple(p.data.shape), str(p.data.dtype), bool(p.requires_grad), _read_only(p.data))
                 for n, p in self.module.named_parameters()]
-        mine += [(n, tuple(np.shape(_array_of(b))), str(getattr(_array_of(b), "dtype", type(b).__name__)), "buffer")
+        mine += [(n, tuple(np.shape(_array_of(b))), str(getattr(_array_of(b), "dtype", type(b).__name__)), "buffer",
+                  _read_only(_array_of(b)))
                  for n, b in self.module.named_buffers()]  # broadcast too: they must pair up
         everyone = self.comm.allgather((mine, options))
         reference, reference_options = everyone[0]
@@ -141,24 +144,23 @@ class DataParallel:
 
     def _broadcast_state(self):
         fixed = []  # (kind, name, array) that cannot be overwritten: compared by checksum below
-        for name, p in self.module.named_parameters():  # frozen ones too: every replica runs rank 0's model
-            if not (p.data.flags.c_contiguous and p.data.flags.writeable):
-                fixed.append(("parameter", name, p.data))  # a frozen table mapped read-only from a file, say
-                continue
-            self.comm.broadcast(p.data, root=0)
-            p._bump_version()
-        for name, b in self.module.named_buffers():
-            arr = _array_of(b)
+        # parameters (frozen ones too: every replica runs rank 0's model), then buffers
+        arrays = [("parameter", n, p.data, p) for n, p in self.module.named_parameters()]
+        arrays += [("buffer", n, _array_of(b), None) for n, b in self.module.named_buffers()]
+        for kind, name, arr, param in arrays:
             if not isinstance(arr, np.ndarray):
                 continue
-            if not arr.flags.writeable:
-                fixed.append(("buffer", name, arr))
-            elif arr.flags.c_contiguous:
+            if _read_only(arr):
+                fixed.append((kind, name, arr))  # a frozen table mapped read-only from a file, say
+                continue
+            if arr.flags.c_contiguous:
                 self.comm.broadcast(arr, root=0)
             else:  # broadcast needs one contiguous block
                 block = np.ascontiguousarray(arr)
                 self.comm.broadcast(block, root=0)
                 arr[...] = block
+            if param is not None:
+                param._bump_version()
         # what cannot be overwritten must already be equal
         digests = self.comm.allgather([zlib.crc32(np.ascontiguousarray(a).view(np.uint8)) for _, _, a in fixed])
         for rank, theirs in enumerate(digests[1:], 1):
@@ -192,19 +194,17 @@ class DataParallel:
         self._check_usable()
         if not self._syncing:
             if any(b.ready for b in self.buckets):  # its bucket may be in flight: the gradient would be lost or half-counted
-                raise RuntimeError(
+                self._fail(
                     f"DataParallel: parameter {self._name_of[id(p)]} got a gradient under no_sync() after a backward "
-                    "outside it, before synchronize(): call synchronize() first, or run the synchronized backward "
-                    f"last.{_AFTER_A_FAILED_BACKWARD}")
+                    "outside it, before synchronize() (call synchronize() after that backward, or run the "
+                    "synchronized backward last)")
             self._accumulated.add(id(p))  # its .grad holds a gradient for the next synchronize()
             return
         bucket = self._bucket_of[id(p)]
         if id(p) in bucket.ready:
-            raise RuntimeError(
+            self._fail(
                 f"DataParallel: parameter {self._name_of[id(p)]} got a second gradient before synchronize() "
-                "(its bucket may already be in flight): call synchronize() after every backward, or "
-                f"accumulate inside no_sync().{_AFTER_A_FAILED_BACKWARD}"
-            )
+                "(call synchronize() after every backward, or accumulate inside no_sync())")
         self._into_bucket(p.grad.data, bucket.views[id(p)])
         bucket.ready.add(id(p))
         if len(bucket.ready) == len(bucket.params):
@@ -212,6 +212,12 @@ class DataParallel:
         for b in self.buckets[: self._next_launch]:  # let the backend make progress on what is in flight
             if b.handle is not None:
                 b.handle.test()
+
+    def _fail(self, message):
+        """Raise, and refuse from now on: the gradient was already added into its bucket, which may be in flight
+        (its sum, here and on the other ranks, is no longer this step's)."""
+        self._failed = message
+        raise RuntimeError(message + _CANNOT_GO_ON)
 
     def _into_bucket(self, g, view):
         """Put gradient `g` in its bucket slice `view`, divided by the world size if the mean is wanted (no
@@ -262,7 +268,7 @@ class DataParallel:
 
     def _check_usable(self):
         if self._failed is not None:
-            raise RuntimeError(f"DataParallel cannot continue after a failed synchronize(): {self._failed}")
+            raise RuntimeError(f"DataParallel cannot continue after this error: {self._failed}")
 
     def _check_trainable(self):
         """Which parameters train is fixed at construction: the buckets and hooks were made for them."""
@@ -372,9 +378,13 @@ def _array_of(buffer):
     return buffer.data if isinstance(buffer, Tensor) else buffer
 
 
+def _read_only(array):
+    return isinstance(array, np.ndarray) and not array.flags.writeable
+
+
 def _describe(entry):
     if entry is None:
         return "absent"
-    name, shape, dtype, kind = entry
+    name, shape, dtype, kind, read_only = entry
     what = " (buffer)" if kind == "buffer" else "" if kind else " (frozen)"
-    return f"{name} {list(shape)} {dtype}{what}"
+    return f"{name} {list(shape)} {dtype}{what}{' (read-only)' if read_only else ''}"
