@@ -189,12 +189,19 @@ def test_a_collective_timeout_names_the_missing_rank(ranks):
     assert not left_behind(before)
 
 
-def test_ranks_started_with_different_configs_stop_at_start_up():
+@pytest.mark.parametrize("first, second, said", [
+    (["--lr", "0.1"], ["--lr", "0.2"], "lr = 0.2 but rank 0 with 0.1"),
+    # another model or data set size gives other data too: the setting is named, not the data
+    (["--model", "cnn"], [], "model = 'mlp' but rank 0 with 'cnn'"),
+    (["--dataset", "synthetic", "--synthetic-size", "1000"], ["--dataset", "synthetic", "--synthetic-size", "1200"],
+     "synthetic_size = 1200 but rank 0 with 1000"),
+], ids=["lr", "model", "data-size"])
+def test_ranks_started_with_different_configs_stop_at_start_up(first, second, said):
     base = [sys.executable, "-m", "distbp", "train", "--backend", "mpi", "--epochs", "1", "--progress", "none"]
-    command = [MPIEXEC, "-n", "1", *base, "--lr", "0.1", ":", "-n", "1", *base, "--lr", "0.2"]
+    command = [MPIEXEC, "-n", "1", *base, *first, ":", "-n", "1", *base, *second]
     done = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
-    assert "lr = 0.2 but rank 0 with 0.1" in done.stderr
+    assert said in done.stderr and "every rank must run the same configuration" in done.stderr, done.stderr
 
 
 def _mpmd(first, second, timeout=60, cwd=None):

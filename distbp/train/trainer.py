@@ -483,12 +483,15 @@ class Trainer:
         mine["checkpoint contents"] = self.resumed_contents
         mine["data"] = self._data_fingerprint()  # the same path may hold other data on another machine
         everyone = self.strategy.gather(mine)
+        named_apart = ("data", "position", "checkpoint contents")  # each with its own message, below
         for rank, theirs in enumerate(everyone):
-            if theirs["data"] != everyone[0]["data"]:
-                raise ConfigError(
-                    f"rank {rank} trains on other data than rank 0 (fingerprints {theirs['data']} and "
-                    f"{everyone[0]['data']}): every machine's copy of the data set must be the same"
-                )
+            # the settings first: another model, data set or size also gives other data and positions
+            for key in mine:
+                if key not in named_apart and key not in _PER_RANK_KEYS and theirs.get(key) != everyone[0].get(key):
+                    raise ConfigError(
+                        f"rank {rank} was started with {key} = {theirs.get(key)!r} but rank 0 with "
+                        f"{everyone[0].get(key)!r}: every rank must run the same configuration"
+                    )
             if theirs["position"] != everyone[0]["position"]:
                 raise ConfigError(
                     f"rank {rank} starts at step {theirs['position'][0]} but rank 0 at step "
@@ -500,12 +503,11 @@ class Trainer:
                     f"{theirs['position'][0]}): resuming ranks must all read the same checkpoint (a file on a "
                     "shared file system, or the same copy on every machine)"
                 )
-            for key in mine:
-                if theirs.get(key) != everyone[0].get(key) and key not in _PER_RANK_KEYS:
-                    raise ConfigError(
-                        f"rank {rank} was started with {key} = {theirs.get(key)!r} but rank 0 with "
-                        f"{everyone[0].get(key)!r}: every rank must run the same configuration"
-                    )
+            if theirs["data"] != everyone[0]["data"]:
+                raise ConfigError(
+                    f"rank {rank} trains on other data than rank 0 (fingerprints {theirs['data']} and "
+                    f"{everyone[0]['data']}): every machine's copy of the data set must be the same"
+                )
 
     def _rejoin_at(self, step, stop_at, metrics, progress):
         """Go on at `step`, where the servers have this worker's run, after they refused its last step (a
