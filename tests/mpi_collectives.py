@@ -13,6 +13,7 @@ Two more arguments run a scenario of their own instead:
   late-allreduce  rank 1 reaches a matching shared all-reduce after rank 0's timeout: rank 0 names it late
   checked-<case>  with check_collectives, rank 1 makes another call than rank 0 (case: size, dtype, op,
                   kind, root, shared): every rank stops naming the difference
+  many-communicators  40 communicators in turn, each all-reducing float16
 """
 
 import os
@@ -126,6 +127,19 @@ def checked(case, comm):
     return 0
 
 
+def many_communicators(comm):
+    # each once made its own float16 operator: MPI refused the 33rd
+    for i in range(40):
+        other = mpi_communicator(timeout=20)
+        half = np.full(5, other.rank + 1.5, np.float16)
+        other.allreduce(half)
+        assert (half == sum(r + 1.5 for r in range(other.size))).all(), (i, half)
+        other.close()
+    if comm.rank == 0:
+        print("40 communicators ok", flush=True)
+    return 0
+
+
 def main():
     comm = mpi_communicator(timeout=20)
     rank, size = comm.rank, comm.size
@@ -133,6 +147,8 @@ def main():
         return scenario(sys.argv[1], comm)
     if len(sys.argv) > 1 and sys.argv[1].startswith("checked-"):
         return checked(sys.argv[1][len("checked-"):], comm)
+    if len(sys.argv) > 1 and sys.argv[1] == "many-communicators":
+        return many_communicators(comm)
     if len(sys.argv) > 1:
         inject(sys.argv[1], rank, size)
     buffers = []

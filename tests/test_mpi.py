@@ -102,6 +102,11 @@ def test_shared_buffers_of_different_sizes_are_refused_on_every_rank():
     _assert_no_segments_left(out)
 
 
+def test_a_process_may_make_many_communicators_that_reduce_float16():
+    code, out, err, _ = mpiexec(2, str(HERE / "mpi_collectives.py"), "many-communicators", timeout=120)
+    assert code == 0 and "40 communicators ok" in out, out + err
+
+
 def test_a_rank_late_for_a_shared_buffer_times_out_and_leaves_no_file_behind():
     code, out, err, _ = mpiexec(2, str(HERE / "mpi_collectives.py"), "late")
     assert "rank 0 timed out: rank 0: allgather" in out and "rank(s) [1] did not arrive" in out, out + err

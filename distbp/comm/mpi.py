@@ -75,6 +75,16 @@ def _half_sum(inbuf, inoutbuf, datatype):
     b += a
 
 
+_half_sum_op = None  # one per process: MPI allows only a few dozen user-defined operators
+
+
+def half_sum_op(MPI):
+    global _half_sum_op
+    if _half_sum_op is None:
+        _half_sum_op = MPI.Op.Create(_half_sum, commute=True)
+    return _half_sum_op
+
+
 class _MPIHandle(Handle):
     def __init__(self, comm, request, name, seq, after=None):
         self.comm, self.request, self.name, self.seq, self.after = comm, request, name, seq, after
@@ -177,7 +187,6 @@ class MPICommunicator(Communicator):
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self._seq = 0
         self._sends = []  # (request, buffer) of questions and answers not known to be delivered
-        self._half_op = None
         self._in_flight = []  # shared-memory all-reduces started and not yet complete
         self._asked = {}  # peer -> (collective #, its index) of the last question it asked: it timed out there
         if check_collectives is None:
@@ -331,9 +340,7 @@ class MPICommunicator(Communicator):
         if shared is not None:
             return _SharedAllreduce(self, shared, seq, after)
         if array.dtype == np.float16:
-            if self._half_op is None:
-                self._half_op = MPI.Op.Create(_half_sum, commute=True)
-            request = self.comm.Iallreduce(MPI.IN_PLACE, [array.view(np.int16), MPI.SHORT], op=self._half_op)
+            request = self.comm.Iallreduce(MPI.IN_PLACE, [array.view(np.int16), MPI.SHORT], op=half_sum_op(MPI))
         else:
             request = self.comm.Iallreduce(MPI.IN_PLACE, array, op=MPI.SUM)
         return _MPIHandle(self, request, "allreduce", seq, after)
