@@ -71,6 +71,7 @@ import traceback
 
 import numpy as np
 
+from distbp.comm import find_mpiexec
 from machine import cpu_model, usable_cores
 
 SIZES = (784, 1024, 1024, 10)
@@ -80,7 +81,7 @@ SEED = 0
 N_PARAMS = sum(SIZES[i] * SIZES[i + 1] + SIZES[i + 1] for i in range(len(SIZES) - 1))  # 1,863,690
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
               "VECLIB_MAXIMUM_THREADS": "1", "NUMEXPR_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-MPIEXEC = shutil.which("mpiexec")
+MPIEXEC = find_mpiexec()
 
 TARGETS = {
     "sync_over_raw": ("<=", 1.10),
@@ -1033,7 +1034,7 @@ def main():
         return worker_torch(args)
 
     if MPIEXEC is None:
-        print("bench_mpi: no mpiexec on PATH (pip install mpi4py mpich)", file=sys.stderr)
+        print("bench_mpi: no mpiexec beside this Python or on PATH (pip install mpi4py mpich)", file=sys.stderr)
         return 1
     mode = "quick" if args.quick else "full"
     cfg = dict(MODES[mode])

@@ -4,10 +4,12 @@
 #   launch/mpirun.sh 4 --model cnn --epochs 10        # 4 ranks; the rest are `distbp train` options
 #   HOSTFILE=launch/hostfile.example launch/mpirun.sh 8 ...   # ranks spread over the hosts listed there
 #
-# mpiexec comes with the mpich wheel that `pip install -e .` installs; a cluster's own mpiexec works too.
+# mpiexec comes with the mpich wheel that `pip install -e .` installs, beside the Python that runs the ranks
+# (PYTHON, default python3, e.g. a virtual environment's): that one is used, else the first on PATH (a
+# cluster's own mpiexec).
 set -euo pipefail
 usage="usage: launch/mpirun.sh RANKS [distbp train options...]"
-ranks=${1:?$usage}
+ranks=${1:-}
 # mpiexec reads "abc" or "0" as one rank and "2.5" as two: refuse them here
 if ! [[ $ranks =~ ^[1-9][0-9]*$ ]]; then
   echo "launch/mpirun.sh: RANKS must be a positive integer, not '$ranks'" >&2
@@ -21,4 +23,9 @@ if [ -n "${HOSTFILE:-}" ]; then
 fi
 # one BLAS thread per rank, so that ranks do not fight over the cores
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
-exec mpiexec "${hosts[@]}" -n "$ranks" "${PYTHON:-python3}" -m distbp train --backend mpi "$@"
+python=${PYTHON:-python3}
+mpiexec=mpiexec
+if python_path=$(command -v "$python") && [ -x "$(dirname "$python_path")/mpiexec" ]; then
+  mpiexec=$(dirname "$python_path")/mpiexec
+fi
+exec "$mpiexec" "${hosts[@]}" -n "$ranks" "$python" -m distbp train --backend mpi "$@"

@@ -10,7 +10,8 @@
 # same command again continues the job from the servers' checkpoints). The training
 # options must be the same for servers and workers: the servers build the same model and optimizer.
 # Ports come from BASE_PORT (default 50051) upwards. Ctrl-C stops everything: SIGTERM to every process,
-# then SIGKILL to any still running STOP_GRACE seconds later (default 30).
+# then SIGKILL to any still running STOP_GRACE seconds later (default 30). PYTHON (default python3) runs
+# them all (a virtual environment's python, say).
 set -euo pipefail
 usage="usage: launch/ps_cluster.sh SERVERS WORKERS [server options --] [training options]"
 servers=${1:-}
@@ -27,9 +28,25 @@ server_opts=()
 if [[ " $* " == *" -- "* ]]; then
   while [ "$1" != "--" ]; do server_opts+=("$1"); shift; done
   shift
+else
+  for arg in "$@"; do
+    case "$arg" in
+      --mode | --mode=* | --staleness* | --sync-timeout* | --token | --token=* | --tls-* | --checkpoint-path* | \
+        --checkpoint-every-versions*)
+        echo "launch/ps_cluster.sh: $arg is a server option: end the server options with -- (the workers" \
+          "would refuse it)" >&2
+        echo "$usage" >&2
+        exit 2 ;;
+    esac
+  done
 fi
 python=${PYTHON:-python3}
 base=${BASE_PORT:-50051}
+if ! [[ $base =~ ^[1-9][0-9]*$ ]] || [ "$base" -gt $((65536 - servers)) ]; then
+  echo "launch/ps_cluster.sh: BASE_PORT must be a port number with room for ${servers} server(s) above it" \
+    "(1-$((65536 - servers))), not '${base}'" >&2
+  exit 2
+fi
 token=""
 tls=""
 for ((i = 0; i < ${#server_opts[@]}; i++)); do

@@ -2213,6 +2213,17 @@ def test_the_cluster_script_refuses_counts_that_are_not_positive_integers(args):
     assert done.returncode == 2 and "SERVERS and WORKERS must be positive integers" in done.stderr, done.stderr
 
 
+@pytest.mark.parametrize("args, env, said", [
+    (["1", "2", "--mode", "sync", "--epochs", "1"], {}, "--mode is a server option: end the server options with --"),
+    (["1", "1", "--", "--epochs", "1"], {"BASE_PORT": "abc"}, "BASE_PORT must be a port number"),
+    (["2", "1", "--", "--epochs", "1"], {"BASE_PORT": "65535"}, "with room for 2 server(s) above it (1-65534)"),
+], ids=["server-option-without-separator", "port-not-a-number", "ports-past-the-last"])
+def test_the_cluster_script_names_what_is_wrong_before_starting_anything(args, env, said):
+    done = subprocess.run(["bash", str(ROOT / "launch" / "ps_cluster.sh"), *args], capture_output=True, text=True,
+                          timeout=30, env={**os.environ, "PYTHON": sys.executable, **env})
+    assert done.returncode == 2 and said in done.stderr, done.stderr
+
+
 def test_the_cluster_script_ends_when_a_server_cannot_start():
     # the workers would otherwise retry a server that is not coming for a minute
     with socket.socket() as busy:

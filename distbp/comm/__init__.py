@@ -2,6 +2,9 @@
 backends: local (a group of one), threads (N ranks in one process, for tests) and mpi (mpi4py)."""
 
 import os
+import shutil
+import sys
+from pathlib import Path
 
 from .base import (
     DEFAULT_TIMEOUT, CollectiveTimeout, CommError, Communicator, GroupAborted, Handle, LocalCommunicator,
@@ -9,6 +12,15 @@ from .base import (
 from .threads import RankFailed, ThreadCommunicator, ThreadGroup, run_ranks
 
 BACKENDS = ("auto", "local", "threads", "mpi")
+
+
+def find_mpiexec():
+    """The launcher of the MPI this Python uses: the mpich wheel's mpiexec beside the interpreter (so a
+    virtual environment's, even when it is not on PATH), else the first on PATH; None when there is none."""
+    beside = Path(sys.executable).with_name("mpiexec")
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which("mpiexec")
 
 
 def detect_backend(environ=None):
