@@ -762,12 +762,32 @@ def test_slicing_a_container_gives_a_container_of_the_same_kind():
     s = nn.Sequential(a, b, c)
     head = s[0:2]
     assert type(head) is nn.Sequential and list(head) == [a, b]
-    assert [n for n, _ in s[1:].named_parameters()] == ["1.weight", "1.bias"]  # renumbered from 0
+    # the layers keep their names, as in PyTorch: the state_dict of a slice means the same layers
+    assert [n for n, _ in s[1:].named_parameters()] == ["2.weight", "2.bias"]
+    t = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.Linear(2, 1))
+    assert list(s[1:].state_dict()) == list(t[1:].state_dict())
+    tail = s[1:].append(nn.Tanh())  # appended under a name of its own, not over "2"
+    assert [n for n, _ in tail.named_children()] == ["1", "2", "3"] and tail[1] is c
     x = Tensor(np.ones((1, 2), np.float32))
     np.testing.assert_array_equal(s[::1](x).data, s(x).data)
     ml = nn.ModuleList([a, b, c])[::-1]
     assert type(ml) is nn.ModuleList and list(ml) == [c, b, a]
     assert len(s[5:]) == 0 and s[-1] is c
+
+
+def test_small_module_api_edges_behave_as_in_torch():
+    from distbp.nn import init
+
+    shared = nn.Linear(2, 2)
+    assert len(list(nn.Sequential(shared, shared).children())) == 1  # as torch: one child, under its first name
+    assert nn.MaxPool2d(2).stride == 2 and nn.MaxPool2d(3, 1).stride == 1
+    assert nn.LayerNorm(np.int64(4)).normalized_shape == (4,)
+    weights = np.ones(3, np.float32)
+    for make in (lambda: nn.CrossEntropyLoss(weights), lambda: nn.MSELoss("avg")):  # class weights by position
+        with pytest.raises(ValueError, match="reduction must be one of"):
+            make()
+    with pytest.raises(ValueError, match="negative_slope True is not a number"):
+        init.calculate_gain("leaky_relu", True)
 
 
 # --- attention ---------------------------------------------------------------------------------------
@@ -1175,6 +1195,26 @@ def test_clip_grad_norm_matches_torch(rng, max_norm, scale):
     else:
         for dp, b in zip(dps, before):
             np.testing.assert_array_equal(dp.grad.data, b)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf, 1, 3.5])
+@pytest.mark.parametrize("max_norm,scale", [(1.0, 1.0), (0.1, 5.0), (100.0, 1.0)])
+def test_clip_grad_norm_takes_torchs_norm_type_in_third_place(rng, norm_type, max_norm, scale):
+    # code written for torch passes norm_type by position: it must not land on another parameter
+    dps, tps = _grads_pair(rng, scale)
+    total_d = nn.clip_grad_norm_(dps, max_norm, norm_type)
+    total_t = torch.nn.utils.clip_grad_norm_(tps, max_norm, norm_type)
+    assert float(total_d) == pytest.approx(float(total_t), rel=1e-5)
+    for dp, tp in zip(dps, tps):
+        assert dp.grad.data.dtype == np.float32
+        np.testing.assert_allclose(dp.grad.data, t2n(tp.grad), rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("bad", [0, -2.0, float("nan"), "2", True])
+def test_clip_grad_norm_refuses_a_norm_type_that_is_not_a_positive_number(rng, bad):
+    dps, _ = _grads_pair(rng, 1.0)
+    with pytest.raises(ValueError, match="norm_type must be a number > 0"):
+        nn.clip_grad_norm_(dps, 1.0, bad)
 
 
 def test_clip_grad_norm_skips_params_without_grad_and_accepts_generators(rng):

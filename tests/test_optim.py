@@ -842,6 +842,47 @@ def test_a_schedule_refuses_a_group_added_after_it():
     assert schedule.state_dict()["last_step"] == 0  # the refused step is not counted
 
 
+def test_a_rate_changed_outside_the_schedule_is_refused_not_overwritten():
+    # PyTorch chains schedules on one optimizer and keeps a rate set by hand; these are functions of the
+    # step, which overwrote both silently
+    opt = optim.SGD([_p()], lr=0.1)
+    first, second = optim.StepLR(opt, 2, 0.5), optim.StepLR(opt, 3, 0.1)
+    first.step(), second.step()
+    first.step()  # the rate halves here
+    with pytest.raises(ValueError, match="group 0's lr is 0.05, but this schedule set 0.1: it was changed outside"):
+        second.step()
+    assert second.state_dict()["last_step"] == 1  # the refused step is not counted
+    opt = optim.SGD([_p()], lr=0.1)
+    schedule = optim.StepLR(opt, 10, 0.5)
+    schedule.step()
+    opt.param_groups[0]["lr"] = 0.01
+    with pytest.raises(ValueError, match="changed outside the schedule"):
+        schedule.step()
+    optim.StepLR(opt, 10, 0.5).step()  # a schedule made after the change takes it as its base
+
+
+def test_warmup_takes_the_schedule_after_it_or_its_rate_function_and_refuses_anything_else():
+    opt = optim.SGD([_p()], lr=0.2)
+    given_whole = optim.LinearWarmupLR(opt, 2, after=optim.CosineAnnealingLR(opt, 4))
+    rates = [given_whole.get_last_lr()[0]]
+    for _ in range(6):
+        given_whole.step()
+        rates.append(given_whole.get_last_lr()[0])
+    opt2 = optim.SGD([_p()], lr=0.2)
+    given_rate = optim.LinearWarmupLR(opt2, 2, after=optim.CosineAnnealingLR(opt2, 4).lr_at)
+    for k in range(6):
+        given_rate.step()
+        assert given_rate.get_last_lr()[0] == rates[k + 1]
+    with pytest.raises(TypeError, match="after must be a schedule or its lr_at"):
+        optim.LinearWarmupLR(opt, 2, after=0.5)
+
+
+def test_an_optimizer_given_one_tensor_instead_of_a_list_says_so():
+    with pytest.raises(TypeError, match=r"not one tensor: pass \[p\]"):
+        optim.SGD(_p(), lr=0.1)
+    assert optim.SGD([_p()]).param_groups[0]["lr"] == 1e-3  # PyTorch's default
+
+
 def test_a_gradient_assigned_as_an_array_is_named():
     p = _p()
     p.grad = np.ones(3, np.float32)  # PyTorch refuses the assignment; distbp says so at the step

@@ -1769,7 +1769,7 @@ def log_softmax(x, axis=-1):
     return LogSoftmax.apply(x, axis=axis)
 
 
-_REDUCTIONS = ("mean", "sum", "none")
+REDUCTIONS = ("mean", "sum", "none")
 
 
 def cross_entropy(logits, target, reduction="mean", ignore_index=-100):
@@ -1782,8 +1782,8 @@ def cross_entropy(logits, target, reduction="mean", ignore_index=-100):
     """
     logits = _tensor(logits)
     t = target.data if isinstance(target, Tensor) else np.asarray(target)
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"cross_entropy: reduction must be one of {_REDUCTIONS}, not {reduction!r}")
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"cross_entropy: reduction must be one of {REDUCTIONS}, not {reduction!r:.60}")
     if logits.data.dtype.kind != "f":
         raise TypeError(f"cross_entropy: logits must be floating point, not {logits.data.dtype}")
     if t.dtype.kind not in "iu":
@@ -1802,8 +1802,8 @@ def mse_loss(x, y, reduction="mean"):
         x, y = _floating(x), _floating(y)
     if x.data.shape != y.data.shape:
         raise ValueError(f"mse_loss: input shape {x.data.shape} differs from target shape {y.data.shape}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"mse_loss: reduction must be one of {_REDUCTIONS}, not {reduction!r}")
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"mse_loss: reduction must be one of {REDUCTIONS}, not {reduction!r:.60}")
     return MSE.apply(x, y, reduction=reduction)
 
 

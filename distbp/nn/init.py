@@ -1,6 +1,7 @@
 """Weight initialisations, in place, drawing from distbp's seeded generator (or a given one)."""
 
 import math
+import numbers
 import warnings
 
 from ..autograd.grad_mode import no_grad
@@ -17,6 +18,8 @@ def _fans(shape):
 def calculate_gain(nonlinearity, param=None):
     gains = {"linear": 1.0, "sigmoid": 1.0, "conv2d": 1.0, "tanh": 5 / 3, "relu": math.sqrt(2.0)}
     if nonlinearity == "leaky_relu":
+        if param is not None and (isinstance(param, bool) or not isinstance(param, numbers.Real)):
+            raise ValueError(f"calculate_gain: negative_slope {param!r} is not a number")
         slope = 0.01 if param is None else param
         return math.sqrt(2.0 / (1 + slope**2))
     if nonlinearity not in gains:

@@ -61,14 +61,15 @@ class Conv2d(Module):
 class MaxPool2d(Module):
     def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__()
-        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        # stride None: the kernel size, as in PyTorch, which shows it so
+        self.kernel_size, self.padding = kernel_size, padding
+        self.stride = kernel_size if stride is None else stride
 
     def forward(self, x):
         return ops.max_pool2d(x, self.kernel_size, self.stride, self.padding)
 
     def extra_repr(self):
-        stride = self.kernel_size if self.stride is None else self.stride
-        return f"kernel_size={self.kernel_size}, stride={stride}, padding={self.padding}"
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
 
 
 class AvgPool2d(MaxPool2d):
@@ -122,7 +123,8 @@ class Identity(Module):
 class LayerNorm(Module):
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, dtype=np.float32):
         super().__init__()
-        self.normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+        self.normalized_shape = ((int(normalized_shape),) if isinstance(normalized_shape, (int, np.integer))
+                                 else tuple(normalized_shape))
         self.eps = eps
         if elementwise_affine:
             self.weight = Parameter(np.ones(self.normalized_shape, dtype), dtype=dtype)
@@ -176,12 +178,15 @@ class ModuleList(Module):
     def append(self, module):
         if not isinstance(module, Module):  # None too: it would register nothing and leave no entry
             raise TypeError(f"{type(self).__name__}: item {len(self)} must be a Module, not {type(module).__name__}")
-        self.add_module(str(len(self._modules)), module)
+        n = len(self._modules)
+        while str(n) in self._modules:  # a slice of a Sequential keeps its names: never replace one
+            n += 1
+        self.add_module(str(n), module)
         return self
 
     def __getitem__(self, i):
         if isinstance(i, slice):
-            return ModuleList(list(self)[i])
+            return ModuleList(list(self)[i])  # renumbered, as in PyTorch
         return list(self._modules.values())[i]
 
     def __len__(self):
@@ -198,8 +203,11 @@ class Sequential(ModuleList):
         super().__init__(modules)
 
     def __getitem__(self, i):
-        if isinstance(i, slice):
-            return Sequential(*list(self)[i])
+        if isinstance(i, slice):  # the layers keep their names, as in PyTorch: a state_dict means the same
+            part = Sequential()
+            for name, module in list(self._modules.items())[i]:
+                part.add_module(name, module)
+            return part
         return super().__getitem__(i)
 
     def forward(self, x):
@@ -208,9 +216,16 @@ class Sequential(ModuleList):
         return x
 
 
+def _check_reduction(layer, reduction):
+    if not isinstance(reduction, str) or reduction not in ops.REDUCTIONS:  # class weights given by position, say
+        raise ValueError(f"{layer}: reduction must be one of {ops.REDUCTIONS}, not {type(reduction).__name__} "
+                         f"{reduction!r:.60}")
+
+
 class CrossEntropyLoss(Module):
     def __init__(self, reduction="mean", ignore_index=-100):
         super().__init__()
+        _check_reduction("CrossEntropyLoss", reduction)
         self.reduction, self.ignore_index = reduction, ignore_index
 
     def forward(self, logits, target):
@@ -223,6 +238,7 @@ class CrossEntropyLoss(Module):
 class MSELoss(Module):
     def __init__(self, reduction="mean"):
         super().__init__()
+        _check_reduction("MSELoss", reduction)
         self.reduction = reduction
 
     def forward(self, x, y):

@@ -118,10 +118,15 @@ class Module:
             yield m
 
     def named_children(self):
-        return iter(self._modules.items())
+        """(name, module) of each direct child, a module held under two names once (as in PyTorch)."""
+        seen = set()
+        for name, m in self._modules.items():
+            if m is not None and id(m) not in seen:
+                seen.add(id(m))
+                yield name, m
 
     def children(self):
-        return iter(self._modules.values())
+        return (m for _, m in self.named_children())
 
     def named_parameters(self, prefix=""):
         """(dotted name, Parameter) for every parameter, each shared parameter once, in registration order."""

@@ -1,23 +1,33 @@
 """Gradient utilities."""
 
 import math
+import numbers
 
 import numpy as np
 
 from ..autograd.tensor import Tensor
 
 
-def clip_grad_norm_(parameters, max_norm, eps=1e-6):
-    """Scale all gradients together so their global L2 norm is at most max_norm; returns the norm before.
+def clip_grad_norm_(parameters, max_norm, norm_type=2.0, *, eps=1e-6):
+    """Scale all gradients together so that their global norm (the norm_type-norm of all their values: 2,
+    inf or any other p > 0, as in PyTorch) is at most max_norm; returns the norm before.
 
     A non-finite norm is returned as is and the gradients are left alone, so the caller can skip the step.
     """
+    if (isinstance(norm_type, bool) or not isinstance(norm_type, numbers.Real) or not norm_type > 0):
+        raise ValueError(f"clip_grad_norm_: norm_type must be a number > 0 (2, inf, ...), got {norm_type!r}")
     if isinstance(parameters, Tensor):
         parameters = [parameters]
     grads = [p.grad.data for p in parameters if p.grad is not None]
     if not grads:
         return 0.0
-    total = math.sqrt(sum(float(np.dot(g.ravel(), g.ravel())) for g in grads))
+    if norm_type == 2:
+        total = math.sqrt(sum(float(np.dot(g.ravel(), g.ravel())) for g in grads))
+    elif norm_type == math.inf:
+        total = max((float(np.max(np.abs(g))) for g in grads if g.size), default=0.0)
+    else:
+        p = float(norm_type)
+        total = sum(float(np.sum(np.abs(g.astype(np.float64)) ** p)) for g in grads) ** (1 / p)
     if not math.isfinite(total):
         return total
     scale = max_norm / (total + eps)

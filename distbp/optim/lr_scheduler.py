@@ -24,19 +24,34 @@ class LRScheduler:
             raise ValueError(f"{type(self).__name__}: the optimizer has {groups} parameter groups and the schedule "
                              f"was made for {len(self.base_lrs)}: make the schedule after adding every group")
 
-    def _apply(self):
+    def _rates(self, t):
         self._check_groups()
-        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+        rates = []
+        for base in self.base_lrs:
             # a Python float: a np.float64 rate (np.cos in a lambda, say) made every update a float64 temporary
-            lr = _plain(self.lr_at(base, self.last_step))
+            lr = _plain(self.lr_at(base, t))
             if not is_finite_real(lr) or lr < 0:  # nan would turn the parameters into nan at the next step
-                raise ValueError(f"{type(self).__name__}: learning rate {lr!r} at step {self.last_step}")
+                raise ValueError(f"{type(self).__name__}: learning rate {lr!r} at step {t}")
+            rates.append(lr)
+        return rates
+
+    def _apply(self, rates=None):
+        for group, lr in zip(self.optimizer.param_groups, rates or self._rates(self.last_step)):
             group["lr"] = lr
+        self._written = [g["lr"] for g in self.optimizer.param_groups]
 
     def step(self):
-        self._check_groups()  # before the step is counted: a refused step changes nothing
+        # the rate is a function of the step alone: a rate set since by someone else would be overwritten
+        for i, (group, written) in enumerate(zip(self.optimizer.param_groups, self._written)):
+            if group["lr"] != written:
+                raise ValueError(
+                    f"{type(self).__name__}: parameter group {i}'s lr is {group['lr']!r}, but this schedule set "
+                    f"{written!r}: it was changed outside the schedule (by hand, or by another schedule on the same "
+                    "optimizer), and the schedule would overwrite it. Schedules here are functions of the step: "
+                    "combine them in one (LinearWarmupLR's after=, LambdaLR), or make the schedule after setting lr")
+        rates = self._rates(self.last_step + 1)  # before the step is counted: a refused step changes nothing
         self.last_step += 1
-        self._apply()
+        self._apply(rates)
 
     def get_last_lr(self):
         return [g["lr"] for g in self.optimizer.param_groups]
@@ -93,13 +108,18 @@ class CosineAnnealingLR(LRScheduler):
 class LinearWarmupLR(LRScheduler):
     """Linear warm-up from lr/warmup_steps to lr over warmup_steps steps, then `after` (or constant lr).
 
-    `after` is another schedule's lr_at, applied to the steps after the warm-up, e.g.
-    LinearWarmupLR(opt, 100, after=CosineAnnealingLR(opt, 900).lr_at).
+    `after` is another schedule (or its lr_at), applied to the steps after the warm-up, e.g.
+    LinearWarmupLR(opt, 100, after=CosineAnnealingLR(opt, 900)).
     """
 
     def __init__(self, optimizer, warmup_steps, after=None):
         if warmup_steps < 1:
             raise ValueError(f"LinearWarmupLR: warmup_steps must be at least 1, got {warmup_steps}")
+        if isinstance(after, LRScheduler):  # the schedule itself given for its lr_at
+            after = after.lr_at
+        if after is not None and not callable(after):
+            raise TypeError(f"LinearWarmupLR: after must be a schedule or its lr_at(base_lr, t), not "
+                            f"{type(after).__name__}")
         self.warmup_steps, self.after = warmup_steps, after
         super().__init__(optimizer)
 

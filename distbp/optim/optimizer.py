@@ -28,6 +28,9 @@ class Optimizer:
         self.defaults = dict(defaults)
         self.state = {}  # parameter -> dict of arrays and counters
         self.param_groups = []
+        if isinstance(params, Tensor):  # iterating it would give its rows
+            raise TypeError(f"{type(self).__name__}: params must be an iterable of parameters (or of parameter "
+                            f"groups), not one tensor: pass [p]")
         params = list(params)
         if not params:
             raise ValueError(f"{type(self).__name__} got an empty parameter list")

@@ -8,7 +8,7 @@ from .optimizer import Optimizer, axpy, is_finite_real
 class SGD(Optimizer):
     state_entries = {"momentum_buffer": "array"}  # made at the first step with momentum, so it may be absent
 
-    def __init__(self, params, lr=0.01, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False):
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False):
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
                                       weight_decay=weight_decay, nesterov=nesterov))
 
