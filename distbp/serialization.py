@@ -161,8 +161,8 @@ def load_safetensors(path):
         raise CheckpointError(f"{path}: header length {n} runs past the end of the file")
     try:
         header = json.loads(raw[8:8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: the header is not JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # not UTF-8 or JSON; nested too deep; a number of 4300+ digits
+        raise CheckpointError(f"{path}: the header is not JSON that can be read ({brief(str(e))})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: the header is not a JSON object")
     metadata = header.pop("__metadata__", {}) or {}
@@ -180,8 +180,9 @@ def load_safetensors(path):
             shape, offsets = info["shape"], info["data_offsets"]
         except (KeyError, TypeError):
             raise CheckpointError(f"{path}: entry {name!r} has a malformed description {info!r}") from None
-        if not isinstance(shape, list) or not all(is_count(s) for s in shape):
-            raise CheckpointError(f"{path}: entry {name!r} has shape {shape!r}: dimensions must be integers >= 0")
+        if not isinstance(shape, list) or not all(is_count(s) for s in shape) or len(shape) > MAX_DIMENSIONS:
+            raise CheckpointError(f"{path}: entry {brief(repr(name))} has shape {brief(repr(shape))}: at most "
+                                  f"{MAX_DIMENSIONS} dimensions, each an integer >= 0")
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(is_count(o) for o in offsets):
             raise CheckpointError(f"{path}: entry {name!r} has data_offsets {offsets!r}: expected [begin, end], "
                                   "integers >= 0")
@@ -193,12 +194,24 @@ def load_safetensors(path):
                 f"{path}: entry {name!r} has byte range {begin}..{end} that does not fit its shape {shape} "
                 f"and dtype {info['dtype']} ({size} bytes) in a data section of {len(body)} bytes"
             )
+        if math.prod(s for s in shape if s) * dtype.itemsize >= 2 ** 63:  # numpy refuses it, even with a 0 in it
+            raise CheckpointError(f"{path}: entry {brief(repr(name))} has shape {brief(repr(shape))}, too large for an "
+                                  "array")
         entries.append((begin, end, name, dtype, tuple(shape)))
     _check_layout(path, entries, len(body))
     arrays = {}
     for begin, end, name, dtype, shape in entries:
         arrays[name] = np.frombuffer(body[begin:end], dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
     return arrays, metadata
+
+
+MAX_DIMENSIONS = 64  # numpy's limit
+
+
+def brief(text, limit=80):
+    """text cut short: an error message that quotes a file, or what a client sent, stays one readable line
+    (and within what gRPC carries)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def is_count(value):

@@ -17,7 +17,7 @@ from distbp.autograd import Tensor, manual_seed
 from distbp.autograd.ops import cross_entropy
 from distbp import serialization as checkpoint_module
 from distbp.train.checkpoint import (
-    FORMAT, CheckpointError, load_checkpoint, load_safetensors, save_checkpoint, save_safetensors,
+    FORMAT, CheckpointError, load_checkpoint, load_safetensors, load_weights, save_checkpoint, save_safetensors,
 )
 
 # --- safetensors layout ----------------------------------------------------------------------------------
@@ -385,6 +385,9 @@ BAD_LAYOUTS = [
     # 2**64 elements: a size computed in int64 wraps to 0 and would "fit" the empty range
     pytest.param({"a": _entry([2**32, 2**32], 0, 0)}, 0, "'a'.*does not fit", id="huge-shape"),
     pytest.param({"a": _entry([2**62, 4], 0, 0, "U8")}, 0, "'a'.*does not fit", id="huge-shape-u8"),
+    # no bytes at all (a 0 in the shape) fits the empty range; numpy still refuses such shapes
+    pytest.param({"a": _entry([0, 2**62], 0, 0)}, 0, "'a'.*too large for an array", id="empty-but-huge"),
+    pytest.param({"a": _entry([0] * 65, 0, 0)}, 0, "'a'.*at most 64 dimensions", id="65-dimensions"),
 ]
 
 
@@ -435,6 +438,50 @@ def test_tampered_checkpoint_is_refused_unchanged(good_checkpoint, how):
     before = snapshot(model, optimizer)
     with pytest.raises(CheckpointError, match=words):
         load_checkpoint(path, model, optimizer)
+    assert_snapshots_equal(snapshot(model, optimizer), before)
+
+
+@pytest.mark.parametrize("header_json", [b"[" * 3000 + b"]" * 3000, b'{"a": ' + b"1" * 5000 + b"}"],
+                         ids=["nested-too-deep", "number-of-5000-digits"])
+def test_a_header_json_cannot_read_is_refused(tmp_path, header_json):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header_json)) + header_json)
+    with pytest.raises(CheckpointError, match="header is not JSON that can be read"):
+        load_safetensors(path)
+    deep = json.dumps({"__metadata__": {"distbp": "[" * 3000 + "]" * 3000}}).encode()
+    path.write_bytes(struct.pack("<Q", len(deep)) + deep)
+    model, optimizer = make()
+    with pytest.raises(CheckpointError, match="not a distbp checkpoint"):
+        load_checkpoint(path, model, optimizer)
+
+
+def _retyped(header):  # one letter: F32 -> I32, the same size; the bits would load as huge integers
+    header["model/0.weight"]["dtype"] = "I32"
+
+
+def _renamed(header):  # one letter of an optimizer array's name: its state would restart from zero silently
+    header["xptim/1/exp_avg"] = header.pop("optim/1/exp_avg")
+
+
+def _bad_signature(header):
+    meta = json.loads(header["__metadata__"]["distbp"])
+    meta["signature"]["0.bias"] = True
+    header["__metadata__"]["distbp"] = json.dumps(meta)
+
+
+@pytest.mark.parametrize("change, words", [
+    (_retyped, r"model/0.weight is int32 \[32, 64\] in the file, but float32"),
+    (_renamed, "array 'xptim/1/exp_avg' is neither the model's nor the optimizer's"),
+    (_bad_signature, r"the model signature is not \{name: \[shape, dtype\]\}"),
+], ids=["dtype", "array-name", "signature"])
+def test_a_checkpoint_damaged_in_one_place_is_refused_by_both_loaders(good_checkpoint, change, words):
+    path = _tampered(good_checkpoint, change)
+    model, optimizer = make(seed=5)
+    before = snapshot(model, optimizer)
+    with pytest.raises(CheckpointError, match=words):
+        load_checkpoint(path, model, optimizer)
+    with pytest.raises(CheckpointError, match=words):
+        load_weights(path, model)
     assert_snapshots_equal(snapshot(model, optimizer), before)
 
 

@@ -24,9 +24,9 @@ from google.protobuf.message import DecodeError
 
 from ..autograd.tensor import Tensor
 from ..optim.optimizer import axpy
-from ..serialization import CheckpointError, check_finite, is_count, load_safetensors, save_safetensors
+from ..serialization import CheckpointError, brief, check_finite, is_count, load_safetensors, save_safetensors
 from .v1 import ps_pb2, ps_pb2_grpc
-from .wire import Assembler, WireError, brief, brief_repr, chunk_ranges, decode_message, encode_chunks
+from .wire import Assembler, WireError, brief_repr, chunk_ranges, decode_message, encode_chunks
 
 log = logging.getLogger("distbp.ps")
 MODES = ("sync", "async", "bounded")

@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 
+from ..serialization import brief
 from .v1 import ps_pb2
 
 CHUNK_BYTES = 2 * 1024 * 1024  # well under gRPC's 4 MB default message limit
@@ -26,11 +27,6 @@ def to_chunks(name, array, chunk_bytes=CHUNK_BYTES):
 
 
 MESSAGE_SLACK = 64 * 1024  # bytes of a message beyond its tensor data that a kept view may hold on to
-
-
-def brief(text, limit=80):
-    """text cut short: error details echo what a client sent, and gRPC refuses long ones."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def brief_repr(value, limit=80):

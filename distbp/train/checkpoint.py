@@ -12,7 +12,9 @@ import json
 
 import numpy as np
 
-from ..serialization import CheckpointError, check_finite, is_count, load_safetensors, save_safetensors  # noqa: F401
+from ..serialization import (  # noqa: F401
+    CheckpointError, brief, check_finite, is_count, load_safetensors, save_safetensors,
+)
 
 FORMAT = "distbp-checkpoint-1"
 
@@ -48,8 +50,9 @@ def _read(path):
     arrays, metadata = load_safetensors(path)
     try:
         meta = json.loads(metadata["distbp"])
-    except (KeyError, TypeError, json.JSONDecodeError):
-        raise CheckpointError(f"{path}: not a distbp checkpoint (no distbp metadata)") from None
+    except (KeyError, TypeError, ValueError, RecursionError):  # (JSON nested too deep, a number of 4300+ digits)
+        raise CheckpointError(f"{path}: not a distbp checkpoint (no distbp metadata, as JSON that can be read)") \
+            from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else None
         raise CheckpointError(f"{path}: unknown checkpoint format {found!r}, expected {FORMAT}")
@@ -58,15 +61,23 @@ def _read(path):
         raise CheckpointError(f"{path}: damaged checkpoint metadata: no {missing[0]!r}")
     if not isinstance(meta["state"], dict):
         raise CheckpointError(f"{path}: damaged checkpoint metadata: the saved state is not an object")
+    stray = [name for name in arrays if not name.startswith(("model/", "optim/"))]
+    if stray:  # a damaged name: the array it was would be missed without a word (optimizer state restarted)
+        raise CheckpointError(f"{path}: damaged checkpoint: array {brief(repr(stray[0]))} is neither the model's "
+                              "nor the optimizer's")
     check_finite(path, arrays, "model/")
     return arrays, meta
 
 
-def _check_model(path, meta, model):
-    """Refuse a checkpoint of another model: parameter names, shapes and dtypes must be the same."""
+def _check_model(path, meta, arrays, model):
+    """Refuse a checkpoint of another model: parameter names, shapes and dtypes must be the same, in the
+    saved signature and in the arrays themselves (load_state_dict would convert another dtype's bits)."""
     saved, own = meta["signature"], model_signature(model)
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"{path}: damaged checkpoint metadata: the model signature is not an object")
+    if not isinstance(saved, dict) or not all(
+            isinstance(v, list) and len(v) == 2 and isinstance(v[0], list) and isinstance(v[1], str)
+            for v in saved.values()):
+        raise CheckpointError(f"{path}: damaged checkpoint metadata: the model signature is not "
+                              "{name: [shape, dtype]}")
     for name in own:
         if name not in saved:
             raise CheckpointError(f"{path}: checkpoint of a different model: it has no parameter {name!r}")
@@ -78,6 +89,11 @@ def _check_model(path, meta, model):
     extra = [n for n in saved if n not in own]
     if extra:
         raise CheckpointError(f"{path}: checkpoint of a different model: it has extra parameter {extra[0]!r}")
+    for name, value in model.state_dict().items():  # the arrays as they are, beside what the signature says
+        array = arrays.get(f"model/{name}")
+        if array is not None and (array.dtype != value.dtype or array.shape != value.shape):
+            raise CheckpointError(f"{path}: model/{name} is {array.dtype} {list(array.shape)} in the file, but "
+                                  f"{value.dtype} {list(value.shape)} by its signature and here: a damaged file")
 
 
 def _state_of(path, meta):
@@ -93,7 +109,7 @@ def load_weights(path, model, check_state=None):
     arrays, meta = _read(path)
     if check_state is not None:
         check_state(_state_of(path, meta))
-    _check_model(path, meta, model)
+    _check_model(path, meta, arrays, model)
     try:
         model.load_state_dict({k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")})
     except (KeyError, ValueError, TypeError) as e:
@@ -119,7 +135,7 @@ def load_checkpoint(path, model, optimizer, check_state=None, check_first=None):
         raise CheckpointError(
             f"{path}: checkpoint of a run with optimizer {saved_opt}, this run uses {type(optimizer).__name__}"
         )
-    _check_model(path, meta, model)
+    _check_model(path, meta, arrays, model)
     try:
         model_arrays = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}
         opt_state = {}
