@@ -142,12 +142,24 @@ def replace_file(path, pieces):
         pass
 
 
+def not_a_regular_file(path):
+    """What `path` is when it is not a regular file ("a directory", ...), else None (also when it does not
+    exist: opening it says so). Reading a pipe with no writer blocks for ever, and a device may never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    return "a directory" if stat.S_ISDIR(mode) else "a device, a pipe or a socket"
+
+
 def load_safetensors(path):
     """(name -> array, metadata) from a safetensors file; a malformed file raises CheckpointError."""
     path = Path(path)
     try:
-        if not stat.S_ISREG(path.stat().st_mode):  # reading a pipe or a device would block or never end
-            what = "a directory" if path.is_dir() else "a device, a pipe or a socket"
+        what = not_a_regular_file(path)
+        if what:
             raise CheckpointError(f"checkpoint {path} is not a regular file ({what})")
         raw = path.read_bytes()
     except FileNotFoundError:

@@ -163,6 +163,20 @@ CASES = {
     "resume-appending-to-a-binary-file": (
         ["train", "--resume", "--hidden", "32", "--checkpoint", "new.ckpt", "--metrics", "ck-bin.safetensors",
          "--progress", "none"], ["metrics file ck-bin.safetensors is not UTF-8 text"], "ck-bin.safetensors"),
+    "config-nested-too-deep": (["train", "--config", "deep.toml"], ["config file deep.toml is not valid TOML"], None),
+    "config-is-a-pipe": (["train", "--config", "pipe"], ["config file pipe is not a regular file"], None),
+    "text-file-is-a-pipe": (["train", "--model", "charlm", "--text-file", "pipe", "--progress", "none"],
+                            ["text file pipe is not a regular file"], None),
+    "idx-of-65-dimensions": (["train", "--dataset", "idx", "--data-dir", "idx65"], ["65 dimensions (at most 64)"],
+                             None),
+    "plot-a-pipe": (["plot", "pipe", "-o", "x.png"], ["metrics file pipe is not a regular file"], None),
+    "plot-value-not-a-number": (["plot", "badvalue.jsonl", "-o", "x.png"], ["badvalue.jsonl:2: train_loss is {}"],
+                                None),
+    "plot-json-nested-too-deep": (["plot", "deep.jsonl", "-o", "x.png"],
+                                  ["deep.jsonl:1: not a JSON line that can be read"], None),
+    "checkpoint-base-rate-damaged": (
+        ["train", "--resume", "--hidden", "32", "--checkpoint", "ck-rate.safetensors", "--progress", "none"],
+        ["ck-rate.safetensors", "base rates are [1000000.0], this run's [0.1]"], "ck-rate.safetensors"),
     "trace-over-the-config-file": (["train", "--config", "run.toml", "--trace", "run.toml", "--progress", "none"],
                                    ["'trace' is the config file (run.toml)"], "run.toml"),
     "ipv6-address-without-brackets": (["train", "--backend", "ps", "--ps", "::1:5000"], ["'::1:5000'", "[::1]:5000"],
@@ -187,7 +201,9 @@ IN_PROCESS = {"out-of-range-option", "malformed-toml", "missing-config", "idx-wi
               "checkpoint-step-damaged", "checkpoint-data-damaged", "outputs-in-one-file-by-a-link", "outputs-in-one-file-by-a-hard-link",
               "threads-rank-refuses-a-checkpoint", "empty-config-name", "metrics-over-the-weights-read",
               "trace-over-the-config-file", "resume-appending-to-a-binary-file",
-              "checkpoint-schedule-elsewhere", "checkpoint-running-loss-damaged"}
+              "checkpoint-schedule-elsewhere", "checkpoint-running-loss-damaged", "config-nested-too-deep",
+              "idx-of-65-dimensions", "plot-value-not-a-number", "plot-json-nested-too-deep",
+              "checkpoint-base-rate-damaged"}  # (reading a pipe hung once: those run as subprocesses)
 
 
 def edit_checkpoint(raw, state=None, nan_in=None):
@@ -243,6 +259,13 @@ def results(trained, tmp_path_factory):
         (d / "badidx" / name).write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x01\x07")
     ck = (trained / "ck.safetensors").read_bytes()
     (d / "run.toml").write_text("epochs = 1\n")
+    (d / "deep.toml").write_text("hidden = " + "[" * 3000 + "1" + "]" * 3000 + "\n")
+    (d / "badvalue.jsonl").write_text('{"step": 1, "train_loss": 1.0}\n{"step": 2, "train_loss": {}}\n')
+    (d / "deep.jsonl").write_text("[" * 100000 + "]" * 100000 + "\n")
+    (d / "idx65").mkdir()
+    (d / "idx65" / "train-images-idx3-ubyte").write_bytes(bytes([0, 0, 8, 65]) + (1).to_bytes(4, "big") * 65 + b"x")
+    for name in ("train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (d / "idx65" / name).write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x01\x07")
     for name in ("ck-model", "ck-opt", "ck-init", "ck-bin"):
         (d / f"{name}.safetensors").write_bytes(ck)
     (d / "ck-nan.safetensors").write_bytes(edit_checkpoint(ck, nan_in="model/0.weight"))
@@ -252,6 +275,8 @@ def results(trained, tmp_path_factory):
     schedule_at_0 = {"schedule": {"last_step": 0, "base_lrs": [0.1]}}
     (d / "ck-sched.safetensors").write_bytes(edit_checkpoint(ck, state=schedule_at_0))
     (d / "ck-run.safetensors").write_bytes(edit_checkpoint(ck, state={"running_loss": {"sum": 1.0, "count": 10**6}}))
+    (d / "ck-rate.safetensors").write_bytes(edit_checkpoint(ck, state={"schedule": {"last_step": 90,
+                                                                                    "base_lrs": [1e6]}}))
     os.mkfifo(d / "pipe")
     (d / "link.out").symlink_to("real.out")
     (d / "hard-a.out").write_text("")

@@ -1237,6 +1237,37 @@ def test_each_async_worker_id_takes_up_its_own_run_after_a_restore(tmp_path, mod
         restored.stop()
 
 
+def _edit_ps_checkpoint(path, change):
+    from distbp.serialization import load_safetensors, save_safetensors
+
+    arrays, metadata = load_safetensors(path)
+    meta = json.loads(metadata["distbp-ps"])
+    change(meta)
+    save_safetensors(path, arrays, {"distbp-ps": json.dumps(meta)})
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda meta: meta.__setitem__("mode", 42), "mode 42 is not one of"),
+    (lambda meta: meta.__setitem__("schedule", None), "version 3 without the schedule's state"),
+    (lambda meta: meta.pop("schedule"), "version 3 without the schedule's state"),
+    (lambda meta: meta["schedule"].__setitem__("base_lrs", [1e6]), r"base rates are \[1000000.0\]"),
+], ids=["mode", "schedule-null", "schedule-missing", "base-rate"])
+def test_a_damaged_parameter_server_checkpoint_is_refused_not_restored(tmp_path, change, words):
+    from distbp.serialization import CheckpointError
+
+    config = make_config({"epochs": 1, "progress": "none"})
+    shard = build_shard(config, 0, 1, 1, mode="async")
+    shard.register(0, shard.signature)
+    for _ in range(3):
+        shard.push(0, shard.version, iter(_grad_chunks(shard)))
+    path = tmp_path / "ps.ckpt"
+    shard.save(path)
+    shard.stop()
+    _edit_ps_checkpoint(path, change)
+    with pytest.raises(CheckpointError, match=words):
+        build_shard(config, 0, 1, 1, mode="async", checkpoint=str(path))
+
+
 def _async_checkpoint(tmp_path, every=0, pushes=(0, 0, 1, 0), mode="async"):
     config = make_config({"epochs": 1, "progress": "none"})
     path = tmp_path / "ps.ckpt"

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..serialization import MAX_DIMENSIONS, not_a_regular_file
+
 
 class DataError(ValueError):
     """A data file or data set that cannot be used, with the reason."""
@@ -111,6 +113,9 @@ def read_idx(path):
     The header is read first and then no more data than it declares (and one byte, to find extra data): a
     small gzip file that expands to gigabytes is refused without expanding it."""
     path = Path(path)
+    what = not_a_regular_file(path)
+    if what:
+        raise DataError(f"IDX file {path} is not a regular file ({what})")
     try:
         with open(path, "rb") as f:
             gzipped = f.read(2) == b"\x1f\x8b"
@@ -135,6 +140,8 @@ def _read_idx_stream(path, stream):
     type_code, ndim = head[2], head[3]
     if type_code not in _IDX_TYPES:
         raise DataError(f"{path}: unknown IDX element type 0x{type_code:02x}")
+    if ndim > MAX_DIMENSIONS:
+        raise DataError(f"{path}: IDX header declares {ndim} dimensions (at most {MAX_DIMENSIONS})")
     dims_raw = stream.read(4 * ndim)
     if len(dims_raw) < 4 * ndim:
         raise DataError(f"{path}: truncated IDX header")
@@ -150,6 +157,8 @@ def _read_idx_stream(path, stream):
     if len(data) != expected:
         held = f"{len(data)}" if len(data) < expected else f"more than {expected}"
         raise DataError(f"{path}: IDX header says {dims} ({expected} bytes of data) but the file holds {held}")
+    if math.prod(d for d in dims if d) * dtype.itemsize >= 2 ** 63:  # numpy refuses it, even with a 0 in it
+        raise DataError(f"{path}: IDX header declares {list(dims)}, too large for an array")
     return np.frombuffer(data, dtype=dtype).reshape(dims)
 
 
@@ -277,6 +286,9 @@ def _read_utf8_prefix(path, max_chars):
     """The first max_chars characters of a UTF-8 file, reading no more than they can take (4 bytes each):
     only what is used must decode, a byte-order mark is not text, and line ends read as "\n" (as a file
     opened in text mode gives them)."""
+    what = not_a_regular_file(path)
+    if what:
+        raise DataError(f"text file {path} is not a regular file ({what})")
     wanted = 4 * max_chars + 3
     pieces, held = [], 0
     with open(path, "rb") as f:

@@ -447,7 +447,7 @@ class Shard:
         try:
             meta = json.loads(metadata["distbp-ps"])
             version, scalars = meta["version"], meta["scalars"]
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, RecursionError):  # (JSON nested too deep, a 4300-digit number)
             raise CheckpointError(f"{path}: not a distbp parameter-server checkpoint") from None
         check_finite(path, arrays, "param/")
         if meta.get("signature") != self.signature or meta.get("shard") != self.shard:
@@ -464,9 +464,14 @@ class Shard:
             raise CheckpointError(f"{path}: damaged checkpoint: the optimizer counters are not objects by parameter")
         steps_done, steps_guessed = self._check_steps_done(path, meta, version)
         schedule = meta.get("schedule") if self.schedule is not None else None
-        if schedule:
+        if self.schedule is not None and version and schedule is None:  # it would start over from step 0
+            raise CheckpointError(f"{path}: damaged checkpoint: version {version} without the schedule's state")
+        if schedule is not None:
             try:
-                self.schedule.check_state_dict(schedule)
+                _, base_lrs = self.schedule.check_state_dict(schedule)
+                if base_lrs != self.schedule.base_lrs:  # the settings compared above say which rate
+                    raise ValueError(f"the schedule's base rates are {base_lrs}, this server's "
+                                     f"{self.schedule.base_lrs}")
             except ValueError as e:
                 raise CheckpointError(f"{path}: damaged checkpoint: {e}") from None
         state = {}
@@ -489,7 +494,7 @@ class Shard:
         for name, p in self.params.items():
             p.data[...] = arrays[f"param/{name}"]
         self.optimizer.state = state
-        if schedule:
+        if schedule is not None:
             self.schedule.load_state_dict(schedule)
         self.version = version
         self.steps_done, self.steps_guessed = steps_done, steps_guessed
@@ -521,6 +526,8 @@ class Shard:
         """(pushes applied per worker id, whether they are estimates) from the checkpoint (async and bounded:
         they add up to the version)."""
         saved_mode = meta.get("mode", self.mode)
+        if saved_mode not in MODES:
+            raise CheckpointError(f"{path}: damaged checkpoint: mode {brief(repr(saved_mode))} is not one of {MODES}")
         if (saved_mode == "sync") != (self.mode == "sync"):
             raise CheckpointError(f"{path}: checkpoint of a {saved_mode} server, this one is {self.mode}: a sync "
                                   "version is one step of every worker, an async one a single push")

@@ -11,6 +11,8 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from ..serialization import brief, not_a_regular_file
+
 
 class ConfigError(ValueError):
     """A configuration problem, naming the key and what is wrong with it."""
@@ -219,13 +221,16 @@ def check_applies(config):
 def load_toml(path):
     """The key/value mapping of a TOML config file (flat, or with [sections] that are merged)."""
     path = Path(path)
+    what = not_a_regular_file(path)
+    if what:
+        raise ConfigError(f"config file {path} is not a regular file ({what})")
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    except (ValueError, RecursionError) as e:  # not TOML or UTF-8; nested too deep; a number of 4300+ digits
+        raise ConfigError(f"config file {path} is not valid TOML: {brief(str(e))}") from None
     except OSError as e:  # a directory, no permission
         raise ConfigError(f"config file {path}: {e.strerror or e}") from None
     flat, where = {}, {}

@@ -1,11 +1,12 @@
 """What a run shows and records: a progress bar on a terminal, plain lines elsewhere, metrics as JSON lines."""
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
-from ..serialization import replace_file
+from ..serialization import brief, not_a_regular_file, replace_file
 from .config import ConfigError
 
 
@@ -107,10 +108,24 @@ def _keep_records_to_go_on_from(path, step):
         replace_file(path, [kept.encode()])
 
 
+PLOTTED = ("train_loss", "test_loss", "test_accuracy")
+
+
+def _is_number(value, finite=True):
+    """An int or float (not a bool, which JSON's true would pass as), finite unless told otherwise (a
+    diverged run's loss is NaN), and one that a float holds (a 400-digit integer does not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value) or not finite
+    except OverflowError:
+        return False
+
+
 def _past(line, step):
     try:
         record = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # not a record: kept, for read_metrics to name
         return False
     return isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step
 
@@ -123,6 +138,9 @@ def read_metrics(path):
     parameter-server worker that went back to where its restored servers had it): it replaces the records
     at or after its step."""
     records = []
+    what = not_a_regular_file(path)
+    if what:
+        raise ValueError(f"metrics file {path} is not a regular file ({what})")
     try:
         text = Path(path).read_text()
     except FileNotFoundError:
@@ -140,8 +158,13 @@ def read_metrics(path):
                 if n == len(lines) and not text.endswith("\n"):  # a record still being written: not there yet
                     break
                 raise ValueError(f"{path}:{n}: not a JSON line ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("step"), (int, float)):
-                raise ValueError(f"{path}:{n}: not a metrics record (a JSON object with a 'step')")
+            except (ValueError, RecursionError) as e:  # nested too deep; a number of 4300+ digits
+                raise ValueError(f"{path}:{n}: not a JSON line that can be read ({brief(str(e))})") from None
+            if not isinstance(record, dict) or not _is_number(record.get("step")):
+                raise ValueError(f"{path}:{n}: not a metrics record (a JSON object with a numeric 'step')")
+            for key in PLOTTED:
+                if key in record and not _is_number(record[key], finite=False):
+                    raise ValueError(f"{path}:{n}: {key} is {brief(repr(record[key]))}, not a number")
             while records and records[-1]["step"] >= record["step"]:
                 records.pop()
             records.append(record)

@@ -19,6 +19,7 @@ from ..autograd.ops import cross_entropy
 from ..data import BatchLoader, CharDataset, ShardSampler, load_digits, load_idx_dir, load_synthetic, load_text
 from ..data.datasets import DataError, fingerprint
 from ..optim.optimizer import is_finite_real
+from ..serialization import brief
 from .checkpoint import CheckpointError, is_count, load_checkpoint, load_weights, save_checkpoint
 from .config import RESUME_KEYS, ConfigError, check_outputs, default_dataset, effective_settings, to_dict
 from .progress import MetricsLog, Progress
@@ -156,6 +157,9 @@ class Trainer:
         would name a shape where these name the setting)."""
         self._check_model_name(path, state.get("model"))
         saved = state.get("config")
+        if isinstance(saved, dict) and not isinstance(saved.get("model", ""), (str, type(None))):
+            raise CheckpointError(f"{path}: damaged checkpoint state: its config's model is "
+                                  f"{brief(repr(saved['model']))}")
         if isinstance(saved, dict):
             theirs = effective_settings(saved, [k for k in RESUME_KEYS if k in saved])
             mine = effective_settings(to_dict(self.config), RESUME_KEYS)
@@ -206,9 +210,11 @@ class Trainer:
             raise CheckpointError(f"{path}: damaged checkpoint state: a running loss over {running['count']} steps "
                                   f"at step {step}")
         try:
-            last_step, _ = self.schedule.check_state_dict(state.get("schedule"))
+            last_step, base_lrs = self.schedule.check_state_dict(state.get("schedule"))
             if last_step != step:  # the learning rate would follow the schedule from elsewhere
                 raise ValueError(f"the schedule is at step {last_step}, the run at step {step}")
+            if base_lrs != self.schedule.base_lrs:  # the configured rate, compared as a setting already
+                raise ValueError(f"the schedule's base rates are {base_lrs}, this run's {self.schedule.base_lrs}")
             for rng in self._rank_rngs(state):
                 check_rng_state(rng)
         except ValueError as e:
