@@ -8,7 +8,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "distbp"
 # top to bottom, as in the README
-LAYERS = ["autograd", "nn", "optim", "data", "models", "comm", "parallel", "serialization", "ps", "train", "cli"]
+LAYERS = ["serialization", "autograd", "nn", "optim", "data", "models", "comm", "parallel", "ps", "train", "cli"]
 
 
 def _layer_of(path):
