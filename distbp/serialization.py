@@ -142,16 +142,19 @@ def replace_file(path, pieces):
         pass
 
 
-def not_a_regular_file(path):
+def not_a_regular_file(path, pipe_ok=False):
     """What `path` is when it is not a regular file ("a directory", ...), else None (also when it does not
-    exist: opening it says so). Reading a pipe with no writer blocks for ever, and a device may never end."""
+    exist: opening it says so). A device may never end (/dev/zero), and a pipe is read until its writer ends
+    it, or for ever when it has none: pipe_ok for text a user may write on the fly (`--config <(...)`)."""
     try:
         mode = os.stat(path).st_mode
     except OSError:
         return None
-    if stat.S_ISREG(mode):
+    if stat.S_ISREG(mode) or (pipe_ok and stat.S_ISFIFO(mode)):
         return None
-    return "a directory" if stat.S_ISDIR(mode) else "a device, a pipe or a socket"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    return "a device or a socket" if pipe_ok else "a device, a pipe or a socket"
 
 
 def load_safetensors(path):

@@ -4,9 +4,9 @@
 #   launch/mpirun.sh 4 --model cnn --epochs 10        # 4 ranks; the rest are `distbp train` options
 #   HOSTFILE=launch/hostfile.example launch/mpirun.sh 8 ...   # ranks spread over the hosts listed there
 #
-# mpiexec comes with the mpich wheel that `pip install -e .` installs, beside the Python that runs the ranks
-# (PYTHON, default python3, e.g. a virtual environment's): that one is used, else the first on PATH (a
-# cluster's own mpiexec).
+# mpiexec comes with the mpich wheel that `pip install -e .` installs. When the Python that runs the ranks
+# (PYTHON, default python3) is a virtual environment's, the mpiexec beside it is used (it need not be on
+# PATH); else the first on PATH (a cluster's own mpiexec).
 set -euo pipefail
 usage="usage: launch/mpirun.sh RANKS [distbp train options...]"
 ranks=${1:-}
@@ -25,7 +25,9 @@ fi
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
 python=${PYTHON:-python3}
 mpiexec=mpiexec
-if python_path=$(command -v "$python") && [ -x "$(dirname "$python_path")/mpiexec" ]; then
+# a virtual environment's own (beside a system Python may be the system's MPI, not the wheel's)
+if python_path=$(command -v "$python") && [ -x "$(dirname "$python_path")/mpiexec" ] &&
+  [ -f "$(dirname "$(dirname "$python_path")")/pyvenv.cfg" ]; then
   mpiexec=$(dirname "$python_path")/mpiexec
 fi
 exec "$mpiexec" "${hosts[@]}" -n "$ranks" "$python" -m distbp train --backend mpi "$@"

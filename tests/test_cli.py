@@ -164,12 +164,12 @@ CASES = {
         ["train", "--resume", "--hidden", "32", "--checkpoint", "new.ckpt", "--metrics", "ck-bin.safetensors",
          "--progress", "none"], ["metrics file ck-bin.safetensors is not UTF-8 text"], "ck-bin.safetensors"),
     "config-nested-too-deep": (["train", "--config", "deep.toml"], ["config file deep.toml is not valid TOML"], None),
-    "config-is-a-pipe": (["train", "--config", "pipe"], ["config file pipe is not a regular file"], None),
-    "text-file-is-a-pipe": (["train", "--model", "charlm", "--text-file", "pipe", "--progress", "none"],
-                            ["text file pipe is not a regular file"], None),
+    "config-is-a-device": (["train", "--config", "/dev/zero"], ["config file /dev/zero is not a regular file"], None),
+    "text-file-is-a-device": (["train", "--model", "charlm", "--text-file", "/dev/zero", "--progress", "none"],
+                              ["text file /dev/zero is not a regular file"], None),
     "idx-of-65-dimensions": (["train", "--dataset", "idx", "--data-dir", "idx65"], ["65 dimensions (at most 64)"],
                              None),
-    "plot-a-pipe": (["plot", "pipe", "-o", "x.png"], ["metrics file pipe is not a regular file"], None),
+    "plot-a-device": (["plot", "/dev/zero", "-o", "x.png"], ["metrics file /dev/zero is not a regular file"], None),
     "plot-value-not-a-number": (["plot", "badvalue.jsonl", "-o", "x.png"], ["badvalue.jsonl:2: train_loss is {}"],
                                 None),
     "plot-json-nested-too-deep": (["plot", "deep.jsonl", "-o", "x.png"],
@@ -203,7 +203,7 @@ IN_PROCESS = {"out-of-range-option", "malformed-toml", "missing-config", "idx-wi
               "trace-over-the-config-file", "resume-appending-to-a-binary-file",
               "checkpoint-schedule-elsewhere", "checkpoint-running-loss-damaged", "config-nested-too-deep",
               "idx-of-65-dimensions", "plot-value-not-a-number", "plot-json-nested-too-deep",
-              "checkpoint-base-rate-damaged"}  # (reading a pipe hung once: those run as subprocesses)
+              "checkpoint-base-rate-damaged"}  # (reading a device once read without end: those run as subprocesses)
 
 
 def edit_checkpoint(raw, state=None, nan_in=None):
@@ -555,3 +555,18 @@ def test_output_piped_to_a_reader_that_stops_ends_quietly(backend):
     proc.stdout.close()
     err = proc.stderr.read()
     assert proc.wait(60) == 141 and err == "", err
+
+
+def test_a_config_given_through_a_pipe_is_read(tmp_path):
+    # process substitution: the shell's pipe has a writer; a device (/dev/zero) is refused (above)
+    command = f"{sys.executable} -m distbp train --config <(printf 'max_steps = 2\\nhidden = [16]\\n') " \
+              "--progress plain"
+    r = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "done: 2 steps" in r.stdout, r.stderr
+
+
+def test_a_toml_error_names_its_line_whatever_the_length_of_the_message(tmp_path):
+    long_key = "settings_for_the_second_experiment_of_the_week_on_the_cluster"
+    (tmp_path / "dup.toml").write_text(f"[{long_key}]\nepochs = 1\n[{long_key}]\nepochs = 2\n")
+    r = run_in_process(tmp_path, "train", "--config", "dup.toml")
+    assert r.returncode == 2 and "at line 3" in r.stderr, r.stderr

@@ -992,3 +992,19 @@ def test_init_functions_count_as_in_place_changes():
         fill(lin.weight)
         with pytest.raises(RuntimeError, match="changed in place"):
             y.sum().backward()
+
+
+def test_softmax_and_exact_gelu_keep_float16_accurate():
+    # softmax's unshifted path is for float32/64 (float16's exps go subnormal), and gelu's 1 + erf(x) would
+    # cancel for negative x in float16
+    x = np.linspace(-15, -9, 64 * 8).reshape(8, 64).astype(np.float16)
+    exact = np.exp(x.astype(np.float64) - x.astype(np.float64).max(-1, keepdims=True))
+    exact /= exact.sum(-1, keepdims=True)
+    got = ops.softmax(Tensor(x, dtype=np.float16), -1).data
+    assert got.dtype == np.float16
+    np.testing.assert_allclose(got, exact, rtol=2e-3, atol=1e-6)
+    from scipy.special import erfc
+
+    h = np.array([-3.5, -3.0, -2.5, -1.0, 0.5, 2.0], np.float16)
+    want = 0.5 * h.astype(np.float64) * erfc(-h.astype(np.float64) / np.sqrt(2))
+    np.testing.assert_allclose(ops.gelu(Tensor(h, dtype=np.float16)).data, want, rtol=2e-3)

@@ -273,10 +273,12 @@ def test_a_rank_failing_to_make_its_communicator_ends_the_job_at_once():
     assert "distbp: rank 1 of 2 failed: RuntimeError: no communicator for rank 1" in err
 
 
-def test_ranks_whose_copies_of_the_data_differ_are_refused_at_start_up(tmp_path):
-    # one path, two machines' disks: the same characters in another order trained on without a word
+@pytest.mark.parametrize("other", ["reversed", "longer"])
+def test_ranks_whose_copies_of_the_data_differ_are_refused_at_start_up(tmp_path, other):
+    # one path, two machines' disks: the same characters in another order trained on without a word (or
+    # more text: the numbers of examples differ too, and the message still names the data)
     text = "".join(chr(97 + i % 26) for i in range(6000))
-    for name, content in (("a", text), ("b", text[::-1])):
+    for name, content in (("a", text), ("b", text[::-1] if other == "reversed" else text * 2)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "corpus.txt").write_text(content)
     args = ["--model", "charlm", "--text-file", "corpus.txt", "--max-steps", "2"]
@@ -378,9 +380,20 @@ def test_the_launch_script_refuses_a_rank_count_that_is_not_a_positive_integer(r
 
 def test_the_one_machine_launch_script_trains_with_the_mpiexec_beside_its_python(tmp_path):
     # a virtual environment's python named by PYTHON, its bin directory not on PATH: its own mpiexec is used
+    # (a stand-in venv over this Python and its site-packages, its mpiexec the one the tests use)
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "pyvenv.cfg").write_text(f"home = {Path(sys.executable).parent}\ninclude-system-site-packages = true\n")
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    wheel_bin = next((d for d in (Path(sys.executable).parent, Path(MPIEXEC).resolve().parent)
+                      if (d / "mpiexec").is_file() and (d / "hydra_pmi_proxy").is_file()), None)
+    if wheel_bin is None:
+        pytest.skip("this MPI is not the mpich wheel's (mpiexec beside hydra_pmi_proxy)")
+    for name in ("mpiexec", "hydra_pmi_proxy"):  # mpiexec starts the proxy found beside itself
+        (venv / "bin" / name).symlink_to(wheel_bin / name)
     script = HERE.parent / "launch" / "mpirun.sh"
     bare_path = os.pathsep.join(d for d in ("/usr/bin", "/bin") if os.path.isdir(d))
-    env = {**os.environ, "PYTHON": sys.executable, "PATH": bare_path}
+    env = {**os.environ, "PYTHON": str(venv / "bin" / "python"), "PATH": bare_path}
     done = subprocess.run(["bash", str(script), "2", "--epochs", "1", "--progress", "none",
                            "--metrics", str(tmp_path / "m.jsonl")], capture_output=True, text=True, timeout=90, env=env)
     assert done.returncode == 0, done.stderr

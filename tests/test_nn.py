@@ -1217,6 +1217,18 @@ def test_clip_grad_norm_refuses_a_norm_type_that_is_not_a_positive_number(rng, b
         nn.clip_grad_norm_(dps, 1.0, bad)
 
 
+def test_clip_grad_norm_reports_nan_in_any_gradient_and_a_tiny_p_as_inf(rng):
+    dps, _ = _grads_pair(rng, 1.0)
+    dps[2].grad.data.flat[3] = np.nan  # not the first gradient: max() over the tensors skipped it
+    before = [p.grad.data.copy() for p in dps]
+    for norm_type in (math.inf, 2.0, 3.0):
+        assert math.isnan(nn.clip_grad_norm_(dps, 1.0, norm_type))
+    for p, b in zip(dps, before):
+        np.testing.assert_array_equal(p.grad.data, b)
+    dps, _ = _grads_pair(rng, 1.0)
+    assert nn.clip_grad_norm_(dps, 1.0, 1e-6) == math.inf  # (eps given by position, as once: a huge norm)
+
+
 def test_clip_grad_norm_skips_params_without_grad_and_accepts_generators(rng):
     dps, _ = _grads_pair(rng, 10.0)
     extra = nn.Parameter(np.ones(3, np.float32))

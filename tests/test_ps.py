@@ -1865,6 +1865,25 @@ def test_a_worker_with_another_run_length_is_refused():
         stop()
 
 
+def test_a_charlm_worker_with_other_heads_is_refused_by_the_server():
+    # n_heads shapes no parameter: the server's weights split into other heads are another model
+    from distbp.nn import Parameter
+    from distbp.optim import SGD
+    from distbp.ps.server import Shard
+    from distbp.train.config import PS_SHARED_KEYS, ps_settings
+
+    base = {"model": "charlm", "d_model": 8, "n_layers": 1, "epochs": 1}
+    two, four = (ps_settings(make_config({**base, "n_heads": n})) for n in (2, 4))
+    p = Parameter(np.zeros(2, np.float32))
+    shard = Shard({"w": p}, SGD([p], lr=0.1), mode="async", settings=two, setting_keys=set(PS_SHARED_KEYS))
+    try:
+        with pytest.raises(_Refused, match="the worker has n_heads = 4 but the server 2"):
+            shard.register(0, shard.signature, four)
+        assert "n_heads" not in ps_settings(make_config({"epochs": 1}))  # not the MLP's
+    finally:
+        shard.stop()
+
+
 def test_a_worker_with_other_training_settings_is_refused_naming_the_setting():
     from distbp.train.config import ps_settings
 

@@ -261,10 +261,8 @@ class Gelu(Function):
             np.tanh(phi, out=phi)
             phi *= 0.5
             phi += 0.5
-        else:
-            phi = np.asarray(_special.erf(x * _INV_SQRT2), dtype=x.dtype)  # scipy's erf widens float16
-            phi += 1
-            phi *= 0.5
+        else:  # (1 + erf(x / sqrt 2)) / 2 as erfc(-x / sqrt 2) / 2: no cancellation for negative x
+            phi = np.asarray(_special.erfc(x * -_INV_SQRT2) * 0.5, dtype=x.dtype)  # (scipy widens float16)
         ctx.saved = (approximate, phi)
         return phi * x
 
@@ -716,7 +714,8 @@ def _softmax_array(x, axis, scale=None, hidden=None):
         return z
     if hidden is not None:
         np.copyto(z, -np.inf, where=hidden)
-    if axis in (-1, z.ndim - 1) and z.flags.c_contiguous:  # (x * scale keeps a transposed x's layout)
+    # (x * scale keeps a transposed x's layout; float16's exps turn subnormal far above _UNSHIFTED_MIN_SUM)
+    if axis in (-1, z.ndim - 1) and z.flags.c_contiguous and z.dtype in (np.float32, np.float64):
         return _softmax_rows(z, x, scale, hidden)
     z -= z.max(axis=axis, keepdims=True)
     np.exp(z, out=z)
@@ -726,7 +725,8 @@ def _softmax_array(x, axis, scale=None, hidden=None):
 
 # A row whose exp sum lies in [_UNSHIFTED_MIN_SUM, float max] is normalized without subtracting its maximum:
 # its largest exp is then far above float32's smallest normal, and an entry lost to underflow weighs under
-# 2**-106. numpy takes a maximum, and subtracts it, one short row at a time: most of a 64-wide softmax's cost.
+# 2**-106 (float32; float64 has room to spare). numpy takes a maximum, and subtracts it, one short row at a
+# time: most of a 64-wide softmax's cost.
 _UNSHIFTED_MIN_SUM = 2.0 ** -20
 
 

@@ -15,10 +15,11 @@ BACKENDS = ("auto", "local", "threads", "mpi")
 
 
 def find_mpiexec():
-    """The launcher of the MPI this Python uses: the mpich wheel's mpiexec beside the interpreter (so a
-    virtual environment's, even when it is not on PATH), else the first on PATH; None when there is none."""
+    """The launcher of the MPI this Python uses: in a virtual environment, the mpich wheel's mpiexec beside
+    its interpreter (even when it is not on PATH), else the first on PATH (beside a system Python may be
+    the system's own MPI, not the wheel's); None when there is none."""
     beside = Path(sys.executable).with_name("mpiexec")
-    if beside.is_file() and os.access(beside, os.X_OK):
+    if sys.prefix != sys.base_prefix and beside.is_file() and os.access(beside, os.X_OK):
         return str(beside)
     return shutil.which("mpiexec")
 

@@ -286,9 +286,9 @@ def _read_utf8_prefix(path, max_chars):
     """The first max_chars characters of a UTF-8 file, reading no more than they can take (4 bytes each):
     only what is used must decode, a byte-order mark is not text, and line ends read as "\n" (as a file
     opened in text mode gives them)."""
-    what = not_a_regular_file(path)
+    what = not_a_regular_file(path, pipe_ok=True)
     if what:
-        raise DataError(f"text file {path} is not a regular file ({what})")
+        raise DataError(f"text file {path} is not a regular file or a pipe ({what})")
     wanted = 4 * max_chars + 3
     pieces, held = [], 0
     with open(path, "rb") as f:

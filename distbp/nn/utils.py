@@ -15,7 +15,8 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, *, eps=1e-6):
     A non-finite norm is returned as is and the gradients are left alone, so the caller can skip the step.
     """
     if (isinstance(norm_type, bool) or not isinstance(norm_type, numbers.Real) or not norm_type > 0):
-        raise ValueError(f"clip_grad_norm_: norm_type must be a number > 0 (2, inf, ...), got {norm_type!r}")
+        raise ValueError(f"clip_grad_norm_: norm_type must be a number > 0 (2, inf, ...), got {norm_type!r} "
+                         "(eps is given by name)")
     if isinstance(parameters, Tensor):
         parameters = [parameters]
     grads = [p.grad.data for p in parameters if p.grad is not None]
@@ -23,11 +24,14 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, *, eps=1e-6):
         return 0.0
     if norm_type == 2:
         total = math.sqrt(sum(float(np.dot(g.ravel(), g.ravel())) for g in grads))
-    elif norm_type == math.inf:
-        total = max((float(np.max(np.abs(g))) for g in grads if g.size), default=0.0)
+    elif norm_type == math.inf:  # (np.max, not max(): a NaN in any gradient makes the norm NaN)
+        total = float(np.max([np.max(np.abs(g)) for g in grads if g.size], initial=0.0))
     else:
         p = float(norm_type)
-        total = sum(float(np.sum(np.abs(g.astype(np.float64)) ** p)) for g in grads) ** (1 / p)
+        try:
+            total = sum(float(np.sum(np.abs(g.astype(np.float64)) ** p)) for g in grads) ** (1 / p)
+        except OverflowError:  # a tiny p: the root of a sum over 1 grows without bound
+            total = math.inf
     if not math.isfinite(total):
         return total
     scale = max_norm / (total + eps)

@@ -221,16 +221,18 @@ def check_applies(config):
 def load_toml(path):
     """The key/value mapping of a TOML config file (flat, or with [sections] that are merged)."""
     path = Path(path)
-    what = not_a_regular_file(path)
+    what = not_a_regular_file(path, pipe_ok=True)
     if what:
-        raise ConfigError(f"config file {path} is not a regular file ({what})")
+        raise ConfigError(f"config file {path} is not a regular file or a pipe ({what})")
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
-    except (ValueError, RecursionError) as e:  # not TOML or UTF-8; nested too deep; a number of 4300+ digits
-        raise ConfigError(f"config file {path} is not valid TOML: {brief(str(e))}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    except (ValueError, RecursionError) as e:  # nested too deep; a number of 4300+ digits
+        raise ConfigError(f"config file {path} is not valid TOML that can be read: {brief(str(e))}") from None
     except OSError as e:  # a directory, no permission
         raise ConfigError(f"config file {path}: {e.strerror or e}") from None
     flat, where = {}, {}
@@ -339,7 +341,7 @@ RESUME_KEYS = ("dataset", "synthetic_size", "max_chars", "block_size", "batch_si
 # Settings a parameter-server worker must share with the servers, which build the optimizer and schedule
 # from their own copy of the options: checked when the worker registers.
 PS_SHARED_KEYS = ("dataset", "synthetic_size", "max_chars", "block_size", "epochs", "max_steps", "batch_size",
-                  "optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup_steps", "seed")
+                  "optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup_steps", "seed", "n_heads")
 
 
 def ps_settings(config):

@@ -138,9 +138,9 @@ def read_metrics(path):
     parameter-server worker that went back to where its restored servers had it): it replaces the records
     at or after its step."""
     records = []
-    what = not_a_regular_file(path)
+    what = not_a_regular_file(path, pipe_ok=True)
     if what:
-        raise ValueError(f"metrics file {path} is not a regular file ({what})")
+        raise ValueError(f"metrics file {path} is not a regular file or a pipe ({what})")
     try:
         text = Path(path).read_text()
     except FileNotFoundError:

@@ -489,7 +489,8 @@ class Trainer:
         mine["checkpoint contents"] = self.resumed_contents
         mine["data"] = self._data_fingerprint()  # the same path may hold other data on another machine
         everyone = self.strategy.gather(mine)
-        named_apart = ("data", "position", "checkpoint contents")  # each with its own message, below
+        # each with its own message, below; the last two follow from the data (and a text's characters)
+        named_apart = ("data", "position", "checkpoint contents", "train examples", "parameters")
         for rank, theirs in enumerate(everyone):
             # the settings first: another model, data set or size also gives other data and positions
             for key in mine:
@@ -514,6 +515,10 @@ class Trainer:
                     f"rank {rank} trains on other data than rank 0 (fingerprints {theirs['data']} and "
                     f"{everyone[0]['data']}): every machine's copy of the data set must be the same"
                 )
+            for key in ("train examples", "parameters"):
+                if theirs[key] != everyone[0][key]:
+                    raise ConfigError(f"rank {rank} has {key} = {theirs[key]!r} but rank 0 {everyone[0][key]!r}: "
+                                      "every rank must build the same model from the same data")
 
     def _rejoin_at(self, step, stop_at, metrics, progress):
         """Go on at `step`, where the servers have this worker's run, after they refused its last step (a
