@@ -1229,6 +1229,13 @@ def test_clip_grad_norm_reports_nan_in_any_gradient_and_a_tiny_p_as_inf(rng):
     assert nn.clip_grad_norm_(dps, 1.0, 1e-6) == math.inf  # (eps given by position, as once: a huge norm)
 
 
+def test_clip_grad_norm_of_float16_gradients_past_256_is_finite_and_clips():
+    p = nn.Parameter(np.zeros(4, np.float16), dtype=np.float16)
+    p.grad = Tensor(np.full(4, 300, np.float16), dtype=np.float16)
+    assert nn.clip_grad_norm_([p], 1.0) == pytest.approx(600.0)
+    np.testing.assert_allclose(p.grad.data, 0.5, rtol=1e-3)
+
+
 def test_clip_grad_norm_skips_params_without_grad_and_accepts_generators(rng):
     dps, _ = _grads_pair(rng, 10.0)
     extra = nn.Parameter(np.ones(3, np.float32))

@@ -22,8 +22,9 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, *, eps=1e-6):
     grads = [p.grad.data for p in parameters if p.grad is not None]
     if not grads:
         return 0.0
-    if norm_type == 2:
-        total = math.sqrt(sum(float(np.dot(g.ravel(), g.ravel())) for g in grads))
+    if norm_type == 2:  # (float16's squares overflow past 256: summed in float32)
+        flat = [g.ravel().astype(np.float32) if g.dtype == np.float16 else g.ravel() for g in grads]
+        total = math.sqrt(sum(float(np.dot(f, f)) for f in flat))
     elif norm_type == math.inf:  # (np.max, not max(): a NaN in any gradient makes the norm NaN)
         total = float(np.max([np.max(np.abs(g)) for g in grads if g.size], initial=0.0))
     else:
