@@ -275,6 +275,23 @@ def test_a_communicator_timeout_must_be_positive(timeout):
         LocalCommunicator(timeout=timeout)
 
 
+def test_a_rank_that_returns_before_a_collective_ends_its_peers_wait_at_once():
+    # a program error (one rank makes fewer collectives): its peers used to wait for the whole timeout
+    def rank(comm):
+        if comm.rank == 1:
+            handle = comm.iallreduce(np.ones(2, np.float32))  # queued before its close: still entered
+            handle.wait()
+            return "early"
+        comm.allreduce(np.ones(2, np.float32))
+        comm.barrier()  # rank 1 never comes
+        return "late"
+
+    start = time.monotonic()
+    with pytest.raises(RankFailed, match=r"barrier \(collective #2\) cannot complete: rank\(s\) \[1\] closed"):
+        run_ranks(2, rank, timeout=60)
+    assert time.monotonic() - start < 10
+
+
 def test_a_timeout_past_what_a_thread_wait_takes_means_wait_as_long_as_it_takes():
     # 1e10 s (meaning "never") is past threading.TIMEOUT_MAX: the wait once raised OverflowError
     def rank(comm):

@@ -29,6 +29,7 @@ class ThreadGroup:
         self._pending = {}  # sequence number -> rendezvous state
         self.reached = [0] * size  # the latest collective each rank has entered
         self.failure = None  # (rank, message) of the first rank that failed
+        self.left = set()  # ranks whose communicator is closed: they enter no more collectives
 
     def communicators(self, timeout=None):
         return [ThreadCommunicator(self, r, self.timeout if timeout is None else timeout) for r in range(self.size)]
@@ -37,6 +38,13 @@ class ThreadGroup:
         with self._cond:
             if self.failure is None:
                 self.failure = (rank, message)
+            self._cond.notify_all()
+
+    def leave(self, rank):
+        """A rank's communicator has made its last collective: a peer waiting for it in another need not
+        wait for the timeout."""
+        with self._cond:
+            self.left.add(rank)
             self._cond.notify_all()
 
     def _check_failure(self, rank):
@@ -85,6 +93,11 @@ class ThreadGroup:
                 self._cond.notify_all()
             while not entry["done"]:
                 self._check_failure(rank)
+                gone = [r for r, p in enumerate(entry["payloads"]) if p is None and r in self.left]
+                if gone:
+                    self._fail_collective(rank, entry, (
+                        f"rank {rank}: {name} (collective #{seq}) cannot complete: rank(s) {gone} closed their "
+                        "communicator without entering it (their programs made fewer collectives)"))
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     missing = [r for r, p in enumerate(entry["payloads"]) if p is None]
@@ -129,7 +142,8 @@ class ThreadCommunicator(Communicator):
     def _run(self):
         while True:
             item = self._queue.get()
-            if item is None:
+            if item is None:  # closed, after every collective queued before
+                self.group.leave(self.rank)
                 return
             future, fn = item
             if future.set_running_or_notify_cancel():
