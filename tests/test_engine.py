@@ -1008,3 +1008,11 @@ def test_softmax_and_exact_gelu_keep_float16_accurate():
     h = np.array([-3.5, -3.0, -2.5, -1.0, 0.5, 2.0], np.float16)
     want = 0.5 * h.astype(np.float64) * erfc(-h.astype(np.float64) / np.sqrt(2))
     np.testing.assert_allclose(ops.gelu(Tensor(h, dtype=np.float16)).data, want, rtol=2e-3)
+
+
+def test_gelu_gradient_of_large_float16_inputs_is_finite():
+    for approximate in ("tanh", "none"):
+        x = Tensor(np.array([-300.0, -20.0, 20.0, 300.0], np.float16), requires_grad=True, dtype=np.float16)
+        ops.gelu(x, approximate=approximate).sum().backward()
+        assert x.grad.dtype == np.float16
+        np.testing.assert_array_equal(x.grad.data, [0, 0, 1, 1])  # the slope saturates at 0 and 1

@@ -252,17 +252,20 @@ class Gelu(Function):
 
     @staticmethod
     def forward(ctx, x, approximate):
-        # Phi(x) (or its tanh form h) is kept for backward; computed in place to spare passes over memory
+        # Phi(x) (or its tanh form h) is kept for backward; computed in place to spare passes over memory,
+        # in float32 for float16 (whose x^3 overflows from |x| = 40 on)
+        xc = x.astype(np.float32) if x.dtype == np.float16 else x
         if approximate == "tanh":  # h = (1 + tanh(c (x + a x^3))) / 2, c = sqrt(2 / pi), a = 0.044715
-            phi = np.asarray(x * x)  # (an array even for a 0-d x: numpy gives a scalar, no out= target)
+            phi = np.asarray(xc * xc)  # (an array even for a 0-d x: numpy gives a scalar, no out= target)
             phi *= _SQRT_2_OVER_PI * 0.044715
             phi += _SQRT_2_OVER_PI
-            phi *= x
+            phi *= xc
             np.tanh(phi, out=phi)
             phi *= 0.5
             phi += 0.5
         else:  # (1 + erf(x / sqrt 2)) / 2 as erfc(-x / sqrt 2) / 2: no cancellation for negative x
-            phi = np.asarray(_special.erfc(x * -_INV_SQRT2) * 0.5, dtype=x.dtype)  # (scipy widens float16)
+            phi = np.asarray(_special.erfc(xc * -_INV_SQRT2) * 0.5)
+        phi = phi.astype(x.dtype, copy=False)
         ctx.saved = (approximate, phi)
         return phi * x
 
@@ -286,6 +289,8 @@ class Gelu(Function):
 
 def _gelu_slope(x, approximate, phi):
     """d gelu / dx on arrays: the create_graph formulas above, rearranged to make few passes over memory."""
+    if x.dtype == np.float16:  # x^2 overflows float16 from |x| = 256 on, and 0 * inf would make the slope NaN
+        return _gelu_slope(x.astype(np.float32), approximate, phi.astype(np.float32)).astype(np.float16)
     if approximate == "tanh":
         # with t = 2h - 1: 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3a x^2) = h + h (1 - h) x (2c + 6ac x^2)
         w = np.asarray(x * x)
