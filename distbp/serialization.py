@@ -196,7 +196,7 @@ def load_safetensors(path):
         except (KeyError, TypeError):
             raise CheckpointError(f"{path}: entry {name!r} has a malformed description {info!r}") from None
         if not isinstance(shape, list) or not all(is_count(s) for s in shape) or len(shape) > MAX_DIMENSIONS:
-            raise CheckpointError(f"{path}: entry {brief(repr(name))} has shape {brief(repr(shape))}: at most "
+            raise CheckpointError(f"{path}: entry {brief_repr(name)} has shape {brief_repr(shape)}: at most "
                                   f"{MAX_DIMENSIONS} dimensions, each an integer >= 0")
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(is_count(o) for o in offsets):
             raise CheckpointError(f"{path}: entry {name!r} has data_offsets {offsets!r}: expected [begin, end], "
@@ -209,8 +209,8 @@ def load_safetensors(path):
                 f"{path}: entry {name!r} has byte range {begin}..{end} that does not fit its shape {shape} "
                 f"and dtype {info['dtype']} ({size} bytes) in a data section of {len(body)} bytes"
             )
-        if math.prod(s for s in shape if s) * dtype.itemsize >= 2 ** 63:  # numpy refuses it, even with a 0 in it
-            raise CheckpointError(f"{path}: entry {brief(repr(name))} has shape {brief(repr(shape))}, too large for an "
+        if too_large_for_an_array(shape, dtype.itemsize):
+            raise CheckpointError(f"{path}: entry {brief_repr(name)} has shape {brief_repr(shape)}, too large for an "
                                   "array")
         entries.append((begin, end, name, dtype, tuple(shape)))
     _check_layout(path, entries, len(body))
@@ -223,10 +223,19 @@ def load_safetensors(path):
 MAX_DIMENSIONS = 64  # numpy's limit
 
 
+def too_large_for_an_array(shape, itemsize):
+    """Whether numpy refuses an array of this shape, even one holding no bytes (a 0 beside 2**62)."""
+    return len(shape) > MAX_DIMENSIONS or math.prod(s for s in shape if s) * itemsize >= 2 ** 63
+
+
 def brief(text, limit=80):
     """text cut short: an error message that quotes a file, or what a client sent, stays one readable line
     (and within what gRPC carries)."""
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def brief_repr(value, limit=80):
+    return brief(repr(value), limit)
 
 
 def is_count(value):

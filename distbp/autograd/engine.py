@@ -116,8 +116,10 @@ def backward(roots, grads=None, retain_graph=None, create_graph=False, inputs=No
         for i, t in enumerate(inputs):
             if not isinstance(t, Tensor) or not t.requires_grad:
                 raise RuntimeError(f"grad: input {i} is not a tensor that requires grad")
-            targets.setdefault(t if t._node is None else t._node, i)
-        first_of = [targets[t if t._node is None else t._node] for t in inputs]  # an input listed twice: its first
+        keys = [t if t._node is None else t._node for t in inputs]
+        for i, key in enumerate(keys):
+            targets.setdefault(key, i)
+        first_of = [targets[key] for key in keys]  # an input listed twice: its first listing's index
         captured = [None] * len(inputs)
 
     # Seeds and discovery of the reachable graph (iterative, no recursion).

@@ -743,11 +743,11 @@ def _softmax_rows(z, x, scale, hidden):
     rows = z.reshape(-1, n)
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # rows that overflow are redone below
         np.exp(rows, out=rows)
-        sums = rows @ np.ones(n, rows.dtype)
+        sums = _sum_keepdims(rows, 1)
         fine = (sums >= _UNSHIFTED_MIN_SUM) & (sums <= np.finfo(rows.dtype).max)
-        rows /= sums[:, None]
+        rows /= sums
     if not fine.all():
-        redo = np.flatnonzero(~fine)
+        redo = np.flatnonzero(~fine[:, 0])
         again = x.reshape(-1, n)[redo]
         if scale is not None:
             again *= scale
@@ -1777,6 +1777,11 @@ def log_softmax(x, axis=-1):
 REDUCTIONS = ("mean", "sum", "none")
 
 
+def check_reduction(where, reduction):
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:  # class weights given by position, say
+        raise ValueError(f"{where}: reduction must be one of {REDUCTIONS}, not {reduction!r:.60}")
+
+
 def cross_entropy(logits, target, reduction="mean", ignore_index=-100):
     """Mean (or sum, or per-item) negative log-likelihood of integer `target` under softmax(logits).
 
@@ -1787,8 +1792,7 @@ def cross_entropy(logits, target, reduction="mean", ignore_index=-100):
     """
     logits = _tensor(logits)
     t = target.data if isinstance(target, Tensor) else np.asarray(target)
-    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
-        raise ValueError(f"cross_entropy: reduction must be one of {REDUCTIONS}, not {reduction!r:.60}")
+    check_reduction("cross_entropy", reduction)
     if logits.data.dtype.kind != "f":
         raise TypeError(f"cross_entropy: logits must be floating point, not {logits.data.dtype}")
     if t.dtype.kind not in "iu":
@@ -1807,8 +1811,7 @@ def mse_loss(x, y, reduction="mean"):
         x, y = _floating(x), _floating(y)
     if x.data.shape != y.data.shape:
         raise ValueError(f"mse_loss: input shape {x.data.shape} differs from target shape {y.data.shape}")
-    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
-        raise ValueError(f"mse_loss: reduction must be one of {REDUCTIONS}, not {reduction!r:.60}")
+    check_reduction("mse_loss", reduction)
     return MSE.apply(x, y, reduction=reduction)
 
 

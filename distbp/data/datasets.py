@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..serialization import MAX_DIMENSIONS, not_a_regular_file
+from ..serialization import MAX_DIMENSIONS, not_a_regular_file, too_large_for_an_array
 
 
 class DataError(ValueError):
@@ -157,7 +157,7 @@ def _read_idx_stream(path, stream):
     if len(data) != expected:
         held = f"{len(data)}" if len(data) < expected else f"more than {expected}"
         raise DataError(f"{path}: IDX header says {dims} ({expected} bytes of data) but the file holds {held}")
-    if math.prod(d for d in dims if d) * dtype.itemsize >= 2 ** 63:  # numpy refuses it, even with a 0 in it
+    if too_large_for_an_array(dims, dtype.itemsize):
         raise DataError(f"{path}: IDX header declares {list(dims)}, too large for an array")
     return np.frombuffer(data, dtype=dtype).reshape(dims)
 

@@ -216,16 +216,10 @@ class Sequential(ModuleList):
         return x
 
 
-def _check_reduction(layer, reduction):
-    if not isinstance(reduction, str) or reduction not in ops.REDUCTIONS:  # class weights given by position, say
-        raise ValueError(f"{layer}: reduction must be one of {ops.REDUCTIONS}, not {type(reduction).__name__} "
-                         f"{reduction!r:.60}")
-
-
 class CrossEntropyLoss(Module):
     def __init__(self, reduction="mean", ignore_index=-100):
         super().__init__()
-        _check_reduction("CrossEntropyLoss", reduction)
+        ops.check_reduction("CrossEntropyLoss", reduction)
         self.reduction, self.ignore_index = reduction, ignore_index
 
     def forward(self, logits, target):
@@ -238,7 +232,7 @@ class CrossEntropyLoss(Module):
 class MSELoss(Module):
     def __init__(self, reduction="mean"):
         super().__init__()
-        _check_reduction("MSELoss", reduction)
+        ops.check_reduction("MSELoss", reduction)
         self.reduction = reduction
 
     def forward(self, x, y):

@@ -24,9 +24,11 @@ from google.protobuf.message import DecodeError
 
 from ..autograd.tensor import Tensor
 from ..optim.optimizer import axpy
-from ..serialization import CheckpointError, brief, check_finite, is_count, load_safetensors, save_safetensors
+from ..serialization import (
+    CheckpointError, brief, brief_repr, check_finite, is_count, load_safetensors, save_safetensors,
+)
 from .v1 import ps_pb2, ps_pb2_grpc
-from .wire import Assembler, WireError, brief_repr, chunk_ranges, decode_message, encode_chunks
+from .wire import Assembler, WireError, chunk_ranges, decode_message, encode_chunks
 
 log = logging.getLogger("distbp.ps")
 MODES = ("sync", "async", "bounded")
@@ -527,7 +529,7 @@ class Shard:
         they add up to the version)."""
         saved_mode = meta.get("mode", self.mode)
         if saved_mode not in MODES:
-            raise CheckpointError(f"{path}: damaged checkpoint: mode {brief(repr(saved_mode))} is not one of {MODES}")
+            raise CheckpointError(f"{path}: damaged checkpoint: mode {brief_repr(saved_mode)} is not one of {MODES}")
         if (saved_mode == "sync") != (self.mode == "sync"):
             raise CheckpointError(f"{path}: checkpoint of a {saved_mode} server, this one is {self.mode}: a sync "
                                   "version is one step of every worker, an async one a single push")

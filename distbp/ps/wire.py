@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 
-from ..serialization import brief
+from ..serialization import brief_repr
 from .v1 import ps_pb2
 
 CHUNK_BYTES = 2 * 1024 * 1024  # well under gRPC's 4 MB default message limit
@@ -27,10 +27,6 @@ def to_chunks(name, array, chunk_bytes=CHUNK_BYTES):
 
 
 MESSAGE_SLACK = 64 * 1024  # bytes of a message beyond its tensor data that a kept view may hold on to
-
-
-def brief_repr(value, limit=80):
-    return brief(repr(value), limit)
 
 
 class Assembler:

@@ -13,7 +13,7 @@ import json
 import numpy as np
 
 from ..serialization import (  # noqa: F401
-    CheckpointError, brief, check_finite, is_count, load_safetensors, save_safetensors,
+    CheckpointError, brief_repr, check_finite, is_count, load_safetensors, save_safetensors,
 )
 
 FORMAT = "distbp-checkpoint-1"
@@ -63,7 +63,7 @@ def _read(path):
         raise CheckpointError(f"{path}: damaged checkpoint metadata: the saved state is not an object")
     stray = [name for name in arrays if not name.startswith(("model/", "optim/"))]
     if stray:  # a damaged name: the array it was would be missed without a word (optimizer state restarted)
-        raise CheckpointError(f"{path}: damaged checkpoint: array {brief(repr(stray[0]))} is neither the model's "
+        raise CheckpointError(f"{path}: damaged checkpoint: array {brief_repr(stray[0])} is neither the model's "
                               "nor the optimizer's")
     check_finite(path, arrays, "model/")
     return arrays, meta

@@ -268,10 +268,11 @@ def check_writable(what, path):
     """Refuse an output file that cannot be written (its missing parent directories are made when written),
     before any work is done; `what` names it in the message."""
     target = Path(path)
-    if target.is_dir():
+    what_it_is = not_a_regular_file(target)  # replaced or written to, a device or a FIFO would be lost or hang
+    if what_it_is == "a directory":
         raise ConfigError(f"{what} is {path}, which is a directory, not a file")
-    if target.exists() and not target.is_file():  # replaced or written to, a device or a FIFO would be lost or hang
-        raise ConfigError(f"{what} is {path}, which is not a regular file (a device, a pipe or a socket)")
+    if what_it_is:
+        raise ConfigError(f"{what} is {path}, which is not a regular file ({what_it_is})")
     parent = target.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent

@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..serialization import brief, not_a_regular_file, replace_file
+from ..serialization import brief, brief_repr, not_a_regular_file, replace_file
 from .config import ConfigError
 
 
@@ -164,7 +164,7 @@ def read_metrics(path):
                 raise ValueError(f"{path}:{n}: not a metrics record (a JSON object with a numeric 'step')")
             for key in PLOTTED:
                 if key in record and not _is_number(record[key], finite=False):
-                    raise ValueError(f"{path}:{n}: {key} is {brief(repr(record[key]))}, not a number")
+                    raise ValueError(f"{path}:{n}: {key} is {brief_repr(record[key])}, not a number")
             while records and records[-1]["step"] >= record["step"]:
                 records.pop()
             records.append(record)

@@ -19,7 +19,7 @@ from ..autograd.ops import cross_entropy
 from ..data import BatchLoader, CharDataset, ShardSampler, load_digits, load_idx_dir, load_synthetic, load_text
 from ..data.datasets import DataError, fingerprint
 from ..optim.optimizer import is_finite_real
-from ..serialization import brief
+from ..serialization import brief_repr
 from .checkpoint import CheckpointError, is_count, load_checkpoint, load_weights, save_checkpoint
 from .config import RESUME_KEYS, ConfigError, check_outputs, default_dataset, effective_settings, to_dict
 from .progress import MetricsLog, Progress
@@ -156,20 +156,14 @@ class Trainer:
         """Refuse a checkpoint of another run: model, settings, text (before its shapes are compared, which
         would name a shape where these name the setting)."""
         self._check_model_name(path, state.get("model"))
-        saved = state.get("config")
-        if isinstance(saved, dict) and not isinstance(saved.get("model", ""), (str, type(None))):
-            raise CheckpointError(f"{path}: damaged checkpoint state: its config's model is "
-                                  f"{brief(repr(saved['model']))}")
-        if isinstance(saved, dict):
-            theirs = effective_settings(saved, [k for k in RESUME_KEYS if k in saved])
-            mine = effective_settings(to_dict(self.config), RESUME_KEYS)
-            for key, value in theirs.items():
-                if key in mine and value != mine[key]:
-                    raise CheckpointError(
-                        f"{path}: written with {key} = {value!r}, this run has {mine[key]!r}; resume with the same "
-                        "value (the data order, the schedule and the optimizer's state depend on it), or start a "
-                        "new run from the checkpoint's weights with init_from"
-                    )
+        differing = self._setting_differing(path, state, RESUME_KEYS)
+        if differing:
+            key, value, mine = differing
+            raise CheckpointError(
+                f"{path}: written with {key} = {value!r}, this run has {mine!r}; resume with the same "
+                "value (the data order, the schedule and the optimizer's state depend on it), or start a "
+                "new run from the checkpoint's weights with init_from"
+            )
         self._check_vocab(path, state)
         saved_data = state.get("data")
         if saved_data is not None and (not isinstance(saved_data, str) or saved_data.count(":") != 1):
@@ -223,12 +217,25 @@ class Trainer:
     def _check_weights_of(self, path, state):
         if state.get("model") is not None:  # (a checkpoint of the API's save_checkpoint may not say)
             self._check_model_name(path, state["model"])
-        saved = state.get("config")
-        if self.config.model == "charlm" and isinstance(saved, dict) and saved.get("n_heads") is not None:
-            if saved["n_heads"] != self.config.n_heads:  # every shape agrees, but not what the weights mean
-                raise CheckpointError(f"{path}: written with n_heads = {saved['n_heads']!r}, this run has "
-                                      f"{self.config.n_heads}: its attention weights are split into heads that way")
+        differing = self._setting_differing(path, state, ("n_heads",))  # every shape agrees, not the meaning
+        if differing:
+            key, value, mine = differing
+            raise CheckpointError(f"{path}: written with {key} = {value!r}, this run has {mine!r}: its attention "
+                                  "weights are split into heads that way")
         self._check_vocab(path, state)
+
+    def _setting_differing(self, path, state, keys):
+        """(key, saved value, this run's) of the first of `keys` that the checkpoint's config sets, as it takes
+        effect, to another value than this run's; None when all agree (or the checkpoint has no config)."""
+        saved = state.get("config")
+        if not isinstance(saved, dict):
+            return None
+        if not isinstance(saved.get("model", ""), (str, type(None))):
+            raise CheckpointError(f"{path}: damaged checkpoint state: its config's model is "
+                                  f"{brief_repr(saved['model'])}")
+        theirs = effective_settings(saved, [k for k in keys if k in saved])
+        mine = effective_settings(to_dict(self.config), keys)
+        return next(((k, v, mine[k]) for k, v in theirs.items() if k in mine and v != mine[k]), None)
 
     def _check_model_name(self, path, saved):
         if saved != self.config.model:
