@@ -5,6 +5,10 @@ byte range (plus free-form string "__metadata__"), then the raw little-endian by
 cover exactly (no overlap, gap or trailing byte: the reader refuses a file that breaks this). Writing goes to a
 temporary file in the same directory, is flushed to disk, then renamed over the old file: a crash at any
 point leaves either the old file or the new one, never a torn one.
+
+distbp also stores a CRC-32 of the rest of the header and of the data in the metadata (CHECKSUM_KEY), and
+the reader checks it when it is there: a file damaged on disk or in a copy is refused, not loaded as
+other weights. Files written by other programs have none and are read as they are.
 """
 
 import glob
@@ -17,6 +21,7 @@ import socket
 import stat
 import struct
 import threading
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +34,7 @@ _DTYPES = {
 _CODES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 
+CHECKSUM_KEY = "distbp-crc32"
 _HOST = socket.gethostname().replace("/", "_")[:64] or "host"
 
 
@@ -100,10 +106,36 @@ def save_safetensors(path, arrays, metadata=None):
         offset += len(data)
         blobs.append(data)
     if metadata:
+        if CHECKSUM_KEY in metadata:
+            raise CheckpointError(f"cannot store metadata named {CHECKSUM_KEY!r}: distbp writes that key itself")
         header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
+    checksum = _checksum(header, blobs)
+    header.setdefault("__metadata__", {})[CHECKSUM_KEY] = str(checksum)
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the format aligns the data to 8 bytes
     replace_file(path, [struct.pack("<Q", len(head)), head, *blobs])
+
+
+def _checksum(header, data):
+    """CRC-32 of the header as JSON without the checksum (entries first, then any metadata, as written) and
+    of the data's pieces in order."""
+    crc = zlib.crc32(json.dumps(header, separators=(",", ":")).encode())
+    for piece in data:
+        crc = zlib.crc32(piece, crc)
+    return crc
+
+
+def _check_checksum(path, header, metadata, body):
+    """Refuse a file whose stored checksum (when there is one) does not match what was read."""
+    if CHECKSUM_KEY not in metadata:
+        return
+    stored = metadata.pop(CHECKSUM_KEY)
+    written = dict(header)
+    if metadata:
+        written["__metadata__"] = metadata
+    if stored != str(_checksum(written, [body])):
+        raise CheckpointError(f"{path}: the file is damaged: its contents do not match the checksum it was "
+                              "written with")
 
 
 def replace_file(path, pieces):
@@ -214,6 +246,7 @@ def load_safetensors(path):
                                   "array")
         entries.append((begin, end, name, dtype, tuple(shape)))
     _check_layout(path, entries, len(body))
+    _check_checksum(path, header, metadata, body)  # after the layout, whose messages say more
     arrays = {}
     for begin, end, name, dtype, shape in entries:
         arrays[name] = np.frombuffer(body[begin:end], dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))

@@ -16,6 +16,7 @@ from distbp import models, optim
 from distbp.autograd import Tensor, manual_seed
 from distbp.autograd.ops import cross_entropy
 from distbp import serialization as checkpoint_module
+from distbp.serialization import CHECKSUM_KEY
 from distbp.train.checkpoint import (
     FORMAT, CheckpointError, load_checkpoint, load_safetensors, load_weights, save_checkpoint, save_safetensors,
 )
@@ -411,14 +412,69 @@ def test_entries_in_any_header_order_and_empty_ones_load(tmp_path):
 
 
 def _tampered(path, change):
-    """The checkpoint at path with its header passed through change(header) and its data kept as is."""
+    """The checkpoint at path with its header passed through change(header) and its data kept as is, and
+    without its checksum, as a program other than distbp would write it: the checks tested are the ones
+    that stand behind the checksum."""
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8:8 + n])
+    del header["__metadata__"][CHECKSUM_KEY]
     change(header)
     out = path.with_name("tampered.safetensors")
     out.write_bytes(_with_header(header, raw[8 + n:]))
     return out
+
+
+def _flip_bit(raw, where):
+    out = bytearray(raw)
+    out[where] ^= 0x10
+    return bytes(out)
+
+
+@pytest.mark.parametrize("where", ["weight", "last-byte", "step-in-metadata", "shape-digit"])
+def test_a_checkpoint_damaged_on_disk_is_refused_by_its_checksum(good_checkpoint, where):
+    # one bit of a weight's float32 changes its value and nothing else: without the checksum the file loads
+    raw = good_checkpoint.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    if where == "weight":
+        damaged = _flip_bit(raw, 8 + n + header["model/0.weight"]["data_offsets"][0] + 2)
+    elif where == "last-byte":
+        damaged = _flip_bit(raw, len(raw) - 1)
+    else:
+        text = raw[8:8 + n]
+        old, new = ((b'\\"state\\": {\\"step\\": 1', b'\\"state\\": {\\"step\\": 3') if where == "step-in-metadata"
+                    else (b'"model/0.weight":{"dtype":"F32","shape":[32,64]',
+                          b'"model/0.weight":{"dtype":"F32","shape":[32,66]'))
+        assert text.count(old) == 1, text
+        damaged = raw[:8] + text.replace(old, new) + raw[8 + n:]
+    path = good_checkpoint.with_name("damaged.safetensors")
+    path.write_bytes(damaged)
+    model, optimizer = make(seed=5)
+    before = snapshot(model, optimizer)
+    words = "damaged: its contents do not match the checksum" if where != "shape-digit" else "does not fit its shape"
+    for load in (lambda: load_checkpoint(path, model, optimizer), lambda: load_weights(path, model)):
+        with pytest.raises(CheckpointError, match=words):
+            load()
+    assert_snapshots_equal(snapshot(model, optimizer), before)
+    # the checksum is distbp's own: callers see only their metadata, and cannot store one of that name
+    arrays, metadata = load_safetensors(good_checkpoint)
+    assert CHECKSUM_KEY not in metadata and "distbp" in metadata
+    with pytest.raises(CheckpointError, match=CHECKSUM_KEY):
+        save_safetensors(path, arrays, {CHECKSUM_KEY: "1"})
+
+
+def test_a_file_without_a_checksum_is_read(tmp_path):
+    # as other programs write them: the safetensors format has no checksum of its own
+    values = np.arange(6, dtype=np.float32).reshape(2, 3)
+    head = json.dumps({"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]},
+                       "__metadata__": {"note": "hi"}}).encode()
+    head += b" " * (-len(head) % 8)
+    path = tmp_path / "other.safetensors"
+    path.write_bytes(struct.pack("<Q", len(head)) + head + values.tobytes())
+    arrays, metadata = load_safetensors(path)
+    np.testing.assert_array_equal(arrays["w"], values)
+    assert metadata == {"note": "hi"}
 
 
 @pytest.mark.parametrize("how", ["shared-range", "trailing-bytes"])
