@@ -680,3 +680,23 @@ def test_a_run_is_not_resumed_on_other_data_of_the_same_shapes(tmp_path):
 def test_a_tiny_synthetic_data_set_keeps_a_test_split():
     split = load_synthetic(5)
     assert len(split.test) >= 1 and len(split.train) >= 1
+
+
+def test_initialisation_data_order_and_dropout_draw_from_different_generators():
+    # numpy pads a seed with zeros: default_rng(s) is default_rng([s, 0]), so a sampler seeded [seed, epoch]
+    # drew epoch 0's order from the initialisation's bits, and rank r's dropout [seed, 1 + r] epoch r+1's
+    from distbp.autograd import get_rng_state
+    from distbp.train import Trainer, make_config
+
+    n, seed = 200, 3
+    trainer = Trainer(make_config(dict(dataset="synthetic", synthetic_size=n, seed=seed, progress="none")))
+    dropout = np.random.default_rng()
+    dropout.bit_generator.state = get_rng_state()  # rank 0's dropout generator, as the trainer left it
+    orders = {"initialisation": np.random.default_rng(seed).permutation(len(trainer.split.train)),
+              "dropout": dropout.permutation(len(trainer.split.train))}
+    sampler = trainer.loader.sampler
+    for epoch in range(4):
+        sampler.set_epoch(epoch)
+        orders[f"epoch {epoch}"] = sampler.indices()
+    same = [(a, b) for a in orders for b in orders if a < b and np.array_equal(orders[a], orders[b])]
+    assert not same, f"one generator behind {same}"

@@ -9,6 +9,12 @@ import numpy as np
 
 _local = threading.local()
 
+# One seed, several purposes, kept apart. numpy pads a seed list with zeros, so default_rng(s) and
+# default_rng([s, 0, 0]) are one generator: manual_seed(seed) initialises the model, and every other
+# purpose's seed differs from it, and from the others, in its second place.
+SHUFFLE_STREAM = 1  # the data order of each epoch: [seed, SHUFFLE_STREAM, epoch]
+DROPOUT_STREAM = 2  # each rank's dropout: [seed, DROPOUT_STREAM, rank]
+
 
 def manual_seed(seed):
     """Seed this thread's generator (initialisation, dropout); returns it."""

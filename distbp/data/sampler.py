@@ -4,6 +4,8 @@ import math
 
 import numpy as np
 
+from ..autograd.random import SHUFFLE_STREAM
+
 
 class ShardSampler:
     """The indices that one rank visits in one epoch.
@@ -15,6 +17,10 @@ class ShardSampler:
 
     Shards are equal in length: drop_last drops the tail that does not divide by world_size; otherwise
     the permutation is padded by repeating its start.
+
+    The permutation's generator is seeded with [seed, SHUFFLE_STREAM, epoch]: numpy pads a seed with zeros,
+    so [seed, epoch] drew epoch 0's order from the same bits as default_rng(seed), which initialises the
+    model (see the stream tags in distbp.autograd.random).
     """
 
     def __init__(self, n, rank=0, world_size=1, shuffle=True, seed=0, drop_last=False):
@@ -42,7 +48,7 @@ class ShardSampler:
 
     def indices(self):
         if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+            order = np.random.default_rng([self.seed, SHUFFLE_STREAM, self.epoch]).permutation(self.n)
         else:
             order = np.arange(self.n)
         total = self.shard_size * self.world_size

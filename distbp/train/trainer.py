@@ -15,6 +15,7 @@ from threadpoolctl import threadpool_limits
 
 from .. import models, nn, optim
 from ..autograd import Tensor, check_rng_state, get_rng_state, manual_seed, no_grad, set_rng_state
+from ..autograd.random import DROPOUT_STREAM
 from ..autograd.ops import cross_entropy
 from ..data import BatchLoader, CharDataset, ShardSampler, load_digits, load_idx_dir, load_synthetic, load_text
 from ..data.datasets import DataError, fingerprint
@@ -128,7 +129,7 @@ class Trainer:
         self.lr_used = self.optimizer.param_groups[0]["lr"]  # the learning rate of the last step taken
         self.resumed_contents = None  # set by resume() (see _contents_checksum)
         # dropout draws from the thread's generator; each rank its own stream
-        manual_seed([config.seed, 1 + self.strategy.rank])
+        manual_seed([config.seed, DROPOUT_STREAM, self.strategy.rank])
 
     # --- checkpoints ---
 
