@@ -191,6 +191,9 @@ def test_load_idx_dir_missing_directory(tmp_path):
     with pytest.raises(DataError) as err:
         load_idx_dir(tmp_path / "no-such-dir")
     assert "no-such-dir" in str(err.value) and "does not exist" in str(err.value)
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(DataError, match="a-file is not a directory"):
+        load_idx_dir(tmp_path / "a-file")
 
 
 @pytest.mark.parametrize("missing", list(MNIST_NAMES))
@@ -614,6 +617,7 @@ def test_plain_files_beside_the_gz_files_they_came_from_load(tmp_path):
 @pytest.mark.parametrize("case, words", [
     ("plain-and-gz", "both train-labels-idx1-ubyte and train-labels-idx1-ubyte.gz, and they differ: keep one"),
     ("broken-link", "train-labels-idx1-ubyte is a broken symbolic link"),
+    ("broken-link-beside-the-gz", "train-labels-idx1-ubyte is a broken symbolic link"),  # not "they differ"
     ("empty", "the file is empty"),
     ("one-class", "every train label is 3: a classifier needs two classes or more"),
     ("huge-label", "train labels go up to 1900000000; at most 1,048,576 classes"),
@@ -625,7 +629,9 @@ def test_idx_directories_that_cannot_train_are_refused_in_one_line(tmp_path, cas
     labels = d / MNIST_NAMES["train_y"]
     if case == "plain-and-gz":
         write_idx(d / (MNIST_NAMES["train_y"] + ".gz"), (np.arange(96) + 1) % 10, compress=True)
-    elif case == "broken-link":
+    elif case.startswith("broken-link"):
+        if case == "broken-link-beside-the-gz":
+            write_idx(d / (MNIST_NAMES["train_y"] + ".gz"), np.arange(96) % 10, compress=True)
         labels.unlink()
         labels.symlink_to(tmp_path / "gone")
     elif case == "empty":

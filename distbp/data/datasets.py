@@ -167,13 +167,14 @@ def _find(directory, stem):
     found = [directory / name for name in names if os.path.lexists(directory / name)]
     if not found:
         raise DataError(f"{directory}: no {stem} or {stem}.gz (MNIST-format IDX files expected)")
+    broken = [path for path in found if not path.exists()]  # symbolic links to nothing
+    if broken:
+        raise DataError(f"{broken[0]} is a broken symbolic link")
     files = [path for path in found if not path.is_dir()] or found  # (a directory alone: read_idx names it)
     if len(files) > 1 and not _same_data(files[0], files[1]):
         # an old plain file would win silently over a newer .gz (a plain file beside the .gz it came from,
         # as torchvision keeps them, is the same data and is read)
         raise DataError(f"{directory}: both {files[0].name} and {files[1].name}, and they differ: keep one")
-    if not files[0].exists():
-        raise DataError(f"{files[0]} is a broken symbolic link")
     return files[0]
 
 
@@ -201,7 +202,7 @@ def load_idx_dir(directory, images=True):
     """MNIST or Fashion-MNIST from a directory holding the four standard IDX files (gzip or plain)."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise DataError(f"data directory {directory} does not exist")
+        raise DataError(f"data directory {directory} {'is not a directory' if directory.exists() else 'does not exist'}")
     parts = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
         x = read_idx(_find(directory, f"{prefix}-images-idx3-ubyte"))
