@@ -131,6 +131,16 @@ def test_resume_with_another_data_order_is_refused(tmp_path, key, value):
         fit(epochs=1, checkpoint=str(ckpt), resume=True, **{key: value})
 
 
+def test_resume_with_another_max_chars_is_refused_only_when_the_text_read_changes(tmp_path, tiny_charlm):
+    ckpt = tmp_path / "run.ckpt"
+    size = len(open(tiny_charlm["text_file"]).read())  # the corpus is shorter than both limits below
+    fit(**tiny_charlm, checkpoint=str(ckpt), max_steps=3, max_chars=size + 100)
+    again, _ = fit(**tiny_charlm, checkpoint=str(ckpt), max_steps=4, max_chars=size + 1000, resume=True)
+    assert again.step == 4
+    with pytest.raises(CheckpointError, match="written on other training data"):
+        fit(**tiny_charlm, checkpoint=str(ckpt), max_steps=5, max_chars=size - 100, resume=True)
+
+
 @pytest.mark.parametrize("key,value,match", [
     ("lr", 0.01, "written with lr = 0.1, this run has 0.01.*init_from"),
     ("momentum", 0.5, "written with momentum = 0.9, this run has 0.5"),

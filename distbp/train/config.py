@@ -337,11 +337,12 @@ def check_pem(what, path):
 # the optimizer's settings, which the checkpoint's optimizer state and schedule would overwrite, and the one
 # model setting that shapes no parameter (charlm's heads: other heads read the same weights differently).
 # (Another optimizer is refused by load_checkpoint; the parameter server compares it as a setting.)
-RESUME_KEYS = ("dataset", "synthetic_size", "max_chars", "block_size", "batch_size", "seed",
+# (not max_chars: the text read is compared by its fingerprint, and a file shorter than both limits is the same)
+RESUME_KEYS = ("dataset", "synthetic_size", "block_size", "batch_size", "seed",
                "lr", "momentum", "weight_decay", "n_heads")
 # Settings a parameter-server worker must share with the servers, which build the optimizer and schedule
 # from their own copy of the options: checked when the worker registers.
-PS_SHARED_KEYS = ("dataset", "synthetic_size", "max_chars", "block_size", "epochs", "max_steps", "batch_size",
+PS_SHARED_KEYS = ("dataset", "synthetic_size", "block_size", "epochs", "max_steps", "batch_size",
                   "optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup_steps", "seed", "n_heads")
 
 
