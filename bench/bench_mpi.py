@@ -385,7 +385,7 @@ class DistbpJob:
                 "mpi_library": MPI.Get_library_version().strip().splitlines()[0]}
         if self.sync:
             info.update(first_step=self.first,
-                        shared_memory=all(self.comm.is_shared(b.buffer) for b in self.ddp.buckets),
+                        shared_memory=all(self.ddp.comm.is_shared(b.buffer) for b in self.ddp.buckets),
                         buckets=[{"params": len(b.params), "values": int(sum(p.data.size for _, p in b.params)), "MiB": b.nbytes / 2**20}
                                  for b in self.ddp.buckets])
         return info

@@ -14,6 +14,9 @@ Two more arguments run a scenario of their own instead:
   checked-<case>  with check_collectives, rank 1 makes another call than rank 0 (case: size, dtype, op,
                   kind, root, shared): every rank stops naming the difference
   many-communicators  40 communicators in turn, each all-reducing float16
+  dataparallel  DataParallel with allow_unused, a loss all-reduced on the same communicator between backward
+                and synchronize(), then a wrapper that failed (a second backward) closed and the model
+                wrapped again: prints "dataparallel ok" from rank 0
 """
 
 import os
@@ -140,9 +143,68 @@ def many_communicators(comm):
     return 0
 
 
+def dataparallel(comm):
+    import distbp
+    from distbp import nn
+    from distbp.autograd import Tensor
+    from distbp.comm import LocalCommunicator
+    from distbp.parallel import DataParallel
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(4, 4)
+            self.extra = nn.Linear(4, 4)
+
+        def forward(self, x, use_extra):
+            h = self.body(x)
+            return (self.extra(h) if use_extra else h).sum()
+
+    def step(c, rank):
+        # `extra` used on the last rank only: the other ranks start its bucket in synchronize(), it in backward
+        distbp.manual_seed(0)
+        model = TwoHeads()
+        ddp = DataParallel(model, c, allow_unused=True, bucket_cap_mb=1e-9)
+        loss = ddp(Tensor(np.ones((3, 4), np.float32) * (rank + 1)), rank == comm.size - 1)
+        loss.backward()
+        total = np.array([loss.item()], np.float32)
+        c.allreduce(total)
+        ddp.synchronize()
+        ddp.close()
+        return total[0], {n: p.grad.data for n, p in model.named_parameters() if p.grad is not None}
+
+    total, grads = step(comm, comm.rank)
+    alone = [step(LocalCommunicator(), r) for r in range(comm.size)]
+    assert abs(total - sum(t for t, _ in alone)) <= 1e-5 * abs(total), (total, [t for t, _ in alone])
+    for name, g in grads.items():
+        np.testing.assert_allclose(g, sum(a[1].get(name, 0) for a in alone) / comm.size, rtol=1e-5, err_msg=name)
+    distbp.manual_seed(0)
+    model = TwoHeads()
+    ddp = DataParallel(model, comm, bucket_cap_mb=1e-9)
+    x = Tensor(np.ones((3, 4), np.float32))
+    ddp(x, True).backward()
+    try:
+        ddp(x, True).backward()
+        raise AssertionError("a second backward before synchronize() was accepted")
+    except RuntimeError as e:
+        assert "second gradient" in str(e), e
+    ddp.close()
+    ddp = DataParallel(model, comm)  # the failed one gave everything back
+    model.zero_grad()
+    ddp(x, True).backward()
+    ddp.synchronize()
+    ddp.close()
+    comm.barrier()
+    if comm.rank == 0:
+        print("dataparallel ok", flush=True)
+    return 0
+
+
 def main():
     comm = mpi_communicator(timeout=20)
     rank, size = comm.rank, comm.size
+    if len(sys.argv) > 1 and sys.argv[1] == "dataparallel":
+        return dataparallel(comm)
     if len(sys.argv) > 1 and sys.argv[1] in ("sizes-differ", "late", "mixed", "late-allreduce"):
         return scenario(sys.argv[1], comm)
     if len(sys.argv) > 1 and sys.argv[1].startswith("checked-"):

@@ -696,6 +696,100 @@ def test_after_a_second_gradient_the_wrapper_refuses_to_go_on_rather_than_sum_it
     assert run_ranks(2, body) == [True, True]
 
 
+class _TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 4)
+        self.extra = nn.Linear(4, 4)
+
+    def forward(self, x, use_extra):
+        h = self.body(x)
+        return (self.extra(h) if use_extra else h).sum()
+
+
+def _two_heads_step(comm, wrappers, between):
+    """One allow_unused step of `wrappers` models, `extra` used on rank 1 only, with `between(comm, losses)`
+    run between the backwards and the synchronize() calls; returns (each model's gradients, between's)."""
+    models, ddps, losses = [], [], []
+    for _ in range(wrappers):
+        distbp.manual_seed(0)
+        models.append(_TwoHeads())
+        ddps.append(DataParallel(models[-1], comm, allow_unused=True, bucket_cap_mb=1e-9))
+    x = np.ones((3, 4), np.float32) * (comm.rank + 1)
+    for ddp in ddps:
+        losses.append(ddp(Tensor(x), comm.rank == 1))
+        losses[-1].backward()
+    seen = between(comm, losses)
+    for ddp in ddps:
+        ddp.synchronize()
+        ddp.close()
+    return [{n: p.grad.data.copy() for n, p in m.named_parameters() if p.grad is not None} for m in models], seen
+
+
+def test_the_callers_collectives_between_backward_and_synchronize_never_pair_with_a_bucket():
+    # With allow_unused, rank 0 starts the bucket of `extra` in synchronize(), rank 1 in backward: on one
+    # shared communicator a collective in between paired with it (a wrong loss and wrong gradients, or a
+    # "calls differ" error); the wrapper's own copy of the communicator keeps them apart
+    def log_loss(comm, losses):
+        total = np.array([losses[0].item()], np.float32)
+        comm.allreduce(total)
+        return float(total[0])
+
+    reference = []  # each rank's step alone: the two ranks must end with the mean of their gradients
+    for rank in range(2):
+        alone = LocalCommunicator()
+        alone.rank = rank
+        reference.append(_two_heads_step(alone, 1, lambda comm, losses: losses[0].item()))
+    for wrappers, between in [(1, log_loss), (2, lambda comm, losses: None)]:
+        results = run_ranks(2, lambda comm: _two_heads_step(comm, wrappers, between), timeout=20)
+        for grads_of_models, seen in results:
+            if between is log_loss:
+                assert seen == pytest.approx(reference[0][1] + reference[1][1], rel=1e-6)
+            for grads in grads_of_models:
+                for name in grads:
+                    mean = sum(r[0][0].get(name, 0) for r in reference) / 2
+                    np.testing.assert_allclose(grads[name], mean, rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+def test_a_wrapper_that_failed_closes_and_the_model_can_be_wrapped_again():
+    x, y = _data()
+
+    def body(comm):
+        model = _mlp()
+        ddp = DataParallel(model, comm, bucket_cap_mb=1e-9)
+        cross_entropy(ddp(Tensor(x[:8])), y[:8]).backward()
+        with pytest.raises(RuntimeError, match="second gradient"):
+            cross_entropy(ddp(Tensor(x[:8])), y[:8]).backward()
+        ddp.close()
+        ddp = DataParallel(model, comm)
+        model.zero_grad()
+        cross_entropy(ddp(Tensor(x[:8])), y[:8]).backward()
+        ddp.synchronize()
+        ddp.close()
+        return True
+
+    assert run_ranks(2, body, timeout=20) == [True, True]
+
+
+def test_a_zero_dimensional_buffer_updated_out_of_place_stays_an_array_and_is_broadcast():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+            self.register_buffer("scale", np.array(1.0, np.float32))
+
+    def body(comm):
+        model = Scaled()
+        model.scale = model.scale * np.float32(0.5 if comm.rank == 0 else 0.25)  # numpy gives a scalar
+        assert isinstance(model.scale, np.ndarray) and model.scale.shape == ()
+        DataParallel(model, comm).close()
+        return float(model.scale)
+
+    assert run_ranks(2, body) == [0.5, 0.5]
+    with pytest.raises(TypeError, match="cannot assign a float to buffer 'scale'"):
+        Scaled().scale = 0.5
+
+
 def test_parameters_that_are_not_contiguous_are_broadcast_and_read_only_ones_must_agree():
     def body(comm):
         model = _mlp(seed=comm.rank)
@@ -877,6 +971,9 @@ def test_close_gives_the_buckets_back_and_compression_does_not_take_shared_ones(
 
         def release(self, array):
             self.released.append(array)
+
+        def dup(self):  # the wrapper's collectives go to its copy: this one records them
+            return self
 
     comm = Recording()
     ddp = DataParallel(_mlp(), comm, bucket_cap_mb=1e-9)

@@ -91,6 +91,12 @@ class Communicator:
         """Stop every rank of the group (after this rank failed)."""
         raise SystemExit(code)
 
+    def dup(self):
+        """A communicator of the same ranks whose collectives never pair with this one's (MPI_Comm_dup), for
+        a library that issues collectives at moments its caller does not see (DataParallel's buckets).
+        Collective: every rank calls it, in the same order. close() it when done."""
+        raise NotImplementedError
+
     def close(self):
         pass
 
@@ -137,3 +143,6 @@ class LocalCommunicator(Communicator):
 
     def barrier(self):
         pass
+
+    def dup(self):
+        return LocalCommunicator(self.timeout)

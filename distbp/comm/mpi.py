@@ -113,7 +113,7 @@ def _complete(comm, done, seq, name):
     # Poll without sleeping: MPICH advances a non-blocking collective only inside MPI calls, so a
     # sleeping rank would stall the transfer for every rank (MPI_Wait spins the same way).
     deadline = None if comm.timeout is None else time.monotonic() + comm.timeout
-    in_flight = comm._in_flight
+    in_flight = _in_flight
     polls = 0
     while not done():
         if in_flight:
@@ -142,7 +142,7 @@ class _SharedAllreduce(Handle):
         self.comm, self.shared, self.seq, self.after = comm, shared, seq, after
         self.request = shared.barriers.Ibarrier()
         self.phase = 0  # 0: waiting for every buffer; 1: for every slice; 2: done
-        comm._in_flight.append(self)
+        _in_flight.append(self)
 
     def test(self):
         """Advance as far as possible without waiting; True once done."""
@@ -157,7 +157,7 @@ class _SharedAllreduce(Handle):
                 self.request = None
                 self.phase = 2
                 self.shared.in_flight = False
-                self.comm._in_flight.remove(self)
+                _in_flight.remove(self)
                 if self.after is not None:
                     self.after()
         return True
@@ -187,7 +187,6 @@ class MPICommunicator(Communicator):
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self._seq = 0
         self._sends = []  # (request, buffer) of questions and answers not known to be delivered
-        self._in_flight = []  # shared-memory all-reduces started and not yet complete
         self._asked = {}  # peer -> (collective #, its index) of the last question it asked: it timed out there
         if check_collectives is None:
             check_collectives = os.environ.get("DISTBP_CHECK_COLLECTIVES", "0") not in ("", "0")
@@ -209,6 +208,7 @@ class MPICommunicator(Communicator):
         self.shared_memory_error = None  # why a buffer() could not be shared, if one could not
         self._base = base
         self._shared = {}  # (address, size, dtype) of each shared buffer handed out -> its SharedBuffer
+        self._owned = False  # made by dup(): close() frees its MPI communicators
 
     # --- finding the ranks that did not arrive ---
 
@@ -370,14 +370,34 @@ class MPICommunicator(Communicator):
     def abort(self, code=1, message=None):
         abort_world(self.MPI.COMM_WORLD, code)
 
+    def dup(self):
+        copy = MPICommunicator(self.comm, self.timeout, self.shared_memory, self.check_collectives)
+        copy._owned = True
+        return copy
+
     def close(self):
         for request, _ in self._sends:
             if not request.Test():
                 request.Cancel()
         self._sends = []
         for shared in list(self._shared.values()):
-            if not shared.in_flight:
-                self.release(shared.mine)  # arrays already handed out keep their memory mapped
+            if shared.in_flight:  # never to be waited for (its owner failed): abandoned, not summed into
+                self._abandon(shared)
+            self.release(shared.mine)  # arrays already handed out keep their memory mapped
+        if self._owned:
+            self._owned = False
+            self.comm.Free()
+            self._control.Free()
+
+    def _abandon(self, shared):
+        for handle in [h for h in _in_flight if h.shared is shared]:
+            _in_flight.remove(handle)
+        shared.in_flight = False
+
+
+# every shared-memory all-reduce of the process started and not yet complete, whichever communicator
+# started it: a wait on any communicator advances them all (see _complete)
+_in_flight = []
 
 
 def _key(array):

@@ -26,13 +26,19 @@ class ThreadGroup:
             raise ValueError(f"a thread group needs at least one rank, got {size}")
         self.size, self.timeout = size, timeout
         self._cond = threading.Condition()
-        self._pending = {}  # sequence number -> rendezvous state
-        self.reached = [0] * size  # the latest collective each rank has entered
+        # (channel, sequence number) -> rendezvous state. A channel is a communicator and its copies on the
+        # ranks: () the group's own, (k,) its k-th dup(), (k, j) that one's j-th, ...
+        self._pending = {}
         self.failure = None  # (rank, message) of the first rank that failed
-        self.left = set()  # ranks whose communicator is closed: they enter no more collectives
+        self.left = set()  # (channel, rank): that rank's communicator of the channel is closed
 
     def communicators(self, timeout=None):
         return [ThreadCommunicator(self, r, self.timeout if timeout is None else timeout) for r in range(self.size)]
+
+    def _gone(self, channel, rank):
+        """Whether the rank enters no more collectives of the channel: it closed that communicator or one it
+        was copied from (the rank's program has ended)."""
+        return any((channel[:i], rank) in self.left for i in range(len(channel) + 1))
 
     def abort(self, rank, message):
         with self._cond:
@@ -40,11 +46,11 @@ class ThreadGroup:
                 self.failure = (rank, message)
             self._cond.notify_all()
 
-    def leave(self, rank):
+    def leave(self, rank, channel=()):
         """A rank's communicator has made its last collective: a peer waiting for it in another need not
         wait for the timeout."""
         with self._cond:
-            self.left.add(rank)
+            self.left.add((channel, rank))
             self._cond.notify_all()
 
     def _check_failure(self, rank):
@@ -62,20 +68,21 @@ class ThreadGroup:
         self._cond.notify_all()
         raise GroupAborted(message)
 
-    def meet(self, rank, seq, name, payload, combine, timeout):
-        """Deposit this rank's payload for collective `seq`; once all have, return combine(payloads).
+    def meet(self, rank, seq, name, payload, combine, timeout, channel=()):
+        """Deposit this rank's payload for collective `seq` of `channel`; once all have, return combine(payloads).
 
         combine runs once, in the last rank to arrive, while the others wait: their inputs stay untouched
         until the result exists.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        key = (channel, seq)
         with self._cond:
-            entry = self._pending.get(seq)
+            entry = self._pending.get(key)
             if entry is not None and entry.get("error"):
                 raise GroupAborted(entry["error"])
             self._check_failure(rank)
             if entry is None:
-                entry = self._pending[seq] = {"name": name, "payloads": [None] * self.size, "count": 0,
+                entry = self._pending[key] = {"name": name, "payloads": [None] * self.size, "count": 0,
                                               "result": None, "done": False, "taken": 0, "error": None}
             elif entry["name"] != name:
                 self._fail_collective(rank, entry, (
@@ -83,7 +90,6 @@ class ThreadGroup:
                     f"{entry['name']}: the ranks issue collectives in different orders"))
             entry["payloads"][rank] = (payload,)
             entry["count"] += 1
-            self.reached[rank] = seq
             if entry["count"] == self.size:
                 try:
                     entry["result"] = combine([p[0] for p in entry["payloads"]])
@@ -93,7 +99,7 @@ class ThreadGroup:
                 self._cond.notify_all()
             while not entry["done"]:
                 self._check_failure(rank)
-                gone = [r for r, p in enumerate(entry["payloads"]) if p is None and r in self.left]
+                gone = [r for r, p in enumerate(entry["payloads"]) if p is None and self._gone(channel, r)]
                 if gone:
                     self._fail_collective(rank, entry, (
                         f"rank {rank}: {name} (collective #{seq}) cannot complete: rank(s) {gone} closed their "
@@ -112,7 +118,7 @@ class ThreadGroup:
             result = entry["result"]
             entry["taken"] += 1
             if entry["taken"] == self.size:
-                del self._pending[seq]
+                del self._pending[key]
             return result
 
 
@@ -130,10 +136,12 @@ class _FutureHandle(Handle):
 class ThreadCommunicator(Communicator):
     backend = "threads"
 
-    def __init__(self, group, rank, timeout=DEFAULT_TIMEOUT):
+    def __init__(self, group, rank, timeout=DEFAULT_TIMEOUT, channel=()):
         super().__init__(timeout)
         self.group, self.rank, self.size = group, rank, group.size
+        self.channel = channel  # see ThreadGroup._pending
         self._seq = 0
+        self._dups = 0
         self._reducing = set()  # addresses of the arrays being all-reduced (MPI forbids touching them meanwhile)
         self._queue = queue.Queue()
         self._worker = threading.Thread(target=self._run, name=f"distbp-comm-{rank}", daemon=True)
@@ -143,7 +151,7 @@ class ThreadCommunicator(Communicator):
         while True:
             item = self._queue.get()
             if item is None:  # closed, after every collective queued before
-                self.group.leave(self.rank)
+                self.group.leave(self.rank, self.channel)
                 return
             future, fn = item
             if future.set_running_or_notify_cancel():
@@ -158,7 +166,7 @@ class ThreadCommunicator(Communicator):
 
         def run():
             try:
-                result = self.group.meet(self.rank, seq, name, payload, combine, timeout)
+                result = self.group.meet(self.rank, seq, name, payload, combine, timeout, self.channel)
             except BaseException:
                 if cleanup is not None:
                     cleanup()
@@ -213,6 +221,11 @@ class ThreadCommunicator(Communicator):
 
     def abort(self, code=1, message="aborted"):
         self.group.abort(self.rank, message)
+
+    def dup(self):
+        # the k-th dup() of a channel is channel + (k,) on every rank: they call it in the same order
+        self._dups += 1
+        return ThreadCommunicator(self.group, self.rank, self.timeout, self.channel + (self._dups,))
 
     def close(self):
         self._queue.put(None)

@@ -46,6 +46,11 @@ class Module:
             raise TypeError(f"cannot assign a {type(value).__name__} to {registered} {name!r} of "
                             f"{type(self).__name__} (a Parameter, a Module or None is expected)")
         if name in self._buffers and not isinstance(value, (Parameter, Module)):
+            if isinstance(value, np.generic):  # what numpy returns for a 0-d buffer updated out of place
+                value = np.asarray(value)
+            elif value is not None and not isinstance(value, (np.ndarray, Tensor)):
+                raise TypeError(f"cannot assign a {type(value).__name__} to buffer {name!r} of {type(self).__name__} "
+                                "(an array, a Tensor or None is expected)")
             self._buffers[name] = value
             object.__setattr__(self, name, value)
             return

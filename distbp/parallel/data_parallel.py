@@ -79,6 +79,11 @@ class DataParallel:
     DDP): build a new DataParallel after changing the model. After synchronize() raised, the wrapper
     cannot continue. Every other attribute (state_dict, train, eval, ...) is the module's own: a state_dict
     has the module's keys, with no "module." prefix.
+
+    The wrapper makes its collectives on a copy of `comm` (comm.dup()), so the caller's own collectives on
+    `comm` (a loss all-reduced between backward and synchronize(), another DataParallel) never pair with a
+    bucket: when a bucket starts depends on the rank (with allow_unused or no_sync(), one rank may start it
+    in backward, another only in synchronize()). close() gives the copy back.
     """
 
     def __init__(self, model, comm, bucket_cap_mb=25.0, allow_unused=False, compress=None, tracer=None,
@@ -91,7 +96,7 @@ class DataParallel:
         if getattr(model, "_data_parallel", None) is not None:
             raise RuntimeError("DataParallel: this model is already wrapped by a DataParallel (its hooks would "
                                "all-reduce every gradient twice); close() that one first")
-        self.module, self.comm = model, comm
+        self.module = model
         self.allow_unused, self.compress, self.tracer = allow_unused, compress, tracer
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self._frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
@@ -99,9 +104,15 @@ class DataParallel:
         # the options every rank must share: the buckets, and what travels in them, must pair up
         options = {"bucket_cap_mb": float(bucket_cap_mb), "compress": compress, "allow_unused": bool(allow_unused),
                    "average": bool(average)}
-        self._check_same_model(options)
-        self._broadcast_state()
-        self.buckets = self._make_buckets(bucket_cap_mb * 1024 * 1024)
+        self.comm = comm.dup()
+        self.buckets = []
+        try:
+            self._check_same_model(options)
+            self._broadcast_state()
+            self.buckets = self._make_buckets(bucket_cap_mb * 1024 * 1024)
+        except BaseException:
+            self._give_back()
+            raise
         self._bucket_of = {id(p): b for b in self.buckets for _, p in b.params}
         self._name_of = {id(p): n for n, p in self.named}
         self._accumulated = set()  # ids of parameters that got a gradient under no_sync() since synchronize()
@@ -362,15 +373,26 @@ class DataParallel:
         return getattr(self.module, name)
 
     def close(self):
-        """Detach from the model: no more hooks, and gradients go back to arrays of their own."""
-        for h in self._hooks:
-            h.remove()
+        """Detach from the model: no more hooks, gradients go back to arrays of their own, and the copy of
+        the communicator is given back. Collective (every rank closes its DataParallel); also after an
+        error, so that the model can be wrapped again."""
+        try:
+            for h in self._hooks:
+                h.remove()
+            self._hooks = []
+            self._give_back()
+        finally:
+            if getattr(self.module, "_data_parallel", None) is self:
+                self.module._data_parallel = None
+
+    def _give_back(self):
         for _, p in self.named:
             p.set_grad_destination(None)
-        for bucket in self.buckets:  # collective, like buffer(): every rank closes its DataParallel
-            self.comm.release(bucket.buffer)
-        if getattr(self.module, "_data_parallel", None) is self:
-            self.module._data_parallel = None
+        for bucket in self.buckets:
+            if bucket.handle is None:  # one still in flight (never waited for, after an error): comm.close()
+                self.comm.release(bucket.buffer)
+            bucket.handle = None
+        self.comm.close()
 
 
 def _array_of(buffer):
