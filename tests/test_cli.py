@@ -139,6 +139,10 @@ CASES = {
     "checkpoint-data-damaged": (
         ["train", "--resume", "--hidden", "32", "--checkpoint", "ck-data.safetensors", "--progress", "none"],
         ["ck-data.safetensors", "damaged checkpoint state: data is 5"], "ck-data.safetensors"),
+    "checkpoint-where-no-file-can-be-made": (["train", "--checkpoint", "/proc/run.ckpt", "--progress", "none"],
+                                             ["/proc/run.ckpt", "no file can be made in /proc"], None),
+    "ps-checkpoint-where-no-file-can-be-made": (["ps", "serve", "--checkpoint-path", "/proc/ps.ckpt"],
+                                                ["/proc/ps.ckpt", "no file can be made in /proc"], None),
     "checkpoint-is-a-pipe": (["train", "--checkpoint", "pipe", "--progress", "none"], ["pipe", "not a regular file"],
                              None),
     "resume-from-a-pipe": (["train", "--resume", "--checkpoint", "pipe", "--progress", "none"],

@@ -1,5 +1,7 @@
 """Real MPI ranks started with mpiexec from the test suite: equivalence with one process, and failures."""
 
+import contextlib
+import glob
 import json
 import os
 import signal
@@ -29,6 +31,17 @@ def mpiexec(n, *args, timeout=90):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     return done.returncode, done.stdout, done.stderr, time.monotonic() - start
+
+
+@pytest.fixture(autouse=True)
+def no_topology_file_left():
+    """MPICH's mpiexec leaves its topology file in /tmp when a job ends in MPI_Abort, as many here do."""
+    pattern = "/tmp/hydra_hwloc_xmlfile_*"
+    before = set(glob.glob(pattern))
+    yield
+    for path in set(glob.glob(pattern)) - before:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def mpich_names():
@@ -119,7 +132,7 @@ def test_shared_buffers_of_different_sizes_are_refused_on_every_rank():
 
 def test_a_process_may_make_many_communicators_that_reduce_float16():
     code, out, err, _ = mpiexec(2, str(HERE / "mpi_collectives.py"), "many-communicators", timeout=120)
-    assert code == 0 and "40 communicators ok" in out, out + err
+    assert code == 0 and "1100 communicators ok" in out, out + err
 
 
 def test_a_rank_late_for_a_shared_buffer_times_out_and_leaves_no_file_behind():
@@ -380,6 +393,16 @@ def test_a_launcher_that_mpi_does_not_understand_is_refused(launcher):
     assert done.returncode != 0
     key = next(k for k in launcher if k != "SLURM_STEP_ID")
     assert f"{key}={launcher[key]}: the launcher started this process as one of" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("backend", ["local", "threads"])
+def test_a_backend_of_one_process_started_as_several_ranks_is_refused(backend):
+    # `mpiexec -n 2 distbp train --backend local`: two runs, each on all the data, writing the same files
+    code, out, err, _ = mpiexec(2, "-m", "distbp", "train", "--backend", backend, "--epochs", "1",
+                                "--progress", "none", timeout=60)
+    assert code != 0
+    assert f"backend {backend} in one of 2 processes started by an MPI launcher (PMI_SIZE=2)" in err, err
+    assert "step" not in out, out
 
 
 @pytest.mark.parametrize("ranks", ["abc", "0", "-2", "2.5", "--epochs", None])

@@ -1338,3 +1338,32 @@ def test_resuming_keeps_a_symlinked_metrics_file_a_link_and_a_finished_run_keeps
     spans = len(_spans(trace))
     _train_ranks(1, **base, max_steps=40, resume=True, trace=str(trace))  # nothing left to train
     assert len(_spans(trace)) == spans  # it was replaced by a trace of no step
+
+
+def _threads_settle(before, seconds=5.0):
+    import gc
+
+    deadline = time.monotonic() + seconds
+    while True:
+        gc.collect()
+        if threading.active_count() <= before or time.monotonic() > deadline:
+            return threading.active_count()
+        time.sleep(0.05)
+
+
+def test_thread_communicators_dropped_without_close_end_their_threads():
+    before = threading.active_count()
+    for _ in range(20):
+        comms = ThreadGroup(2).communicators()
+        comms[0].dup()
+    del comms
+    assert _threads_settle(before) <= before
+
+
+def test_a_run_that_fails_gives_back_its_data_parallel_wrapper():
+    # a program that goes on after a failed fit() must be able to train again; the buckets of MPI's shared
+    # memory (at most 512 in a process) were pinned by each failed run
+    trainer = Trainer(make_config(dict(lr=1e300, max_steps=1, progress="none")), step=AllReduceStep(LocalCommunicator()))
+    with pytest.raises(FloatingPointError, match="test loss became nan"):
+        trainer.fit()
+    assert getattr(trainer.model, "_data_parallel", None) is None

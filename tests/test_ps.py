@@ -2395,3 +2395,24 @@ def test_a_checkpoint_of_another_sharding_is_refused(tmp_path):
     whole.stop()
     with pytest.raises(CheckpointError, match="checkpoint of shard 0 of 1 .* this server is shard 0 of 2"):
         build_shard(config, 0, 2, 1, mode="async", checkpoint=str(tmp_path / "ps.ckpt"))
+
+
+def test_a_shard_dropped_without_stop_ends_its_straggler_monitor():
+    # a shard that never served (its port was taken, say) was watched for ever by its monitor thread
+    import gc
+    import threading
+    import time
+
+    from distbp.nn import Parameter
+    from distbp.optim import SGD
+    from distbp.ps.server import Shard
+
+    before = threading.active_count()
+    for _ in range(5):
+        params = {"w": Parameter(np.zeros(3, np.float32))}
+        Shard(params, SGD(list(params.values()), lr=0.1), mode="sync", workers=1)
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.05)
+    assert threading.active_count() <= before

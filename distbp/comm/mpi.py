@@ -208,7 +208,7 @@ class MPICommunicator(Communicator):
         self.shared_memory_error = None  # why a buffer() could not be shared, if one could not
         self._base = base
         self._shared = {}  # (address, size, dtype) of each shared buffer handed out -> its SharedBuffer
-        self._owned = False  # made by dup(): close() frees its MPI communicators
+        self._closed = False
 
     # --- finding the ranks that did not arrive ---
 
@@ -371,11 +371,14 @@ class MPICommunicator(Communicator):
         abort_world(self.MPI.COMM_WORLD, code)
 
     def dup(self):
-        copy = MPICommunicator(self.comm, self.timeout, self.shared_memory, self.check_collectives)
-        copy._owned = True
-        return copy
+        return MPICommunicator(self.comm, self.timeout, self.shared_memory, self.check_collectives)
 
     def close(self):
+        """Give back the shared buffers and MPI's communicators (MPI has about a thousand: a process that
+        makes communicators in a loop must close them). A second call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         for request, _ in self._sends:
             if not request.Test():
                 request.Cancel()
@@ -384,10 +387,8 @@ class MPICommunicator(Communicator):
             if shared.in_flight:  # never to be waited for (its owner failed): abandoned, not summed into
                 self._abandon(shared)
             self.release(shared.mine)  # arrays already handed out keep their memory mapped
-        if self._owned:
-            self._owned = False
-            self.comm.Free()
-            self._control.Free()
+        self.comm.Free()
+        self._control.Free()
 
     def _abandon(self, shared):
         for handle in [h for h in _in_flight if h.shared is shared]:

@@ -9,6 +9,7 @@ import pickle
 import queue
 import threading
 import time
+import weakref
 from concurrent.futures import Future
 
 import numpy as np
@@ -133,6 +134,23 @@ class _FutureHandle(Handle):
         return self._future.done()
 
 
+def _run_collectives(jobs, group, rank, channel):
+    """A rank's communication thread: run the collectives queued on `jobs` in order, until None (closed)."""
+    while True:
+        item = jobs.get()
+        if item is None:  # closed, after every collective queued before
+            group.leave(rank, channel)
+            return
+        future, fn = item
+        del item  # (the job refers to its communicator: not kept while waiting for the next)
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn())
+            except BaseException as e:  # handed to whoever waits on the handle
+                future.set_exception(e)
+        del future, fn
+
+
 class ThreadCommunicator(Communicator):
     backend = "threads"
 
@@ -144,21 +162,12 @@ class ThreadCommunicator(Communicator):
         self._dups = 0
         self._reducing = set()  # addresses of the arrays being all-reduced (MPI forbids touching them meanwhile)
         self._queue = queue.Queue()
-        self._worker = threading.Thread(target=self._run, name=f"distbp-comm-{rank}", daemon=True)
+        # the thread holds the queue, not the communicator: one dropped without close() is collected, and
+        # its finalizer ends the thread
+        self._worker = threading.Thread(target=_run_collectives, args=(self._queue, group, rank, channel),
+                                        name=f"distbp-comm-{rank}", daemon=True)
         self._worker.start()
-
-    def _run(self):
-        while True:
-            item = self._queue.get()
-            if item is None:  # closed, after every collective queued before
-                self.group.leave(self.rank, self.channel)
-                return
-            future, fn = item
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn())
-                except BaseException as e:  # handed to whoever waits on the handle
-                    future.set_exception(e)
+        weakref.finalize(self, self._queue.put, None)
 
     def _submit(self, name, payload, combine, finish, cleanup=None):
         self._seq += 1

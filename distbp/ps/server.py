@@ -16,6 +16,7 @@ import math
 import secrets
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import grpc
@@ -85,7 +86,10 @@ class Shard:
         self.stopping = False
         if checkpoint and Path(checkpoint).exists():
             self.restore(checkpoint)
-        self._monitor = threading.Thread(target=self._watch_stragglers, daemon=True, name="distbp-ps-monitor")
+        # the thread holds the shard weakly: a shard that is dropped without stop() (one that never served)
+        # is collected, and the thread ends
+        self._monitor = threading.Thread(target=_watch_stragglers, args=(weakref.ref(self),), daemon=True,
+                                         name="distbp-ps-monitor")
         self._monitor.start()
 
     # --- membership ---
@@ -323,15 +327,6 @@ class Shard:
             except (OSError, CheckpointError) as e:  # the step stands; training goes on without this save
                 log.error("shard %d: could not write the checkpoint of version %d: %s", self.shard, self.version, e)
 
-    def _watch_stragglers(self):
-        while not self.stopping:
-            time.sleep(0.05)
-            with self.cond:
-                try:
-                    self._drop_stragglers(time.monotonic())
-                except Exception:  # the monitor must outlive any one failure, or no one is ever dropped again
-                    log.exception("shard %d: the straggler monitor failed; it goes on", self.shard)
-
     def _drop_stragglers(self, now):
         """(lock held) Workers that hold the others up for longer than sync_timeout stop taking part."""
         if self.stopping:  # the final checkpoint is written or being written: no step may follow it
@@ -561,6 +556,21 @@ class Shard:
         with self.cond:
             self.stopping = True
             self.cond.notify_all()
+
+
+def _watch_stragglers(shard_ref):
+    """The straggler monitor of the shard `shard_ref` refers to, until the shard stops or is collected."""
+    while True:
+        time.sleep(0.05)
+        shard = shard_ref()
+        if shard is None or shard.stopping:
+            return
+        with shard.cond:
+            try:
+                shard._drop_stragglers(time.monotonic())
+            except Exception:  # the monitor must outlive any one failure, or no one is ever dropped again
+                log.exception("shard %d: the straggler monitor failed; it goes on", shard.shard)
+        del shard
 
 
 class _Encoding:

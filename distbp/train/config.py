@@ -7,6 +7,7 @@ the validation are all derived from it, so a key cannot exist in one place and n
 import difflib
 import math
 import os
+import tempfile
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -280,6 +281,11 @@ def check_writable(what, path):
         raise ConfigError(f"{what} is {path}, but {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"{what} is {path}, but {parent} is not writable")
+    try:  # os.access says yes to root anywhere: a read-only file system or /proc refuses only a real file
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{what} is {path}, but no file can be made in {parent} ({e.strerror})") from None
 
 
 def _file_identity(path):

@@ -117,9 +117,21 @@ def chosen_backend(config):
     return config.backend
 
 
+def _launched_as_one_of_several():
+    from ..comm.mpi import launcher_count
+
+    return launcher_count(os.environ)
+
+
 def resolve_backend(config):
     """chosen_backend(config), refusing options that do not apply to it."""
     backend = chosen_backend(config)
+    started_as = _launched_as_one_of_several()
+    if backend in ("local", "threads") and started_as:
+        # each process would train alone on all the data, and all would write the same output files
+        raise ConfigError(f"backend {backend} in one of {started_as[1]} processes started by an MPI launcher "
+                          f"({started_as[0]}={started_as[1]}): each would train alone; use --backend mpi (or "
+                          "auto), or start one process")
     if backend != "threads" and config.world_size != 1:
         who = {"mpi": "the launcher (mpiexec -n N)", "ps": "the servers' --workers"}.get(backend)
         raise ConfigError(f"config: 'world_size' is for the threads backend"

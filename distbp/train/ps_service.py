@@ -153,7 +153,11 @@ def run_server(config, args, stream=None):
         logging.getLogger("distbp.ps").warning(
             "listening on %s with neither a token nor TLS: anyone who can reach the port can read and change the "
             "parameters (give --token or %s, and --tls-cert/--tls-key)", args.host, TOKEN_VARIABLE)
-    server, port = serve(shard, args.host, args.port, args.token, tls)
+    try:
+        server, port = serve(shard, args.host, args.port, args.token, tls)
+    except BaseException:
+        shard.stop()  # (its straggler monitor would go on in a process that does not end here)
+        raise
     stream.write(f"distbp ps: shard {args.shard} of {args.num_shards} ({len(shard.params)} parameters, "
                  f"{args.mode}, {args.workers} worker{'s' if args.workers != 1 else ''}) serving on {host_port(args.host, port)}, version {shard.version}\n")
     stream.flush()

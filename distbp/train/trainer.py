@@ -336,10 +336,20 @@ class Trainer:
             self.stream.flush()
 
     def fit(self):
-        if not self.config.threads:
-            return self._fit()
-        with threadpool_limits(self.config.threads):
-            return self._fit()
+        try:
+            if not self.config.threads:
+                return self._fit()
+            with threadpool_limits(self.config.threads):
+                return self._fit()
+        except Exception:
+            # a run that failed gives back what its step holds (DataParallel's shared buckets and copy of the
+            # communicator, a worker's channels), so a program that goes on can train again; not on a
+            # stop signal, after which the process ends
+            try:
+                self.strategy.close()
+            except Exception:  # noqa: BLE001 -- the run's own error is the one to report
+                pass
+            raise
 
     def _fit(self):
         cfg = self.config
