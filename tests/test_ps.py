@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent import futures
 from dataclasses import replace
 from pathlib import Path
 
@@ -749,6 +750,42 @@ def test_bounded_staleness_holds_back_a_worker_that_runs_ahead():
         stop()
 
 
+def test_a_sync_shard_skips_a_round_it_has_taken_when_its_workers_go_on_from_an_earlier_one(caplog):
+    # One shard stopped before the round another took: the workers go on from the fewer rounds, and the shard
+    # ahead applied that round's pushes a second time (one version more than the others, no warning)
+    config = make_config({"epochs": 1, "progress": "none"})
+    addresses, (shard,), stop = start_servers(config, 1, 2, mode="sync")
+    try:
+        named = _named(config)
+        grads = {n: np.full(p.data.shape, 0.5, p.data.dtype) for n, p in named}
+        clients = [PSClient(addresses, named, retry_seconds=10.0) for _ in range(2)]
+
+        def round_of_both():
+            with futures.ThreadPoolExecutor(2) as pool:
+                return [f.result(timeout=30) for f in [pool.submit(c.push_pull, grads) for c in clients]]
+
+        for c in clients:
+            c.register()
+        round_of_both()
+        assert shard.version == 1
+        after_one = {n: p.data.copy() for n, p in shard.params.items()}
+        for c in clients:  # rejoin as from a second shard that is at version 0
+            c.register(requested_id=c.worker_id)
+            c.steps = 0
+        with caplog.at_level("WARNING", logger="distbp.ps"):
+            pulled = round_of_both()
+        assert shard.version == 1 and all(c.versions == [1] for c in clients)
+        assert "this shard has taken 1 rounds: it skips those up to its own" in caplog.text
+        for n, value in after_one.items():
+            np.testing.assert_array_equal(shard.params[n].data, value)
+            for p in pulled:
+                np.testing.assert_array_equal(p[n], value)
+        round_of_both()  # the next round is taken
+        assert shard.version == 2
+    finally:
+        stop()
+
+
 def test_a_model_over_4_mb_works_end_to_end():
     config = make_config({"hidden": [2048, 512], "max_steps": 3, "epochs": 1, "progress": "none"})
     addresses, shards, stop = start_servers(config, 2, 1, mode="sync")
@@ -1216,6 +1253,21 @@ def test_sigterm_writes_a_checkpoint_and_a_restarted_job_resumes_at_its_version(
     # the run's metrics go on in the same file
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == [5, rerun.steps_per_epoch]
+
+
+def test_a_final_checkpoint_that_cannot_be_written_names_the_version_lost_and_the_server_stops(tmp_path):
+    # the save raised before the gRPC server was stopped: the process ended under live calls, and a worker
+    # waiting in one got CANCELLED (which it does not retry) instead of the UNAVAILABLE of any stop
+    port, folder = _free_port(), tmp_path / "d"
+    server = _start_server_process(port, folder / "ps.ckpt", ["--epochs", "1", "--mode", "async"])
+    Trainer(make_config({"epochs": 1, "progress": "none", "max_steps": 3}), PSStep([f"127.0.0.1:{port}"])).fit()
+    assert not folder.exists()  # (made when a checkpoint is first written: none was due yet)
+    folder.write_text("a file where the checkpoint's folder would be")
+    server.send_signal(signal.SIGTERM)
+    out, err = server.communicate(timeout=30)
+    assert server.returncode == 2, err
+    assert "shard 0 stopped at version 3, which its checkpoint could not keep" in out, out
+    assert "Traceback" not in err, err
 
 
 @pytest.mark.parametrize("mode", ["async", "bounded"])

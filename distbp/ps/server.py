@@ -71,7 +71,7 @@ class Shard:
         # without a registration (0: clients that do not send it) have a slot of their own, so that their
         # numbers cannot make the registered worker's own pushes look like retries
         self.sequences = {}
-        self.skipping = set()  # async, bounded: workers retaking steps this shard has applied (logged once)
+        self.skipping = set()  # workers retaking steps (async, bounded) or rounds (sync) this shard has (logged once)
         # steps_done estimated from an older checkpoint (kept in this shard's own checkpoints): a step a count
         # covers may never have been applied, so none is skipped
         self.steps_guessed = False
@@ -227,7 +227,8 @@ class Shard:
                 raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
                                f"the job has not started: {len(self.active)} of {self.expected} workers have "
                                "registered (a worker pulls first: its pull waits for them)")
-            skip = bool(step) and self.mode != "sync" and self._applied_here(worker_id, step)  # or refused
+            skip = bool(step) and (self._round_taken(worker_id, step) if self.mode == "sync"
+                                   else self._applied_here(worker_id, step))  # (or refused)
             if sequence:
                 self.sequences[slot] = sequence
             if skip:
@@ -258,6 +259,21 @@ class Shard:
                            f"worker {worker_id} has been registered again since this worker registered (by "
                            "another process given the same id, or one that replaced this one while it was "
                            "stalled): this process must stop")
+
+    def _round_taken(self, worker_id, step):
+        """(sync; lock held) Whether step `step` of the worker's run is a round this shard has taken (version
+        V is the V-th round): the worker goes on from where another shard has its run (one that stopped
+        before taking the round, or was restored from an older checkpoint). Applied again, the round
+        would count twice here: it is acknowledged and skipped, and the pull gets the current version."""
+        if step > self.version:
+            self.skipping.discard(worker_id)
+            return False
+        if worker_id not in self.skipping:
+            self.skipping.add(worker_id)
+            log.warning("shard %d: worker %d goes on from step %d of its run, and this shard has taken %d rounds: "
+                        "it skips those up to its own", self.shard, worker_id, step - 1, self.version)
+        self.last_push[worker_id] = time.monotonic()
+        return True
 
     def _applied_here(self, worker_id, step):
         """(async, bounded; lock held) Whether step `step` of the worker's run was applied on this shard
@@ -670,7 +686,7 @@ class Servicer(ps_pb2_grpc.ParameterServerServicer):
     def Push(self, request_iterator, context):
         """Serialized PushRequests (see wire.py: decoded by hand, the tensor bytes read in place)."""
         try:
-            _, _, version = self._push(request_iterator)
+            _, _, version, _ = self._push(request_iterator)
         except _Refused as e:
             context.abort(e.code, e.message)
         return ps_pb2.PushReply(version=version)
@@ -687,15 +703,18 @@ class Servicer(ps_pb2_grpc.ParameterServerServicer):
     def PushPull(self, request_iterator, context):
         """A push, then the pull it makes possible, in one call."""
         try:
-            worker_id, computed_at, _ = self._push(request_iterator)
-            wanted = computed_at + 1 if self.shard.mode == "sync" else 0
+            worker_id, computed_at, _, step = self._push(request_iterator)
+            wanted = 0
+            if self.shard.mode == "sync":  # the version of its round: the next, or (a round taken) one already here
+                wanted = min(computed_at + 1, step) if step else computed_at + 1
             messages = self.shard.pull_messages(worker_id, wanted, context.is_active)
         except _Refused as e:
             context.abort(e.code, e.message)
         yield from messages
 
     def _push(self, request_iterator):
-        """Apply one streamed push; (worker id, version the gradient was computed at, version after)."""
+        """Apply one streamed push; (worker id, version the gradient was computed at, version after, the step of
+        the worker's run it says it is, 0 if none)."""
         first = None
 
         def chunks():
@@ -718,7 +737,7 @@ class Servicer(ps_pb2_grpc.ParameterServerServicer):
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "bad push: no tensors")
         version = self.shard.push(first["worker_id"], first["version"], _prepend(head, gen), first["sequence"],
                                   first["registration"], first["step"])
-        return first["worker_id"], first["version"], version
+        return first["worker_id"], first["version"], version, first["step"]
 
     def Status(self, data, context):
         _parsed(ps_pb2.StatusRequest, data, context)

@@ -171,9 +171,16 @@ def run_server(config, args, stream=None):
     while not stop.wait(0.2):
         pass
     shard.stop()  # from here pushes are refused (UNAVAILABLE: workers retry), so the checkpoint is final
-    with shard.cond:
-        if args.checkpoint_path:
-            shard.save(args.checkpoint_path)
-    server.stop(grace=1.0).wait()
+    try:
+        with shard.cond:
+            if args.checkpoint_path:
+                shard.save(args.checkpoint_path)
+    except BaseException:
+        stream.write(f"distbp ps: shard {args.shard} stopped at version {shard.version}, which its checkpoint could "
+                     "not keep (below): the file holds the last version written\n")
+        stream.flush()
+        raise
+    finally:  # the workers' calls end as at any stop (UNAVAILABLE: they retry), not cut off with the process
+        server.stop(grace=1.0).wait()
     stream.write(f"distbp ps: shard {args.shard} stopped at version {shard.version}\n")
     stream.flush()
