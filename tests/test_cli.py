@@ -183,6 +183,8 @@ CASES = {
         ["ck-rate.safetensors", "base rates are [1000000.0], this run's [0.1]"], "ck-rate.safetensors"),
     "trace-over-the-config-file": (["train", "--config", "run.toml", "--trace", "run.toml", "--progress", "none"],
                                    ["'trace' is the config file (run.toml)"], "run.toml"),
+    "ps-checkpoint-over-the-config-file": (["ps", "serve", "--config", "run.toml", "--checkpoint-path", "run.toml"],
+                                           ["--checkpoint-path is the config file (run.toml)"], "run.toml"),
     "ipv6-address-without-brackets": (["train", "--backend", "ps", "--ps", "::1:5000"], ["'::1:5000'", "[::1]:5000"],
                                       None),
     "plot-not-json": (["plot", "notjson.jsonl", "-o", "x.png"], ["notjson.jsonl:2"], None),

@@ -320,11 +320,15 @@ def check_outputs(config, keys):
             check_not_an_output(config, path, f"'{key}'", [k for k in keys if k in outputs])
 
 
+def same_file(a, b):
+    """Whether two paths name one file (through symbolic or hard links too)."""
+    return _file_identity(a) == _file_identity(b)
+
+
 def check_not_an_output(config, path, what, keys):
     """Refuse an output (the config's `keys`) that is `path`, a file the run reads: it would be destroyed."""
-    identity = _file_identity(path)
     for key in keys:
-        if getattr(config, key, None) and _file_identity(getattr(config, key)) == identity:
+        if getattr(config, key, None) and same_file(getattr(config, key), path):
             raise ConfigError(f"config: '{key}' is {what} ({path}), which the run reads: writing it would "
                               f"destroy it; give '{key}' another file")
 

@@ -15,7 +15,9 @@ from ..data.datasets import fingerprint
 from ..ps.client import model_signature
 from ..ps.server import Shard, check_token, host_port, serve
 from ..ps.wire import assign_shards
-from .config import PS_SHARED_KEYS, RESUME_KEYS, ConfigError, check_pem, check_writable, keys_given, ps_settings
+from .config import (
+    PS_SHARED_KEYS, RESUME_KEYS, ConfigError, check_pem, check_writable, keys_given, ps_settings, same_file,
+)
 from .trainer import build_data, build_model, build_optimizer, build_schedule
 
 
@@ -82,6 +84,12 @@ def check_server_options(config, args):
             check_pem(f"ps serve: {option}", path)
     if args.checkpoint_path:
         check_writable("ps serve: --checkpoint-path", args.checkpoint_path)
+        reads = {"the config file": getattr(args, "config", None), "the text file": config.text_file,
+                 "--tls-cert": args.tls_cert, "--tls-key": args.tls_key, "--tls-client-ca": args.tls_client_ca}
+        for what, path in reads.items():
+            if path and same_file(path, args.checkpoint_path):
+                raise ConfigError(f"ps serve: --checkpoint-path is {what} ({path}), which the server reads: writing "
+                                  "it would destroy it; give --checkpoint-path another file")
     elif args.checkpoint_every_versions:
         raise ConfigError("ps serve: --checkpoint-every-versions needs --checkpoint-path (where to write)")
 
