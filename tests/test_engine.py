@@ -553,6 +553,19 @@ def test_backward_gradient_of_wrong_dtype(rng):
         y.backward(np.ones(2))
 
 
+def test_backward_takes_a_python_number_as_a_gradient_of_the_outputs_dtype(rng):
+    for dtype in (np.float32, np.float16):
+        x = leaf((3,), rng, dtype)
+        (x * x).sum().backward(2.0)
+        assert x.grad.dtype == dtype
+        np.testing.assert_allclose(x.grad.data, 4 * x.data, rtol=1e-3)
+    y = leaf((2,), rng) * 2.0
+    with pytest.raises(TypeError, match="float64"):  # a numpy float64 still says what it is
+        y.sum().backward(np.float64(2.0))
+    with pytest.raises(ValueError, match=r"gradient has shape \(\)"):  # one number is not a gradient for two
+        y.backward(2.0)
+
+
 def test_backward_on_tensor_without_graph(rng):
     with pytest.raises(RuntimeError, match="does not require grad"):
         Tensor([1.0, 2.0]).sum().backward()

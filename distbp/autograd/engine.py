@@ -57,7 +57,10 @@ def _seed(root, grad, create_graph):
             )
         seed = np.ones(root.data.shape, root.data.dtype) if root.data.ndim else np.array(1, root.data.dtype)
     else:
-        arr = grad.data if isinstance(grad, Tensor) else np.asarray(grad)
+        if type(grad) in (int, float):  # a Python number takes the output's dtype (a numpy scalar keeps its own)
+            arr = np.asarray(grad, root.data.dtype)
+        else:
+            arr = grad.data if isinstance(grad, Tensor) else np.asarray(grad)
         if arr.shape != root.data.shape:
             raise ValueError(
                 f"backward: the gradient has shape {arr.shape} but the output has shape {root.data.shape}"
