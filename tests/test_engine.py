@@ -589,6 +589,15 @@ def test_numpy_float64_scalars_and_arrays_do_not_promote(rng):
         assert y.dtype == np.float32
 
 
+def test_a_complex_constant_is_refused_not_cut_to_its_real_part(rng):
+    for t in (leaf((2,), rng), Tensor([1, 2])):
+        for c in (1j, np.array([1 + 2j, 3j])):
+            with pytest.raises(TypeError, match="complex128"):
+                t * c
+            with pytest.raises(TypeError, match="complex128"):
+                c + t
+
+
 def test_integer_and_boolean_tensors_give_float32_where_the_result_is_floating():
     i, b = Tensor([1, 2, 3]), Tensor([True, False])
     floating = {

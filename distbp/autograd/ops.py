@@ -1332,10 +1332,14 @@ def xp():
 
 def _const(x, dtype):
     arr = x if isinstance(x, _ndarray) else np.asarray(x)
-    if arr.dtype != dtype and (dtype.kind == "f" or arr.dtype.kind == "f"):
-        if arr.dtype.kind == "f" and dtype.kind != "f":
-            dtype = np.dtype(np.float32)
-        arr = arr.astype(dtype)
+    if arr.dtype != dtype:
+        if arr.dtype.kind not in "fiub":  # complex: the cast below would drop its imaginary part silently
+            raise TypeError(f"a constant of dtype {arr.dtype} cannot meet a tensor (tensors hold real numbers, "
+                            "integers or booleans)")
+        if dtype.kind == "f" or arr.dtype.kind == "f":
+            if arr.dtype.kind == "f" and dtype.kind != "f":
+                dtype = np.dtype(np.float32)
+            arr = arr.astype(dtype)
     return Tensor._from_op(arr, None)
 
 
