@@ -619,6 +619,19 @@ def test_integer_and_boolean_tensors_give_float32_where_the_result_is_floating()
     assert {k: str(v.dtype) for k, v in integral.items()} == {k: "int64" for k in integral}
 
 
+def test_padding_an_integer_tensor_with_a_float_gives_float32_not_truncated_integers():
+    i = Tensor([1, 2, 3])
+    for value in (0.5, np.float64(0.5)):
+        padded = ops.pad(i, 1, value=value)
+        assert padded.dtype == np.float32
+        np.testing.assert_array_equal(padded.data, [0.5, 1, 2, 3, 0.5])
+    assert ops.pad(i, 1).dtype == np.int64 and ops.pad(i, 1, value=-1).dtype == np.int64  # integers stay
+    image = Tensor(np.arange(4).reshape(1, 1, 2, 2))
+    cols = ops.unfold(image, 2, padding=1, pad_value=0.5)
+    assert cols.dtype == np.float32 and cols.data[0, 0, 0] == 0.5
+    assert ops.unfold(image, 2, padding=1).dtype == np.int64
+
+
 def test_axes_out_of_range_are_refused_not_wrapped(rng):
     x = Tensor(rng.standard_normal((2, 3)))
     for bad in (lambda: x.unsqueeze(3), lambda: x.unsqueeze(-4), lambda: x.transpose(1, 2),

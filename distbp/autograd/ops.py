@@ -1394,6 +1394,14 @@ def _floating(x):
     return x
 
 
+def _floating_for(x, *constants):
+    """x as float32 if it is integer or boolean and one of the constants (Python numbers) is a float: as
+    i + 0.5 is float32 (numpy would make float64, or cast the float to x's integers)."""
+    if x.data.dtype.kind != "f" and any(isinstance(c, float) for c in constants):
+        return _floating(x)
+    return x
+
+
 def _broadcast_error(name, a, b):
     return ValueError(f"{name}: shapes {a.data.shape} and {b.data.shape} do not broadcast together")
 
@@ -1495,9 +1503,7 @@ def clip(x, lo=None, hi=None):
     lo, hi = _number(lo), _number(hi)
     if lo is not None and hi is not None and lo > hi:
         raise ValueError(f"clip: lower bound {lo} is above upper bound {hi}")
-    x = _tensor(x)
-    if x.data.dtype.kind != "f" and (isinstance(lo, float) or isinstance(hi, float)):
-        x = _floating(x)  # float bounds on integers: float32, as numpy would make float64
+    x = _floating_for(_tensor(x), lo, hi)
     return Clip.apply(x, lo=lo, hi=hi)
 
 
@@ -1695,8 +1701,9 @@ def stack(tensors, axis=0):
     return concatenate([unsqueeze(t, axis) for t in tensors], axis=axis)
 
 
-def pad(x, pad_width, value=0.0):
-    x = _tensor(x)
+def pad(x, pad_width, value=0):
+    value = _number(value)
+    x = _floating_for(_tensor(x), value)
     try:
         widths = np.broadcast_to(np.asarray(pad_width, dtype=np.int64), (x.data.ndim, 2))
     except ValueError:
@@ -1857,9 +1864,10 @@ def _window(kernel_size, stride, padding):
     return kernel, stride, padding
 
 
-def unfold(x, kernel_size, stride=1, padding=0, pad_value=0.0):
+def unfold(x, kernel_size, stride=1, padding=0, pad_value=0):
     """(N, C, H, W) -> (N, C*kh*kw, OH*OW): each column one kernel window, channel-major."""
-    x = _tensor(x)
+    pad_value = _number(pad_value)
+    x = _floating_for(_tensor(x), pad_value)
     if x.data.ndim != 4:
         raise ValueError(f"expected a 4-d input (N, C, H, W), got shape {x.data.shape}")
     kernel, stride, padding = _window(kernel_size, stride, padding)
