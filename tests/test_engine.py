@@ -598,6 +598,19 @@ def test_a_complex_constant_is_refused_not_cut_to_its_real_part(rng):
                 c + t
 
 
+def test_constants_joined_to_a_tensor_take_its_dtype(rng):
+    h = leaf((2,), rng, np.float16)
+    for joined in (ops.concatenate([h, np.zeros(3)]), ops.concatenate([np.zeros(3), h]),
+                   ops.stack([h, np.zeros(2)]), ops.stack([[1.0, 2.0], h])):
+        assert joined.dtype == np.float16
+        joined.sum().backward()
+    assert ops.concatenate([h, [1, 2]]).dtype == np.float16
+    assert ops.concatenate([np.zeros(2), np.ones(2)]).dtype == np.float32  # no tensor: as Tensor() makes them
+    assert ops.stack([Tensor([1, 2]), np.array([3, 4], np.int32)]).dtype == np.int64
+    with pytest.raises(TypeError, match="dtypes differ"):  # two tensors of different dtypes are still refused
+        ops.concatenate([h, leaf((2,), rng)])
+
+
 def test_integer_and_boolean_tensors_give_float32_where_the_result_is_floating():
     i, b = Tensor([1, 2, 3]), Tensor([True, False])
     floating = {

@@ -1680,8 +1680,18 @@ def gather(x, axis, index):
     return getitem(x, tuple(grids))
 
 
+def _tensors_to_join(tensors):
+    """The Tensors to concatenate or stack: beside a floating tensor, constants (arrays, lists) take the
+    first such tensor's dtype, as in every binary op; otherwise they become Tensors as Tensor() makes them."""
+    tensors = list(tensors)
+    first = next((t for t in tensors if isinstance(t, Tensor)), None)
+    if first is None or first.data.dtype.kind != "f":
+        return [_tensor(t) for t in tensors]
+    return [t if isinstance(t, Tensor) else _const(t, first.data.dtype) for t in tensors]
+
+
 def concatenate(tensors, axis=0):
-    tensors = [_tensor(t) for t in tensors]
+    tensors = _tensors_to_join(tensors)
     if not tensors:
         raise ValueError("concatenate needs at least one tensor")
     dtypes = {t.data.dtype for t in tensors}
@@ -1695,7 +1705,7 @@ def concatenate(tensors, axis=0):
 
 
 def stack(tensors, axis=0):
-    tensors = [_tensor(t) for t in tensors]
+    tensors = _tensors_to_join(tensors)
     if len({t.data.shape for t in tensors}) > 1:
         raise ValueError(f"stack: shapes differ: {[t.data.shape for t in tensors]}")
     return concatenate([unsqueeze(t, axis) for t in tensors], axis=axis)
