@@ -1064,3 +1064,25 @@ def test_gelu_gradient_of_large_float16_inputs_is_finite():
         ops.gelu(x, approximate=approximate).sum().backward()
         assert x.grad.dtype == np.float16
         np.testing.assert_array_equal(x.grad.data, [0, 0, 1, 1])  # the slope saturates at 0 and 1
+
+
+def test_float16_sums_along_an_axis_accumulate_in_float32():
+    # a float16 running sum stalls: 0.01 added 10000 times stops at 32 (the answer is 100)
+    tiny = np.full((10000, 3), 0.01, np.float16)
+
+    def assert_hundred(a):
+        np.testing.assert_allclose(a, 100, rtol=1e-2)
+
+    total = ops.sum(Tensor(tiny, dtype=np.float16), axis=0)
+    assert total.dtype == np.float16
+    assert_hundred(total.data)
+    b = Tensor(np.zeros(3), requires_grad=True, dtype=np.float16)  # a broadcast gradient: the engine's sum_to
+    (Tensor(np.zeros((10000, 3)), dtype=np.float16) + b).backward(tiny)
+    assert b.grad.dtype == np.float16
+    assert_hundred(b.grad.data)
+    lin = nn.Linear(2, 3).to(np.float16)
+    lin(Tensor(np.zeros((10000, 2)), dtype=np.float16)).backward(tiny)
+    assert_hundred(lin.bias.grad.data)
+    conv = nn.Conv2d(1, 3, 1).to(np.float16)
+    conv(Tensor(np.zeros((10000, 1, 1, 1)), dtype=np.float16)).backward(tiny.reshape(10000, 3, 1, 1))
+    assert_hundred(conv.bias.grad.data)

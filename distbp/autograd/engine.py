@@ -30,6 +30,8 @@ def sum_to(g, shape):
     """Sum a broadcast gradient back down to `shape` (works on ndarrays and on Tensors)."""
     if g.shape == shape:
         return g
+    if g.dtype == np.float16 and isinstance(g, _ndarray):  # summed in float32: a float16 running sum stalls
+        return sum_to(g.astype(np.float32), shape).astype(np.float16)
     lead = g.ndim - len(shape)
     if lead < 0:
         raise RuntimeError(f"gradient of shape {g.shape} cannot be reduced to the input's shape {shape}")
