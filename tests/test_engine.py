@@ -1086,3 +1086,12 @@ def test_float16_sums_along_an_axis_accumulate_in_float32():
     conv = nn.Conv2d(1, 3, 1).to(np.float16)
     conv(Tensor(np.zeros((10000, 1, 1, 1)), dtype=np.float16)).backward(tiny.reshape(10000, 3, 1, 1))
     assert_hundred(conv.bias.grad.data)
+
+
+def test_float16_mean_of_more_than_65504_elements_has_a_gradient():
+    # the count is inf in float16, and g / inf is 0
+    for create_graph in (False, True):
+        x = Tensor(np.ones((70000, 2)), requires_grad=True, dtype=np.float16)
+        (gx,) = grad(x.mean(axis=0).sum(), [x], create_graph=create_graph)
+        assert gx.dtype == np.float16
+        np.testing.assert_allclose(gx.data.astype(np.float32), 1 / 70000, rtol=1e-2)

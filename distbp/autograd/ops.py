@@ -450,7 +450,10 @@ class Mean(Function):
     def backward(ctx, g):
         shape, kept = ctx.saved
         count = math.prod(shape) // builtins.max(math.prod(kept), 1) if shape else 1
-        return (xp().broadcast_to(g.reshape(kept) / count, shape),)
+        X = xp()
+        if ctx.dtype == np.float16:  # a count past 65504 is inf in float16 (g / inf = 0): divided in float32
+            return (X.broadcast_to(X.cast(X.cast(g.reshape(kept), np.float32) / count, np.float16), shape),)
+        return (X.broadcast_to(g.reshape(kept) / count, shape),)
 
 
 class Max(Function):
