@@ -1095,3 +1095,16 @@ def test_float16_mean_of_more_than_65504_elements_has_a_gradient():
         (gx,) = grad(x.mean(axis=0).sum(), [x], create_graph=create_graph)
         assert gx.dtype == np.float16
         np.testing.assert_allclose(gx.data.astype(np.float32), 1 / 70000, rtol=1e-2)
+
+
+def test_float16_var_is_computed_in_float32_forward_and_backward():
+    values = np.arange(10) * 50.0  # var 20625, but the sum of squared deviations is past float16's largest
+    want = values.var()
+    for create_graph in (False, True):
+        x = Tensor(values, requires_grad=True, dtype=np.float16)
+        v = x.var()
+        assert v.dtype == np.float16
+        np.testing.assert_allclose(float(v.data), want, rtol=1e-3)
+        (gx,) = grad(v, [x], grad_outputs=[Tensor(1000.0, dtype=np.float16)], create_graph=create_graph)
+        assert gx.dtype == np.float16  # 1000 * (x - mean) overflows float16; the gradient, 200 * (x - mean), does not
+        np.testing.assert_allclose(gx.data.astype(np.float64), 1000 * 2 * (values - values.mean()) / 10, rtol=1e-3)

@@ -487,14 +487,21 @@ class Var(Function):
         if n - correction <= 0:
             raise ValueError(f"var: {n} elements are too few for correction={correction}")
         ctx.saved = (_kept_shape(x.shape, axes), axes, n - correction)
+        if x.dtype == np.float16:  # numpy sums float16's squares in float16, where they overflow past 65504
+            return x.astype(np.float32).var(axis=axes, keepdims=keepdims, ddof=correction).astype(np.float16)
         return x.var(axis=axes, keepdims=keepdims, ddof=correction)
 
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.inputs
         kept, axes, dof = ctx.saved
+        X = xp()
+        half = ctx.dtype == np.float16
+        if half:  # g times x's spread can overflow float16 where the gradient does not: computed in float32
+            x, g = X.cast(x, np.float32), X.cast(g, np.float32)
         centered = x - x.mean(axis=axes, keepdims=True)
-        return (g.reshape(kept) * centered * (2 / dof),)
+        gx = g.reshape(kept) * centered * (2 / dof)
+        return (X.cast(gx, np.float16) if half else gx,)
 
 
 # ================================================================================================
