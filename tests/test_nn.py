@@ -702,6 +702,25 @@ def test_layer_norm_refuses_mixed_dtypes(rng):
         d(Tensor(randn(rng, 2, 4)))
 
 
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_layer_norm_of_float16_keeps_its_statistics_in_float32(rng, create_graph):
+    # a row of 768 values of size ~10 has a sum of squares past float16's largest (65504): it gave zeros
+    x = (rng.standard_normal((2, 768)) * 10).astype(np.float16)
+    w = (1 + 0.5 * rng.standard_normal(768)).astype(np.float16)
+    b = rng.standard_normal(768).astype(np.float16)
+    cot = rng.standard_normal((2, 768)).astype(np.float16)
+    got, want = [], []
+    for dtype, store in ((np.float16, got), (np.float64, want)):
+        xs, ws, bs = (Tensor(a, requires_grad=True, dtype=dtype) for a in (x, w, b))
+        y = distbp.autograd.ops.layer_norm(xs, 768, ws, bs)
+        grads = distbp.autograd.grad(y, [xs, ws, bs], grad_outputs=[Tensor(cot, dtype=dtype)],
+                                     create_graph=create_graph and dtype == np.float16)
+        store += [y] + list(grads)
+    for name, a, e in zip(("y", "x.grad", "w.grad", "b.grad"), got, want):
+        assert a.dtype == np.float16, name
+        np.testing.assert_allclose(a.data.astype(np.float64), e.data, rtol=1e-2, atol=2e-2, err_msg=name)
+
+
 def test_layer_norm_without_affine(rng):
     d, t = nn.LayerNorm(8, elementwise_affine=False), torch.nn.LayerNorm(8, elementwise_affine=False)
     assert list(d.parameters()) == []

@@ -956,6 +956,9 @@ class LayerNorm(Function):
 
     @staticmethod
     def forward(ctx, x, w=None, b=None, *, axes, eps):
+        if x.dtype == np.float16:  # a row's sum of squares overflows float16: xhat and rstd are kept in float32
+            w, b = (None if p is None else p.astype(np.float32) for p in (w, b))
+            return LayerNorm.forward(ctx, x.astype(np.float32), w, b, axes=axes, eps=eps).astype(np.float16)
         n = math.prod(x.shape[x.ndim - len(axes):])
         if n == 0:  # nothing to normalize: an empty result, as in PyTorch
             ctx.saved = (None, None, axes, eps)
@@ -983,9 +986,22 @@ class LayerNorm(Function):
         x = inputs[0]
         w = inputs[1] if len(inputs) > 1 else None
         if state.graph:  # recompute the statistics as differentiable functions of x
+            if x.dtype == np.float16:  # in float32, as forward does
+                x, w, g = (None if t is None else cast(t, np.float32) for t in (x, w, g))
+                grads = LayerNorm._graph_backward(ctx, g, x, w, axes, eps)
+                return tuple(None if t is None else cast(t, np.float16) for t in grads)
             return LayerNorm._graph_backward(ctx, g, x, w, axes, eps)
         if xhat is None:  # an empty normalized shape: every gradient is empty
             return tuple(np.zeros(t.shape, t.dtype) if ctx.needs(i) else None for i, t in enumerate(inputs))
+        if x.dtype == np.float16:  # xhat and rstd are float32 (see forward), and so is the arithmetic with them
+            w = None if w is None else w.astype(np.float32)
+            grads = LayerNorm._rows_backward(ctx, g.astype(np.float32), xhat, rstd, w, axes, x.shape)
+            return tuple(None if t is None else t.astype(np.float16) for t in grads)
+        return LayerNorm._rows_backward(ctx, g, xhat, rstd, w, axes, x.shape)
+
+    @staticmethod
+    def _rows_backward(ctx, g, xhat, rstd, w, axes, shape):
+        inputs = ctx.inputs
         n = xhat.shape[1]
         g2 = _rows_of(g, len(axes))
         ones_m = np.ones(g2.shape[0], g2.dtype)
@@ -1009,7 +1025,7 @@ class LayerNorm(Function):
             dxhat -= dxhat_xhat
             dxhat -= mean_dxhat[:, None]
             dxhat *= rstd[:, None]
-            gx = dxhat.reshape(x.shape)
+            gx = dxhat.reshape(shape)
         return (gx, gw, gb)[: len(inputs)]
 
     @staticmethod
