@@ -1,6 +1,7 @@
 """The backward engine: ordering, accumulation, broadcasting, freeing, hooks, higher order, errors."""
 
 import gc
+import math
 import tracemalloc
 
 import numpy as np
@@ -132,6 +133,23 @@ def test_cross_entropy_retained_graph_gives_same_gradient_twice(rng):
     logits.grad = None
     loss.backward()
     np.testing.assert_array_equal(logits.grad.data, first)
+
+
+@pytest.mark.parametrize("rows,classes", [(70000, 2), (2, 70000)], ids=["many-targets", "many-classes"])
+def test_float16_cross_entropy_of_many_targets_or_classes_is_computed_in_float32(rows, classes):
+    # past 65504 targets the count was inf in float16 (loss 0), and past 65504 classes a row's exp sum
+    logits = np.zeros((rows, classes))
+    for reduction in ("mean", "sum", "none"):
+        x = Tensor(logits, requires_grad=True, dtype=np.float16)
+        loss = ops.cross_entropy(x, np.zeros(rows, np.int64), reduction=reduction)
+        assert loss.dtype == np.float16
+        want = math.log(classes) * (rows if reduction == "sum" else 1)
+        np.testing.assert_allclose(loss.data.astype(np.float64), want, rtol=2e-3)
+        if reduction != "none":
+            loss.backward()
+            assert x.grad.dtype == np.float16
+            per_row = 1 if reduction == "sum" else 1 / rows
+            np.testing.assert_allclose(x.grad.data[:, 1].astype(np.float64), per_row / classes, rtol=2e-2)
 
 
 @pytest.mark.parametrize("logits_shape,target", [((3, 4), [-100, -100, -100]), ((0, 4), np.zeros(0, np.int64))],

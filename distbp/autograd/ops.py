@@ -857,6 +857,9 @@ class CrossEntropy(Function):
 
     @staticmethod
     def forward(ctx, logits, target, reduction, ignore_index):
+        if logits.dtype == np.float16:  # a row's exp sum, the sum of the losses and the count overflow float16
+            loss = CrossEntropy.forward(ctx, logits.astype(np.float32), target, reduction, ignore_index)
+            return loss.astype(np.float16)  # (e and s stay float32 for backward)
         classes = logits.shape[-1]
         flat = logits if logits.ndim == 2 else logits.reshape(-1, classes)
         t = (target if target.ndim == 1 else target.reshape(-1)).copy()  # backward must see these targets
@@ -891,6 +894,9 @@ class CrossEntropy(Function):
     def backward(ctx, g):
         e, s, t, valid, reduction, count, shape = ctx.saved
         rows = _rows(t.shape[0])
+        half = ctx.dtype == np.float16 and not state.graph
+        if half:  # with forward's float32 e and s: in float32 (1 / count is subnormal in float16 from 16384 on)
+            g = g.astype(np.float32)
         if state.graph:  # softmax as a differentiable function of the logits
             onehot = np.zeros(e.shape, e.dtype)
             onehot[rows, t] = 1
@@ -908,7 +914,7 @@ class CrossEntropy(Function):
             diff = diff * weight
         else:
             diff *= weight
-        return (diff.reshape(shape),)
+        return (diff.reshape(shape).astype(np.float16) if half else diff.reshape(shape),)
 
 
 _rows_cache = [np.arange(0)]
