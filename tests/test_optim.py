@@ -632,6 +632,14 @@ def test_float32_stays_float32_with_numpy_float64_hyper_parameters(name, cfg):
                 assert v.dtype == np.float32, f"state {k} is {v.dtype}"
 
 
+@pytest.mark.parametrize("betas", [(np.float64(0.9), np.float64(0.99)), [np.float64(0.9), np.float64(0.99)]],
+                         ids=["tuple", "list"])
+def test_numpy_betas_become_python_floats_given_as_a_tuple_or_a_list(betas):
+    opt = optim.Adam([{"params": [_p()], "betas": betas}])
+    assert opt.param_groups[0]["betas"] == (0.9, 0.99)
+    assert all(type(b) is float for b in opt.param_groups[0]["betas"])
+
+
 def test_gradient_dtype_mismatch_is_an_error():
     p = _p()
     p.grad = Tensor(np.ones(3), dtype=np.float64)

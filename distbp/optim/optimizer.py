@@ -272,8 +272,8 @@ def _plain(value):
     """numpy scalars as Python numbers: a np.float64 learning rate would turn float32 updates into float64."""
     if isinstance(value, np.generic):
         return value.item()
-    if isinstance(value, tuple):
-        return tuple(_plain(v) for v in value)
+    if isinstance(value, (tuple, list)):  # betas, given either way
+        return type(value)(_plain(v) for v in value)
     return value
 
 
