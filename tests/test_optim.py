@@ -640,6 +640,33 @@ def test_numpy_betas_become_python_floats_given_as_a_tuple_or_a_list(betas):
     assert all(type(b) is float for b in opt.param_groups[0]["betas"])
 
 
+@pytest.mark.parametrize("name,cfg", ALL_CONFIGS, ids=IDS)
+def test_numpy_float64_hyper_parameters_written_into_a_group_later_do_not_promote(name, cfg):
+    # a schedule or the user may write np.float64 values into param_groups, past add_param_group's conversion
+    results = []
+    for to_numpy in (False, True):
+        dps, _ = make_params(0)
+        opt = getattr(optim, name)(dps, **cfg)
+        if to_numpy:
+            group = opt.param_groups[0]
+            for key, value in group.items():
+                if key == "betas":
+                    group[key] = tuple(np.float64(b) for b in value)
+                elif key != "params" and not isinstance(value, bool):
+                    group[key] = np.float64(value)
+        for step_grads in fixed_grads(6, steps=3):
+            for p, g in zip(dps, step_grads):
+                p.grad = Tensor(g)
+            opt.step()
+        for p in dps:
+            for k, v in opt.state[p].items():
+                if isinstance(v, np.ndarray):
+                    assert v.dtype == np.float32, f"state {k} is {v.dtype}"
+        results.append([p.data.copy() for p in dps])
+    for a, b in zip(*results):  # the same float32 arithmetic, bit for bit
+        np.testing.assert_array_equal(a, b)
+
+
 def test_gradient_dtype_mismatch_is_an_error():
     p = _p()
     p.grad = Tensor(np.ones(3), dtype=np.float64)

@@ -27,7 +27,9 @@ class Adam(Optimizer):
 
     def step(self):
         for group in self.param_groups:
-            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            # as Python floats: a numpy float64 written into a group after construction would promote the update
+            lr, eps, wd = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
+            b1, b2 = (float(b) for b in group["betas"])
             for p, g, state in self._grads(group):
                 if not state:
                     state["step"] = 0

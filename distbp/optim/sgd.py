@@ -23,15 +23,16 @@ class SGD(Optimizer):
 
     def step(self):
         for group in self.param_groups:
-            lr, momentum, dampening = group["lr"], group["momentum"], group["dampening"]
-            wd, nesterov = group["weight_decay"], group["nesterov"]
+            # as Python floats: a numpy float64 written into a group after construction would promote the update
+            lr, momentum, dampening = float(group["lr"]), float(group["momentum"]), float(group["dampening"])
+            wd, nesterov = float(group["weight_decay"]), group["nesterov"]
             for p, g, state in self._grads(group):
                 if wd:
                     g = g + wd * p
                 if momentum:
                     buf = state.get("momentum_buffer")
                     if buf is None:
-                        buf = state["momentum_buffer"] = np.array(g, copy=True)
+                        buf = state["momentum_buffer"] = np.array(g, dtype=p.dtype, copy=True)
                     else:
                         buf *= momentum
                         axpy(1 - dampening, g, buf)
