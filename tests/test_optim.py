@@ -684,6 +684,42 @@ def test_float64_parameters_stay_float64():
     assert p.data.dtype == np.float64 and opt.state[p]["exp_avg"].dtype == np.float64
 
 
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_adam_on_float16_parameters_keeps_float32_moments_and_steps(name):
+    # in float16 eps=1e-8 is 0 (a zero gradient gave 0/0 = NaN) and g*g overflows from |g| = 256 on (the
+    # update was skipped)
+    grads = [np.array([0.0, 300.0, -1000.0, 0.5]), np.array([0.0, -300.0, 60000.0, 0.25])]
+    want = nn.Parameter(np.ones(4, np.float32))
+    ref = getattr(optim, name)([want], lr=0.1)
+    p = nn.Parameter(np.ones(4), dtype=np.float16)
+    opt = getattr(optim, name)([p], lr=0.1)
+    for g in grads:
+        want.grad = Tensor(g)
+        ref.step()
+        p.grad = Tensor(g, dtype=np.float16)
+        opt.step()
+        assert p.data.dtype == np.float16
+        assert opt.state[p]["exp_avg"].dtype == opt.state[p]["exp_avg_sq"].dtype == np.float32
+        np.testing.assert_allclose(p.data, want.data, rtol=1e-3)
+    # saved and loaded, the state stays float32 and the run goes on as the original does
+    q = nn.Parameter(p.data, dtype=np.float16)
+    resumed = getattr(optim, name)([q], lr=0.1)
+    resumed.load_state_dict(opt.state_dict())
+    assert resumed.state[q]["exp_avg_sq"].dtype == np.float32
+    np.testing.assert_array_equal(resumed.state[q]["exp_avg_sq"], opt.state[p]["exp_avg_sq"])
+    for o, t in ((opt, p), (resumed, q)):
+        t.grad = Tensor(np.full(4, 2.0), dtype=np.float16)
+        o.step()
+    np.testing.assert_array_equal(q.data, p.data)
+    sd = opt.state_dict()  # float16 moments (as an earlier version saved them) are taken, as float32
+    sd["state"][0].update(exp_avg=np.full(4, 0.5, np.float16), exp_avg_sq=np.ones(4, np.float16))
+    resumed.load_state_dict(sd)
+    assert resumed.state[q]["exp_avg"].dtype == np.float32
+    sd["state"][0]["exp_avg"] = np.zeros(4, np.int32)  # and integers are still refused
+    with pytest.raises(TypeError, match="int32"):
+        resumed.load_state_dict(sd)
+
+
 def test_optimizer_zero_grad():
     dps, _ = make_params(0)
     opt = optim.SGD(dps, lr=0.1)

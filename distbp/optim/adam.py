@@ -8,6 +8,13 @@ from .optimizer import Optimizer, is_finite_real
 
 
 class Adam(Optimizer):
+    """Adam, and (decoupled = True) AdamW.
+
+    float16 parameters: the moments are kept in float32 and the update is computed in float32, then rounded
+    into the parameter (in float16, eps=1e-8 is 0, so a zero gradient gives 0/0, and g*g overflows from
+    |g| = 256 on). Their state, saved and loaded, is float32.
+    """
+
     decoupled = False
     state_entries = {"step": "count", "exp_avg": "array", "exp_avg_sq": "array"}
     state_all_or_none = True  # step() makes all three at a parameter's first step and then needs them all
@@ -25,12 +32,18 @@ class Adam(Optimizer):
         if not is_finite_real(group["eps"]) or group["eps"] < 0:
             raise ValueError(f"{type(self).__name__}: invalid eps {group['eps']}")
 
+    def state_dtype(self, param):
+        return np.dtype(np.float32) if param.data.dtype == np.float16 else param.data.dtype
+
     def step(self):
         for group in self.param_groups:
             # as Python floats: a numpy float64 written into a group after construction would promote the update
             lr, eps, wd = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
             b1, b2 = (float(b) for b in group["betas"])
-            for p, g, state in self._grads(group):
+            for param, g, state in self._grads(group):
+                p = param
+                if param.dtype == np.float16:  # the update in float32 (see the class docstring)
+                    p, g = param.astype(np.float32), g.astype(np.float32)
                 if not state:
                     state["step"] = 0
                     state["exp_avg"] = np.zeros_like(p)
@@ -52,6 +65,8 @@ class Adam(Optimizer):
                 denom /= math.sqrt(1 - b2**t)
                 denom += eps
                 p -= step_size * (m / denom)
+                if p is not param:
+                    param[...] = p
 
 
 class AdamW(Adam):

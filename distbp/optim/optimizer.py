@@ -192,13 +192,18 @@ class Optimizer:
             entries_of.append((by_index[idx], entries))
         return hyper, entries_of
 
+    def state_dtype(self, param):
+        """The dtype of the state arrays step() keeps for param: the parameter's (Adam keeps float16's in float32)."""
+        return param.data.dtype
+
     def _copied_state(self, entries, param):
-        """Checked entries as the optimizer keeps them: arrays copied in the parameter's dtype, counters ints."""
+        """Checked entries as the optimizer keeps them: arrays copied in state_dtype(param), counters ints."""
         kinds = self.state_entries or {}
         copied = {}
+        dtype = self.state_dtype(param)
         for key, value in entries.items():
             if isinstance(value, (np.ndarray, Tensor)):
-                copied[key] = np.array(value.data if isinstance(value, Tensor) else value, dtype=param.data.dtype)
+                copied[key] = np.array(value.data if isinstance(value, Tensor) else value, dtype=dtype)
             elif kinds.get(key) == "count":
                 copied[key] = int(value)
             else:

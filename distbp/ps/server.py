@@ -499,7 +499,8 @@ class Shard:
             except (ValueError, TypeError) as e:
                 raise CheckpointError(f"{path}: does not fit this shard's optimizer: {e}") from None
             for piece, (a, b) in zip(self.pieces[name], self.ranges[name]):
-                piece_state = {k: (v.reshape(-1)[a:b].astype(p.data.dtype) if isinstance(v, np.ndarray) else v)
+                dtype = self.optimizer.state_dtype(p)
+                piece_state = {k: (v.reshape(-1)[a:b].astype(dtype) if isinstance(v, np.ndarray) else v)
                                for k, v in entries.items()}
                 if piece_state:
                     state[piece] = piece_state
