@@ -1255,6 +1255,23 @@ def test_clip_grad_norm_of_float16_gradients_past_256_is_finite_and_clips():
     np.testing.assert_allclose(p.grad.data, 0.5, rtol=1e-3)
 
 
+def test_clip_grad_norm_clips_finite_gradients_whose_squares_overflow():
+    # float32 squares overflow from |g| ~ 1.8e19: the norm came out inf and the gradients were left alone
+    p, q = nn.Parameter(np.zeros(4, np.float32)), nn.Parameter(np.zeros(2, np.float32))
+    p.grad = Tensor(np.full(4, 1e20, np.float32))
+    q.grad = Tensor(np.array([3.0, -1e19], np.float32))
+    want = math.sqrt(4 * 1e40 + 1e38)
+    assert nn.clip_grad_norm_([p, q], 1.0) == pytest.approx(want, rel=1e-6)
+    assert p.grad.dtype == q.grad.dtype == np.float32
+    np.testing.assert_allclose(p.grad.data, 1e20 / want, rtol=1e-6)
+    np.testing.assert_allclose(q.grad.data, np.array([3.0, -1e19]) / want, rtol=1e-6)
+    # a norm past float64's range is inf, and the gradients are still clipped to max_norm
+    r = nn.Parameter(np.zeros(3), dtype=np.float64)
+    r.grad = Tensor(np.array([1.5e308, -1.5e308, 1.0]), dtype=np.float64)
+    assert nn.clip_grad_norm_([r], 2.0) == math.inf
+    np.testing.assert_allclose(r.grad.data, [math.sqrt(2), -math.sqrt(2), 0.0], rtol=1e-12, atol=1e-300)
+
+
 def test_clip_grad_norm_skips_params_without_grad_and_accepts_generators(rng):
     dps, _ = _grads_pair(rng, 10.0)
     extra = nn.Parameter(np.ones(3, np.float32))
