@@ -258,10 +258,11 @@ def test_a_rank_refusing_its_options_ends_the_job_at_once():
 
 
 def test_a_failing_process_of_another_backend_under_mpiexec_exits_without_waiting_for_mpi():
-    # parameter-server workers (or local runs) started by mpiexec never start MPI: the failing one must
-    # not join MPI's start-up to end the job, and wait there for peers that never come
-    command = [MPIEXEC, "-n", "1", sys.executable, "-m", "distbp", "train", "--backend", "local", "--init-from",
-               "/nonexistent.safetensors", ":", "-n", "1", sys.executable, "-c", "import time; time.sleep(3)"]
+    # parameter-server workers started by mpiexec never start MPI: the failing one must not join MPI's
+    # start-up to end the job, and wait there for peers that never come
+    command = [MPIEXEC, "-n", "1", sys.executable, "-m", "distbp", "train", "--backend", "ps", "--ps", "127.0.0.1:1",
+               "--text-file", "/nonexistent.txt", "--model", "charlm", ":",
+               "-n", "1", sys.executable, "-c", "import time; time.sleep(3)"]
     start = time.monotonic()
     done = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and time.monotonic() - start < 20, done.stderr
