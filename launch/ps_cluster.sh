@@ -25,7 +25,12 @@ for count in "$servers" "$workers"; do
 done
 shift 2
 server_opts=()
-if [[ " $* " == *" -- "* ]]; then
+# the separator is an argument that is exactly --, not " -- " inside one (a path with spaces, say)
+separator=""
+for arg in "$@"; do
+  if [ "$arg" = "--" ]; then separator=yes; break; fi
+done
+if [ -n "$separator" ]; then
   while [ "$1" != "--" ]; do server_opts+=("$1"); shift; done
   shift
 else

@@ -2406,6 +2406,18 @@ def test_the_cluster_script_refuses_a_bad_stop_grace():
     assert done.returncode == 2 and "STOP_GRACE must be a whole number of seconds, not 'soon'" in done.stderr
 
 
+def test_the_cluster_script_splits_its_options_at_an_argument_that_is_exactly_the_separator(tmp_path):
+    # a " -- " inside an argument (a path with spaces) was taken for the separator: the script shifted past
+    # its last argument and stopped on an unbound variable
+    metrics = tmp_path / "a -- b.jsonl"
+    env = {**os.environ, "PYTHON": sys.executable, "BASE_PORT": str(_free_port())}
+    done = subprocess.run(["bash", str(ROOT / "launch" / "ps_cluster.sh"), "1", "1", "--epochs", "1", "--max-steps", "1",
+                           "--progress", "none", "--metrics", str(metrics)], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert metrics.read_text().count("test_accuracy") == 1
+
+
 def test_a_server_checkpoint_of_other_data_is_refused_at_restore(tmp_path):
     # the fingerprint was saved with the settings but not compared: a server restarted on another machine's
     # copy of the data went on, and so did its workers
