@@ -16,6 +16,11 @@ if ! [[ $ranks =~ ^[1-9][0-9]*$ ]]; then
   echo "$usage" >&2
   exit 2
 fi
+# mpiexec reads a count past its integer as another (99999999999999999999 ranks ran 2): bound it
+if [ ${#ranks} -gt 6 ]; then
+  echo "launch/mpirun.sh: RANKS must be at most 999999, not '$ranks'" >&2
+  exit 2
+fi
 shift
 hosts=()
 if [ -n "${HOSTFILE:-}" ]; then

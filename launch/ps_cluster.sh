@@ -22,6 +22,11 @@ for count in "$servers" "$workers"; do
     echo "$usage" >&2
     exit 2
   fi
+  # past bash's integer a count wraps round to another, and comparisons fail with a message, not the script
+  if [ ${#count} -gt 6 ]; then
+    echo "launch/ps_cluster.sh: SERVERS and WORKERS must be at most 999999, not '${count}'" >&2
+    exit 2
+  fi
 done
 shift 2
 server_opts=()
@@ -47,7 +52,7 @@ else
 fi
 python=${PYTHON:-python3}
 base=${BASE_PORT:-50051}
-if ! [[ $base =~ ^[1-9][0-9]*$ ]] || [ "$base" -gt $((65536 - servers)) ]; then
+if ! [[ $base =~ ^[1-9][0-9]{0,4}$ ]] || [ "$base" -gt $((65536 - servers)) ]; then
   echo "launch/ps_cluster.sh: BASE_PORT must be a port number with room for ${servers} server(s) above it" \
     "(1-$((65536 - servers))), not '${base}'" >&2
   exit 2
@@ -70,7 +75,7 @@ fi
 pids=()
 worker_pids=()
 grace=${STOP_GRACE:-30}
-if ! [[ $grace =~ ^[0-9]+$ ]]; then
+if ! [[ $grace =~ ^[0-9]{1,6}$ ]]; then
   echo "launch/ps_cluster.sh: STOP_GRACE must be a whole number of seconds, not '${grace}'" >&2
   exit 2
 fi

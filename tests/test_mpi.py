@@ -415,6 +415,14 @@ def test_the_launch_script_refuses_a_rank_count_that_is_not_a_positive_integer(r
     assert done.returncode == 2 and f"RANKS must be a positive integer, not '{ranks or ''}'" in done.stderr
 
 
+def test_the_launch_script_refuses_a_rank_count_past_mpiexecs_integer():
+    # mpiexec -n 4294967298 ran 2 ranks
+    script = HERE.parent / "launch" / "mpirun.sh"
+    done = subprocess.run(["bash", str(script), "99999999999999999999", "--epochs", "1"], capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 2 and "RANKS must be at most 999999, not '99999999999999999999'" in done.stderr
+
+
 def test_the_one_machine_launch_script_trains_with_the_mpiexec_beside_its_python(tmp_path):
     # a virtual environment's python named by PYTHON, its bin directory not on PATH: its own mpiexec is used
     # (a stand-in venv over this Python and its site-packages, its mpiexec the one the tests use)
