@@ -24,15 +24,24 @@ fi
 shift
 hosts=()
 if [ -n "${HOSTFILE:-}" ]; then
+  # checked here: mpiexec says it in lines of its own internals
+  if ! [ -f "$HOSTFILE" ] || ! [ -r "$HOSTFILE" ]; then
+    echo "launch/mpirun.sh: HOSTFILE '$HOSTFILE' is not a readable file" >&2
+    exit 2
+  fi
   hosts=(-f "$HOSTFILE")
 fi
 # one BLAS thread per rank, so that ranks do not fight over the cores
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
 python=${PYTHON:-python3}
+# checked here: mpiexec would say it once per rank, among lines of its own
+if ! python_path=$(command -v "$python"); then
+  echo "launch/mpirun.sh: PYTHON '$python' is not a command here (not on PATH, or not an executable file)" >&2
+  exit 2
+fi
 mpiexec=mpiexec
 # a virtual environment's own (beside a system Python may be the system's MPI, not the wheel's)
-if python_path=$(command -v "$python") && [ -x "$(dirname "$python_path")/mpiexec" ] &&
-  [ -f "$(dirname "$(dirname "$python_path")")/pyvenv.cfg" ]; then
+if [ -x "$(dirname "$python_path")/mpiexec" ] && [ -f "$(dirname "$(dirname "$python_path")")/pyvenv.cfg" ]; then
   mpiexec=$(dirname "$python_path")/mpiexec
 fi
 exec "$mpiexec" "${hosts[@]}" -n "$ranks" "$python" -m distbp train --backend mpi "$@"

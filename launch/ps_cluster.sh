@@ -51,6 +51,11 @@ else
   done
 fi
 python=${PYTHON:-python3}
+# checked here: else every server and worker says it, in a line of bash's
+if ! command -v "$python" >/dev/null; then
+  echo "launch/ps_cluster.sh: PYTHON '$python' is not a command here (not on PATH, or not an executable file)" >&2
+  exit 2
+fi
 base=${BASE_PORT:-50051}
 if ! [[ $base =~ ^[1-9][0-9]{0,4}$ ]] || [ "$base" -gt $((65536 - servers)) ]; then
   echo "launch/ps_cluster.sh: BASE_PORT must be a port number with room for ${servers} server(s) above it" \

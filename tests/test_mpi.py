@@ -423,6 +423,18 @@ def test_the_launch_script_refuses_a_rank_count_past_mpiexecs_integer():
     assert done.returncode == 2 and "RANKS must be at most 999999, not '99999999999999999999'" in done.stderr
 
 
+@pytest.mark.parametrize("env, said", [
+    ({"HOSTFILE": "/nonexistent"}, "HOSTFILE '/nonexistent' is not a readable file"),
+    ({"PYTHON": "/nonexistent/python"}, "PYTHON '/nonexistent/python' is not a command here"),
+], ids=["hostfile", "python"])
+def test_the_launch_script_names_a_missing_file_in_one_line(env, said):
+    # mpiexec said so in lines of its own internals (7 of them for a hostfile), once per rank for the python
+    script = HERE.parent / "launch" / "mpirun.sh"
+    done = subprocess.run(["bash", str(script), "2", "--epochs", "1"], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, **env})
+    assert done.returncode == 2 and said in done.stderr and done.stderr.count("\n") == 1, done.stderr
+
+
 def test_the_one_machine_launch_script_trains_with_the_mpiexec_beside_its_python(tmp_path):
     # a virtual environment's python named by PYTHON, its bin directory not on PATH: its own mpiexec is used
     # (a stand-in venv over this Python and its site-packages, its mpiexec the one the tests use)

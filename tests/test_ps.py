@@ -2328,8 +2328,10 @@ def test_the_cluster_script_refuses_counts_that_are_not_positive_integers(args):
     (["1", "1", "--", "--epochs", "1"], {"BASE_PORT": "99999999999999999999"}, "BASE_PORT must be a port number"),
     (["1", "99999999999999999999", "--", "--epochs", "1"], {}, "SERVERS and WORKERS must be at most 999999"),
     (["1", "1", "--", "--epochs", "1"], {"STOP_GRACE": "99999999999999999999"}, "STOP_GRACE must be a whole number"),
+    (["2", "2", "--", "--epochs", "1"], {"PYTHON": "/nonexistent/python"},
+     "PYTHON '/nonexistent/python' is not a command here"),
 ], ids=["server-option-without-separator", "port-not-a-number", "ports-past-the-last", "port-past-bash-integers",
-        "count-past-bash-integers", "grace-past-bash-integers"])
+        "count-past-bash-integers", "grace-past-bash-integers", "python-not-found"])
 def test_the_cluster_script_names_what_is_wrong_before_starting_anything(args, env, said):
     done = subprocess.run(["bash", str(ROOT / "launch" / "ps_cluster.sh"), *args], capture_output=True, text=True,
                           timeout=30, env={**os.environ, "PYTHON": sys.executable, "BASE_PORT": str(_free_port()), **env})
