@@ -50,6 +50,19 @@ else
     esac
   done
 fi
+# the script sets these itself: another value would make the servers wait for workers that never come, or the
+# workers dial ports where no server listens
+for arg in ${server_opts[@]+"${server_opts[@]}"} "$@"; do
+  case "$arg" in
+    --workers | --workers=*) set_by="from WORKERS" ;;
+    --shard | --shard=* | --num-shards | --num-shards=*) set_by="from SERVERS" ;;
+    --port | --port=*) set_by="from BASE_PORT (shard i listens on BASE_PORT+i)" ;;
+    --host | --host=*) set_by="as 127.0.0.1 (it runs every process on this machine)" ;;
+    *) continue ;;
+  esac
+  echo "launch/ps_cluster.sh: ${arg%%=*} is set by the script ${set_by}: leave it out" >&2
+  exit 2
+done
 python=${PYTHON:-python3}
 # checked here: else every server and worker says it, in a line of bash's
 if ! command -v "$python" >/dev/null; then

@@ -2330,8 +2330,16 @@ def test_the_cluster_script_refuses_counts_that_are_not_positive_integers(args):
     (["1", "1", "--", "--epochs", "1"], {"STOP_GRACE": "99999999999999999999"}, "STOP_GRACE must be a whole number"),
     (["2", "2", "--", "--epochs", "1"], {"PYTHON": "/nonexistent/python"},
      "PYTHON '/nonexistent/python' is not a command here"),
+    # options the script sets itself overrode it: '--workers 3' with 2 workers waited for ever, '--port' made the
+    # workers dial a port where no server listened
+    (["1", "2", "--workers", "3", "--", "--epochs", "1"], {}, "--workers is set by the script from WORKERS"),
+    (["2", "1", "--num-shards=3", "--", "--epochs", "1"], {}, "--num-shards is set by the script from SERVERS"),
+    (["1", "1", "--port", "5000", "--", "--epochs", "1"], {}, "--port is set by the script from BASE_PORT"),
+    (["1", "1", "--host=127.0.0.2", "--", "--epochs", "1"], {}, "--host is set by the script as 127.0.0.1"),
+    (["1", "1", "--", "--epochs", "1", "--shard", "1"], {}, "--shard is set by the script from SERVERS"),
 ], ids=["server-option-without-separator", "port-not-a-number", "ports-past-the-last", "port-past-bash-integers",
-        "count-past-bash-integers", "grace-past-bash-integers", "python-not-found"])
+        "count-past-bash-integers", "grace-past-bash-integers", "python-not-found", "workers-option", "shards-option",
+        "port-option", "host-option", "shard-among-training-options"])
 def test_the_cluster_script_names_what_is_wrong_before_starting_anything(args, env, said):
     done = subprocess.run(["bash", str(ROOT / "launch" / "ps_cluster.sh"), *args], capture_output=True, text=True,
                           timeout=30, env={**os.environ, "PYTHON": sys.executable, "BASE_PORT": str(_free_port()), **env})
