@@ -75,19 +75,38 @@ if ! [[ $base =~ ^[1-9][0-9]{0,4}$ ]] || [ "$base" -gt $((65536 - servers)) ]; t
     "(1-$((65536 - servers))), not '${base}'" >&2
   exit 2
 fi
+# given OPTION ARGS...: whether ARGS hold OPTION, alone or as OPTION=VALUE
+given() {
+  local option=$1 arg
+  shift
+  for arg in "$@"; do
+    case "$arg" in "$option" | "$option"=*) return 0 ;; esac
+  done
+  return 1
+}
 token=""
 tls=""
+client_ca=""
 for ((i = 0; i < ${#server_opts[@]}; i++)); do
   case "${server_opts[$i]}" in
     --token) token=${server_opts[$((i + 1))]:-} ;;
     --token=*) token=${server_opts[$i]#--token=} ;;
     --tls-cert | --tls-cert=*) tls=yes ;;
+    --tls-client-ca | --tls-client-ca=*) client_ca=yes ;;
   esac
 done
-if [ -n "$tls" ] && [[ " $* " != *" --ps-tls-ca"* && " $* " != *" --config"* ]]; then
+# the workers would retry servers they cannot talk to for a minute, then fail with a message about sockets
+if [ -n "$tls" ] && ! given --ps-tls-ca "$@" && ! given --config "$@"; then
   echo "launch/ps_cluster.sh: the servers serve TLS (--tls-cert): give the workers the CA that signed it among" \
     "the training options (-- ... --ps-tls-ca CA.pem, or ps_tls_ca in a --config file; for mutual TLS also" \
     "--ps-tls-cert and --ps-tls-key)" >&2
+  exit 2
+fi
+if [ -n "$tls" ] && [ -n "$client_ca" ] && ! { given --ps-tls-cert "$@" && given --ps-tls-key "$@"; } &&
+  ! given --config "$@"; then
+  echo "launch/ps_cluster.sh: the servers require client certificates (--tls-client-ca): give the workers" \
+    "theirs among the training options (-- ... --ps-tls-cert CERT.pem --ps-tls-key KEY.pem, or ps_tls_cert and" \
+    "ps_tls_key in a --config file)" >&2
   exit 2
 fi
 pids=()

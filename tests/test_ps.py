@@ -1482,6 +1482,18 @@ def test_the_cluster_script_refuses_tls_servers_without_a_ca_for_the_workers():
     assert "give the workers the CA" not in done.stderr and "config file w.toml does not exist" in done.stderr
 
 
+@pytest.mark.parametrize("training", [["--ps-tls-ca", "ca.pem"], ["--ps-tls-ca", "ca.pem", "--ps-tls-cert=w.pem"]],
+                         ids=["neither", "no-key"])
+def test_the_cluster_script_refuses_servers_requiring_client_certificates_without_the_workers_own(training):
+    # the workers retried for a minute, then failed with "Socket closed"
+    done = subprocess.run(["bash", str(ROOT / "launch" / "ps_cluster.sh"), "1", "1", "--tls-cert", "c.pem",
+                           "--tls-key", "k.pem", "--tls-client-ca", "ca.pem", "--", "--epochs", "1", *training],
+                          capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "PYTHON": sys.executable, "BASE_PORT": str(_free_port())})
+    assert done.returncode == 2 and "the servers require client certificates (--tls-client-ca)" in done.stderr, \
+        done.stderr
+
+
 def test_a_restarted_worker_rejoins_with_its_id_and_the_current_parameters():
     config = make_config({"epochs": 1, "progress": "none"})
     addresses, (shard,), stop = start_servers(config, 1, 2, mode="async")
