@@ -4,8 +4,10 @@
 #   launch/ps_cluster.sh 2 4 --mode sync -- --model mlp --epochs 10
 #      servers workers [server options --] [training options, given to servers and workers alike]
 #
-# Server options: --mode sync|async|bounded, --staleness S, --sync-timeout SEC, --token T (passed on to the
-# workers), --tls-cert/--tls-key/--tls-client-ca (the workers' --ps-tls-* go among the training options),
+# Server options: --mode sync|async|bounded, --staleness S, --sync-timeout SEC, --token T (servers and workers
+# get it in the environment variable DISTBP_PS_TOKEN, kept out of `ps`; to keep it off this script's own
+# command line too, run `DISTBP_PS_TOKEN=T launch/ps_cluster.sh ...` instead of giving --token),
+# --tls-cert/--tls-key/--tls-client-ca (the workers' --ps-tls-* go among the training options),
 # --checkpoint-path FILE --checkpoint-every-versions K (with several shards, each writes FILE.shardN; the
 # same command again continues the job from the servers' checkpoints). The training
 # options must be the same for servers and workers: the servers build the same model and optimizer.
@@ -87,14 +89,22 @@ given() {
 token=""
 tls=""
 client_ca=""
+opts=()
 for ((i = 0; i < ${#server_opts[@]}; i++)); do
   case "${server_opts[$i]}" in
-    --token) token=${server_opts[$((i + 1))]:-} ;;
-    --token=*) token=${server_opts[$i]#--token=} ;;
+    # the token leaves the command line: the servers, like the workers, get it in the environment
+    --token) i=$((i + 1)); token=${server_opts[$i]:-}; token_given=yes; continue ;;
+    --token=*) token=${server_opts[$i]#--token=}; token_given=yes; continue ;;
     --tls-cert | --tls-cert=*) tls=yes ;;
     --tls-client-ca | --tls-client-ca=*) client_ca=yes ;;
   esac
+  opts+=("${server_opts[$i]}")
 done
+server_opts=(${opts[@]+"${opts[@]}"})
+if [ -n "${token_given:-}" ] && [ -z "$token" ]; then  # (empty in DISTBP_PS_TOKEN, the servers would check none)
+  echo "launch/ps_cluster.sh: --token needs a value (or give none, for servers without a token)" >&2
+  exit 2
+fi
 # the workers would retry servers they cannot talk to for a minute, then fail with a message about sockets
 if [ -n "$tls" ] && ! given --ps-tls-ca "$@" && ! given --config "$@"; then
   echo "launch/ps_cluster.sh: the servers serve TLS (--tls-cert): give the workers the CA that signed it among" \
@@ -140,6 +150,10 @@ cleanup() {
 trap cleanup EXIT
 trap 'cleanup; exit 130' INT
 trap 'cleanup; exit 143' TERM
+# the token goes in the environment, which other users cannot read, not on command lines, which they can (in ps)
+if [ -n "$token" ]; then
+  export DISTBP_PS_TOKEN=$token
+fi
 addresses=""
 for ((s = 0; s < servers; s++)); do
   port=$((base + s))
@@ -152,8 +166,7 @@ for ((w = 0; w < workers; w++)); do
   progress=none
   [ "$w" = 0 ] && progress=auto
   # worker w asks for id w: the worker with id 0 reports, and it is the one whose progress is shown
-  # the token goes in the environment, which other users cannot read, not on the command line, which they can
-  DISTBP_PS_TOKEN=${token:-${DISTBP_PS_TOKEN:-}} OMP_NUM_THREADS=1 "$python" -m distbp train --backend ps \
+  OMP_NUM_THREADS=1 "$python" -m distbp train --backend ps \
     --ps "$addresses" --ps-worker-id "$w" --progress "$progress" "$@" &
   worker_pids+=($!)
 done

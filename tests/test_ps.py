@@ -1458,6 +1458,25 @@ def test_shards_of_a_cluster_checkpoint_to_files_of_their_own_and_pass_the_token
     assert f"written to {tmp_path}/ck.shard1" in done.stderr + done.stdout
 
 
+def test_the_cluster_script_keeps_the_token_off_the_servers_command_lines(tmp_path):
+    # the servers were given '--token T', which every user of the machine reads in `ps`; the workers already
+    # had it in DISTBP_PS_TOKEN
+    log = tmp_path / "started"
+    python = tmp_path / "python"
+    python.write_text(f'#!/usr/bin/env bash\nprintf "%s|%s\\n" "${{DISTBP_PS_TOKEN:-}}" "$*" >> {log}\n'
+                      f'exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(python), "BASE_PORT": str(_free_port())}
+    env.pop("DISTBP_PS_TOKEN", None)
+    done = subprocess.run(["bash", str(ROOT / "launch" / "ps_cluster.sh"), "2", "1", "--token", "s3cret", "--",
+                           "--epochs", "1", "--max-steps", "1", "--progress", "none"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    started = [line.split("|", 1) for line in log.read_text().splitlines()]
+    assert sorted(" ps serve " in f" {args} " for _, args in started) == [False, True, True]
+    assert all(token == "s3cret" and "s3cret" not in args for token, args in started), started
+
+
 def test_a_shards_file_named_as_for_one_shard_is_refused_not_started_over(tmp_path):
     from distbp.train.config import ConfigError
     from distbp.train.ps_service import shard_checkpoint_path
@@ -2349,9 +2368,10 @@ def test_the_cluster_script_refuses_counts_that_are_not_positive_integers(args):
     (["1", "1", "--port", "5000", "--", "--epochs", "1"], {}, "--port is set by the script from BASE_PORT"),
     (["1", "1", "--host=127.0.0.2", "--", "--epochs", "1"], {}, "--host is set by the script as 127.0.0.1"),
     (["1", "1", "--", "--epochs", "1", "--shard", "1"], {}, "--shard is set by the script from SERVERS"),
+    (["1", "1", "--token=", "--", "--epochs", "1"], {}, "--token needs a value"),
 ], ids=["server-option-without-separator", "port-not-a-number", "ports-past-the-last", "port-past-bash-integers",
         "count-past-bash-integers", "grace-past-bash-integers", "python-not-found", "workers-option", "shards-option",
-        "port-option", "host-option", "shard-among-training-options"])
+        "port-option", "host-option", "shard-among-training-options", "empty-token"])
 def test_the_cluster_script_names_what_is_wrong_before_starting_anything(args, env, said):
     done = subprocess.run(["bash", str(ROOT / "launch" / "ps_cluster.sh"), *args], capture_output=True, text=True,
                           timeout=30, env={**os.environ, "PYTHON": sys.executable, "BASE_PORT": str(_free_port()), **env})
