@@ -171,8 +171,8 @@ for ((w = 0; w < workers; w++)); do
   worker_pids+=($!)
 done
 # wait for the workers; a server that exits meanwhile (a port in use, a bad option) ends the job at once,
-# instead of leaving the workers to retry a server that is not coming
-status=0
+# instead of leaving the workers to retry a server that is not coming, and so does a worker that fails (in
+# sync mode the servers and the other workers would wait for it for ever)
 running=("${worker_pids[@]}")
 while [ ${#running[@]} -gt 0 ]; do
   for pid in "${pids[@]}"; do
@@ -188,10 +188,16 @@ while [ ${#running[@]} -gt 0 ]; do
     if kill -0 "$pid" 2>/dev/null; then
       still+=("$pid")
     else
-      wait "$pid" || status=$?
+      code=0
+      wait "$pid" || code=$?
+      if [ $code != 0 ]; then
+        for ((w = 0; w < workers; w++)); do [ "${worker_pids[$w]}" = "$pid" ] && break; done
+        echo "launch/ps_cluster.sh: worker $w (pid $pid) exited with status $code: stopping the others" >&2
+        exit $code
+      fi
     fi
   done
   running=("${still[@]+"${still[@]}"}")
   [ ${#running[@]} -gt 0 ] && sleep 0.2
 done
-exit $status
+exit 0

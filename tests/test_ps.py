@@ -2446,6 +2446,35 @@ def test_the_cluster_script_kills_a_process_that_ignores_sigterm(tmp_path):
         subprocess.run(["pkill", "-KILL", "-f", "distbp-stuck-worker"])  # (left behind only if the test failed)
 
 
+def _run_cluster_script(args, python, timeout=90):
+    """(return code, stderr, seconds) of ps_cluster.sh in a session of its own, whatever of it is left killed."""
+    env = {**os.environ, "PYTHON": str(python), "BASE_PORT": str(_free_port())}
+    start = time.monotonic()
+    proc = subprocess.Popen(["bash", str(ROOT / "launch" / "ps_cluster.sh"), *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+        return proc.returncode, err, time.monotonic() - start
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # what a script that did not end, or did not stop, left running
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def test_the_cluster_script_ends_when_a_worker_dies_before_it_registers(tmp_path):
+    # worker 0 killed at start: the sync server waited for it, worker 1 in its pull, and the script for worker 1,
+    # for ever
+    python = tmp_path / "python"
+    python.write_text(f'#!/usr/bin/env bash\ncase " $* " in *" --ps-worker-id 0 "*) kill -KILL $$ ;; esac\n'
+                      f'exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    code, err, seconds = _run_cluster_script(["1", "2", "--mode", "sync", "--", "--epochs", "1"], python)
+    assert code == 128 + signal.SIGKILL and seconds < 60, err
+    assert "worker 0 (pid" in err and f"exited with status {128 + signal.SIGKILL}: stopping the others" in err, err
+
+
 def test_the_cluster_script_refuses_a_bad_stop_grace():
     env = {**os.environ, "PYTHON": sys.executable, "STOP_GRACE": "soon"}
     done = subprocess.run(["bash", str(ROOT / "launch" / "ps_cluster.sh"), "1", "1"], capture_output=True, text=True,
