@@ -129,8 +129,11 @@ fi
 # background jobs of a script ignore Ctrl-C's SIGINT: on it (or SIGTERM), end workers and servers ourselves.
 # SIGTERM first (a server writes its checkpoint); whatever still runs STOP_GRACE seconds later is killed,
 # so the script never waits for ever on a process that did not stop
+# `cleanup check`, at the end of a run whose workers all succeeded, also fails the job when a server failed as
+# it stopped (its final checkpoint not written, say); 143 is our SIGTERM arriving before it set its handler
+server_status=0
 cleanup() {
-  local all=("${worker_pids[@]}" "${pids[@]}") left p ticks=0
+  local all=("${worker_pids[@]}" "${pids[@]}") left p code ticks=0
   [ ${#all[@]} -gt 0 ] || return 0
   kill "${all[@]}" 2>/dev/null || true
   while :; do
@@ -145,7 +148,17 @@ cleanup() {
     sleep 0.2
     ticks=$((ticks + 1))
   done
-  for p in "${all[@]}"; do wait "$p" 2>/dev/null || true; done
+  for p in "${worker_pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do
+    code=0
+    wait "$p" 2>/dev/null || code=$?
+    if [ "${1:-}" = check ] && [ $code != 0 ] && [ $code != 143 ]; then
+      echo "launch/ps_cluster.sh: a server (pid $p) exited with status $code as it stopped" >&2
+      server_status=$code
+    fi
+  done
+  worker_pids=()
+  pids=()
 }
 trap cleanup EXIT
 trap 'cleanup; exit 130' INT
@@ -200,4 +213,5 @@ while [ ${#running[@]} -gt 0 ]; do
   running=("${still[@]+"${still[@]}"}")
   [ ${#running[@]} -gt 0 ] && sleep 0.2
 done
-exit 0
+cleanup check
+exit $server_status

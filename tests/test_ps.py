@@ -2475,6 +2475,18 @@ def test_the_cluster_script_ends_when_a_worker_dies_before_it_registers(tmp_path
     assert "worker 0 (pid" in err and f"exited with status {128 + signal.SIGKILL}: stopping the others" in err, err
 
 
+def test_the_cluster_script_fails_when_a_server_fails_as_it_stops(tmp_path):
+    # (a final checkpoint that cannot be written, say) the script waited for its servers but said 0
+    python = tmp_path / "python"
+    python.write_text(f'#!/usr/bin/env bash\nif [ "$3" = ps ]; then\n  {sys.executable} "$@" & child=$!\n'
+                      f'  trap \'kill -TERM $child; wait $child; exit 3\' TERM\n  wait $child\n  exit\nfi\n'
+                      f'exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    code, err, _ = _run_cluster_script(["1", "1", "--", "--epochs", "1", "--max-steps", "1", "--progress", "none"],
+                                       python)
+    assert code == 3 and "a server (pid" in err and "exited with status 3 as it stopped" in err, err
+
+
 def test_the_cluster_script_refuses_a_bad_stop_grace():
     env = {**os.environ, "PYTHON": sys.executable, "STOP_GRACE": "soon"}
     done = subprocess.run(["bash", str(ROOT / "launch" / "ps_cluster.sh"), "1", "1"], capture_output=True, text=True,
