@@ -167,6 +167,18 @@ trap 'cleanup; exit 143' TERM
 if [ -n "$token" ]; then
   export DISTBP_PS_TOKEN=$token
 fi
+# a server that has exited ends the job at once: the workers would retry it for a minute
+check_servers() {
+  local pid code
+  for pid in "${pids[@]}"; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      code=0
+      wait "$pid" || code=$?
+      echo "launch/ps_cluster.sh: a server (pid $pid) exited with status $code $1" >&2
+      exit $((code ? code : 1))
+    fi
+  done
+}
 addresses=""
 for ((s = 0; s < servers; s++)); do
   port=$((base + s))
@@ -175,12 +187,28 @@ for ((s = 0; s < servers; s++)); do
   pids+=($!)
   addresses+="${addresses:+,}127.0.0.1:$port"
 done
+# the workers start once every server listens (else each says every shard is unavailable, and retries), for
+# up to 30 s: a server restoring a large checkpoint may take longer, and the workers then retry it themselves
+ticks=0
+s=0
+while [ $s -lt "$servers" ] && [ $ticks -lt 150 ]; do
+  check_servers "before it listened"
+  if (: <"/dev/tcp/127.0.0.1/$((base + s))") 2>/dev/null; then
+    s=$((s + 1))
+  else
+    sleep 0.2
+    ticks=$((ticks + 1))
+  fi
+done
 for ((w = 0; w < workers; w++)); do
-  progress=none
-  [ "$w" = 0 ] && progress=auto
-  # worker w asks for id w: the worker with id 0 reports, and it is the one whose progress is shown
-  OMP_NUM_THREADS=1 "$python" -m distbp train --backend ps \
-    --ps "$addresses" --ps-worker-id "$w" --progress "$progress" "$@" &
+  # worker w asks for id w: the worker with id 0 reports, and it is the one whose progress is shown (a
+  # --progress among the training options is worker 0's: the others' --progress none comes after it)
+  if [ "$w" = 0 ]; then
+    OMP_NUM_THREADS=1 "$python" -m distbp train --backend ps --ps "$addresses" --ps-worker-id 0 --progress auto "$@" &
+  else
+    OMP_NUM_THREADS=1 "$python" -m distbp train --backend ps --ps "$addresses" --ps-worker-id "$w" "$@" \
+      --progress none &
+  fi
   worker_pids+=($!)
 done
 # wait for the workers; a server that exits meanwhile (a port in use, a bad option) ends the job at once,
@@ -188,14 +216,7 @@ done
 # sync mode the servers and the other workers would wait for it for ever)
 running=("${worker_pids[@]}")
 while [ ${#running[@]} -gt 0 ]; do
-  for pid in "${pids[@]}"; do
-    if ! kill -0 "$pid" 2>/dev/null; then
-      code=0
-      wait "$pid" || code=$?
-      echo "launch/ps_cluster.sh: a server (pid $pid) exited with status $code while the workers ran" >&2
-      exit $((code ? code : 1))
-    fi
-  done
+  check_servers "while the workers ran"
   still=()
   for pid in "${running[@]}"; do
     if kill -0 "$pid" 2>/dev/null; then

@@ -2428,8 +2428,13 @@ def test_the_cluster_script_kills_a_process_that_ignores_sigterm(tmp_path):
     try:
         while "serving on" not in proc.stdout.readline():
             assert proc.poll() is None, proc.stderr.read()
-        children = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "distbp"], capture_output=True,
-                                  text=True).stdout.split()
+        deadline = time.monotonic() + 30  # the worker starts once the script finds the server's port open
+        while True:
+            children = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "distbp"], capture_output=True,
+                                      text=True).stdout.split()
+            if len(children) == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         assert len(children) == 2  # the server and the stuck worker
         start = time.monotonic()
         proc.send_signal(signal.SIGINT)
@@ -2492,6 +2497,24 @@ def test_the_cluster_script_refuses_a_bad_stop_grace():
     done = subprocess.run(["bash", str(ROOT / "launch" / "ps_cluster.sh"), "1", "1"], capture_output=True, text=True,
                           timeout=30, env=env)
     assert done.returncode == 2 and "STOP_GRACE must be a whole number of seconds, not 'soon'" in done.stderr
+
+
+def test_the_cluster_script_starts_the_workers_once_the_servers_listen(tmp_path):
+    # the workers started with the servers, and each warned that every shard was unavailable, retrying; a user's
+    # --progress overrode the script's 'none' for the workers after 0
+    log = tmp_path / "started"
+    python = tmp_path / "python"
+    python.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$*" >> {log}\nexec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(python), "BASE_PORT": str(_free_port())}
+    done = subprocess.run(["bash", str(ROOT / "launch" / "ps_cluster.sh"), "2", "2", "--mode", "sync", "--",
+                           "--epochs", "1", "--max-steps", "2", "--progress", "plain"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "unavailable" not in done.stderr, done.stderr
+    workers = sorted((line for line in log.read_text().splitlines() if " train " in f" {line} "),
+                     key=lambda line: "--ps-worker-id 1" in line)
+    assert [line.split("--progress ")[-1].split()[0] for line in workers] == ["plain", "none"], workers
 
 
 def test_the_cluster_script_splits_its_options_at_an_argument_that_is_exactly_the_separator(tmp_path):
