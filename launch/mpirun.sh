@@ -8,6 +8,8 @@
 # (PYTHON, default python3) is a virtual environment's, the mpiexec beside it is used (it need not be on
 # PATH); else the first on PATH (a cluster's own mpiexec).
 set -euo pipefail
+# arrays that may be empty expand as ${a[@]+"${a[@]}"}: under set -u, bash before 4.4 (macOS's 3.2) stops at
+# an empty "${a[@]}" as an unbound variable
 usage="usage: launch/mpirun.sh RANKS [distbp train options...]"
 ranks=${1:-}
 # mpiexec reads "abc" or "0" as one rank and "2.5" as two: refuse them here
@@ -44,4 +46,4 @@ mpiexec=mpiexec
 if [ -x "$(dirname "$python_path")/mpiexec" ] && [ -f "$(dirname "$(dirname "$python_path")")/pyvenv.cfg" ]; then
   mpiexec=$(dirname "$python_path")/mpiexec
 fi
-exec "$mpiexec" "${hosts[@]}" -n "$ranks" "$python" -m distbp train --backend mpi "$@"
+exec "$mpiexec" ${hosts[@]+"${hosts[@]}"} -n "$ranks" "$python" -m distbp train --backend mpi "$@"

@@ -15,6 +15,8 @@
 # then SIGKILL to any still running STOP_GRACE seconds later (default 30). PYTHON (default python3) runs
 # them all (a virtual environment's python, say).
 set -euo pipefail
+# arrays that may be empty expand as ${a[@]+"${a[@]}"}: under set -u, bash before 4.4 (macOS's 3.2) stops at
+# an empty "${a[@]}" as an unbound variable
 usage="usage: launch/ps_cluster.sh SERVERS WORKERS [server options --] [training options]"
 servers=${1:-}
 workers=${2:-}
@@ -133,7 +135,7 @@ fi
 # it stopped (its final checkpoint not written, say); 143 is our SIGTERM arriving before it set its handler
 server_status=0
 cleanup() {
-  local all=("${worker_pids[@]}" "${pids[@]}") left p code ticks=0
+  local all=(${worker_pids[@]+"${worker_pids[@]}"} ${pids[@]+"${pids[@]}"}) left p code ticks=0
   [ ${#all[@]} -gt 0 ] || return 0
   kill "${all[@]}" 2>/dev/null || true
   while :; do
@@ -148,8 +150,8 @@ cleanup() {
     sleep 0.2
     ticks=$((ticks + 1))
   done
-  for p in "${worker_pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do
+  for p in ${worker_pids[@]+"${worker_pids[@]}"}; do wait "$p" 2>/dev/null || true; done
+  for p in ${pids[@]+"${pids[@]}"}; do
     code=0
     wait "$p" 2>/dev/null || code=$?
     if [ "${1:-}" = check ] && [ $code != 0 ] && [ $code != 143 ]; then
@@ -170,7 +172,7 @@ fi
 # a server that has exited ends the job at once: the workers would retry it for a minute
 check_servers() {
   local pid code
-  for pid in "${pids[@]}"; do
+  for pid in ${pids[@]+"${pids[@]}"}; do
     if ! kill -0 "$pid" 2>/dev/null; then
       code=0
       wait "$pid" || code=$?
@@ -183,7 +185,7 @@ addresses=""
 for ((s = 0; s < servers; s++)); do
   port=$((base + s))
   OMP_NUM_THREADS=1 "$python" -m distbp ps serve --shard "$s" --num-shards "$servers" --workers "$workers" \
-    --port "$port" "${server_opts[@]}" "$@" &
+    --port "$port" ${server_opts[@]+"${server_opts[@]}"} "$@" &
   pids+=($!)
   addresses+="${addresses:+,}127.0.0.1:$port"
 done
