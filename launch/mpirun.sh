@@ -4,6 +4,9 @@
 #   launch/mpirun.sh 4 --model cnn --epochs 10        # 4 ranks; the rest are `distbp train` options
 #   HOSTFILE=launch/hostfile.example launch/mpirun.sh 8 ...   # ranks spread over the hosts listed there
 #
+# HOSTFILE is for MPICH's launcher (hydra: `mpiexec -f FILE`, lines `host:N`). Open MPI's mpirun takes
+# `--hostfile FILE` with lines `host slots=N`: with Open MPI run it yourself,
+#   mpirun --hostfile FILE -n 8 -x OMP_NUM_THREADS=1 python3 -m distbp train --backend mpi ...
 # mpiexec comes with the mpich wheel that `pip install -e .` installs. When the Python that runs the ranks
 # (PYTHON, default python3) is a virtual environment's, the mpiexec beside it is used (it need not be on
 # PATH); else the first on PATH (a cluster's own mpiexec).

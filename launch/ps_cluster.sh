@@ -12,8 +12,9 @@
 # same command again continues the job from the servers' checkpoints). The training
 # options must be the same for servers and workers: the servers build the same model and optimizer.
 # Ports come from BASE_PORT (default 50051) upwards. Ctrl-C stops everything: SIGTERM to every process,
-# then SIGKILL to any still running STOP_GRACE seconds later (default 30). PYTHON (default python3) runs
-# them all (a virtual environment's python, say).
+# then SIGKILL to any still running STOP_GRACE seconds later (default 30); so does a server or a worker that
+# fails, whose status the script exits with. PYTHON (default python3) runs them all (a virtual
+# environment's python, say).
 set -euo pipefail
 # arrays that may be empty expand as ${a[@]+"${a[@]}"}: under set -u, bash before 4.4 (macOS's 3.2) stops at
 # an empty "${a[@]}" as an unbound variable
