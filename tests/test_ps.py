@@ -1801,6 +1801,44 @@ def test_a_pull_for_a_future_version_is_refused():
     shard.stop()
 
 
+def test_an_async_pull_may_wait_for_the_other_workers_pushes():
+    # version 2 on an async shard of two workers: worker 1 may push twice before worker 0 pushes again (it was
+    # refused as a version no push of worker 0's could lead to); 3 cannot come before worker 0 pushes
+    shard, chunks = _sync_shard_of_two_workers()
+    shard.mode = "async"
+    with pytest.raises(_Refused, match="at most 2 can come before this worker pushes again"):
+        _within(5, lambda: shard.pull_messages(0, 3, lambda: True))
+    got = []
+    waiting = threading.Thread(target=lambda: got.append(list(shard.pull_messages(0, 2, lambda: True))), daemon=True)
+    waiting.start()
+    shard.push(1, 0, iter(chunks(1.0)))
+    shard.push(1, 1, iter(chunks(1.0)))
+    waiting.join(10)
+    assert got and shard.version == 2
+    shard.stop()
+
+
+def test_a_push_whose_messages_disagree_names_the_field():
+    config = make_config({"epochs": 1, "progress": "none"})
+    addresses, (shard,), stop = start_servers(config, 1, 1, mode="async")
+    try:
+        client = PSClient(addresses, _named(config))
+        client.register()
+        named = _named(config)
+        messages = [m for n, p in named for m in encode_chunks(n, np.zeros(p.data.shape, p.data.dtype),
+                                                               [(1, 0), (5, client.registrations[0]), (6, 1)], 3)]
+        messages[-1] = b"".join(encode_chunks(named[-1][0], np.zeros(named[-1][1].data.shape, np.float32),
+                                              [(1, 0), (5, client.registrations[0]), (6, 2)], 3))
+        push = grpc.insecure_channel(addresses[0]).stream_unary("/distbp.ps.v1.ParameterServer/Push")
+        with pytest.raises(grpc.RpcError) as refused:
+            push(iter(messages))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "step is 1 in its first message and 2 in a later one" in refused.value.details()
+        assert shard.version == 0
+    finally:
+        stop()
+
+
 def test_a_sync_shard_missing_workers_starts_without_them_after_the_timeout():
     from distbp.optim import SGD
 

@@ -400,9 +400,12 @@ class Shard:
         first message is on the wire while the next is encoded. No pull holds the lock while it sends.
         """
         with self.cond:
-            if min_version > self.version + 1:  # no push of this worker's can lead there: it would wait for ever
+            # sync: one round at a time; async and bounded: every worker taking part may push once meanwhile
+            reachable = self.version + (1 if self.mode == "sync" else max(len(self.active), 1))
+            if min_version > reachable:  # no push can lead there before this worker's next: it would wait for ever
                 raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"version {min_version} is in the future: the server is at {self.version}")
+                               f"version {min_version} is in the future: the server is at {self.version}, and at "
+                               f"most {reachable} can come before this worker pushes again")
             while True:
                 ready = self.version >= min_version and (self.started or self.mode == "async")
                 if ready and self.mode == "bounded" and worker_id in self.clocks:
@@ -728,8 +731,11 @@ class Servicer(ps_pb2_grpc.ParameterServerServicer):
                 if first is None:
                     first = head
                 elif head != first:
+                    field = next(k for k in _PUSH_INTS.values() if head[k] != first[k])
                     raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                                   "bad push: worker id, version or sequence changes mid-stream")
+                                   f"bad push: {field} is {first[field]} in its first message and {head[field]} in a "
+                                   "later one (every message of a push carries the same worker_id, version, "
+                                   "sequence, registration and step)")
                 yield chunk
 
         gen = chunks()
