@@ -1367,3 +1367,17 @@ def test_a_run_that_fails_gives_back_its_data_parallel_wrapper():
     with pytest.raises(FloatingPointError, match="test loss became nan"):
         trainer.fit()
     assert getattr(trainer.model, "_data_parallel", None) is None
+
+
+def test_a_rank_may_end_with_collectives_of_a_copy_still_queued():
+    # a DataParallel never closed leaves its buckets' all-reduces on its copy of the communicator: the
+    # rank's end closed only its own communicator, and a peer reaching one of those collectives took the
+    # rank for gone (an error no rank's program raised: run_ranks itself then failed, with StopIteration)
+    def body(comm):
+        copy = comm.dup()
+        for _ in range(5):
+            copy.iallreduce(np.ones(1000, np.float32))  # never waited for
+        return comm.rank
+
+    for _ in range(50):
+        assert run_ranks(2, body, timeout=20) == [0, 1]

@@ -37,9 +37,9 @@ class ThreadGroup:
         return [ThreadCommunicator(self, r, self.timeout if timeout is None else timeout) for r in range(self.size)]
 
     def _gone(self, channel, rank):
-        """Whether the rank enters no more collectives of the channel: it closed that communicator or one it
-        was copied from (the rank's program has ended)."""
-        return any((channel[:i], rank) in self.left for i in range(len(channel) + 1))
+        """Whether the rank enters no more collectives of the channel: it closed that communicator (closing
+        one closes its copies too, after the collectives already queued on them)."""
+        return (channel, rank) in self.left
 
     def abort(self, rank, message):
         with self._cond:
@@ -160,6 +160,7 @@ class ThreadCommunicator(Communicator):
         self.channel = channel  # see ThreadGroup._pending
         self._seq = 0
         self._dups = 0
+        self._copies = weakref.WeakSet()  # its dup()s, closed with it
         self._reducing = set()  # addresses of the arrays being all-reduced (MPI forbids touching them meanwhile)
         self._queue = queue.Queue()
         # the thread holds the queue, not the communicator: one dropped without close() is collected, and
@@ -234,9 +235,13 @@ class ThreadCommunicator(Communicator):
     def dup(self):
         # the k-th dup() of a channel is channel + (k,) on every rank: they call it in the same order
         self._dups += 1
-        return ThreadCommunicator(self.group, self.rank, self.timeout, self.channel + (self._dups,))
+        copy = ThreadCommunicator(self.group, self.rank, self.timeout, self.channel + (self._dups,))
+        self._copies.add(copy)
+        return copy
 
     def close(self):
+        for copy in list(self._copies):  # (a rank's program ended without closing them: they leave too)
+            copy.close()
         self._queue.put(None)
 
 
@@ -284,6 +289,8 @@ def run_ranks(size, fn, timeout=DEFAULT_TIMEOUT):
         t.join()  # each has finished its work: only its exit is left
     if group.failure is not None:
         rank = group.failure[0]
+        if not any(errors):  # a collective that failed in no rank's program (left queued when it ended)
+            raise RankFailed(rank, GroupAborted(group.failure[1]))
         first = errors[rank] or next(e for e in errors if e is not None)
         # ranks that failed alike (a refused checkpoint, say): naming whichever thread was first blamed it
         alike = [r for r, e in enumerate(errors) if type(e) is type(first) and str(e) == str(first)]
