@@ -63,6 +63,9 @@ for arg in ${server_opts[@]+"${server_opts[@]}"} "$@"; do
     --shard | --shard=* | --num-shards | --num-shards=*) set_by="from SERVERS" ;;
     --port | --port=*) set_by="from BASE_PORT (shard i listens on BASE_PORT+i)" ;;
     --host | --host=*) set_by="as 127.0.0.1 (it runs every process on this machine)" ;;
+    --ps | --ps=*) set_by="from SERVERS and BASE_PORT (the addresses of its servers)" ;;
+    --ps-worker-id | --ps-worker-id=*) set_by="from WORKERS (worker i asks for id i)" ;;
+    --backend | --backend=*) set_by="as ps" ;;
     *) continue ;;
   esac
   echo "launch/ps_cluster.sh: ${arg%%=*} is set by the script ${set_by}: leave it out" >&2

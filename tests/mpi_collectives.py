@@ -195,6 +195,14 @@ def dataparallel(comm):
     ddp(x, True).backward()
     ddp.synchronize()
     ddp.close()
+    copy = comm.dup()  # a copy's copy works on once the copy it was made from is closed, as MPI_Comm_dup's
+    other = copy.dup()
+    copy.close()
+    shared = other.buffer(8)
+    shared[...] = 1
+    other.allreduce(shared)
+    assert (shared == comm.size).all(), shared
+    other.close()
     comm.barrier()
     if comm.rank == 0:
         print("dataparallel ok", flush=True)

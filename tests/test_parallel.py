@@ -1381,3 +1381,35 @@ def test_a_rank_may_end_with_collectives_of_a_copy_still_queued():
 
     for _ in range(50):
         assert run_ranks(2, body, timeout=20) == [0, 1]
+
+
+def test_ranks_that_each_make_the_groups_communicators_and_keep_their_own_go_on():
+    # each thread dropped the other ranks' communicator objects at once, and their finalizers said those
+    # ranks had left: the peers' collectives failed ("closed their communicator without entering it")
+    import gc
+
+    group, sums = ThreadGroup(2, timeout=20), [None, None]
+
+    def body(rank):
+        comm = group.communicators()[rank]
+        gc.collect()
+        if rank == 1:
+            time.sleep(0.3)
+        values = np.full(3, rank + 1.0, np.float32)
+        comm.allreduce(values)
+        sums[rank] = float(values[0])
+
+    threads = [threading.Thread(target=body, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sums == [3.0, 3.0]
+
+
+def test_a_communicator_of_ones_own_without_dup_is_named():
+    class Mine(LocalCommunicator):
+        dup = distbp.comm.Communicator.dup
+
+    with pytest.raises(NotImplementedError, match="Mine has no dup\\(\\), which DataParallel needs"):
+        DataParallel(_mlp(), Mine())

@@ -2406,10 +2406,15 @@ def test_the_cluster_script_refuses_counts_that_are_not_positive_integers(args):
     (["1", "1", "--port", "5000", "--", "--epochs", "1"], {}, "--port is set by the script from BASE_PORT"),
     (["1", "1", "--host=127.0.0.2", "--", "--epochs", "1"], {}, "--host is set by the script as 127.0.0.1"),
     (["1", "1", "--", "--epochs", "1", "--shard", "1"], {}, "--shard is set by the script from SERVERS"),
+    # the workers' own: two workers asking for id 1 left the sync server waiting for worker 0 for ever
+    (["1", "2", "--", "--epochs", "1", "--ps-worker-id", "1"], {}, "--ps-worker-id is set by the script from WORKERS"),
+    (["1", "1", "--", "--ps=127.0.0.1:1"], {}, "--ps is set by the script from SERVERS and BASE_PORT"),
+    (["1", "1", "--", "--backend", "local"], {}, "--backend is set by the script as ps"),
     (["1", "1", "--token=", "--", "--epochs", "1"], {}, "--token needs a value"),
 ], ids=["server-option-without-separator", "port-not-a-number", "ports-past-the-last", "port-past-bash-integers",
         "count-past-bash-integers", "grace-past-bash-integers", "python-not-found", "workers-option", "shards-option",
-        "port-option", "host-option", "shard-among-training-options", "empty-token"])
+        "port-option", "host-option", "shard-among-training-options", "worker-id-option", "ps-option",
+        "backend-option", "empty-token"])
 def test_the_cluster_script_names_what_is_wrong_before_starting_anything(args, env, said):
     done = subprocess.run(["bash", str(ROOT / "launch" / "ps_cluster.sh"), *args], capture_output=True, text=True,
                           timeout=30, env={**os.environ, "PYTHON": sys.executable, "BASE_PORT": str(_free_port()), **env})

@@ -95,7 +95,8 @@ class Communicator:
         """A communicator of the same ranks whose collectives never pair with this one's (MPI_Comm_dup), for
         a library that issues collectives at moments its caller does not see (DataParallel's buckets).
         Collective: every rank calls it, in the same order. close() it when done."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} has no dup(), which DataParallel needs: a copy of the "
+                                  "communicator whose collectives never pair with the caller's")
 
     def close(self):
         pass

@@ -206,7 +206,6 @@ class MPICommunicator(Communicator):
         self.shared_memory = all(a for a, _ in answers)  # the same answer on every rank, or none uses it
         self.check_collectives = any(c for _, c in answers)  # asked for on one rank: on for all
         self.shared_memory_error = None  # why a buffer() could not be shared, if one could not
-        self._base = base
         self._shared = {}  # (address, size, dtype) of each shared buffer handed out -> its SharedBuffer
         self._closed = False
 
@@ -299,7 +298,7 @@ class MPICommunicator(Communicator):
             self.shared_memory_error = error
             return super().buffer(size, dtype)
         shared = SharedBuffer(segment, size, dtype, self.rank, self.size)
-        shared.barriers = self._base.Dup()  # every rank is here (create_segment gathered them all)
+        shared.barriers = self.comm.Dup()  # every rank is here (create_segment gathered them all)
         self._shared[_key(shared.mine)] = shared
         _live_shared_buffers += 1
         return shared.mine

@@ -134,12 +134,17 @@ class _FutureHandle(Handle):
         return self._future.done()
 
 
+_DROPPED = object()  # the communicator was collected without close()
+
+
 def _run_collectives(jobs, group, rank, channel):
     """A rank's communication thread: run the collectives queued on `jobs` in order, until None (closed)."""
     while True:
         item = jobs.get()
         if item is None:  # closed, after every collective queued before
             group.leave(rank, channel)
+            return
+        if item is _DROPPED:
             return
         future, fn = item
         del item  # (the job refers to its communicator: not kept while waiting for the next)
@@ -164,11 +169,12 @@ class ThreadCommunicator(Communicator):
         self._reducing = set()  # addresses of the arrays being all-reduced (MPI forbids touching them meanwhile)
         self._queue = queue.Queue()
         # the thread holds the queue, not the communicator: one dropped without close() is collected, and
-        # its finalizer ends the thread
+        # its finalizer ends the thread. Quietly: the rank may go on through another object of its channel
+        # (each thread calling group.communicators() and keeping its own), so it has not left
         self._worker = threading.Thread(target=_run_collectives, args=(self._queue, group, rank, channel),
                                         name=f"distbp-comm-{rank}", daemon=True)
         self._worker.start()
-        weakref.finalize(self, self._queue.put, None)
+        weakref.finalize(self, self._queue.put, _DROPPED)
 
     def _submit(self, name, payload, combine, finish, cleanup=None):
         self._seq += 1
