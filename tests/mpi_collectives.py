@@ -146,20 +146,10 @@ def many_communicators(comm):
 
 def dataparallel(comm):
     import distbp
-    from distbp import nn
     from distbp.autograd import Tensor
     from distbp.comm import LocalCommunicator
     from distbp.parallel import DataParallel
-
-    class TwoHeads(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.body = nn.Linear(4, 4)
-            self.extra = nn.Linear(4, 4)
-
-        def forward(self, x, use_extra):
-            h = self.body(x)
-            return (self.extra(h) if use_extra else h).sum()
+    from two_heads import TwoHeads
 
     def step(c, rank):
         # `extra` used on the last rank only: the other ranks start its bucket in synchronize(), it in backward

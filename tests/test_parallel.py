@@ -19,6 +19,7 @@ from distbp.parallel import DataParallel, ModelMismatch, UnusedParameters
 from distbp.train import Trainer, make_config
 from distbp.train.checkpoint import load_safetensors
 from distbp.train.steps import AllReduceStep, allreduce_step
+from two_heads import TwoHeads
 
 # --- communicators --------------------------------------------------------------------------------
 
@@ -696,24 +697,13 @@ def test_after_a_second_gradient_the_wrapper_refuses_to_go_on_rather_than_sum_it
     assert run_ranks(2, body) == [True, True]
 
 
-class _TwoHeads(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Linear(4, 4)
-        self.extra = nn.Linear(4, 4)
-
-    def forward(self, x, use_extra):
-        h = self.body(x)
-        return (self.extra(h) if use_extra else h).sum()
-
-
 def _two_heads_step(comm, wrappers, between):
     """One allow_unused step of `wrappers` models, `extra` used on rank 1 only, with `between(comm, losses)`
     run between the backwards and the synchronize() calls; returns (each model's gradients, between's)."""
     models, ddps, losses = [], [], []
     for _ in range(wrappers):
         distbp.manual_seed(0)
-        models.append(_TwoHeads())
+        models.append(TwoHeads())
         ddps.append(DataParallel(models[-1], comm, allow_unused=True, bucket_cap_mb=1e-9))
     x = np.ones((3, 4), np.float32) * (comm.rank + 1)
     for ddp in ddps:
