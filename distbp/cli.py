@@ -221,6 +221,10 @@ def main(argv=None):
 
             if args.out is not None and not args.out.strip():
                 raise DataError("plot: -o is empty; leave it out for the metrics file's name with .png")
+            if args.out is None and Path(args.metrics).exists() and not Path(args.metrics).is_file():
+                # (a pipe, `<(...)`: its name is /dev/fd/N, beside which no image can be written)
+                raise DataError(f"plot: {args.metrics} is not a regular file, so no image can be named after it: "
+                                "give -o PNG")
             out = args.out or str(Path(args.metrics).with_suffix(".png"))
             if Path(out).is_dir():
                 raise DataError(f"plot: the output {out} is a directory; name the image file to write")

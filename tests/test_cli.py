@@ -196,6 +196,7 @@ CASES = {
     "plot-output-under-a-file": (["plot", "metrics.jsonl", "-o", "metrics.jsonl/out.png"],
                                  ["metrics.jsonl is not a directory"], None),
     "plot-output-is-a-directory": (["plot", "metrics.jsonl", "-o", "badidx"], ["badidx is a directory"], None),
+    "plot-a-pipe-without-an-output": (["plot", "pipe"], ["pipe is not a regular file", "give -o PNG"], None),
 }
 
 # Extra cases, beyond the ones every user hits first, run in-process to keep the suite fast. (Not those that
