@@ -14,6 +14,7 @@ Two more arguments run a scenario of their own instead:
   checked-<case>  with check_collectives, rank 1 makes another call than rank 0 (case: size, dtype, op,
                   kind, root, shared): every rank stops naming the difference
   many-communicators  1100 communicators in turn, each all-reducing float16
+  late-dataparallel  rank 1 builds its DataParallel after the timeout: rank 0 times out naming it
   dataparallel  DataParallel with allow_unused, a loss all-reduced on the same communicator between backward
                 and synchronize(), then a wrapper that failed (a second backward) closed and the model
                 wrapped again: prints "dataparallel ok" from rank 0
@@ -199,11 +200,30 @@ def dataparallel(comm):
     return 0
 
 
+def late_dataparallel(comm):
+    # MPI_Comm_dup, which DataParallel's copy of the communicator needs, blocks in C past any timeout
+    from distbp.models import mlp
+    from distbp.parallel import DataParallel
+
+    comm.timeout = 2.0
+    if comm.rank == 1:
+        time.sleep(6.0)
+    try:
+        DataParallel(mlp((8,), 2, (4,)), comm)
+        outcome = "wrapped"
+    except CollectiveTimeout as e:
+        outcome = f"timed out: {e}"
+    print(f"rank {comm.rank} {outcome}", flush=True)
+    os._exit(0)  # the group is out of step after a timeout: no MPI_Finalize
+
+
 def main():
     comm = mpi_communicator(timeout=20)
     rank, size = comm.rank, comm.size
     if len(sys.argv) > 1 and sys.argv[1] == "dataparallel":
         return dataparallel(comm)
+    if len(sys.argv) > 1 and sys.argv[1] == "late-dataparallel":
+        return late_dataparallel(comm)
     if len(sys.argv) > 1 and sys.argv[1] in ("sizes-differ", "late", "mixed", "late-allreduce"):
         return scenario(sys.argv[1], comm)
     if len(sys.argv) > 1 and sys.argv[1].startswith("checked-"):

@@ -113,6 +113,12 @@ def test_dataparallel_keeps_its_collectives_apart_and_closes_after_a_failure(ran
     assert not left_behind(before)
 
 
+def test_a_rank_late_to_build_its_dataparallel_is_named_within_the_timeout():
+    code, out, err, seconds = mpiexec(2, str(HERE / "mpi_collectives.py"), "late-dataparallel", timeout=60)
+    assert "rank 0 timed out" in out and "rank(s) [1] did not arrive" in out, out + err
+    assert "rank 0 timed out" in out.split("rank 1")[0], out  # rank 0 before rank 1 woke
+
+
 @pytest.mark.parametrize("failure,message", [("fail-create", "No space left on device"),
                                              ("fail-map", "Cannot allocate memory")])
 def test_a_shared_buffer_that_cannot_be_made_falls_back_to_mpi_on_every_rank(failure, message):

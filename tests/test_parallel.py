@@ -1403,3 +1403,18 @@ def test_a_communicator_of_ones_own_without_dup_is_named():
 
     with pytest.raises(NotImplementedError, match="Mine has no dup\\(\\), which DataParallel needs"):
         DataParallel(_mlp(), Mine())
+
+
+def test_the_error_of_a_rank_that_closed_its_copies_on_the_way_out_is_the_one_reported():
+    # a failing fit() closes its DataParallel's copy of the communicator before run_ranks aborts the group: a
+    # peer waiting in the copy failed first ("closed their communicator"), and was reported instead
+    def body(comm):
+        copy = comm.dup()
+        if comm.rank == 0:
+            copy.allreduce(np.ones(3, np.float32))
+        copy.close()
+        time.sleep(0.3)  # the peer's collective fails meanwhile
+        raise ValueError("rank 1's own error")
+
+    with pytest.raises(RankFailed, match="rank 1 failed: ValueError: rank 1's own error"):
+        run_ranks(2, body, timeout=20)

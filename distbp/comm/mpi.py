@@ -370,6 +370,9 @@ class MPICommunicator(Communicator):
         abort_world(self.MPI.COMM_WORLD, code)
 
     def dup(self):
+        # MPI_Comm_dup blocks in C, past any timeout or signal, until every rank calls it: a timed barrier
+        # first finds the ranks that are not coming (naming them), and then the dup does not wait
+        self.barrier()
         return MPICommunicator(self.comm, self.timeout, self.shared_memory, self.check_collectives)
 
     def close(self):

@@ -15,7 +15,8 @@ from concurrent.futures import Future
 import numpy as np
 
 from .base import (
-    DEFAULT_TIMEOUT, CollectiveTimeout, Communicator, GroupAborted, Handle, check_buffer, check_op, check_root,
+    DEFAULT_TIMEOUT, CollectiveTimeout, CommError, Communicator, GroupAborted, Handle, check_buffer, check_op,
+    check_root,
 )
 
 
@@ -298,6 +299,11 @@ def run_ranks(size, fn, timeout=DEFAULT_TIMEOUT):
         if not any(errors):  # a collective that failed in no rank's program (left queued when it ended)
             raise RankFailed(rank, GroupAborted(group.failure[1]))
         first = errors[rank] or next(e for e in errors if e is not None)
+        cause = next((r for r, e in enumerate(errors) if e is not None and not isinstance(e, CommError)), None)
+        if isinstance(first, CommError) and cause is not None:
+            # a peer's collective may fail first when the failing rank closes its communicators on the way
+            # out: the rank's own error is the cause
+            rank, first = cause, errors[cause]
         # ranks that failed alike (a refused checkpoint, say): naming whichever thread was first blamed it
         alike = [r for r, e in enumerate(errors) if type(e) is type(first) and str(e) == str(first)]
         raise RankFailed(min(alike, default=rank), first, every=len(alike) == size > 1) from first
