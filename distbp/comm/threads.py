@@ -32,15 +32,12 @@ class ThreadGroup:
         # ranks: () the group's own, (k,) its k-th dup(), (k, j) that one's j-th, ...
         self._pending = {}
         self.failure = None  # (rank, message) of the first rank that failed
-        self.left = set()  # (channel, rank): that rank's communicator of the channel is closed
+        # (channel, rank): that rank's communicator of the channel is closed, and it enters no more of the
+        # channel's collectives (closing one closes its copies too, after the collectives already queued on them)
+        self.left = set()
 
     def communicators(self, timeout=None):
         return [ThreadCommunicator(self, r, self.timeout if timeout is None else timeout) for r in range(self.size)]
-
-    def _gone(self, channel, rank):
-        """Whether the rank enters no more collectives of the channel: it closed that communicator (closing
-        one closes its copies too, after the collectives already queued on them)."""
-        return (channel, rank) in self.left
 
     def abort(self, rank, message):
         with self._cond:
@@ -101,7 +98,7 @@ class ThreadGroup:
                 self._cond.notify_all()
             while not entry["done"]:
                 self._check_failure(rank)
-                gone = [r for r, p in enumerate(entry["payloads"]) if p is None and self._gone(channel, r)]
+                gone = [r for r, p in enumerate(entry["payloads"]) if p is None and (channel, r) in self.left]
                 if gone:
                     self._fail_collective(rank, entry, (
                         f"rank {rank}: {name} (collective #{seq}) cannot complete: rank(s) {gone} closed their "

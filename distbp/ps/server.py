@@ -268,12 +268,17 @@ class Shard:
         if step > self.version:
             self.skipping.discard(worker_id)
             return False
+        self._skip(worker_id, "shard %d: worker %d goes on from step %d of its run, and this shard has taken %d "
+                   "rounds: it skips those up to its own", self.shard, worker_id, step - 1, self.version)
+        return True
+
+    def _skip(self, worker_id, warning, *args):
+        """(lock held) A push of a step this shard has: the worker is alive, and the first of a run of them
+        is logged."""
         if worker_id not in self.skipping:
             self.skipping.add(worker_id)
-            log.warning("shard %d: worker %d goes on from step %d of its run, and this shard has taken %d rounds: "
-                        "it skips those up to its own", self.shard, worker_id, step - 1, self.version)
+            log.warning(warning, *args)
         self.last_push[worker_id] = time.monotonic()
-        return True
 
     def _applied_here(self, worker_id, step):
         """(async, bounded; lock held) Whether step `step` of the worker's run was applied on this shard
@@ -288,12 +293,9 @@ class Shard:
         if step == done + 1 or self.steps_guessed:  # a guessed count may be too high: applied, not skipped
             self.skipping.discard(worker_id)
             return False
-        if worker_id not in self.skipping:
-            self.skipping.add(worker_id)
-            log.warning("shard %d: worker %d goes on from step %d of its run, and this shard has applied its "
-                        "steps up to %d: those are not applied again", self.shard, worker_id, step - 1, done)
+        self._skip(worker_id, "shard %d: worker %d goes on from step %d of its run, and this shard has applied its "
+                   "steps up to %d: those are not applied again", self.shard, worker_id, step - 1, done)
         self.clocks[worker_id] = self.clocks.get(worker_id, 0) + 1
-        self.last_push[worker_id] = time.monotonic()
         self.cond.notify_all()  # bounded: a worker waiting for this one to catch up may go on
         return True
 

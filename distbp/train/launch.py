@@ -12,6 +12,7 @@ from dataclasses import replace
 from threadpoolctl import threadpool_limits
 
 from ..comm import GroupAborted, RankFailed, detect_backend, mpi_communicator, mpi_world, run_ranks
+from ..comm.mpi import launcher_count
 from ..data.datasets import fingerprint, read_only
 from .config import ConfigError, check_outputs, check_pem, keys_given, ps_settings
 from .errors import USER_ERRORS, error_message
@@ -117,16 +118,10 @@ def chosen_backend(config):
     return config.backend
 
 
-def _launched_as_one_of_several():
-    from ..comm.mpi import launcher_count
-
-    return launcher_count(os.environ)
-
-
 def resolve_backend(config):
     """chosen_backend(config), refusing options that do not apply to it."""
     backend = chosen_backend(config)
-    started_as = _launched_as_one_of_several()
+    started_as = launcher_count(os.environ)
     if backend in ("local", "threads") and started_as:
         # each process would train alone on all the data, and all would write the same output files
         raise ConfigError(f"backend {backend} in one of {started_as[1]} processes started by an MPI launcher "
